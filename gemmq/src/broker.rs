@@ -1,0 +1,275 @@
+//! Reaching RabbitMQ: pooled connections, patient reconnection, confirmed publishing.
+//!
+//! Connections come from a [`deadpool_lapin`] pool, which hands back a live connection or makes a
+//! new one when the old one died. Getting one retries with capped, jittered exponential backoff
+//! ([`backon`]) and logs every failed try, until the configured connect timeout; a wrong password
+//! is not retried. Publishing goes through publisher confirms: [`ConfirmWindow`] keeps a bounded
+//! number outstanding, so throughput is not one round trip per message and memory stays bounded.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use deadpool_lapin::{Config, Pool, Runtime};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, ConnectionProperties, options::BasicPublishOptions};
+use lapin::{Confirmation, PublisherConfirm};
+use tracing::warn;
+
+use crate::config::BrokerSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "cannot reach RabbitMQ at {url} (gave up after {waited:?}): {last}. Is the broker running? Start it (`rabbitmq-server -detached`, or `docker compose up -d rabbitmq`) or point AMQP_URL at it"
+    )]
+    Unreachable {
+        url: String,
+        waited: Duration,
+        last: String,
+    },
+    #[error(
+        "RabbitMQ at {url} refused the credentials: {message}. Check the user and password in AMQP_URL"
+    )]
+    AccessRefused { url: String, message: String },
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("publishing {what}: {source}")]
+    Amqp { what: String, source: lapin::Error },
+    #[error("the broker refused {what} (nack): a queue is full or unavailable")]
+    Nacked { what: String },
+    #[error("{what} could not be routed ({code} {text}): its queue does not exist")]
+    Unroutable {
+        what: String,
+        code: u16,
+        text: String,
+    },
+}
+
+impl PublishError {
+    /// Whether the message found no queue, as opposed to the broker or connection failing.
+    pub fn is_unroutable(&self) -> bool {
+        matches!(self, PublishError::Unroutable { .. })
+    }
+}
+
+/// A name for this process, unique per host: `host-pid`. Containers get distinct host names.
+pub fn default_worker_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(48)
+        .collect();
+    format!("{host}-{}", std::process::id())
+}
+
+/// The pool of connections for one program, named so the management UI shows who is who.
+#[derive(Clone)]
+pub struct Broker {
+    pool: Pool,
+    settings: BrokerSettings,
+}
+
+impl Broker {
+    /// `name` appears as the connection's name in the management UI, e.g. `gemmq-consumer w1`.
+    pub fn new(settings: &BrokerSettings, name: &str) -> Result<Self, BrokerError> {
+        let cfg = Config {
+            url: Some(settings.amqp_url.clone()),
+            ..Default::default()
+        };
+        let name = name.to_string();
+        let pool = cfg
+            .create_pool(
+                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                Runtime::Tokio1,
+            )
+            .map_err(|e| BrokerError::Pool(e.to_string()))?;
+        Ok(Broker {
+            pool,
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    /// A live connection, retrying until the connect timeout.
+    pub async fn connection(&self) -> Result<deadpool_lapin::Object, BrokerError> {
+        let url = self.settings.redacted_url();
+        let started = std::time::Instant::now();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.settings.connect_timeout));
+        let result = (|| async { self.pool.get().await })
+            .retry(backoff)
+            .when(|e| !is_access_refused(&e.to_string()))
+            .notify(|e, wait| {
+                warn!(broker = %url, error = %e, retry_in = ?wait, "broker unreachable; retrying")
+            })
+            .await;
+        result.map_err(|e| {
+            let message = e.to_string();
+            if is_access_refused(&message) {
+                BrokerError::AccessRefused { url, message }
+            } else {
+                BrokerError::Unreachable {
+                    url,
+                    waited: started.elapsed(),
+                    last: message,
+                }
+            }
+        })
+    }
+
+    /// A new channel on a live connection.
+    pub async fn channel(&self) -> Result<Channel, BrokerError> {
+        let conn = self.connection().await?;
+        Ok(conn.create_channel().await?)
+    }
+
+    /// A new channel with publisher confirms on.
+    pub async fn confirm_channel(&self) -> Result<Channel, BrokerError> {
+        let ch = self.channel().await?;
+        ch.confirm_select(Default::default()).await?;
+        Ok(ch)
+    }
+}
+
+fn is_access_refused(message: &str) -> bool {
+    message.contains("ACCESS_REFUSED") || message.contains("access refused")
+}
+
+/// Properties of a persistent gemmq message.
+pub fn persistent(kind: &str, message_id: String) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_type(kind.into())
+        .with_message_id(message_id.into())
+        .with_app_id("gemmq".into())
+}
+
+/// Properties with extra string headers.
+pub fn with_headers(props: BasicProperties, headers: &[(&str, String)]) -> BasicProperties {
+    let mut table = props.headers().clone().unwrap_or_default();
+    for (k, v) in headers {
+        table.insert(ShortString::from(*k), crate::topology::text(v));
+    }
+    props.with_headers(table)
+}
+
+/// Adds a numeric header.
+pub fn with_int_header(props: BasicProperties, key: &str, v: i64) -> BasicProperties {
+    let mut table: FieldTable = props.headers().clone().unwrap_or_default();
+    table.insert(key.into(), AMQPValue::LongLongInt(v));
+    props.with_headers(table)
+}
+
+/// Publishes one mandatory message and waits for the broker's confirm.
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    what: impl Into<String>,
+) -> Result<(), PublishError> {
+    let what = what.into();
+    let confirm = publish(ch, exchange, key, body, props, &what).await?;
+    settle(confirm, what).await
+}
+
+async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    props: BasicProperties,
+    what: &str,
+) -> Result<PublisherConfirm, PublishError> {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        body,
+        props,
+    )
+    .await
+    .map_err(|source| PublishError::Amqp {
+        what: what.to_string(),
+        source,
+    })
+}
+
+async fn settle(confirm: PublisherConfirm, what: String) -> Result<(), PublishError> {
+    // A mandatory message that no queue takes is still confirmed with Ack, carrying the
+    // returned message: that is a failure too.
+    match confirm.await {
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+            Err(PublishError::Unroutable {
+                what,
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            })
+        }
+        Ok(Confirmation::Nack(None)) => Err(PublishError::Nacked { what }),
+        Err(source) => Err(PublishError::Amqp { what, source }),
+    }
+}
+
+/// Publishes with at most `limit` confirms outstanding.
+pub struct ConfirmWindow {
+    ch: Channel,
+    pending: VecDeque<(PublisherConfirm, String)>,
+    limit: usize,
+}
+
+impl ConfirmWindow {
+    pub fn new(ch: Channel, limit: usize) -> Self {
+        ConfirmWindow {
+            ch,
+            pending: VecDeque::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// Publishes; waits for the oldest confirm first when the window is full.
+    pub async fn publish(
+        &mut self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        what: String,
+    ) -> Result<(), PublishError> {
+        while self.pending.len() >= self.limit {
+            let (confirm, what) = self.pending.pop_front().expect("window is not empty");
+            settle(confirm, what).await?;
+        }
+        let confirm = publish(&self.ch, exchange, key, body, props, &what).await?;
+        self.pending.push_back((confirm, what));
+        Ok(())
+    }
+
+    /// Waits for every outstanding confirm.
+    pub async fn flush(&mut self) -> Result<(), PublishError> {
+        while let Some((confirm, what)) = self.pending.pop_front() {
+            settle(confirm, what).await?;
+        }
+        Ok(())
+    }
+}

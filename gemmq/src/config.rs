@@ -1,0 +1,386 @@
+//! Settings, layered: command-line flag > environment variable > config file > built-in default.
+//!
+//! Each program declares its options once, as a struct of `Option`s that is at the same time a
+//! set of clap flags (with their `env` fallbacks) and a section of the TOML config file. The
+//! [`layered!`](crate::layered) macro merges the two field by field; the program then resolves
+//! the result into plain settings, applying defaults and validating. A wrong key in the file, an
+//! unparsable value or an out-of-range number is a [`ConfigError`] that says where it was, and the
+//! binaries exit with code 2 for it, as clap does for a wrong flag.
+//!
+//! The file is `--config FILE` (`GEMMQ_CONFIG`), or `config/gemmq.toml` when that exists in the
+//! working directory. Sections: `[broker]`, `[producer]`, `[consumer]`, `[collector]`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Where RabbitMQ is when nothing else says: the local broker's default guest account.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "config/gemmq.toml";
+/// RabbitMQ 4's default `max_message_size`; 3.x allows 128 MiB, so this is the safe choice.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {name}: {message}")]
+    Invalid { name: &'static str, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(name: &'static str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            name,
+            message: message.into(),
+        }
+    }
+}
+
+/// Merges two layers of the same options struct: `self` wins wherever it has a value.
+pub trait Layered {
+    fn or(self, lower: Self) -> Self;
+}
+
+/// Implements [`Layered`] for a struct whose listed fields are all `Option`s.
+#[macro_export]
+macro_rules! layered {
+    ($ty:ty { $($field:ident),* $(,)? }) => {
+        impl $crate::config::Layered for $ty {
+            fn or(self, lower: Self) -> Self {
+                Self { $($field: self.$field.or(lower.$field)),* }
+            }
+        }
+    };
+}
+
+/// The parsed config file: one TOML table per program plus `[broker]`.
+#[derive(Debug, Default)]
+pub struct ConfigFile {
+    path: Option<PathBuf>,
+    table: toml::Table,
+}
+
+impl ConfigFile {
+    const SECTIONS: [&'static str; 4] = ["broker", "producer", "consumer", "collector"];
+
+    /// Reads `explicit` if given (it must exist), else [`DEFAULT_CONFIG_FILE`] if it exists.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                if !p.exists() {
+                    return Ok(Self::default());
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: PathBuf) -> Result<Self, ConfigError> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(unknown) = table.keys().find(|k| !Self::SECTIONS.contains(&k.as_str())) {
+            return Err(ConfigError::Parse {
+                path,
+                message: format!(
+                    "unknown section [{unknown}]; the sections are {}",
+                    Self::SECTIONS.join(", ")
+                ),
+            });
+        }
+        Ok(Self {
+            path: Some(path),
+            table,
+        })
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Deserializes one section; a missing section is all defaults.
+    pub fn section<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, ConfigError> {
+        match self.table.get(name) {
+            None => Ok(T::default()),
+            Some(value) => {
+                value
+                    .clone()
+                    .try_into()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: self.path.clone().unwrap_or_default(),
+                        message: format!("in [{name}]: {}", e.message()),
+                    })
+            }
+        }
+    }
+}
+
+/// How every program reaches the broker and names things on it.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BrokerOptions {
+    /// AMQP URL of the RabbitMQ broker [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, env = "AMQP_URL", value_name = "URL")]
+    pub amqp_url: Option<String>,
+    /// Prefix of every exchange and queue gemmq declares, so several deployments (or test runs)
+    /// can share one broker [default: gemmq]
+    #[arg(long, env = "GEMMQ_NAMESPACE", value_name = "NAME")]
+    pub namespace: Option<String>,
+    /// Largest message gemmq will publish or accept, e.g. 16MiB; RabbitMQ 4 refuses more than
+    /// 16 MiB unless its max_message_size is raised [default: 16MiB]
+    #[arg(long, env = "GEMMQ_MAX_MESSAGE_BYTES", value_name = "SIZE")]
+    pub max_message_bytes: Option<bytesize::ByteSize>,
+    /// How long a failed task waits in the retry queue before it is delivered again. It is an
+    /// argument of the retry queue, so every program on one namespace must agree [default: 2s]
+    #[arg(long, env = "GEMMQ_RETRY_DELAY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub retry_delay: Option<Duration>,
+    /// Give up when the broker cannot be reached for this long (retrying with capped, jittered
+    /// backoff meanwhile) [default: 60s]
+    #[arg(long, env = "GEMMQ_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+}
+
+crate::layered!(BrokerOptions {
+    amqp_url,
+    namespace,
+    max_message_bytes,
+    retry_delay,
+    connect_timeout
+});
+
+/// [`BrokerOptions`] with defaults applied and checked.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub amqp_url: String,
+    pub namespace: String,
+    pub max_message_bytes: u64,
+    pub retry_delay: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl BrokerOptions {
+    pub fn resolve(self) -> Result<BrokerSettings, ConfigError> {
+        let namespace = self.namespace.unwrap_or_else(|| "gemmq".into());
+        crate::topology::check_name("namespace", &namespace)?;
+        let max_message_bytes = self
+            .max_message_bytes
+            .map_or(DEFAULT_MAX_MESSAGE_BYTES, |b| b.as_u64());
+        if !(64 * 1024..=512 * 1024 * 1024).contains(&max_message_bytes) {
+            return Err(ConfigError::invalid(
+                "max-message-bytes",
+                format!("{max_message_bytes} bytes is outside 64KiB..512MiB"),
+            ));
+        }
+        let retry_delay = self.retry_delay.unwrap_or(Duration::from_secs(2));
+        if retry_delay.as_millis() > u32::MAX as u128 {
+            return Err(ConfigError::invalid("retry-delay", "too long"));
+        }
+        let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
+        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
+            return Err(ConfigError::invalid(
+                "amqp-url",
+                format!("{amqp_url:?} is not an amqp:// or amqps:// URL"),
+            ));
+        }
+        Ok(BrokerSettings {
+            amqp_url,
+            namespace,
+            max_message_bytes,
+            retry_delay,
+            connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(60)),
+        })
+    }
+}
+
+impl BrokerSettings {
+    /// The URL with its password replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        match (self.amqp_url.find("://"), self.amqp_url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &self.amqp_url[scheme + 3..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!(
+                    "{}{user}:***{}",
+                    &self.amqp_url[..scheme + 3],
+                    &self.amqp_url[at..]
+                )
+            }
+            _ => self.amqp_url.clone(),
+        }
+    }
+
+    pub fn topology(&self) -> crate::Topology {
+        crate::Topology::new(&self.namespace, self.retry_delay)
+    }
+}
+
+/// Flags every program shares: where the config file is and how to reach the broker.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// TOML config file [default: config/gemmq.toml if it exists]
+    #[arg(long, env = "GEMMQ_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerOptions,
+}
+
+impl CommonArgs {
+    /// Loads the config file and returns it with the broker settings resolved from all layers.
+    pub fn load(&self) -> Result<(ConfigFile, BrokerSettings), ConfigError> {
+        let file = ConfigFile::load(self.config.as_deref())?;
+        let broker = self
+            .broker
+            .clone()
+            .or(file.section::<BrokerOptions>("broker")?)
+            .resolve()?;
+        Ok((file, broker))
+    }
+}
+
+/// A `1s..3s` style range of durations (or a single duration, or `0` for none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DurationRange {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl DurationRange {
+    pub fn is_zero(&self) -> bool {
+        self.max.is_zero()
+    }
+}
+
+impl std::str::FromStr for DurationRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |p: &str| -> Result<Duration, String> {
+            let p = p.trim();
+            if p == "0" {
+                return Ok(Duration::ZERO);
+            }
+            humantime::parse_duration(p).map_err(|e| format!("{p:?}: {e}"))
+        };
+        let (min, max) = match s.split_once("..") {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let d = parse(s)?;
+                (d, d)
+            }
+        };
+        if min > max {
+            return Err(format!("{s:?}: the range's start is after its end"));
+        }
+        Ok(DurationRange { min, max })
+    }
+}
+
+impl std::fmt::Display for DurationRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", humantime::format_duration(self.min))
+        } else {
+            write!(
+                f,
+                "{}..{}",
+                humantime::format_duration(self.min),
+                humantime::format_duration(self.max)
+            )
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flag_beats_the_file_and_the_file_beats_the_default() {
+        let file = ConfigFile::parse(
+            "[broker]\nnamespace = \"from-file\"\nretry-delay = \"5s\"\n",
+            "t.toml".into(),
+        )
+        .unwrap();
+        let flags = BrokerOptions {
+            namespace: Some("from-flag".into()),
+            ..Default::default()
+        };
+        let s = flags.or(file.section("broker").unwrap()).resolve().unwrap();
+        assert_eq!(s.namespace, "from-flag");
+        assert_eq!(s.retry_delay, Duration::from_secs(5));
+        assert_eq!(s.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_named_in_the_error() {
+        let err = ConfigFile::parse("[brokr]\n", "t.toml".into()).unwrap_err();
+        assert!(err.to_string().contains("unknown section [brokr]"), "{err}");
+        let file = ConfigFile::parse("[broker]\nnamspace = \"x\"\n", "t.toml".into()).unwrap();
+        let err = file.section::<BrokerOptions>("broker").unwrap_err();
+        assert!(err.to_string().contains("namspace"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_setting_named() {
+        let bad = BrokerOptions {
+            amqp_url: Some("http://x".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().unwrap_err().to_string().contains("amqp-url"));
+        let bad = BrokerOptions {
+            namespace: Some("has space".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn duration_ranges_parse_like_the_seeds_write_them() {
+        let r: DurationRange = "1s..3s".parse().unwrap();
+        assert_eq!(
+            (r.min, r.max),
+            (Duration::from_secs(1), Duration::from_secs(3))
+        );
+        let r: DurationRange = "250ms".parse().unwrap();
+        assert_eq!(r.min, r.max);
+        assert!("0".parse::<DurationRange>().unwrap().is_zero());
+        assert!("3s..1s".parse::<DurationRange>().is_err());
+        assert!("soon".parse::<DurationRange>().is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        let s = BrokerOptions {
+            amqp_url: Some("amqp://user:secret@host:5672/%2f".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.redacted_url(), "amqp://user:***@host:5672/%2f");
+    }
+}

@@ -1,0 +1,39 @@
+//! The contract that gemmq's three programs obey.
+//!
+//! gemmq computes `C = A·B` as a task queue on RabbitMQ:
+//!
+//! ```text
+//! producer ──tasks (confirmed)──▶ {ns}.tasks ──▶ consumer × N ──results (confirmed)──▶ {ns}.job.J.results ──▶ collector
+//!                                   ▲    │ nack(requeue=false)                                                 │
+//!                                   │    ▼                                                                     ▼
+//!                                {ns}.retry (TTL)                       {ns}.parked (attempts exhausted)   C.npy + summary.json
+//! ```
+//!
+//! * The **producer** cuts C into tiles ([`tiling`]), encodes one task per tile with the blocks of
+//!   A and B it needs as raw little-endian bytes ([`message`]), and publishes them with publisher
+//!   confirms ([`broker::ConfirmWindow`]) after announcing the job's [`message::Manifest`].
+//! * A **consumer** takes tasks with a prefetch equal to its queue size, multiplies, publishes the
+//!   result and only then acks. A failure is a `nack` without requeue: the broker dead-letters the
+//!   task into the retry queue, whose TTL sends it back. The attempt number is read from the
+//!   broker's own `x-death` bookkeeping ([`topology::prior_attempts`]).
+//! * The **collector** reads the manifest, assembles every tile exactly once whatever duplicates
+//!   arrive ([`assembly`]), writes C as `.npy` and checks it against A and B ([`verify`]).
+//!
+//! Every exchange, queue and argument is named in [`topology`], and only there: RabbitMQ refuses
+//! (406) a redeclaration with different arguments, so one module owns them all. Settings are
+//! layered flag > environment > `config/*.toml` > default by [`config`].
+
+pub mod assembly;
+pub mod broker;
+pub mod config;
+pub mod matrix;
+pub mod message;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tiling;
+pub mod topology;
+pub mod verify;
+
+pub use message::{DType, Manifest, TileId};
+pub use tiling::Plan;
+pub use topology::Topology;

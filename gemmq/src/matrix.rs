@@ -1,0 +1,313 @@
+//! Matrices: making them from a seed, reading and writing .npy, and the bytes of blocks.
+//!
+//! gemmq works in f32 or f64; [`Element`] is what both share, and [`Matrix`] is a matrix of either
+//! whose type is known only at run time (it comes from a flag or a file).
+
+use std::path::Path;
+
+use ndarray::{Array2, ArrayView2, LinalgScalar, s};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::message::{DType, MessageError, TaskHeader};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("cannot write {path}: {message}")]
+    Write { path: String, message: String },
+    #[error(
+        "inner dimensions differ: A is {a_rows}x{a_cols} but B is {b_rows}x{b_cols}; A's columns must equal B's rows"
+    )]
+    Shapes {
+        a_rows: usize,
+        a_cols: usize,
+        b_rows: usize,
+        b_cols: usize,
+    },
+    #[error("A is {0} but B is {1}; both must have the same dtype")]
+    Mixed(DType, DType),
+    #[error(
+        "{0} holds NaN or infinite values; gemmq multiplies finite matrices only (IEEE NaN/Inf propagate across whole tiles and make C unverifiable)"
+    )]
+    NotFinite(&'static str),
+}
+
+/// A number type gemmq multiplies: f32 or f64.
+pub trait Element:
+    LinalgScalar
+    + Send
+    + Sync
+    + PartialOrd
+    + std::fmt::Debug
+    + ndarray_npy::WritableElement
+    + ndarray_npy::ReadableElement
+    + 'static
+{
+    const DTYPE: DType;
+    fn from_le_slice(bytes: &[u8]) -> Self;
+    fn extend_le(self, out: &mut Vec<u8>);
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+    /// Unit roundoff: half the distance from 1.0 to the next number.
+    const EPSILON: f64;
+}
+
+macro_rules! element {
+    ($t:ty, $d:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $d;
+            const EPSILON: f64 = <$t>::EPSILON as f64 / 2.0;
+            #[inline]
+            fn from_le_slice(bytes: &[u8]) -> Self {
+                <$t>::from_le_bytes(bytes.try_into().expect("caller passes size_of bytes"))
+            }
+            #[inline]
+            fn extend_le(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            #[inline]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+        }
+    };
+}
+element!(f32, DType::F32);
+element!(f64, DType::F64);
+
+/// A matrix of f32 or f64.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Matrix {
+    F32(Array2<f32>),
+    F64(Array2<f64>),
+}
+
+/// Calls `$body` with `$m` bound to the typed array inside a [`Matrix`].
+#[macro_export]
+macro_rules! with_matrix {
+    ($matrix:expr, $m:ident => $body:expr) => {
+        match $matrix {
+            $crate::matrix::Matrix::F32($m) => $body,
+            $crate::matrix::Matrix::F64($m) => $body,
+        }
+    };
+}
+
+impl Matrix {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Matrix::F32(_) => DType::F32,
+            Matrix::F64(_) => DType::F64,
+        }
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        with_matrix!(self, m => m.dim())
+    }
+
+    pub fn is_finite(&self) -> bool {
+        match self {
+            Matrix::F32(m) => m.iter().all(|v| v.is_finite()),
+            Matrix::F64(m) => m.iter().all(|v| v.is_finite()),
+        }
+    }
+
+    /// Reads a 2-D f32 or f64 .npy file.
+    pub fn read_npy(path: &Path) -> Result<Matrix, MatrixError> {
+        let err = |e: &dyn std::fmt::Display| MatrixError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        match ndarray_npy::read_npy::<_, Array2<f64>>(path) {
+            Ok(m) => Ok(Matrix::F64(m)),
+            Err(ndarray_npy::ReadNpyError::WrongDescriptor(_)) => {
+                ndarray_npy::read_npy::<_, Array2<f32>>(path)
+                    .map(Matrix::F32)
+                    .map_err(|e| match e {
+                        ndarray_npy::ReadNpyError::WrongDescriptor(d) => err(&format!(
+                            "unsupported array type {d}; gemmq reads 2-D float32 or float64 arrays"
+                        )),
+                        e => err(&e),
+                    })
+            }
+            Err(e) => Err(err(&e)),
+        }
+    }
+
+    pub fn write_npy(&self, path: &Path) -> Result<(), MatrixError> {
+        let r = with_matrix!(self, m => ndarray_npy::write_npy(path, m));
+        r.map_err(|e| MatrixError::Write {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// A·B computed here, in one process: the reference that gemmq's answer is checked against.
+    pub fn dot(&self, b: &Matrix) -> Result<Matrix, MatrixError> {
+        match (self, b) {
+            (Matrix::F32(a), Matrix::F32(b)) => Ok(Matrix::F32(a.dot(b))),
+            (Matrix::F64(a), Matrix::F64(b)) => Ok(Matrix::F64(a.dot(b))),
+            _ => Err(MatrixError::Mixed(self.dtype(), b.dtype())),
+        }
+    }
+}
+
+/// Checks that A·B is defined and that neither holds NaN or infinity.
+pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
+    if a.dtype() != b.dtype() {
+        return Err(MatrixError::Mixed(a.dtype(), b.dtype()));
+    }
+    let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
+    if a_cols != b_rows || a_rows == 0 || a_cols == 0 || b_cols == 0 {
+        return Err(MatrixError::Shapes {
+            a_rows,
+            a_cols,
+            b_rows,
+            b_cols,
+        });
+    }
+    if !a.is_finite() {
+        return Err(MatrixError::NotFinite("A"));
+    }
+    if !b.is_finite() {
+        return Err(MatrixError::NotFinite("B"));
+    }
+    Ok(())
+}
+
+/// The job's A (m×k) and B (k×n) made from `seed`: uniform in [-1, 1), the same on every machine,
+/// so the collector can rebuild them to verify C without them travelling again.
+pub fn generate(m: usize, k: usize, n: usize, dtype: DType, seed: u64) -> (Matrix, Matrix) {
+    fn make<T: Element>(rows: usize, cols: usize, seed: u64) -> Array2<T> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Array2::from_shape_simple_fn((rows, cols), || T::from_f64(rng.random_range(-1.0..1.0)))
+    }
+    // Two streams from one seed; the odd/even split keeps them apart for every seed.
+    let (sa, sb) = (seed.wrapping_mul(2), seed.wrapping_mul(2).wrapping_add(1));
+    match dtype {
+        DType::F32 => (Matrix::F32(make(m, k, sa)), Matrix::F32(make(k, n, sb))),
+        DType::F64 => (Matrix::F64(make(m, k, sa)), Matrix::F64(make(k, n, sb))),
+    }
+}
+
+/// Appends a (possibly strided) block as row-major little-endian bytes.
+pub fn extend_le<T: Element>(block: ArrayView2<'_, T>, out: &mut Vec<u8>) {
+    out.reserve(block.len() * size_of::<T>());
+    for row in block.rows() {
+        for &v in row {
+            v.extend_le(out);
+        }
+    }
+}
+
+/// Reads a row-major little-endian block; `bytes.len()` must be rows × cols × size.
+pub fn from_le<T: Element>(bytes: &[u8], rows: usize, cols: usize) -> Array2<T> {
+    let data: Vec<T> = bytes
+        .chunks_exact(size_of::<T>())
+        .map(T::from_le_slice)
+        .collect();
+    Array2::from_shape_vec((rows, cols), data).expect("caller checked the length")
+}
+
+/// The payload of the task for `id` of `plan`: A's block then B's block.
+pub fn task_payload<T: Element>(
+    a: &Array2<T>,
+    b: &Array2<T>,
+    plan: &crate::Plan,
+    id: crate::TileId,
+) -> Vec<u8> {
+    let (rows, cols, depth) = (plan.rows(id.row), plan.cols(id.col), plan.depth(id.part));
+    let mut out = Vec::new();
+    extend_le(a.slice(s![rows, depth.clone()]), &mut out);
+    extend_le(b.slice(s![depth, cols]), &mut out);
+    out
+}
+
+/// Multiplies the blocks of a decoded task and returns C's tile as little-endian bytes.
+///
+/// The payload's length was checked against the header by [`crate::message::decode`].
+pub fn compute_tile(task: &TaskHeader, payload: &[u8]) -> Result<Vec<u8>, MessageError> {
+    fn typed<T: Element>(t: &TaskHeader, payload: &[u8]) -> Vec<u8> {
+        let (r, c, d) = (t.rows as usize, t.cols as usize, t.depth as usize);
+        let (pa, pb) = payload.split_at(r * d * size_of::<T>());
+        let a = from_le::<T>(pa, r, d);
+        let b = from_le::<T>(pb, d, c);
+        let mut out = Vec::new();
+        extend_le(a.dot(&b).view(), &mut out);
+        out
+    }
+    let need = (task.rows as u64 * task.depth as u64 + task.depth as u64 * task.cols as u64)
+        * task.dtype.size() as u64;
+    if payload.len() as u64 != need {
+        return Err(MessageError::PayloadLength {
+            expected: need,
+            got: payload.len() as u64,
+        });
+    }
+    Ok(match task.dtype {
+        DType::F32 => typed::<f32>(task, payload),
+        DType::F64 => typed::<f64>(task, payload),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Plan, TileId};
+
+    #[test]
+    fn the_same_seed_gives_the_same_matrices_and_another_seed_does_not() {
+        let (a1, b1) = generate(5, 4, 3, DType::F64, 7);
+        let (a2, b2) = generate(5, 4, 3, DType::F64, 7);
+        let (a3, _) = generate(5, 4, 3, DType::F64, 8);
+        assert_eq!((&a1, &b1), (&a2, &b2));
+        assert_ne!(a1, a3);
+        assert_eq!(a1.shape(), (5, 4));
+        assert_eq!(b1.shape(), (4, 3));
+    }
+
+    #[test]
+    fn a_task_computes_the_same_tile_as_the_whole_product() {
+        let (Matrix::F64(a), Matrix::F64(b)) = generate(30, 20, 25, DType::F64, 1) else {
+            unreachable!()
+        };
+        let plan = Plan::new(30, 20, 25, DType::F64, 8, 16 << 20).unwrap();
+        let id = TileId {
+            row: 3,
+            col: 3,
+            part: 0,
+        }; // the ragged corner: 6x1
+        let header = TaskHeader {
+            job: "j".into(),
+            tile: id,
+            dtype: DType::F64,
+            rows: plan.rows(id.row).len() as u32,
+            cols: plan.cols(id.col).len() as u32,
+            depth: 20,
+        };
+        let bytes = compute_tile(&header, &task_payload(&a, &b, &plan, id)).unwrap();
+        let tile = from_le::<f64>(&bytes, 6, 1);
+        let full = a.dot(&b);
+        assert_eq!(tile, full.slice(s![24..30, 24..25]));
+    }
+
+    #[test]
+    fn operands_with_mismatched_shapes_or_nan_are_refused() {
+        let (a, _) = generate(3, 4, 5, DType::F64, 1);
+        let (_, b) = generate(3, 5, 5, DType::F64, 1);
+        let err = check_operands(&a, &b).unwrap_err();
+        assert!(err.to_string().contains("A is 3x4 but B is 5x5"), "{err}");
+        let mut nan = Array2::<f64>::zeros((4, 2));
+        nan[(1, 1)] = f64::NAN;
+        assert!(matches!(
+            check_operands(&a, &Matrix::F64(nan)),
+            Err(MatrixError::NotFinite("B"))
+        ));
+    }
+}

@@ -1,0 +1,428 @@
+//! The wire format: what a task, a result and a parked-tile notice look like on the broker.
+//!
+//! A frame is
+//!
+//! ```text
+//! "GMQ" version(u8) │ header length (u32 LE) │ header (JSON) │ payload (raw little-endian numbers)
+//! ```
+//!
+//! JSON carries the metadata because it is self-describing and readable in the management UI;
+//! the matrix numbers travel as raw bytes because JSON is ~50× slower, 2.5× larger and not exact
+//! for floats. Decoding checks everything a hostile or corrupted message could get wrong — the
+//! magic, the version, the header's size and schema, and that the payload's length is exactly what
+//! the header's dimensions imply — before any matrix is allocated.
+//!
+//! The job [`Manifest`] is plain JSON: it has no payload and people read it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+const MAGIC: &[u8; 3] = b"GMQ";
+/// The frame version this build writes and reads.
+pub const VERSION: u8 = 1;
+const PREFIX: usize = 8;
+/// A header is a few hundred bytes; anything near this is garbage, not a header.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// AMQP `type` property of each kind of message, for people browsing queues.
+pub mod kind {
+    pub const TASK: &str = "gemmq.task";
+    pub const RESULT: &str = "gemmq.result";
+    pub const PARKED: &str = "gemmq.parked";
+    pub const MANIFEST: &str = "gemmq.manifest";
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MessageError {
+    #[error("not a gemmq message (no GMQ magic; {0} bytes)")]
+    NotGemmq(usize),
+    #[error(
+        "unsupported message version {0} (this build reads version {VERSION}); upgrade the older program"
+    )]
+    Version(u8),
+    #[error(
+        "header length {0} exceeds the message ({1} bytes) or the {MAX_HEADER_BYTES}-byte limit"
+    )]
+    HeaderLength(usize, usize),
+    #[error("malformed header: {0}")]
+    Header(String),
+    #[error("expected a {expected} message, got a {got}")]
+    WrongKind {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("payload is {got} bytes but the header's dimensions need {expected}")]
+    PayloadLength { expected: u64, got: u64 },
+    #[error("dimensions {0} are invalid: {1}")]
+    Dimensions(String, String),
+    #[error("message of {got} bytes exceeds the {limit}-byte limit")]
+    TooLarge { got: u64, limit: u64 },
+    #[error("malformed manifest: {0}")]
+    Manifest(String),
+}
+
+/// Element type of A, B and C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    #[default]
+    F64,
+}
+
+impl DType {
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        })
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "f64" => Ok(DType::F64),
+            _ => Err(format!("unknown dtype {s:?}: use f32 or f64")),
+        }
+    }
+}
+
+/// A tile of C by its block coordinates; `part` indexes the slice of k when k is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TileId {
+    pub row: u32,
+    pub col: u32,
+    pub part: u32,
+}
+
+impl fmt::Display for TileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "C[{},{}]", self.row, self.col)?;
+        if self.part > 0 {
+            write!(f, "/k{}", self.part)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a consumer needs to compute one tile: `A[row0.., k0..] · B[k0.., col0..]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskHeader {
+    pub job: String,
+    pub tile: TileId,
+    pub dtype: DType,
+    /// Rows of the A block and of the C tile.
+    pub rows: u32,
+    /// Columns of the B block and of the C tile.
+    pub cols: u32,
+    /// Columns of the A block = rows of the B block (the slice of k).
+    pub depth: u32,
+}
+
+/// A computed tile (or a partial product when k is split).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultHeader {
+    pub job: String,
+    pub tile: TileId,
+    pub dtype: DType,
+    pub rows: u32,
+    pub cols: u32,
+    pub worker: String,
+    /// 1 for the first try; read from the broker's x-death count.
+    pub attempt: u32,
+    pub compute_micros: u64,
+}
+
+/// Tells the collector that a tile will never come: its task was parked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkedNotice {
+    pub job: String,
+    pub tile: TileId,
+    pub reason: String,
+    pub attempts: u32,
+    pub worker: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Header {
+    Task(TaskHeader),
+    Result(ResultHeader),
+    Parked(ParkedNotice),
+}
+
+impl Header {
+    fn name(&self) -> &'static str {
+        match self {
+            Header::Task(_) => "task",
+            Header::Result(_) => "result",
+            Header::Parked(_) => "parked",
+        }
+    }
+
+    pub fn job(&self) -> &str {
+        match self {
+            Header::Task(h) => &h.job,
+            Header::Result(h) => &h.job,
+            Header::Parked(h) => &h.job,
+        }
+    }
+
+    /// The payload length the header's dimensions imply, refusing sizes over `limit` before
+    /// anything is multiplied out in memory.
+    fn payload_len(&self, limit: u64) -> Result<u64, MessageError> {
+        let (rows, cols, depth, dtype) = match self {
+            Header::Task(h) => (h.rows, h.cols, Some(h.depth), h.dtype),
+            Header::Result(h) => (h.rows, h.cols, None, h.dtype),
+            Header::Parked(_) => return Ok(0),
+        };
+        let desc = match depth {
+            Some(d) => format!("{rows}x{d} · {d}x{cols}"),
+            None => format!("{rows}x{cols}"),
+        };
+        let (r, c, d, size) = (
+            rows as u64,
+            cols as u64,
+            depth.unwrap_or(1) as u64,
+            dtype.size() as u64,
+        );
+        if r == 0 || c == 0 || d == 0 {
+            return Err(MessageError::Dimensions(desc, "a dimension is zero".into()));
+        }
+        // u32 × u32 fits in u64; the sums and the × element size might not.
+        let output = (r * c).checked_mul(size);
+        let inputs = (r * d).checked_add(d * c).and_then(|e| e.checked_mul(size));
+        match (output, inputs) {
+            (Some(o), Some(i)) if o <= limit && i <= limit => {
+                Ok(if depth.is_some() { i } else { o })
+            }
+            _ => Err(MessageError::Dimensions(
+                desc,
+                format!("the blocks or the {rows}x{cols} result would exceed {limit} bytes"),
+            )),
+        }
+    }
+}
+
+/// A decoded frame borrowing its payload from the message body.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub header: Header,
+    pub payload: &'a [u8],
+}
+
+/// Encodes a frame; `payload` is written as given (already little-endian bytes).
+pub fn encode(header: &Header, payload: &[&[u8]]) -> Vec<u8> {
+    let json = serde_json::to_vec(header).expect("headers are plain data and always serialize");
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(PREFIX + json.len() + len);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+/// Decodes and validates a frame. `limit` is the largest payload this process accepts.
+pub fn decode(body: &[u8], limit: u64) -> Result<Frame<'_>, MessageError> {
+    if body.len() as u64 > limit + MAX_HEADER_BYTES as u64 + PREFIX as u64 {
+        return Err(MessageError::TooLarge {
+            got: body.len() as u64,
+            limit,
+        });
+    }
+    if body.len() < PREFIX || &body[..3] != MAGIC {
+        return Err(MessageError::NotGemmq(body.len()));
+    }
+    if body[3] != VERSION {
+        return Err(MessageError::Version(body[3]));
+    }
+    let hlen = u32::from_le_bytes([body[4], body[5], body[6], body[7]]) as usize;
+    if hlen > MAX_HEADER_BYTES || PREFIX + hlen > body.len() {
+        return Err(MessageError::HeaderLength(hlen, body.len()));
+    }
+    let header: Header = serde_json::from_slice(&body[PREFIX..PREFIX + hlen])
+        .map_err(|e| MessageError::Header(e.to_string()))?;
+    let payload = &body[PREFIX + hlen..];
+    let expected = header.payload_len(limit)?;
+    if payload.len() as u64 != expected {
+        return Err(MessageError::PayloadLength {
+            expected,
+            got: payload.len() as u64,
+        });
+    }
+    Ok(Frame { header, payload })
+}
+
+impl<'a> Frame<'a> {
+    pub fn into_task(self) -> Result<(TaskHeader, &'a [u8]), MessageError> {
+        match self.header {
+            Header::Task(h) => Ok((h, self.payload)),
+            other => Err(MessageError::WrongKind {
+                expected: "task",
+                got: other.name(),
+            }),
+        }
+    }
+}
+
+/// Where A and B come from, so the collector can rebuild them to verify C.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Inputs {
+    /// Generated by [`crate::matrix::generate`] from this seed.
+    Seed(u64),
+    /// Loaded from these .npy files (paths as the producer saw them).
+    Files { a: String, b: String },
+}
+
+/// Everything the collector needs to know about a job, published before its first task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub version: u8,
+    pub job: String,
+    pub plan: crate::Plan,
+    pub inputs: Inputs,
+    /// Milliseconds since the Unix epoch when the producer started publishing.
+    pub created_ms: u64,
+}
+
+impl Manifest {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("manifests are plain data and always serialize")
+    }
+
+    pub fn from_json(body: &[u8]) -> Result<Self, MessageError> {
+        if body.len() > MAX_HEADER_BYTES * 16 {
+            return Err(MessageError::Manifest(format!(
+                "{} bytes is too large",
+                body.len()
+            )));
+        }
+        let m: Manifest =
+            serde_json::from_slice(body).map_err(|e| MessageError::Manifest(e.to_string()))?;
+        if m.version != VERSION {
+            return Err(MessageError::Version(m.version));
+        }
+        m.plan
+            .check()
+            .map_err(|e| MessageError::Manifest(e.to_string()))?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(rows: u32, cols: u32, depth: u32) -> Header {
+        Header::Task(TaskHeader {
+            job: "j".into(),
+            tile: TileId {
+                row: 1,
+                col: 2,
+                part: 0,
+            },
+            dtype: DType::F64,
+            rows,
+            cols,
+            depth,
+        })
+    }
+
+    #[test]
+    fn a_task_round_trips_with_its_payload_untouched() {
+        let payload = vec![7u8; (2 * 3 + 3 * 4) * 8];
+        let body = encode(&task(2, 4, 3), &[&payload]);
+        let frame = decode(&body, 1 << 20).unwrap();
+        assert_eq!(frame.header, task(2, 4, 3));
+        assert_eq!(frame.payload, &payload[..]);
+    }
+
+    #[test]
+    fn a_payload_that_does_not_match_the_shape_is_refused() {
+        let body = encode(&task(2, 4, 3), &[&[0u8; 10]]);
+        assert_eq!(
+            decode(&body, 1 << 20).unwrap_err(),
+            MessageError::PayloadLength {
+                expected: 144,
+                got: 10
+            }
+        );
+    }
+
+    #[test]
+    fn huge_declared_dimensions_are_refused_before_allocating() {
+        // A 4-billion-square result from a tiny message: the shape alone must be rejected.
+        let body = encode(&task(u32::MAX, u32::MAX, 1), &[]);
+        assert!(matches!(
+            decode(&body, 16 << 20),
+            Err(MessageError::Dimensions(..))
+        ));
+        let body = encode(&task(0, 4, 3), &[]);
+        assert!(matches!(
+            decode(&body, 16 << 20),
+            Err(MessageError::Dimensions(..))
+        ));
+    }
+
+    #[test]
+    fn garbage_wrong_versions_and_unknown_fields_get_clear_errors() {
+        assert_eq!(
+            decode(b"{\"hello\":1}", 1024).unwrap_err(),
+            MessageError::NotGemmq(11)
+        );
+        let mut body = encode(&task(1, 1, 1), &[&[0u8; 16]]);
+        body[3] = 9;
+        assert_eq!(decode(&body, 1024).unwrap_err(), MessageError::Version(9));
+        let mut body = encode(&task(1, 1, 1), &[&[0u8; 16]]);
+        body[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&body, 1024),
+            Err(MessageError::HeaderLength(..))
+        ));
+        let json = br#"{"kind":"task","job":"j","tile":{"row":0,"col":0,"part":0},"dtype":"f64","rows":1,"cols":1,"depth":1,"extra":1}"#;
+        let mut body = b"GMQ\x01".to_vec();
+        body.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        body.extend_from_slice(json);
+        assert!(matches!(decode(&body, 1024), Err(MessageError::Header(_))));
+    }
+
+    #[test]
+    fn a_result_is_not_a_task() {
+        let h = Header::Parked(ParkedNotice {
+            job: "j".into(),
+            tile: TileId {
+                row: 0,
+                col: 0,
+                part: 0,
+            },
+            reason: "r".into(),
+            attempts: 1,
+            worker: "w".into(),
+        });
+        let body = encode(&h, &[]);
+        let err = decode(&body, 1024).unwrap().into_task().unwrap_err();
+        assert!(err.to_string().contains("expected a task"));
+    }
+}

@@ -1,0 +1,240 @@
+//! How C = A·B is cut into tasks.
+//!
+//! C (m×n) is cut into square tiles of `tile`×`tile` (smaller at the right and bottom edges when m
+//! or n is not a multiple). The task for tile (i, j) carries block-row i of A and block-column j of
+//! B. When those blocks would not fit in one message, k is split as well: the task for part p
+//! carries only the p-th slice of k, and the collector sums the parts' partial products, once each.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::{DType, TileId};
+
+/// Bytes kept free in every message for the frame prefix and JSON header.
+pub const HEADER_BUDGET: u64 = 4096;
+/// Largest matrix side gemmq accepts; far beyond what fits anywhere, small enough that products
+/// of two sides cannot overflow.
+pub const MAX_SIDE: u64 = 1 << 31;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TilingError {
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("{name} = {value} is larger than the supported {MAX_SIDE}")]
+    TooLarge { name: &'static str, value: u64 },
+    #[error(
+        "a {rows}x{cols} {dtype} result tile is {bytes} bytes, over the {limit}-byte message limit; use --tile {max_tile} or less, or raise --max-message-bytes"
+    )]
+    TileTooLarge {
+        rows: u64,
+        cols: u64,
+        dtype: DType,
+        bytes: u64,
+        limit: u64,
+        max_tile: u64,
+    },
+    #[error("inconsistent plan: {0}")]
+    Inconsistent(String),
+}
+
+/// The tiling of one job; part of its manifest, so every program agrees on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub m: u64,
+    pub k: u64,
+    pub n: u64,
+    pub dtype: DType,
+    /// Side of a C tile (edge tiles are smaller).
+    pub tile: u64,
+    /// Boundaries of the slices of k: `[0, …, k]`; one slice when k is not split.
+    pub k_splits: Vec<u64>,
+}
+
+impl Plan {
+    /// Plans C = A(m×k) · B(k×n) with tiles of `tile`, keeping every task and result message
+    /// within `max_message_bytes`.
+    pub fn new(
+        m: u64,
+        k: u64,
+        n: u64,
+        dtype: DType,
+        tile: u64,
+        max_message_bytes: u64,
+    ) -> Result<Plan, TilingError> {
+        for (name, value) in [("m", m), ("k", k), ("n", n), ("tile", tile)] {
+            if value == 0 {
+                return Err(TilingError::Zero(name));
+            }
+            if value > MAX_SIDE {
+                return Err(TilingError::TooLarge { name, value });
+            }
+        }
+        let size = dtype.size() as u64;
+        let room = max_message_bytes.saturating_sub(HEADER_BUDGET);
+        let (rows, cols) = (tile.min(m), tile.min(n));
+        let bytes = rows * cols * size;
+        if bytes > room {
+            return Err(TilingError::TileTooLarge {
+                rows,
+                cols,
+                dtype,
+                bytes,
+                limit: max_message_bytes,
+                max_tile: ((room / size) as f64).sqrt().floor() as u64,
+            });
+        }
+        // A task carries rows×kc of A and kc×cols of B.
+        let max_depth = (room / ((rows + cols) * size)).max(1);
+        let parts = k.div_ceil(max_depth);
+        let k_splits = (0..=parts).map(|p| p * k / parts).collect();
+        Ok(Plan {
+            m,
+            k,
+            n,
+            dtype,
+            tile,
+            k_splits,
+        })
+    }
+
+    /// Checks a plan that came over the wire before anything is sized from it.
+    pub fn check(&self) -> Result<(), TilingError> {
+        for (name, value) in [
+            ("m", self.m),
+            ("k", self.k),
+            ("n", self.n),
+            ("tile", self.tile),
+        ] {
+            if value == 0 {
+                return Err(TilingError::Zero(name));
+            }
+            if value > MAX_SIDE {
+                return Err(TilingError::TooLarge { name, value });
+            }
+        }
+        let s = &self.k_splits;
+        let ok = s.len() >= 2
+            && s.len() as u64 <= self.k + 1
+            && s.first() == Some(&0)
+            && s.last() == Some(&self.k)
+            && s.windows(2).all(|w| w[0] < w[1]);
+        if !ok {
+            return Err(TilingError::Inconsistent(format!(
+                "k_splits must rise strictly from 0 to k = {}",
+                self.k
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn row_blocks(&self) -> u32 {
+        self.m.div_ceil(self.tile) as u32
+    }
+
+    pub fn col_blocks(&self) -> u32 {
+        self.n.div_ceil(self.tile) as u32
+    }
+
+    pub fn parts(&self) -> u32 {
+        (self.k_splits.len() - 1) as u32
+    }
+
+    /// Number of C tiles.
+    pub fn tiles(&self) -> u64 {
+        self.row_blocks() as u64 * self.col_blocks() as u64
+    }
+
+    /// Number of tasks: tiles × parts of k.
+    pub fn tasks(&self) -> u64 {
+        self.tiles() * self.parts() as u64
+    }
+
+    pub fn rows(&self, block: u32) -> Range<usize> {
+        let start = block as u64 * self.tile;
+        start as usize..(start + self.tile).min(self.m) as usize
+    }
+
+    pub fn cols(&self, block: u32) -> Range<usize> {
+        let start = block as u64 * self.tile;
+        start as usize..(start + self.tile).min(self.n) as usize
+    }
+
+    pub fn depth(&self, part: u32) -> Range<usize> {
+        let p = part as usize;
+        self.k_splits[p] as usize..self.k_splits[p + 1] as usize
+    }
+
+    /// Whether `id` names a task of this plan.
+    pub fn contains(&self, id: TileId) -> bool {
+        id.row < self.row_blocks() && id.col < self.col_blocks() && id.part < self.parts()
+    }
+
+    /// Every task, row-major over tiles with the parts of one tile together, so the collector
+    /// can finish tiles early.
+    pub fn task_ids(&self) -> impl Iterator<Item = TileId> + '_ {
+        (0..self.row_blocks()).flat_map(move |row| {
+            (0..self.col_blocks())
+                .flat_map(move |col| (0..self.parts()).map(move |part| TileId { row, col, part }))
+        })
+    }
+
+    /// Floating-point operations of the whole product.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.k as f64 * self.n as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB16: u64 = 16 << 20;
+
+    #[test]
+    fn edge_tiles_cover_shapes_that_are_not_multiples_of_the_tile() {
+        let p = Plan::new(300, 200, 250, DType::F64, 64, MIB16).unwrap();
+        assert_eq!((p.row_blocks(), p.col_blocks(), p.parts()), (5, 4, 1));
+        assert_eq!(p.rows(4), 256..300);
+        assert_eq!(p.cols(3), 192..250);
+        assert_eq!(p.task_ids().count() as u64, p.tasks());
+        let covered: usize = (0..p.row_blocks()).map(|b| p.rows(b).len()).sum();
+        assert_eq!(covered, 300);
+    }
+
+    #[test]
+    fn k_is_split_when_the_blocks_do_not_fit_in_a_message() {
+        // 32 rows + 32 cols of f64 = 512 bytes per unit of depth; 16 KiB room → 24 deep at most.
+        let p = Plan::new(64, 200, 64, DType::F64, 32, HEADER_BUDGET + 16 * 1024).unwrap();
+        assert!(p.parts() > 1, "{p:?}");
+        for part in 0..p.parts() {
+            let d = p.depth(part).len() as u64;
+            assert!((32 + 32) * d * 8 <= 16 * 1024);
+        }
+        assert_eq!(p.k_splits.last(), Some(&200));
+        p.check().unwrap();
+    }
+
+    #[test]
+    fn a_result_tile_that_cannot_fit_names_the_largest_tile_that_would() {
+        let err = Plan::new(4096, 10, 4096, DType::F64, 2048, MIB16).unwrap_err();
+        let TilingError::TileTooLarge { max_tile, .. } = err else {
+            panic!("{err}")
+        };
+        assert!(Plan::new(4096, 10, 4096, DType::F64, max_tile, MIB16).is_ok());
+        assert!(err.to_string().contains("--tile"));
+    }
+
+    #[test]
+    fn zero_and_absurd_sizes_are_refused() {
+        assert_eq!(
+            Plan::new(0, 1, 1, DType::F64, 8, MIB16),
+            Err(TilingError::Zero("m"))
+        );
+        assert!(Plan::new(1, 1 << 40, 1, DType::F64, 8, MIB16).is_err());
+        let mut p = Plan::new(8, 8, 8, DType::F32, 8, MIB16).unwrap();
+        p.k_splits = vec![0, 5, 3, 8];
+        assert!(p.check().is_err());
+    }
+}

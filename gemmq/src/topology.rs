@@ -1,0 +1,357 @@
+//! Every exchange, queue and queue argument gemmq uses, declared from this module only.
+//!
+//! ```text
+//! {ns}.tasks   exchange (direct) ─"task"─▶ {ns}.tasks   quorum queue
+//!                                           │ dead-letter (nack requeue=false, at-least-once)
+//!                                           ▼
+//! {ns}.retry   exchange (fanout) ────────▶ {ns}.retry   quorum queue, message TTL = retry delay
+//!                                           │ dead-letter on expiry (at-least-once)
+//!                                           └──────────▶ {ns}.tasks exchange, key "task" again
+//! {ns}.parked                               quorum queue: tasks whose attempts ran out, with reasons
+//! {ns}.jobs                                 quorum queue: one manifest per job, for collectors
+//!                                           started without --job-id
+//! {ns}.results exchange (direct) ─job id─▶ {ns}.job.<id>.results  quorum queue, single active
+//!                                           consumer: one collector assembles, others stand by
+//!                                           {ns}.job.<id>.manifest classic queue holding the
+//!                                           job's manifest, read without being consumed
+//! ```
+//!
+//! Declarations are idempotent, so every program declares everything it touches and start order
+//! does not matter. RabbitMQ refuses a redeclaration whose arguments differ (406
+//! PRECONDITION_FAILED); [`TopologyError::Mismatch`] turns that into advice.
+//!
+//! Why these arguments:
+//! * Quorum queues replicate and survive broker restarts; they are always durable.
+//! * Quorum dead-lettering is at-most-once unless `x-dead-letter-strategy = at-least-once`, which
+//!   the broker silently ignores unless `x-overflow = reject-publish` is set too. Both are set.
+//! * `x-delivery-limit` bounds crash loops (a task that kills its worker is redelivered with
+//!   requeue, not through the retry path): once reached the broker dead-letters it to the retry
+//!   queue, where it counts as an attempt. RabbitMQ 4 defaults it to 20; we set it explicitly so
+//!   3.x and 4.x behave the same.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, ExchangeKind};
+
+use crate::config::ConfigError;
+
+/// Routing key of tasks on the task exchange.
+pub const TASK_KEY: &str = "task";
+/// How many crash-loop redeliveries a task gets before the broker counts it as a failed attempt.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(
+        "{what} {name} already exists with different arguments ({detail}). It was declared by another gemmq version or with another retry delay. Delete it (management UI, or `rabbitmqctl delete_queue {name}`) or use another --namespace"
+    )]
+    Mismatch {
+        what: &'static str,
+        name: String,
+        detail: String,
+    },
+    #[error("declaring {what} {name}: {source}")]
+    Broker {
+        what: &'static str,
+        name: String,
+        source: lapin::Error,
+    },
+}
+
+/// Checks that a namespace or job id is usable in queue names and readable in the UI.
+pub fn check_name(what: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            what,
+            format!("{name:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '-' and '_'"),
+        ))
+    }
+}
+
+/// The names and arguments of one gemmq deployment on a broker.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    ns: String,
+    retry_delay: Duration,
+}
+
+impl Topology {
+    pub fn new(namespace: &str, retry_delay: Duration) -> Self {
+        Topology {
+            ns: namespace.to_string(),
+            retry_delay,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    pub fn retry_delay(&self) -> Duration {
+        self.retry_delay
+    }
+
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+    pub fn tasks_queue(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+    pub fn retry_exchange(&self) -> String {
+        format!("{}.retry", self.ns)
+    }
+    pub fn retry_queue(&self) -> String {
+        format!("{}.retry", self.ns)
+    }
+    pub fn parked_queue(&self) -> String {
+        format!("{}.parked", self.ns)
+    }
+    pub fn jobs_queue(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+    pub fn results_queue(&self, job: &str) -> String {
+        format!("{}.job.{job}.results", self.ns)
+    }
+    pub fn manifest_queue(&self, job: &str) -> String {
+        format!("{}.job.{job}.manifest", self.ns)
+    }
+
+    /// Declares the shared part: task, retry, parking-lot and job-announcement queues.
+    pub async fn declare(&self, ch: &Channel) -> Result<(), TopologyError> {
+        exchange(ch, &self.tasks_exchange(), ExchangeKind::Direct).await?;
+        exchange(ch, &self.retry_exchange(), ExchangeKind::Fanout).await?;
+        exchange(ch, &self.results_exchange(), ExchangeKind::Direct).await?;
+
+        let mut tasks = quorum_args();
+        tasks.insert(
+            "x-dead-letter-exchange".into(),
+            text(&self.retry_exchange()),
+        );
+        tasks.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        queue(ch, &self.tasks_queue(), tasks).await?;
+        bind(ch, &self.tasks_queue(), &self.tasks_exchange(), TASK_KEY).await?;
+
+        let mut retry = quorum_args();
+        retry.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(self.retry_delay.as_millis() as i64),
+        );
+        retry.insert(
+            "x-dead-letter-exchange".into(),
+            text(&self.tasks_exchange()),
+        );
+        queue(ch, &self.retry_queue(), retry).await?;
+        bind(ch, &self.retry_queue(), &self.retry_exchange(), "").await?;
+
+        queue(ch, &self.parked_queue(), plain_quorum()).await?;
+        queue(ch, &self.jobs_queue(), plain_quorum()).await?;
+        Ok(())
+    }
+
+    /// Declares one job's results and manifest queues.
+    pub async fn declare_job(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
+        let mut results = plain_quorum();
+        results.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        queue(ch, &self.results_queue(job), results).await?;
+        bind(ch, &self.results_queue(job), &self.results_exchange(), job).await?;
+        // Classic, because the manifest is read by get-and-requeue, which a quorum queue would
+        // count towards its delivery limit.
+        queue(ch, &self.manifest_queue(job), FieldTable::default()).await?;
+        Ok(())
+    }
+
+    /// Removes a finished job's queues.
+    pub async fn delete_job(&self, ch: &Channel, job: &str) -> Result<(), lapin::Error> {
+        for q in [self.results_queue(job), self.manifest_queue(job)] {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the shared queues and exchanges (tests and `--purge`-style cleanup).
+    pub async fn delete_shared(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        for q in [
+            self.tasks_queue(),
+            self.retry_queue(),
+            self.parked_queue(),
+            self.jobs_queue(),
+        ] {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for e in [
+            self.tasks_exchange(),
+            self.retry_exchange(),
+            self.results_exchange(),
+        ] {
+            ch.exchange_delete(e.as_str().into(), Default::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// How many times the broker has already seen this task fail: the `count`s of its `x-death`
+/// entries for the task queue with reason `rejected` (our nacks) or `delivery_limit` (crash
+/// loops). `redelivered` cannot tell: a message that comes back through the retry queue is a
+/// new delivery with `redelivered = false`.
+pub fn prior_attempts(props: &BasicProperties, tasks_queue: &str) -> u32 {
+    let Some(headers) = props.headers() else {
+        return 0;
+    };
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return 0;
+    };
+    let mut total: u64 = 0;
+    for death in deaths.as_slice() {
+        let AMQPValue::FieldTable(t) = death else {
+            continue;
+        };
+        let t = t.inner();
+        let is = |key: &str, want: &[&str]| match t.get(key) {
+            Some(AMQPValue::LongString(s)) => want.iter().any(|w| s.as_bytes() == w.as_bytes()),
+            Some(AMQPValue::ShortString(s)) => want.contains(&s.as_str()),
+            _ => false,
+        };
+        if is("queue", &[tasks_queue]) && is("reason", &["rejected", "delivery_limit"]) {
+            total += match t.get("count") {
+                Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
+                Some(AMQPValue::LongInt(n)) => (*n).max(0) as u64,
+                Some(AMQPValue::LongUInt(n)) => *n as u64,
+                _ => 1,
+            };
+        }
+    }
+    total.min(u32::MAX as u64) as u32
+}
+
+/// A string header value, as RabbitMQ writes them.
+pub fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Reads a string header, however it was encoded.
+pub fn header_str(props: &BasicProperties, key: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), text("quorum"));
+    t.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+    t.insert("x-overflow".into(), text("reject-publish"));
+    t
+}
+
+fn plain_quorum() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), text("quorum"));
+    t
+}
+
+fn map_err(what: &'static str, name: &str, e: lapin::Error) -> TopologyError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
+        if amqp.get_id() == 406 {
+            return TopologyError::Mismatch {
+                what,
+                name: name.to_string(),
+                detail: amqp.get_message().to_string(),
+            };
+        }
+    }
+    TopologyError::Broker {
+        what,
+        name: name.to_string(),
+        source: e,
+    }
+}
+
+async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), TopologyError> {
+    let opts = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(ShortString::from(name), kind, opts, FieldTable::default())
+        .await
+        .map_err(|e| map_err("exchange", name, e))
+}
+
+async fn queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), TopologyError> {
+    ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .map(|_| ())
+        .map_err(|e| map_err("queue", name, e))
+}
+
+async fn bind(ch: &Channel, q: &str, ex: &str, key: &str) -> Result<(), TopologyError> {
+    ch.queue_bind(
+        q.into(),
+        ex.into(),
+        key.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| map_err("binding of queue", q, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+
+    fn death(queue: &str, reason: &str, count: i64) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), text(queue));
+        t.insert("reason".into(), text(reason));
+        t.insert("count".into(), AMQPValue::LongLongInt(count));
+        AMQPValue::FieldTable(t)
+    }
+
+    #[test]
+    fn attempts_come_from_the_task_queues_rejections_in_x_death() {
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                death("ns.tasks", "rejected", 2),
+                death("ns.retry", "expired", 2),
+                death("ns.tasks", "delivery_limit", 1),
+                death("other.tasks", "rejected", 5),
+            ])),
+        );
+        let props = BasicProperties::default().with_headers(h);
+        assert_eq!(prior_attempts(&props, "ns.tasks"), 3);
+        assert_eq!(prior_attempts(&BasicProperties::default(), "ns.tasks"), 0);
+    }
+
+    #[test]
+    fn names_are_restricted_to_what_reads_well_in_queue_names() {
+        assert!(check_name("job-id", "job-2026_11").is_ok());
+        for bad in ["", "a.b", "a b", "ü", &"x".repeat(65)] {
+            assert!(check_name("job-id", bad).is_err(), "{bad:?}");
+        }
+    }
+}
