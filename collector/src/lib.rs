@@ -1,1 +1,541 @@
+//! The collector: assembles C from a job's results, exactly once per tile, and checks it.
+//!
+//! It finds its job by id (`--job-id`, waiting for the producer if it has not announced it yet)
+//! or takes the next announced job. It consumes the job's results queue, a single-active-consumer
+//! queue: start a second collector for the same job and it stands by, taking over if the first
+//! one dies. Every result is applied once whatever duplicates arrive ([`gemmq::assembly`]).
+//! When every task has a result or has been parked it writes `C.npy` and `summary.json`, checks C
+//! against A and B with Freivalds' test, and reports.
+//!
+//! Exit status: 0 complete and verified; 3 incomplete (tasks were parked; the report says which
+//! and why); 4 C failed verification; 2 bad settings; 1 any other error.
 
+mod progress;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use gemmq::TileId;
+use gemmq::assembly::{Applied, Assembly, WorkerTally};
+use gemmq::broker::{self, Broker};
+use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
+use gemmq::job;
+use gemmq::matrix::{self, Matrix};
+use gemmq::message::{self, Header, Inputs, Manifest};
+use gemmq::shutdown::CancellationToken;
+use gemmq::topology::{self, Topology};
+use gemmq::verify::{self, Verdict};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::progress::Progress;
+
+/// Exit status for a job whose tasks were parked.
+pub const EXIT_INCOMPLETE: u8 = 3;
+/// Exit status for a C that failed verification.
+pub const EXIT_UNVERIFIED: u8 = 4;
+
+/// Which job to collect and where to put it. Every flag also reads the environment variable
+/// shown and the `[collector]` section of the config file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CollectorOptions {
+    /// Job to collect; waits for it to be announced. Without it, takes the next announced job
+    #[arg(long, env = "GEMMQ_JOB_ID")]
+    pub job_id: Option<String>,
+    /// Directory for C.npy and summary.json [default: out]
+    #[arg(long, env = "GEMMQ_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Results held unacknowledged at once [default: 64]
+    #[arg(long, env = "GEMMQ_COLLECTOR_PREFETCH")]
+    pub prefetch: Option<u16>,
+    /// Give up when no result has arrived for this long, reporting what is missing
+    /// (0 waits for as long as it takes) [default: 0]
+    #[arg(long, env = "GEMMQ_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Check C against A and B (Freivalds) before reporting success [default: true]
+    #[arg(long, env = "GEMMQ_VERIFY")]
+    pub verify: Option<bool>,
+    /// Refuse jobs whose C would take more memory than this [default: 8GiB]
+    #[arg(long, env = "GEMMQ_MAX_OUTPUT_BYTES", value_name = "SIZE")]
+    pub max_output_bytes: Option<bytesize::ByteSize>,
+}
+
+gemmq::layered!(CollectorOptions {
+    job_id,
+    out,
+    prefetch,
+    idle_timeout,
+    verify,
+    max_output_bytes
+});
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub job_id: Option<String>,
+    pub out: PathBuf,
+    pub prefetch: u16,
+    pub idle_timeout: Option<Duration>,
+    pub verify: bool,
+    pub max_output_bytes: u64,
+    pub collector_id: String,
+}
+
+impl Settings {
+    pub fn resolve(
+        flags: CollectorOptions,
+        file: &ConfigFile,
+        broker: BrokerSettings,
+    ) -> Result<Self, ConfigError> {
+        let o = flags.or(file.section("collector")?);
+        if let Some(job) = &o.job_id {
+            topology::check_name("job-id", job)?;
+        }
+        let prefetch = o.prefetch.unwrap_or(64);
+        if prefetch == 0 {
+            return Err(ConfigError::invalid("prefetch", "must be at least 1"));
+        }
+        Ok(Settings {
+            broker,
+            job_id: o.job_id,
+            out: o.out.unwrap_or_else(|| "out".into()),
+            prefetch,
+            idle_timeout: o.idle_timeout.filter(|d| !d.is_zero()),
+            verify: o.verify.unwrap_or(true),
+            max_output_bytes: o.max_output_bytes.map_or(8 << 30, |b| b.as_u64()),
+            collector_id: broker::default_worker_id(),
+        })
+    }
+}
+
+/// How the job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Every tile is there and C passed verification (or verification was off).
+    Complete,
+    /// Some tasks were parked or never came; C.npy was not written.
+    Incomplete,
+    /// Every tile is there but C is not A·B.
+    VerificationFailed,
+}
+
+impl Status {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Status::Complete => 0,
+            Status::Incomplete => EXIT_INCOMPLETE,
+            Status::VerificationFailed => EXIT_UNVERIFIED,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedTile {
+    pub tile: TileId,
+    pub reason: String,
+    pub attempts: u32,
+    pub worker: String,
+}
+
+/// summary.json.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub job: String,
+    pub status: Status,
+    pub m: u64,
+    pub k: u64,
+    pub n: u64,
+    pub dtype: gemmq::DType,
+    pub tile: u64,
+    pub k_parts: u32,
+    pub tiles: u64,
+    pub tasks: u64,
+    pub tasks_done: u64,
+    pub tiles_complete: u64,
+    /// Tasks by the attempt that produced their result: {"1": 95, "2": 5} means 5 needed a retry.
+    pub attempts: BTreeMap<u32, u64>,
+    pub retries: u64,
+    pub duplicates_dropped: u64,
+    pub rejected_messages: u64,
+    pub parked: Vec<ParkedTile>,
+    pub workers: BTreeMap<String, WorkerTally>,
+    /// From the producer's first publish to C checked.
+    pub wall_seconds: f64,
+    pub gflops: f64,
+    pub verification: Option<Verdict>,
+    pub output: Option<PathBuf>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Collects one job until it is finished (or `shutdown`), then writes and reports.
+pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
+    let broker = Broker::new(&s.broker, &format!("gemmq-collector {}", s.collector_id))?;
+    let topo = s.broker.topology();
+    let ch = broker.channel().await.context("connecting to RabbitMQ")?;
+    topo.declare(&ch).await?;
+
+    let (manifest, announcement) = match &s.job_id {
+        Some(job) => (
+            wait_for_manifest(&ch, &topo, job, s, &shutdown).await?,
+            None,
+        ),
+        None => {
+            let (m, d) = next_job(&broker, &topo, &shutdown).await?;
+            (m, Some(d))
+        }
+    };
+    let plan = &manifest.plan;
+    let c_bytes = plan.m * plan.n * plan.dtype.size() as u64;
+    if c_bytes > s.max_output_bytes {
+        bail!(ConfigError::invalid(
+            "max-output-bytes",
+            format!(
+                "job {}'s C is {}x{} {} = {c_bytes} bytes, over the {} allowed; raise --max-output-bytes if this machine has the memory",
+                manifest.job, plan.m, plan.n, plan.dtype, s.max_output_bytes
+            )
+        ));
+    }
+    std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
+    topo.declare_job(&ch, &manifest.job).await?;
+
+    ch.basic_qos(s.prefetch, BasicQosOptions { global: false })
+        .await?;
+    let tag = format!("gemmq-collector:{}", s.collector_id);
+    let mut results = ch
+        .basic_consume(
+            topo.results_queue(&manifest.job).as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("consuming the job's results")?;
+    if let Some(d) = announcement {
+        d.ack(BasicAckOptions::default())
+            .await
+            .context("taking the job announcement")?;
+    }
+    info!(
+        job = %manifest.job, m = plan.m, k = plan.k, n = plan.n, dtype = %plan.dtype,
+        tasks = plan.tasks(), queue = %topo.results_queue(&manifest.job),
+        "collecting (a second collector for this job stands by until this one stops)"
+    );
+
+    let mut asm = Assembly::new(plan);
+    let mut progress = Progress::new(&manifest.job, plan.tasks());
+    let mut rejected = 0u64;
+    let mut last_result = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    while !asm.is_finished() {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                progress.finish();
+                bail!("interrupted with {} of {} tasks collected", asm.tasks_done(), plan.tasks());
+            }
+            _ = tick.tick() => {
+                let idle = last_result.elapsed();
+                if let Some(limit) = s.idle_timeout {
+                    if idle >= limit {
+                        warn!(idle = ?idle, "no results within the idle timeout; reporting what is missing");
+                        break;
+                    }
+                }
+                if idle >= Duration::from_secs(30) {
+                    warn!(idle_s = idle.as_secs(), done = asm.tasks_done(), total = plan.tasks(),
+                        "waiting for results: are consumers running, and is another collector active for this job?");
+                }
+            }
+            delivery = results.next() => {
+                let d = match delivery {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(e).context("the results stream failed"),
+                    None => bail!("the broker cancelled the results consumer (was the job's queue deleted?)"),
+                };
+                last_result = Instant::now();
+                if !apply(&mut asm, &manifest, &d, s.broker.max_message_bytes) {
+                    rejected += 1;
+                }
+                d.acker.ack(BasicAckOptions::default()).await.context("acking a result")?;
+                progress.update(asm.tasks_done(), retries(&asm.attempts), asm.parked().count() as u64);
+            }
+        }
+    }
+    progress.finish();
+    let _ = ch
+        .basic_cancel(tag.as_str().into(), Default::default())
+        .await;
+    finish(s, &ch, &topo, &manifest, asm, rejected).await
+}
+
+/// Applies one message to C; false if it was rejected.
+fn apply(asm: &mut Assembly, manifest: &Manifest, d: &Delivery, limit: u64) -> bool {
+    let frame = match message::decode(&d.data, limit) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(error = %e, "malformed message on the results queue dropped");
+            return false;
+        }
+    };
+    if frame.header.job() != manifest.job {
+        warn!(job = %frame.header.job(), expected = %manifest.job, "message for another job on this job's results queue dropped");
+        return false;
+    }
+    let applied = match &frame.header {
+        Header::Result(h) => asm.apply_result(h, frame.payload),
+        Header::Parked(n) => asm.apply_parked(n),
+        Header::Task(_) => {
+            warn!("a task on the results queue dropped");
+            return false;
+        }
+    };
+    match (applied, &frame.header) {
+        (Ok(Applied::TileComplete | Applied::Part), Header::Result(h)) => {
+            tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled");
+            true
+        }
+        (Ok(Applied::Duplicate), h) => {
+            info!(tile = %tile_of(h), "duplicate dropped (already assembled)");
+            true
+        }
+        (Ok(Applied::Parked), Header::Parked(n)) => {
+            error!(tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker, "tile parked: it will not be computed");
+            true
+        }
+        (Ok(_), _) => true,
+        (Err(e), _) => {
+            warn!(error = %e, "result rejected");
+            false
+        }
+    }
+}
+
+fn tile_of(h: &Header) -> TileId {
+    match h {
+        Header::Task(t) => t.tile,
+        Header::Result(r) => r.tile,
+        Header::Parked(p) => p.tile,
+    }
+}
+
+fn retries(attempts: &BTreeMap<u32, u64>) -> u64 {
+    attempts
+        .iter()
+        .map(|(a, n)| (*a as u64).saturating_sub(1) * n)
+        .sum()
+}
+
+async fn finish(
+    s: &Settings,
+    ch: &Channel,
+    topo: &Topology,
+    manifest: &Manifest,
+    asm: Assembly,
+    rejected: u64,
+) -> Result<Summary> {
+    let plan = manifest.plan.clone();
+    let complete = asm.is_complete();
+    let mut summary = Summary {
+        job: manifest.job.clone(),
+        status: Status::Incomplete,
+        m: plan.m,
+        k: plan.k,
+        n: plan.n,
+        dtype: plan.dtype,
+        tile: plan.tile,
+        k_parts: plan.parts(),
+        tiles: plan.tiles(),
+        tasks: plan.tasks(),
+        tasks_done: asm.tasks_done(),
+        tiles_complete: asm.tiles_complete(),
+        retries: retries(&asm.attempts),
+        attempts: asm.attempts.clone(),
+        duplicates_dropped: asm.duplicates,
+        rejected_messages: rejected,
+        parked: asm
+            .parked()
+            .map(|p| ParkedTile {
+                tile: p.tile,
+                reason: p.reason.clone(),
+                attempts: p.attempts,
+                worker: p.worker.clone(),
+            })
+            .collect(),
+        workers: asm.workers.clone(),
+        wall_seconds: 0.0,
+        gflops: 0.0,
+        verification: None,
+        output: None,
+    };
+    if complete {
+        let c = asm.matrix();
+        let path = s.out.join("C.npy");
+        write_atomically(c, &path)?;
+        summary.output = Some(path);
+        summary.status = Status::Complete;
+        if s.verify {
+            let verdict = check(manifest, c).await?;
+            if !verdict.passed {
+                summary.status = Status::VerificationFailed;
+            }
+            summary.verification = Some(verdict);
+        }
+    }
+    summary.wall_seconds = (unix_ms().saturating_sub(manifest.created_ms)) as f64 / 1e3;
+    summary.gflops = plan.flops() / summary.wall_seconds.max(1e-9) / 1e9;
+    let json = serde_json::to_vec_pretty(&summary).expect("the summary is plain data");
+    let path = s.out.join("summary.json");
+    std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    report(&summary);
+    if summary.status == Status::Complete {
+        // The job is done: its queues go. Late duplicates are then dropped by the workers.
+        if let Err(e) = topo.delete_job(ch, &manifest.job).await {
+            warn!(error = %e, "could not delete the finished job's queues");
+        }
+    }
+    Ok(summary)
+}
+
+fn write_atomically(c: &Matrix, path: &Path) -> Result<()> {
+    let tmp = path.with_extension("npy.partial");
+    c.write_npy(&tmp)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Rebuilds A and B from the manifest and runs Freivalds' check.
+async fn check(manifest: &Manifest, c: &Matrix) -> Result<Verdict> {
+    let plan = manifest.plan.clone();
+    let inputs = manifest.inputs.clone();
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || -> Result<Verdict> {
+        let (a, b) = match inputs {
+            Inputs::Seed(seed) => matrix::generate(
+                plan.m as usize,
+                plan.k as usize,
+                plan.n as usize,
+                plan.dtype,
+                seed,
+            ),
+            Inputs::Files { a, b } => (
+                Matrix::read_npy(Path::new(&a)).context("re-reading A to verify C")?,
+                Matrix::read_npy(Path::new(&b)).context("re-reading B to verify C")?,
+            ),
+        };
+        let shape_ok = a.shape() == (plan.m as usize, plan.k as usize)
+            && b.shape() == (plan.k as usize, plan.n as usize);
+        if !shape_ok {
+            bail!("A or B changed since the job was published: cannot verify C");
+        }
+        Ok(verify::freivalds(&a, &b, &c, 2, 0x5eed)?)
+    })
+    .await
+    .context("the verification task failed")?
+}
+
+fn report(s: &Summary) {
+    let v = s
+        .verification
+        .as_ref()
+        .map_or("not checked".to_string(), |v| {
+            format!(
+                "{} (Freivalds, {} rounds, worst error {:.2e} of the rounding bound)",
+                if v.passed { "passed" } else { "FAILED" },
+                v.rounds,
+                v.worst_ratio
+            )
+        });
+    info!(
+        job = %s.job, status = ?s.status, tasks_done = s.tasks_done, tasks = s.tasks,
+        retries = s.retries, duplicates = s.duplicates_dropped, parked = s.parked.len(),
+        wall_s = format!("{:.2}", s.wall_seconds), gflops = format!("{:.2}", s.gflops),
+        verification = %v, "job finished"
+    );
+    for p in &s.parked {
+        error!(tile = %p.tile, attempts = p.attempts, worker = %p.worker, reason = %p.reason, "missing: tile parked");
+    }
+    for (w, t) in &s.workers {
+        info!(worker = %w, tasks = t.tasks, compute_s = format!("{:.2}", t.compute_seconds), "per worker");
+    }
+}
+
+/// Waits until the job's manifest is there.
+async fn wait_for_manifest(
+    ch: &Channel,
+    topo: &Topology,
+    job: &str,
+    s: &Settings,
+    shutdown: &CancellationToken,
+) -> Result<Manifest> {
+    topo.declare_job(ch, job).await?;
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        if let Some(m) = job::peek_manifest(ch, topo, job).await? {
+            return Ok(m);
+        }
+        if !said {
+            info!(job, "waiting for the producer to announce the job");
+            said = true;
+        }
+        if s.idle_timeout.is_some_and(|t| started.elapsed() >= t) {
+            bail!(
+                "job {job} was not announced within the idle timeout; is the producer running with --job-id {job}?"
+            );
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => bail!("interrupted while waiting for job {job}"),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Takes the next job announced on the jobs queue; the announcement is acked by the caller once
+/// it consumes the job's results.
+async fn next_job(
+    broker: &Broker,
+    topo: &Topology,
+    shutdown: &CancellationToken,
+) -> Result<(Manifest, Delivery)> {
+    let ch = broker.channel().await?;
+    ch.basic_qos(1, BasicQosOptions { global: false }).await?;
+    let mut jobs = ch
+        .basic_consume(
+            topo.jobs_queue().as_str().into(),
+            "gemmq-collector:next-job".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(queue = %topo.jobs_queue(), "waiting for the next job");
+    loop {
+        let d = tokio::select! {
+            _ = shutdown.cancelled() => bail!("interrupted while waiting for a job"),
+            d = jobs.next() => match d {
+                Some(d) => d.context("reading the jobs queue")?,
+                None => bail!("the broker cancelled the jobs consumer"),
+            },
+        };
+        match Manifest::from_json(&d.data) {
+            Ok(m) => return Ok((m, d)),
+            Err(e) => {
+                warn!(error = %e, "unreadable job announcement dropped");
+                d.acker.ack(BasicAckOptions::default()).await?;
+            }
+        }
+    }
+}

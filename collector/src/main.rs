@@ -1,1 +1,47 @@
-fn main() {}
+//! `gemmq-collector`: assemble a job's C. See `--help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use gemmq::config::CommonArgs;
+use gemmq_collector::{CollectorOptions, Settings};
+
+/// Assemble C = A·B from a job's results, write it as .npy and verify it.
+///
+/// Takes the job given by --job-id (waiting for it to be announced) or the next announced job,
+/// applies every tile's result exactly once whatever duplicates arrive, writes OUT/C.npy and
+/// OUT/summary.json, and checks C against A and B (Freivalds). A second collector started for the
+/// same job stands by and takes over if the first one stops.
+///
+/// Exit status: 0 complete and verified; 3 incomplete (tasks parked: see the report and
+/// summary.json); 4 C failed verification; 2 bad settings; 1 other errors.
+///
+/// Settings: flag > environment variable > config file (config/gemmq.toml) > default.
+#[derive(Parser, Debug)]
+#[command(name = "gemmq-collector", version, about, long_about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    options: CollectorOptions,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    gemmq::telemetry::init();
+    let cli = Cli::parse();
+    let shutdown = gemmq::shutdown::on_signals();
+    let result = async {
+        let (file, broker) = cli.common.load()?;
+        let settings = Settings::resolve(cli.options, &file, broker)?;
+        gemmq_collector::run(&settings, shutdown).await
+    }
+    .await;
+    match result {
+        Ok(summary) => ExitCode::from(summary.status.exit_code()),
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::from(gemmq::config::exit_code(err.as_ref()))
+        }
+    }
+}

@@ -1,1 +1,585 @@
+//! The consumer (the seeds' worker): takes tile tasks, multiplies, publishes results.
+//!
+//! * **Bounded queue.** `basic.qos(prefetch = queue size)` per consumer: the broker never has
+//!   more than that many unacknowledged tasks out to this worker. This is the seeds' bounded
+//!   worker queue, enforced by the broker, and what makes dispatch least-loaded: a full worker
+//!   gets nothing more, so the next task goes to a worker with room.
+//! * **Result before ack.** A task is acked only after its result is confirmed by the broker. A
+//!   worker that dies at any point leaves the task unacked, and the broker hands it to another.
+//! * **Retry through the broker.** A failed task is `nack(requeue = false)`: the broker
+//!   dead-letters it to the retry queue, whose TTL returns it to the task queue after the retry
+//!   delay. The attempt number comes from the broker's `x-death` record.
+//! * **Parking.** After the last attempt, or at once for a task that can never succeed
+//!   (malformed), the task is copied to the parking-lot queue with its reason in headers, the
+//!   collector is told, and the task is acked.
+//! * **Graceful shutdown.** On SIGTERM the consumer stops taking tasks, lets the ones being
+//!   computed finish (up to a timeout), returns the ones not started, and closes.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use gemmq::broker::{self, Broker, BrokerError, persistent, publish_confirmed};
+use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, DurationRange, Layered};
+use gemmq::matrix;
+use gemmq::message::{self, Header, ParkedNotice, ResultHeader, TaskHeader, kind};
+use gemmq::shutdown::CancellationToken;
+use gemmq::topology::{self, Topology};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{Instrument, error, info, info_span, warn};
+
+/// How this worker behaves. Every flag also reads the environment variable shown and the
+/// `[consumer]` section of the config file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsumerOptions {
+    /// Tasks this worker may hold at once (its queue). This is the AMQP prefetch: the broker
+    /// sends no more until one is acked [default: 10]
+    #[arg(long, env = "GEMMQ_QUEUE_SIZE")]
+    pub queue_size: Option<u16>,
+    /// Tasks computed at the same time [default: 1]
+    #[arg(long, env = "GEMMQ_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Simulated failure probability per attempt, 0 to 1, like the seeds' flaky workers
+    /// [default: 0]
+    #[arg(long, env = "GEMMQ_FAILURE_RATE")]
+    pub failure_rate: Option<f64>,
+    /// Simulated extra time per task: a duration (500ms) or a range (1s..3s) [default: 0]
+    #[arg(long, env = "GEMMQ_DELAY")]
+    pub delay: Option<DurationRange>,
+    /// Attempts per task before it is parked [default: 5]
+    #[arg(long, env = "GEMMQ_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// This worker's name in logs, results and the management UI [default: <host>-<pid>]
+    #[arg(long, env = "GEMMQ_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// On SIGTERM, how long tasks being computed may take to finish before they are returned
+    /// to the queue [default: 30s]
+    #[arg(long, env = "GEMMQ_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_timeout: Option<Duration>,
+}
+
+gemmq::layered!(ConsumerOptions {
+    queue_size,
+    concurrency,
+    failure_rate,
+    delay,
+    max_attempts,
+    worker_id,
+    shutdown_timeout
+});
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub queue_size: u16,
+    pub concurrency: usize,
+    pub failure_rate: f64,
+    pub delay: DurationRange,
+    pub max_attempts: u32,
+    pub worker_id: String,
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    pub fn resolve(
+        flags: ConsumerOptions,
+        file: &ConfigFile,
+        broker: BrokerSettings,
+    ) -> Result<Self, ConfigError> {
+        let o = flags.or(file.section("consumer")?);
+        let s = Settings {
+            broker,
+            queue_size: o.queue_size.unwrap_or(10),
+            concurrency: o.concurrency.unwrap_or(1),
+            failure_rate: o.failure_rate.unwrap_or(0.0),
+            delay: o.delay.unwrap_or_default(),
+            max_attempts: o.max_attempts.unwrap_or(5),
+            worker_id: o.worker_id.unwrap_or_else(broker::default_worker_id),
+            shutdown_timeout: o.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+        };
+        if s.queue_size == 0 {
+            return Err(ConfigError::invalid(
+                "queue-size",
+                "must be at least 1 (0 would mean unlimited prefetch)",
+            ));
+        }
+        if s.concurrency == 0 || s.concurrency > s.queue_size as usize {
+            return Err(ConfigError::invalid(
+                "concurrency",
+                format!(
+                    "{} must be between 1 and the queue size ({})",
+                    s.concurrency, s.queue_size
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&s.failure_rate) {
+            return Err(ConfigError::invalid(
+                "failure-rate",
+                format!("{} is not between 0 and 1", s.failure_rate),
+            ));
+        }
+        if s.max_attempts == 0 {
+            return Err(ConfigError::invalid("max-attempts", "must be at least 1"));
+        }
+        let id_ok = !s.worker_id.is_empty()
+            && s.worker_id.len() <= 128
+            && s.worker_id.chars().all(|c| c.is_ascii_graphic());
+        if !id_ok {
+            return Err(ConfigError::invalid(
+                "worker-id",
+                "1 to 128 printable ASCII characters, no spaces",
+            ));
+        }
+        Ok(s)
+    }
+}
+
+/// Counters of one worker's life, returned when it stops.
+#[derive(Debug, Default, Serialize)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub done: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub parked: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves tasks until `shutdown` is cancelled, reconnecting when the broker goes away.
+pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>> {
+    let broker = Broker::new(&s.broker, &format!("gemmq-consumer {}", s.worker_id))?;
+    let topo = s.broker.topology();
+    let stats = Arc::new(Stats::default());
+    let span = info_span!("consumer", worker = %s.worker_id);
+    info!(
+        parent: &span,
+        queue_size = s.queue_size, concurrency = s.concurrency, failure_rate = s.failure_rate,
+        delay = %s.delay, max_attempts = s.max_attempts, broker = %s.broker.redacted_url(),
+        "worker starting"
+    );
+    loop {
+        match serve(&broker, &topo, s, &stats, &shutdown)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(()) => break,
+            Err(Stop::Fatal(e)) => return Err(e),
+            Err(Stop::Lost(e)) if !shutdown.is_cancelled() => {
+                warn!(parent: &span, error = %format!("{e:#}"), "lost the broker; reconnecting (unacked tasks return to the queue)");
+            }
+            Err(Stop::Lost(_)) => break,
+        }
+    }
+    info!(
+        parent: &span,
+        done = stats.done.load(Ordering::Relaxed),
+        failed = stats.failed.load(Ordering::Relaxed),
+        parked = stats.parked.load(Ordering::Relaxed),
+        "worker stopped"
+    );
+    Ok(stats)
+}
+
+enum Stop {
+    /// Cannot go on: unreachable broker, wrong topology.
+    Fatal(anyhow::Error),
+    /// The connection or channel died: reconnect.
+    Lost(anyhow::Error),
+}
+
+/// What every task handler shares.
+struct Ctx {
+    settings: Settings,
+    topo: Topology,
+    tasks_queue: String,
+    publisher: Channel,
+    stats: Arc<Stats>,
+    compute: Semaphore,
+    shutdown: CancellationToken,
+}
+
+async fn serve(
+    broker: &Broker,
+    topo: &Topology,
+    s: &Settings,
+    stats: &Arc<Stats>,
+    shutdown: &CancellationToken,
+) -> Result<(), Stop> {
+    let conn = broker
+        .connection()
+        .await
+        .map_err(|e: BrokerError| Stop::Fatal(e.into()))?;
+    let lost =
+        |what: &'static str| move |e: lapin::Error| Stop::Lost(anyhow::Error::new(e).context(what));
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(lost("opening a channel"))?;
+    topo.declare(&ch).await.map_err(|e| Stop::Fatal(e.into()))?;
+    // global = false: per-consumer prefetch. Global QoS is not implemented for quorum queues and
+    // would close the connection.
+    ch.basic_qos(s.queue_size, BasicQosOptions { global: false })
+        .await
+        .map_err(lost("setting the prefetch"))?;
+    let publisher = conn
+        .create_channel()
+        .await
+        .map_err(lost("opening a channel"))?;
+    publisher
+        .confirm_select(Default::default())
+        .await
+        .map_err(lost("enabling publisher confirms"))?;
+    drop(conn);
+    let tag = format!("gemmq-consumer:{}", s.worker_id);
+    let mut consumer = ch
+        .basic_consume(
+            topo.tasks_queue().as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lost("starting to consume"))?;
+    Stats::bump(&stats.connections);
+    info!(queue = %topo.tasks_queue(), prefetch = s.queue_size, "consuming tasks");
+
+    let ctx = Arc::new(Ctx {
+        settings: s.clone(),
+        topo: topo.clone(),
+        tasks_queue: topo.tasks_queue(),
+        publisher,
+        stats: stats.clone(),
+        compute: Semaphore::new(s.concurrency),
+        shutdown: shutdown.clone(),
+    });
+    let mut handlers = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                let in_flight = handlers.len();
+                let drain = async { while handlers.join_next().await.is_some() {} };
+                if tokio::time::timeout(s.shutdown_timeout, drain).await.is_err() {
+                    warn!(timeout = ?s.shutdown_timeout, "tasks still running at the shutdown timeout; returning them to the queue");
+                    handlers.abort_all();
+                }
+                let _ = ch.close(200, "worker shutting down".into()).await;
+                let _ = ctx.publisher.close(200, "worker shutting down".into()).await;
+                info!(in_flight, "stopped consuming; unfinished tasks were returned to the queue");
+                return Ok(());
+            }
+            delivery = consumer.next() => match delivery {
+                Some(Ok(d)) => {
+                    handlers.spawn(handle(ctx.clone(), d).in_current_span());
+                }
+                Some(Err(e)) => return Err(lost("consuming")(e)),
+                None => return Err(Stop::Lost(anyhow::anyhow!("the broker cancelled the consumer"))),
+            },
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+        }
+    }
+}
+
+/// Why a task did not produce a result.
+enum Failure {
+    /// Worth another attempt.
+    Transient(String),
+    /// Will fail the same way every time: park at once.
+    Permanent(String),
+}
+
+async fn handle(ctx: Arc<Ctx>, mut delivery: Delivery) {
+    Stats::bump(&ctx.stats.received);
+    let attempt = 1 + topology::prior_attempts(&delivery.properties, &ctx.tasks_queue);
+    let limit = ctx.settings.broker.max_message_bytes;
+    let decoded = message::decode(&delivery.data, limit).and_then(|f| f.into_task());
+    let (task, offset) = match decoded {
+        Ok((task, payload)) => match topology::check_name("job", &task.job) {
+            Ok(()) => {
+                let offset = delivery.data.len() - payload.len();
+                (task, offset)
+            }
+            Err(e) => {
+                return park(
+                    &ctx,
+                    &delivery,
+                    None,
+                    attempt,
+                    format!("malformed task: {e}"),
+                )
+                .await;
+            }
+        },
+        Err(e) => {
+            return park(
+                &ctx,
+                &delivery,
+                None,
+                attempt,
+                format!("malformed task: {e}"),
+            )
+            .await;
+        }
+    };
+    let tile = task.tile;
+    info!(job = %task.job, %tile, attempt, "task received");
+
+    let permit = tokio::select! {
+        p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
+        _ = ctx.shutdown.cancelled() => {
+            // Not started: give it back now rather than make it wait for the channel to close.
+            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            return;
+        }
+    };
+    let started = Instant::now();
+    let data = std::mem::take(&mut delivery.data);
+    let (outcome, data) = work(&ctx, &task, data, offset).await;
+    drop(permit);
+    delivery.data = data;
+
+    match outcome {
+        Ok(tile_bytes) => {
+            let micros = started.elapsed().as_micros() as u64;
+            send_result(&ctx, &delivery, &task, attempt, tile_bytes, micros).await
+        }
+        Err(Failure::Permanent(reason)) => {
+            park(&ctx, &delivery, Some(&task), attempt, reason).await
+        }
+        Err(Failure::Transient(reason)) => {
+            Stats::bump(&ctx.stats.failed);
+            if attempt >= ctx.settings.max_attempts {
+                let reason = format!(
+                    "{reason} (attempt {attempt} of {})",
+                    ctx.settings.max_attempts
+                );
+                return park(&ctx, &delivery, Some(&task), attempt, reason).await;
+            }
+            warn!(
+                job = %task.job, %tile, attempt, max_attempts = ctx.settings.max_attempts,
+                retry_in = ?ctx.topo.retry_delay(), %reason,
+                "task failed; retrying through the retry queue"
+            );
+            // requeue = false dead-letters it to the retry queue; the broker records the attempt.
+            match delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    multiple: false,
+                })
+                .await
+            {
+                Ok(_) => Stats::bump(&ctx.stats.retried),
+                Err(e) => {
+                    warn!(%tile, error = %e, "nack failed; the broker will redeliver the task")
+                }
+            }
+        }
+    }
+}
+
+/// Simulated delay and failure, then the multiplication on the blocking pool. Returns the body
+/// so the caller can still park it.
+async fn work(
+    ctx: &Ctx,
+    task: &TaskHeader,
+    data: Vec<u8>,
+    offset: usize,
+) -> (Result<Vec<u8>, Failure>, Vec<u8>) {
+    let (delay, fail) = {
+        let mut rng = rand::rng();
+        let d = &ctx.settings.delay;
+        let delay = if d.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(rng.random_range(d.min.as_secs_f64()..=d.max.as_secs_f64()))
+        };
+        (delay, rng.random_bool(ctx.settings.failure_rate))
+    };
+    tokio::time::sleep(delay).await;
+    if fail {
+        return (
+            Err(Failure::Transient(
+                "simulated failure (--failure-rate)".into(),
+            )),
+            data,
+        );
+    }
+    let task = task.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = matrix::compute_tile(&task, &data[offset..]);
+        (r, data)
+    })
+    .await;
+    match joined {
+        Ok((Ok(bytes), data)) => (Ok(bytes), data),
+        Ok((Err(e), data)) => (
+            Err(Failure::Permanent(format!("malformed task: {e}"))),
+            data,
+        ),
+        // The multiplication panicked: a bug, not bad luck; keep the body empty and retry.
+        Err(e) => (
+            Err(Failure::Transient(format!("computation failed: {e}"))),
+            Vec::new(),
+        ),
+    }
+}
+
+async fn send_result(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    task: &TaskHeader,
+    attempt: u32,
+    bytes: Vec<u8>,
+    micros: u64,
+) {
+    let tile = task.tile;
+    let header = Header::Result(ResultHeader {
+        job: task.job.clone(),
+        tile,
+        dtype: task.dtype,
+        rows: task.rows,
+        cols: task.cols,
+        worker: ctx.settings.worker_id.clone(),
+        attempt,
+        compute_micros: micros,
+    });
+    let body = message::encode(&header, &[&bytes]);
+    let id = format!("{}/{}/{}/{}", task.job, tile.row, tile.col, tile.part);
+    let published = publish_confirmed(
+        &ctx.publisher,
+        &ctx.topo.results_exchange(),
+        &task.job,
+        &body,
+        persistent(kind::RESULT, id),
+        format!("the result of {tile}"),
+    )
+    .await;
+    match published {
+        Ok(()) => {
+            ack(delivery, Some(tile)).await;
+            Stats::bump(&ctx.stats.done);
+            info!(job = %task.job, %tile, attempt, ms = micros / 1000, "task done");
+        }
+        Err(e) if e.is_unroutable() => {
+            // No results queue: the job was finished and retired, or never announced.
+            warn!(job = %task.job, %tile, "job has no results queue (finished or deleted); dropping its task");
+            ack(delivery, Some(tile)).await;
+        }
+        Err(e) => {
+            // Not acked: the task comes back (now, or when the channel closes) and is redone.
+            warn!(job = %task.job, %tile, error = %e, "result not confirmed; returning the task to the queue");
+            let _ = delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await;
+        }
+    }
+}
+
+/// Copies the task to the parking lot with its reason, tells the collector, then acks.
+async fn park(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    task: Option<&TaskHeader>,
+    attempts: u32,
+    reason: String,
+) {
+    let worker = &ctx.settings.worker_id;
+    let mut headers = vec![
+        ("x-gemmq-reason", reason.clone()),
+        ("x-gemmq-worker", worker.clone()),
+    ];
+    if let Some(t) = task {
+        headers.push(("x-gemmq-job", t.job.clone()));
+        headers.push(("x-gemmq-tile", t.tile.to_string()));
+    }
+    let props = broker::with_headers(delivery.properties.clone(), &headers);
+    let props = broker::with_int_header(props, "x-gemmq-attempts", attempts as i64);
+    let parked = publish_confirmed(
+        &ctx.publisher,
+        "",
+        &ctx.topo.parked_queue(),
+        &delivery.data,
+        props,
+        "a parked task",
+    )
+    .await;
+    if let Err(e) = parked {
+        warn!(error = %e, %reason, "could not park the task; returning it to the queue");
+        let _ = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await;
+        return;
+    }
+    if let Some(t) = task {
+        let notice = Header::Parked(ParkedNotice {
+            job: t.job.clone(),
+            tile: t.tile,
+            reason: reason.clone(),
+            attempts,
+            worker: worker.clone(),
+        });
+        let body = message::encode(&notice, &[]);
+        let id = format!(
+            "{}/{}/{}/{}/parked",
+            t.job, t.tile.row, t.tile.col, t.tile.part
+        );
+        if let Err(e) = publish_confirmed(
+            &ctx.publisher,
+            &ctx.topo.results_exchange(),
+            &t.job,
+            &body,
+            persistent(kind::PARKED, id),
+            "a parked notice",
+        )
+        .await
+        {
+            warn!(job = %t.job, tile = %t.tile, error = %e, "could not tell the collector about the parked task");
+        }
+    }
+    ack(delivery, task.map(|t| t.tile)).await;
+    Stats::bump(&ctx.stats.parked);
+    match task {
+        Some(t) => {
+            error!(job = %t.job, tile = %t.tile, attempts, %reason, queue = %ctx.topo.parked_queue(), "task parked")
+        }
+        None => {
+            error!(attempts, %reason, queue = %ctx.topo.parked_queue(), "unreadable task parked")
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery, tile: Option<gemmq::TileId>) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel died after the result was confirmed: the task will be redone and its
+        // result arrive twice, which the collector handles.
+        warn!(?tile, error = %e, "ack failed; the task will be redelivered");
+    }
+}

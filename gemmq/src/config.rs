@@ -45,6 +45,18 @@ impl ConfigError {
     }
 }
 
+/// The exit code for an error: 2 when a setting was wrong (as clap does for flags), else 1.
+pub fn exit_code(err: &(dyn std::error::Error + 'static)) -> u8 {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<ConfigError>() {
+            return 2;
+        }
+        cur = e.source();
+    }
+    1
+}
+
 /// Merges two layers of the same options struct: `self` wins wherever it has a value.
 pub trait Layered {
     fn or(self, lower: Self) -> Self;

@@ -1,1 +1,307 @@
+//! The producer (the seeds' master): makes or loads A and B, cuts C = A·B into tile tasks,
+//! announces the job and publishes the tasks with publisher confirms.
+//!
+//! Nothing is published until the inputs are known to be consistent: shapes that cannot be
+//! multiplied, NaN/Inf, a tile that cannot fit a message or a job id already used for another
+//! job are refused first. Running it again with the same `--job-id` republishes the tasks of the
+//! same job; the collector keeps the first result of each tile, so C is unchanged.
 
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use gemmq::broker::{Broker, ConfirmWindow, persistent};
+use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
+use gemmq::job::{self, Announced};
+use gemmq::matrix::{self, Element, Matrix};
+use gemmq::message::{self, Header, Inputs, Manifest, TaskHeader, kind};
+use gemmq::topology::{self, TASK_KEY};
+use gemmq::{DType, Plan};
+use ndarray::Array2;
+use serde::Deserialize;
+use tracing::info;
+
+/// What to multiply and how to cut it. Every flag also reads the environment variable shown and
+/// the `[producer]` section of the config file.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProducerOptions {
+    /// Rows of A and of C [default: 1024]
+    #[arg(long, env = "GEMMQ_M")]
+    pub m: Option<u64>,
+    /// Columns of A = rows of B [default: 1024]
+    #[arg(long, env = "GEMMQ_K")]
+    pub k: Option<u64>,
+    /// Columns of B and of C [default: 1024]
+    #[arg(long, env = "GEMMQ_N")]
+    pub n: Option<u64>,
+    /// Side of a square tile of C; edge tiles are smaller [default: 256]
+    #[arg(long, env = "GEMMQ_TILE")]
+    pub tile: Option<u64>,
+    /// Seed from which A and B are generated (uniform in [-1, 1)) [default: 42]
+    #[arg(long, env = "GEMMQ_SEED")]
+    pub seed: Option<u64>,
+    /// Element type: f64 or f32 [default: f64]
+    #[arg(long, env = "GEMMQ_DTYPE")]
+    pub dtype: Option<DType>,
+    /// Job id (A-Z a-z 0-9 - _); running again with the same id resumes that job
+    /// [default: job-<time>]
+    #[arg(long, env = "GEMMQ_JOB_ID")]
+    pub job_id: Option<String>,
+    /// Load A from this .npy file instead of generating it (needs --b)
+    #[arg(long, env = "GEMMQ_A", requires = "b", value_name = "A.npy")]
+    pub a: Option<PathBuf>,
+    /// Load B from this .npy file instead of generating it (needs --a)
+    #[arg(long, env = "GEMMQ_B", requires = "a", value_name = "B.npy")]
+    pub b: Option<PathBuf>,
+    /// Also write the inputs as DIR/A.npy and DIR/B.npy
+    #[arg(long, env = "GEMMQ_SAVE_INPUTS", value_name = "DIR")]
+    pub save_inputs: Option<PathBuf>,
+    /// Publisher confirms outstanding at once [default: 64]
+    #[arg(long, env = "GEMMQ_CONFIRM_WINDOW")]
+    pub confirm_window: Option<usize>,
+}
+
+gemmq::layered!(ProducerOptions {
+    m,
+    k,
+    n,
+    tile,
+    seed,
+    dtype,
+    job_id,
+    a,
+    b,
+    save_inputs,
+    confirm_window
+});
+
+/// Where A and B come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Seed {
+        m: u64,
+        k: u64,
+        n: u64,
+        dtype: DType,
+        seed: u64,
+    },
+    Files {
+        a: PathBuf,
+        b: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub broker: BrokerSettings,
+    pub source: Source,
+    pub tile: u64,
+    pub job_id: String,
+    pub save_inputs: Option<PathBuf>,
+    pub confirm_window: usize,
+}
+
+impl Settings {
+    /// Resolves flags/env over the config file's `[producer]` section over defaults.
+    pub fn resolve(
+        flags: ProducerOptions,
+        file: &ConfigFile,
+        broker: BrokerSettings,
+    ) -> Result<Self, ConfigError> {
+        let o = flags.or(file.section("producer")?);
+        let source = match (o.a, o.b) {
+            (Some(a), Some(b)) => Source::Files { a, b },
+            (None, None) => Source::Seed {
+                m: o.m.unwrap_or(1024),
+                k: o.k.unwrap_or(1024),
+                n: o.n.unwrap_or(1024),
+                dtype: o.dtype.unwrap_or_default(),
+                seed: o.seed.unwrap_or(42),
+            },
+            _ => {
+                return Err(ConfigError::invalid(
+                    "a/b",
+                    "give both A and B files, or neither",
+                ));
+            }
+        };
+        let job_id = o.job_id.unwrap_or_else(new_job_id);
+        topology::check_name("job-id", &job_id)?;
+        let confirm_window = o.confirm_window.unwrap_or(64);
+        if confirm_window == 0 {
+            return Err(ConfigError::invalid("confirm-window", "must be at least 1"));
+        }
+        Ok(Settings {
+            broker,
+            source,
+            tile: o.tile.unwrap_or(256),
+            job_id,
+            save_inputs: o.save_inputs,
+            confirm_window,
+        })
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn new_job_id() -> String {
+    format!("job-{}-{:04x}", unix_ms() / 1000, rand::random::<u16>())
+}
+
+/// What the producer did.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub manifest: Manifest,
+    pub tasks: u64,
+    pub bytes: u64,
+    pub announced: Announced,
+}
+
+/// Loads or generates the inputs, announces the job and publishes every task.
+pub async fn run(s: &Settings) -> Result<Receipt> {
+    let (a, b, inputs) = match s.source.clone() {
+        Source::Seed {
+            m,
+            k,
+            n,
+            dtype,
+            seed,
+        } => {
+            let (a, b) = tokio::task::spawn_blocking(move || {
+                matrix::generate(m as usize, k as usize, n as usize, dtype, seed)
+            })
+            .await
+            .context("generating A and B")?;
+            (a, b, Inputs::Seed(seed))
+        }
+        Source::Files { a, b } => {
+            let ma = Matrix::read_npy(&a).context("loading A")?;
+            let mb = Matrix::read_npy(&b).context("loading B")?;
+            let inputs = Inputs::Files {
+                a: a.display().to_string(),
+                b: b.display().to_string(),
+            };
+            (ma, mb, inputs)
+        }
+    };
+    matrix::check_operands(&a, &b).context("the inputs cannot be multiplied")?;
+    let ((m, k), (_, n)) = (a.shape(), b.shape());
+    let plan = Plan::new(
+        m as u64,
+        k as u64,
+        n as u64,
+        a.dtype(),
+        s.tile,
+        s.broker.max_message_bytes,
+    )
+    .map_err(|e| ConfigError::invalid("tile", e.to_string()))?;
+
+    if let Some(dir) = &s.save_inputs {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        a.write_npy(&dir.join("A.npy"))?;
+        b.write_npy(&dir.join("B.npy"))?;
+        info!(dir = %dir.display(), "inputs saved as A.npy and B.npy");
+    }
+
+    let manifest = Manifest {
+        version: message::VERSION,
+        job: s.job_id.clone(),
+        plan,
+        inputs,
+        created_ms: unix_ms(),
+    };
+    let broker = Broker::new(&s.broker, &format!("gemmq-producer {}", s.job_id))?;
+    let ch = broker
+        .confirm_channel()
+        .await
+        .context("connecting to RabbitMQ")?;
+    let topo = s.broker.topology();
+    topo.declare(&ch).await?;
+    let announced = job::announce(&ch, &topo, &manifest).await?;
+    let p = &manifest.plan;
+    match announced {
+        Announced::New => info!(
+            job = %manifest.job, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,
+            tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(),
+            "job announced"
+        ),
+        Announced::AlreadyThere => info!(
+            job = %manifest.job,
+            "job already announced with the same plan; publishing its tasks again (the collector keeps one result per tile)"
+        ),
+    }
+
+    let started = Instant::now();
+    let mut window = ConfirmWindow::new(ch.clone(), s.confirm_window);
+    let bytes = match (&a, &b) {
+        (Matrix::F32(a), Matrix::F32(b)) => {
+            publish_tasks(&mut window, &topo, &manifest, a, b).await?
+        }
+        (Matrix::F64(a), Matrix::F64(b)) => {
+            publish_tasks(&mut window, &topo, &manifest, a, b).await?
+        }
+        _ => bail!("A and B have different dtypes"),
+    };
+    window
+        .flush()
+        .await
+        .context("waiting for the last confirms")?;
+    let secs = started.elapsed().as_secs_f64();
+    info!(
+        job = %manifest.job,
+        tasks = p.tasks(),
+        mib = bytes as f64 / (1 << 20) as f64,
+        seconds = secs,
+        mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+        "all tasks published and confirmed"
+    );
+    let _ = ch.close(200, "done".into()).await;
+    Ok(Receipt {
+        tasks: p.tasks(),
+        bytes,
+        announced,
+        manifest,
+    })
+}
+
+async fn publish_tasks<T: Element>(
+    window: &mut ConfirmWindow,
+    topo: &topology::Topology,
+    manifest: &Manifest,
+    a: &Array2<T>,
+    b: &Array2<T>,
+) -> Result<u64> {
+    let plan = &manifest.plan;
+    let exchange = topo.tasks_exchange();
+    let mut bytes = 0;
+    for tile in plan.task_ids() {
+        let header = Header::Task(TaskHeader {
+            job: manifest.job.clone(),
+            tile,
+            dtype: plan.dtype,
+            rows: plan.rows(tile.row).len() as u32,
+            cols: plan.cols(tile.col).len() as u32,
+            depth: plan.depth(tile.part).len() as u32,
+        });
+        let body = message::encode(&header, &[&matrix::task_payload(a, b, plan, tile)]);
+        bytes += body.len() as u64;
+        let id = format!("{}/{}/{}/{}", manifest.job, tile.row, tile.col, tile.part);
+        window
+            .publish(
+                &exchange,
+                TASK_KEY,
+                &body,
+                persistent(kind::TASK, id),
+                format!("task {tile}"),
+            )
+            .await
+            .with_context(|| format!("publishing task {tile} of job {}", manifest.job))?;
+        info!(job = %manifest.job, %tile, bytes = body.len(), "task published");
+    }
+    Ok(bytes)
+}

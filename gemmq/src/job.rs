@@ -1,0 +1,105 @@
+//! A job's life on the broker: announced by its manifest, found by collectors, retired when done.
+//!
+//! The manifest sits in the job's own manifest queue, where any collector can read it without
+//! consuming it (get, then reject with requeue), and a copy is put on the shared jobs queue for a
+//! collector started without `--job-id` to take the next job. Announcing is idempotent: a
+//! producer run again with the same job id finds the manifest already there and, if it is the
+//! same job, does not announce it twice; if it is a different job under the same id, it refuses.
+
+use std::time::Duration;
+
+use lapin::Channel;
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
+
+use crate::broker::{PublishError, persistent, publish_confirmed};
+use crate::message::{Manifest, MessageError, kind};
+use crate::topology::{Topology, TopologyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(
+        "job {0} already exists with a different plan or inputs; choose another --job-id, or delete the job's queues to start it over"
+    )]
+    Conflict(String),
+    #[error("job {job}'s manifest is unreadable: {source}")]
+    BadManifest { job: String, source: MessageError },
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+/// Whether [`announce`] published the manifest or found it already there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announced {
+    New,
+    AlreadyThere,
+}
+
+/// Declares the job's queues and publishes its manifest, unless the same one is already there.
+pub async fn announce(
+    ch: &Channel,
+    topo: &Topology,
+    manifest: &Manifest,
+) -> Result<Announced, JobError> {
+    topo.declare_job(ch, &manifest.job).await?;
+    if let Some(existing) = peek_manifest(ch, topo, &manifest.job).await? {
+        return if existing.plan == manifest.plan && existing.inputs == manifest.inputs {
+            Ok(Announced::AlreadyThere)
+        } else {
+            Err(JobError::Conflict(manifest.job.clone()))
+        };
+    }
+    let body = manifest.to_json();
+    let props = persistent(kind::MANIFEST, manifest.job.clone())
+        .with_content_type("application/json".into());
+    publish_confirmed(
+        ch,
+        "",
+        &topo.manifest_queue(&manifest.job),
+        &body,
+        props.clone(),
+        "the job manifest",
+    )
+    .await?;
+    publish_confirmed(
+        ch,
+        "",
+        &topo.jobs_queue(),
+        &body,
+        props,
+        "the job announcement",
+    )
+    .await?;
+    Ok(Announced::New)
+}
+
+/// Reads a job's manifest without consuming it; `None` if the job has no manifest (yet).
+pub async fn peek_manifest(
+    ch: &Channel,
+    topo: &Topology,
+    job: &str,
+) -> Result<Option<Manifest>, JobError> {
+    let queue = topo.manifest_queue(job);
+    // Another collector may hold the message for the instant of its own peek: look twice.
+    for _ in 0..3 {
+        if let Some(msg) = ch
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await?
+        {
+            let parsed = Manifest::from_json(&msg.delivery.data);
+            msg.delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: true })
+                .await?;
+            return parsed.map(Some).map_err(|source| JobError::BadManifest {
+                job: job.into(),
+                source,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(None)
+}
