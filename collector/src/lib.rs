@@ -249,12 +249,11 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
             }
             _ = tick.tick() => {
                 let idle = last_result.elapsed();
-                if let Some(limit) = s.idle_timeout {
-                    if idle >= limit {
+                if let Some(limit) = s.idle_timeout
+                    && idle >= limit {
                         warn!(idle = ?idle, "no results within the idle timeout; reporting what is missing");
                         break;
                     }
-                }
                 if idle >= Duration::from_secs(30) {
                     warn!(idle_s = idle.as_secs(), done = asm.tasks_done(), total = plan.tasks(),
                         "waiting for results: are consumers running, and is another collector active for this job?");

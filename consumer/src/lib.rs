@@ -156,6 +156,10 @@ pub struct Stats {
     pub retried: AtomicU64,
     pub parked: AtomicU64,
     pub connections: AtomicU64,
+    /// Deliveries held right now (received, not yet acked or nacked), and the most ever held:
+    /// the prefetch bound as this worker saw it.
+    pub held: AtomicU64,
+    pub max_held: AtomicU64,
 }
 
 impl Stats {
@@ -307,8 +311,16 @@ enum Failure {
     Permanent(String),
 }
 
-async fn handle(ctx: Arc<Ctx>, mut delivery: Delivery) {
+async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
     Stats::bump(&ctx.stats.received);
+    let held = ctx.stats.held.fetch_add(1, Ordering::Relaxed) + 1;
+    ctx.stats.max_held.fetch_max(held, Ordering::Relaxed);
+    settle(&ctx, delivery).await;
+    ctx.stats.held.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Takes one delivery to its end: result published and acked, retried, or parked.
+async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     let attempt = 1 + topology::prior_attempts(&delivery.properties, &ctx.tasks_queue);
     let limit = ctx.settings.broker.max_message_bytes;
     let decoded = message::decode(&delivery.data, limit).and_then(|f| f.into_task());
@@ -320,7 +332,7 @@ async fn handle(ctx: Arc<Ctx>, mut delivery: Delivery) {
             }
             Err(e) => {
                 return park(
-                    &ctx,
+                    ctx,
                     &delivery,
                     None,
                     attempt,
@@ -331,7 +343,7 @@ async fn handle(ctx: Arc<Ctx>, mut delivery: Delivery) {
         },
         Err(e) => {
             return park(
-                &ctx,
+                ctx,
                 &delivery,
                 None,
                 attempt,
@@ -353,18 +365,16 @@ async fn handle(ctx: Arc<Ctx>, mut delivery: Delivery) {
     };
     let started = Instant::now();
     let data = std::mem::take(&mut delivery.data);
-    let (outcome, data) = work(&ctx, &task, data, offset).await;
+    let (outcome, data) = work(ctx, &task, data, offset).await;
     drop(permit);
     delivery.data = data;
 
     match outcome {
         Ok(tile_bytes) => {
             let micros = started.elapsed().as_micros() as u64;
-            send_result(&ctx, &delivery, &task, attempt, tile_bytes, micros).await
+            send_result(ctx, &delivery, &task, attempt, tile_bytes, micros).await
         }
-        Err(Failure::Permanent(reason)) => {
-            park(&ctx, &delivery, Some(&task), attempt, reason).await
-        }
+        Err(Failure::Permanent(reason)) => park(ctx, &delivery, Some(&task), attempt, reason).await,
         Err(Failure::Transient(reason)) => {
             Stats::bump(&ctx.stats.failed);
             if attempt >= ctx.settings.max_attempts {
@@ -372,7 +382,7 @@ async fn handle(ctx: Arc<Ctx>, mut delivery: Delivery) {
                     "{reason} (attempt {attempt} of {})",
                     ctx.settings.max_attempts
                 );
-                return park(&ctx, &delivery, Some(&task), attempt, reason).await;
+                return park(ctx, &delivery, Some(&task), attempt, reason).await;
             }
             warn!(
                 job = %task.job, %tile, attempt, max_attempts = ctx.settings.max_attempts,

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 /// Installs the subscriber once; later calls (tests running several programs) are no-ops.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,amq_protocol=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off,amq_protocol=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -272,14 +272,14 @@ fn plain_quorum() -> FieldTable {
 }
 
 fn map_err(what: &'static str, name: &str, e: lapin::Error) -> TopologyError {
-    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
-        if amqp.get_id() == 406 {
-            return TopologyError::Mismatch {
-                what,
-                name: name.to_string(),
-                detail: amqp.get_message().to_string(),
-            };
-        }
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+        && amqp.get_id() == 406
+    {
+        return TopologyError::Mismatch {
+            what,
+            name: name.to_string(),
+            detail: amqp.get_message().to_string(),
+        };
     }
     TopologyError::Broker {
         what,

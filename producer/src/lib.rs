@@ -164,7 +164,11 @@ pub struct Receipt {
 
 /// Loads or generates the inputs, announces the job and publishes every task.
 pub async fn run(s: &Settings) -> Result<Receipt> {
-    let (a, b, inputs) = match s.source.clone() {
+    let plan_for = |m: u64, k: u64, n: u64, dtype: DType| {
+        Plan::new(m, k, n, dtype, s.tile, s.broker.max_message_bytes)
+            .map_err(|e| ConfigError::invalid("tile", e.to_string()))
+    };
+    let (a, b, inputs, plan) = match s.source.clone() {
         Source::Seed {
             m,
             k,
@@ -172,34 +176,30 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             dtype,
             seed,
         } => {
+            // Plan first: a bad tile is reported before gigabytes are generated.
+            let plan = plan_for(m, k, n, dtype)?;
             let (a, b) = tokio::task::spawn_blocking(move || {
                 matrix::generate(m as usize, k as usize, n as usize, dtype, seed)
             })
             .await
             .context("generating A and B")?;
-            (a, b, Inputs::Seed(seed))
+            (a, b, Inputs::Seed(seed), plan)
         }
         Source::Files { a, b } => {
-            let ma = Matrix::read_npy(&a).context("loading A")?;
-            let mb = Matrix::read_npy(&b).context("loading B")?;
+            let ma = Matrix::read_npy(&a).map_err(|e| ConfigError::invalid("a", e.to_string()))?;
+            let mb = Matrix::read_npy(&b).map_err(|e| ConfigError::invalid("b", e.to_string()))?;
+            matrix::check_operands(&ma, &mb).map_err(|e| {
+                ConfigError::invalid("inputs", format!("A·B cannot be computed: {e}"))
+            })?;
+            let ((m, k), (_, n)) = (ma.shape(), mb.shape());
+            let plan = plan_for(m as u64, k as u64, n as u64, ma.dtype())?;
             let inputs = Inputs::Files {
                 a: a.display().to_string(),
                 b: b.display().to_string(),
             };
-            (ma, mb, inputs)
+            (ma, mb, inputs, plan)
         }
     };
-    matrix::check_operands(&a, &b).context("the inputs cannot be multiplied")?;
-    let ((m, k), (_, n)) = (a.shape(), b.shape());
-    let plan = Plan::new(
-        m as u64,
-        k as u64,
-        n as u64,
-        a.dtype(),
-        s.tile,
-        s.broker.max_message_bytes,
-    )
-    .map_err(|e| ConfigError::invalid("tile", e.to_string()))?;
 
     if let Some(dir) = &s.save_inputs {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

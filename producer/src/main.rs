@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use gemmq::config::CommonArgs;
 use gemmq_producer::{ProducerOptions, Settings};
@@ -30,9 +29,7 @@ async fn main() -> ExitCode {
     let result = async {
         let (file, broker) = cli.common.load()?;
         let settings = Settings::resolve(cli.options, &file, broker)?;
-        gemmq_producer::run(&settings)
-            .await
-            .context("the job was not published completely")
+        gemmq_producer::run(&settings).await
     }
     .await;
     match result {

@@ -1,0 +1,187 @@
+//! Test harness: the three programs in-process against the real RabbitMQ on 127.0.0.1.
+//!
+//! Every test gets its own namespace (so its own task, retry and parking-lot queues) and job id,
+//! which lets tests run in parallel on one broker; `Env::cleanup` deletes what it declared.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gemmq::broker::Broker;
+use gemmq::config::{BrokerOptions, BrokerSettings, ConfigFile};
+use gemmq::shutdown::CancellationToken;
+use gemmq::{DType, Topology};
+use tokio::task::JoinHandle;
+
+pub const MGMT: &str = "http://127.0.0.1:15672/api";
+
+pub struct Env {
+    pub ns: String,
+    pub broker: BrokerSettings,
+    pub dir: tempfile::TempDir,
+    pub stop: CancellationToken,
+    consumers: Vec<JoinHandle<anyhow::Result<Arc<gemmq_consumer::Stats>>>>,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Self {
+        Self::with_broker(name, BrokerOptions::default())
+    }
+
+    pub fn with_broker(name: &str, mut opts: BrokerOptions) -> Self {
+        let ns = format!("t-{name}-{:08x}", rand::random::<u32>());
+        opts.namespace = Some(ns.clone());
+        opts.retry_delay = opts.retry_delay.or(Some(Duration::from_millis(200)));
+        opts.connect_timeout = Some(Duration::from_secs(20));
+        opts.amqp_url = std::env::var("AMQP_URL").ok();
+        Env {
+            ns,
+            broker: opts.resolve().expect("test broker settings are valid"),
+            dir: tempfile::tempdir().expect("a temp dir"),
+            stop: CancellationToken::new(),
+            consumers: Vec::new(),
+        }
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.broker.topology()
+    }
+
+    pub fn producer(
+        &self,
+        job: &str,
+        (m, k, n): (u64, u64, u64),
+        tile: u64,
+    ) -> gemmq_producer::Settings {
+        gemmq_producer::Settings {
+            broker: self.broker.clone(),
+            source: gemmq_producer::Source::Seed {
+                m,
+                k,
+                n,
+                dtype: DType::F64,
+                seed: 7,
+            },
+            tile,
+            job_id: job.into(),
+            save_inputs: None,
+            confirm_window: 16,
+        }
+    }
+
+    pub fn consumer(&self, id: &str) -> gemmq_consumer::Settings {
+        let opts = gemmq_consumer::ConsumerOptions {
+            worker_id: Some(id.into()),
+            shutdown_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        };
+        gemmq_consumer::Settings::resolve(opts, &ConfigFile::default(), self.broker.clone())
+            .expect("test consumer settings are valid")
+    }
+
+    pub fn collector(&self, job: &str) -> gemmq_collector::Settings {
+        let opts = gemmq_collector::CollectorOptions {
+            job_id: Some(job.into()),
+            out: Some(self.dir.path().join(job)),
+            idle_timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        };
+        gemmq_collector::Settings::resolve(opts, &ConfigFile::default(), self.broker.clone())
+            .expect("test collector settings are valid")
+    }
+
+    /// Starts a consumer in this process; it runs until `stop_consumers`.
+    pub fn spawn_consumer(&mut self, s: gemmq_consumer::Settings) {
+        let stop = self.stop.clone();
+        self.consumers.push(tokio::spawn(
+            async move { gemmq_consumer::run(&s, stop).await },
+        ));
+    }
+
+    /// Stops every consumer gracefully and returns their counters.
+    pub async fn stop_consumers(&mut self) -> Vec<Arc<gemmq_consumer::Stats>> {
+        self.stop.cancel();
+        let mut out = Vec::new();
+        for h in self.consumers.drain(..) {
+            out.push(
+                h.await
+                    .expect("consumer task")
+                    .expect("consumer ran cleanly"),
+            );
+        }
+        out
+    }
+
+    pub async fn channel(&self) -> lapin::Channel {
+        Broker::new(&self.broker, "gemmq-test")
+            .unwrap()
+            .channel()
+            .await
+            .expect("the test broker is reachable")
+    }
+
+    /// Deletes every queue and exchange of this test's namespace.
+    pub async fn cleanup(&mut self, jobs: &[&str]) {
+        self.stop.cancel();
+        let ch = self.channel().await;
+        let topo = self.topology();
+        for job in jobs {
+            let _ = topo.delete_job(&ch, job).await;
+        }
+        let _ = topo.delete_shared(&ch).await;
+    }
+}
+
+/// Runs a whole job: collector and producer together, consumers already running.
+pub async fn run_job(
+    env: &Env,
+    job: &str,
+    shape: (u64, u64, u64),
+    tile: u64,
+) -> (gemmq_producer::Receipt, gemmq_collector::Summary) {
+    run_job_with(env, env.producer(job, shape, tile), env.collector(job)).await
+}
+
+pub async fn run_job_with(
+    env: &Env,
+    p: gemmq_producer::Settings,
+    c: gemmq_collector::Settings,
+) -> (gemmq_producer::Receipt, gemmq_collector::Summary) {
+    let stop = env.stop.clone();
+    let collector = tokio::spawn(async move { gemmq_collector::run(&c, stop).await });
+    let receipt = gemmq_producer::run(&p)
+        .await
+        .expect("the producer publishes the job");
+    let summary = tokio::time::timeout(Duration::from_secs(120), collector)
+        .await
+        .expect("the collector finishes within 2 minutes")
+        .expect("collector task")
+        .expect("the collector runs cleanly");
+    (receipt, summary)
+}
+
+/// GET from the management API as guest.
+pub fn mgmt(path: &str) -> serde_json::Value {
+    let resp = ureq::get(&format!("{MGMT}{path}"))
+        .header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+        .call()
+        .unwrap_or_else(|e| panic!("management API {path}: {e}; enable it with `rabbitmq-plugins enable rabbitmq_management`"));
+    resp.into_body()
+        .read_json()
+        .expect("management API returns JSON")
+}
+
+/// The largest |C − A·B| over the product computed here.
+pub fn max_error_against_local_product(env: &Env, job: &str, (m, k, n): (u64, u64, u64)) -> f64 {
+    let (a, b) = gemmq::matrix::generate(m as usize, k as usize, n as usize, DType::F64, 7);
+    let want = a.dot(&b).unwrap();
+    let got = gemmq::matrix::Matrix::read_npy(&env.dir.path().join(job).join("C.npy"))
+        .expect("C.npy is readable");
+    let (gemmq::matrix::Matrix::F64(want), gemmq::matrix::Matrix::F64(got)) = (want, got) else {
+        panic!("C should be f64")
+    };
+    assert_eq!(got.dim(), (m as usize, n as usize));
+    (&got - &want)
+        .iter()
+        .fold(0.0f64, |acc, d| acc.max(d.abs()))
+}

@@ -1,0 +1,299 @@
+//! The pipeline, end to end, against the real RabbitMQ: producer → consumers → collector.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{Env, mgmt, run_job, run_job_with};
+use gemmq::config::{BrokerOptions, DurationRange};
+use gemmq::message::{self, Header, ResultHeader};
+use gemmq::topology;
+use gemmq_collector::Status;
+use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions};
+
+/// |C − A·B| for uniform [-1, 1) inputs: each entry is a k-term dot product, so rounding is at
+/// most about k·ε·Σ|aᵢ||bᵢ| ≤ k²·ε ≈ 9e-12 for k = 200 in f64. 1e-10 leaves room for the
+/// different summation order of the local product, and is still 10⁹ times smaller than any
+/// wrong or missing term.
+const TOLERANCE: f64 = 1e-10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ragged_shapes_through_three_consumers_give_exactly_a_times_b() {
+    let mut env = Env::new("ragged");
+    for id in ["w1", "w2", "w3"] {
+        env.spawn_consumer(env.consumer(id));
+    }
+    let shape = (300, 200, 250);
+    let (receipt, summary) = run_job(&env, "ragged", shape, 64).await;
+
+    assert_eq!(
+        receipt.tasks,
+        5 * 4,
+        "300 and 250 are cut into 5 and 4 tiles of up to 64"
+    );
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 20);
+    assert!(summary.verification.as_ref().unwrap().passed);
+    let err = common::max_error_against_local_product(&env, "ragged", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let per_worker: u64 = summary.workers.values().map(|w| w.tasks).sum();
+    assert_eq!(
+        per_worker, 20,
+        "every task is counted for exactly one worker"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&["ragged"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_k_split_job_sums_each_partial_product_once() {
+    // 64 KiB messages cannot hold a 64-row and a 64-column block of depth 200 (200 KiB): k is
+    // split into parts whose partial products the collector adds up.
+    let opts = BrokerOptions {
+        max_message_bytes: Some(bytesize_kib(64)),
+        ..Default::default()
+    };
+    let mut env = Env::with_broker("ksplit", opts);
+    env.spawn_consumer(env.consumer("w1"));
+    env.spawn_consumer(env.consumer("w2"));
+    let shape = (130, 200, 70);
+    let (receipt, summary) = run_job(&env, "ksplit", shape, 64).await;
+
+    let parts = receipt.manifest.plan.parts();
+    assert!(parts > 1, "k should have been split");
+    assert_eq!(summary.tasks_done, 3 * 2 * parts as u64);
+    assert_eq!(summary.tiles_complete, 6);
+    assert_eq!(summary.status, Status::Complete);
+    let err = common::max_error_against_local_product(&env, "ksplit", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&["ksplit"]).await;
+}
+
+fn bytesize_kib(k: u64) -> bytesize::ByteSize {
+    bytesize::ByteSize::kib(k)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_size_is_the_prefetch_and_the_broker_holds_the_rest() {
+    let mut env = Env::new("prefetch");
+    let topo = env.topology();
+    // 36 slow tasks (0.4 s each) for one worker with room for 3.
+    let producer = env.producer("prefetch", (96, 16, 96), 16);
+    gemmq_producer::run(&producer).await.unwrap();
+    let mut s = env.consumer("slow");
+    s.queue_size = 3;
+    s.delay = DurationRange {
+        min: Duration::from_millis(400),
+        max: Duration::from_millis(400),
+    };
+    let collector = env.collector("prefetch");
+    env.spawn_consumer(s);
+
+    // The management API refreshes every ~5 s: watch it for 9 s.
+    let queue = format!("/queues/%2F/{}", topo.tasks_queue());
+    let started = Instant::now();
+    let (mut seen_busy, mut max_unacked, mut prefetch) = (false, 0, None);
+    while started.elapsed() < Duration::from_secs(9) {
+        let path = queue.clone();
+        let q = tokio::task::spawn_blocking(move || mgmt(&path))
+            .await
+            .unwrap();
+        let unacked = q["messages_unacknowledged"].as_u64().unwrap_or(0);
+        let ready = q["messages_ready"].as_u64().unwrap_or(0);
+        max_unacked = max_unacked.max(unacked);
+        if unacked > 0 && ready > 0 {
+            seen_busy = true;
+        }
+        if let Some(c) = q["consumer_details"].as_array().and_then(|c| c.first()) {
+            prefetch = c["prefetch_count"].as_u64();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        prefetch,
+        Some(3),
+        "the broker knows the consumer's prefetch"
+    );
+    assert!(
+        seen_busy,
+        "the broker held ready tasks back while the worker was busy"
+    );
+    assert!(max_unacked <= 3, "the broker saw {max_unacked} unacked > 3");
+
+    let summary = gemmq_collector::run(&collector, env.stop.clone())
+        .await
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete);
+    let stats = env.stop_consumers().await;
+    assert_eq!(
+        stats[0].max_held.load(Ordering::Relaxed),
+        3,
+        "the worker held exactly its queue size at peak"
+    );
+    env.cleanup(&["prefetch"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failed_tasks_come_back_through_the_retry_queue_with_rising_attempts() {
+    let mut env = Env::new("retry");
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.failure_rate = 0.3;
+        s.max_attempts = 50; // with 0.3 per attempt, parking would be a 1-in-10^26 event
+        env.spawn_consumer(s);
+    }
+    let (_, summary) = run_job(&env, "retry", (128, 64, 128), 16).await;
+
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 64);
+    assert!(
+        summary.retries > 0,
+        "64 tasks at 30% failure: some must have been retried"
+    );
+    let highest = *summary.attempts.keys().max().unwrap();
+    assert!(
+        highest >= 2,
+        "attempt numbers read from x-death rise: {:?}",
+        summary.attempts
+    );
+    let stats = env.stop_consumers().await;
+    let retried: u64 = stats
+        .iter()
+        .map(|s| s.retried.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(
+        retried, summary.retries,
+        "every retry the workers made shows in the attempts"
+    );
+    env.cleanup(&["retry"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_attempts_run_out_tiles_are_parked_and_the_collector_reports_them() {
+    let mut env = Env::new("park");
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.failure_rate = 1.0;
+        s.max_attempts = 2;
+        env.spawn_consumer(s);
+    }
+    let mut collector = env.collector("park");
+    collector.idle_timeout = None; // it must end because of the notices, not a timeout
+    let started = Instant::now();
+    let (_, summary) = run_job_with(&env, env.producer("park", (32, 8, 32), 16), collector).await;
+
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(summary.status, Status::Incomplete);
+    assert_eq!(summary.status.exit_code(), gemmq_collector::EXIT_INCOMPLETE);
+    assert_eq!(summary.parked.len(), 4);
+    for p in &summary.parked {
+        assert_eq!(p.attempts, 2);
+        assert!(p.reason.contains("simulated failure"), "{}", p.reason);
+    }
+    assert!(
+        !env.dir.path().join("park/C.npy").exists(),
+        "no partial C is written"
+    );
+    // The parking lot holds the tasks themselves, with their reason for a person to read.
+    let ch = env.channel().await;
+    let parked = ch
+        .basic_get(
+            env.topology().parked_queue().as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("a parked task");
+    let reason = topology::header_str(&parked.delivery.properties, "x-gemmq-reason").unwrap();
+    assert!(reason.contains("attempt 2 of 2"), "{reason}");
+    env.stop_consumers().await;
+    env.cleanup(&["park"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_delivered_twice_is_assembled_once() {
+    let mut env = Env::new("dup");
+    let topo = env.topology();
+    let p = env.producer("dup", (64, 32, 64), 16);
+    let c = env.collector("dup");
+    gemmq_producer::run(&p).await.unwrap();
+
+    // A worker that publishes its result and dies before acking: simulated by publishing the
+    // result of three tasks and handing the tasks back. Real workers then compute them again.
+    let ch = env.channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    for _ in 0..3 {
+        let msg = ch
+            .basic_get(
+                topo.tasks_queue().as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .unwrap()
+            .expect("a task");
+        let (task, payload) = message::decode(&msg.delivery.data, 1 << 24)
+            .unwrap()
+            .into_task()
+            .unwrap();
+        let bytes = gemmq::matrix::compute_tile(&task, payload).unwrap();
+        let header = Header::Result(ResultHeader {
+            job: task.job.clone(),
+            tile: task.tile,
+            dtype: task.dtype,
+            rows: task.rows,
+            cols: task.cols,
+            worker: "doomed".into(),
+            attempt: 1,
+            compute_micros: 1,
+        });
+        // Published twice, as a redelivered result would be: both copies reach the collector
+        // before the job can complete.
+        for _ in 0..2 {
+            ch.basic_publish(
+                topo.results_exchange().as_str().into(),
+                task.job.as_str().into(),
+                BasicPublishOptions::default(),
+                &message::encode(&header, &[&bytes]),
+                Default::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        msg.delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .unwrap();
+    }
+    env.spawn_consumer(env.consumer("w1"));
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        gemmq_collector::run(&c, env.stop.clone()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, 16);
+    // Three second copies, plus the results the real worker computed again for those tiles
+    // (when they arrive before the last tile).
+    assert!(
+        (3..=6).contains(&summary.duplicates_dropped),
+        "{}",
+        summary.duplicates_dropped
+    );
+    assert!(
+        summary.verification.unwrap().passed,
+        "no tile was added twice"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&["dup"]).await;
+}
