@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use gemmq::TileId;
-use gemmq::assembly::{Applied, Assembly, WorkerTally};
+use gemmq::assembly::{Applied, Assembly, AssemblyError, WorkerTally};
 use gemmq::broker::{self, Broker};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job;
@@ -189,7 +189,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     let ch = broker.channel().await.context("connecting to RabbitMQ")?;
     topo.declare(&ch).await?;
 
-    let (manifest, announcement) = match &s.job_id {
+    let (manifest, mut announcement) = match &s.job_id {
         Some(job) => (
             wait_for_manifest(&ch, &topo, job, s, &shutdown).await?,
             None,
@@ -205,122 +205,253 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         bail!(ConfigError::invalid(
             "max-output-bytes",
             format!(
-                "job {}'s C is {}x{} {} = {c_bytes} bytes, over the {} allowed; raise --max-output-bytes if this machine has the memory",
+                "job {}'s C is {}x{} {} = {c_bytes} bytes, over the {} allowed; raise --max-output-bytes if this machine has the disk",
                 manifest.job, plan.m, plan.n, plan.dtype, s.max_output_bytes
             )
         ));
     }
     std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
-    topo.declare_job(&ch, &manifest.job).await?;
+    let mut asm = open_checkpoint(s, &manifest, &shutdown).await?;
+    if asm.resumed > 0 {
+        info!(
+            job = %manifest.job, done = asm.resumed, total = plan.tasks(), checkpoint = %asm.dir().display(),
+            "resuming from the checkpoint"
+        );
+    }
 
+    let mut progress = Progress::new(&manifest.job, plan.tasks());
+    let mut rejected = 0u64;
+    while !asm.is_finished() {
+        let outcome = collect(
+            &broker,
+            &topo,
+            s,
+            &manifest,
+            &mut asm,
+            &mut progress,
+            &mut rejected,
+            &mut announcement,
+            &shutdown,
+        )
+        .await;
+        match outcome {
+            Ok(Collected::Finished) => break,
+            Ok(Collected::Idle) => {
+                warn!("no results within the idle timeout; reporting what is missing");
+                break;
+            }
+            Err(Stop::Interrupted) => {
+                progress.finish();
+                bail!(
+                    "interrupted with {} of {} tasks collected; they are checkpointed in {}: run the collector again with --job-id {} to resume",
+                    asm.tasks_done(),
+                    plan.tasks(),
+                    asm.dir().display(),
+                    manifest.job
+                );
+            }
+            Err(Stop::Fatal(e)) => return Err(e),
+            Err(Stop::Lost(e)) => {
+                warn!(error = %format!("{e:#}"), "lost the broker; reconnecting (unacked results will be delivered again)");
+            }
+        }
+    }
+    progress.finish();
+    finish(s, &broker, &topo, &manifest, asm, rejected).await
+}
+
+/// The checkpoint directory of a job under `out`.
+pub fn checkpoint_dir(out: &Path, job: &str) -> PathBuf {
+    out.join(format!(".gemmq-checkpoint-{job}"))
+}
+
+/// Opens the job's checkpoint, standing by while another collector holds it.
+async fn open_checkpoint(
+    s: &Settings,
+    manifest: &Manifest,
+    shutdown: &CancellationToken,
+) -> Result<Assembly> {
+    let dir = checkpoint_dir(&s.out, &manifest.job);
+    let mut said = false;
+    loop {
+        match Assembly::open(&manifest.plan, &manifest.job, &dir) {
+            Ok(asm) => return Ok(asm),
+            Err(e) if Assembly::is_locked(&e) => {
+                if !said {
+                    info!(job = %manifest.job, checkpoint = %dir.display(), "standing by: another collector is assembling this job; taking over if it stops");
+                    said = true;
+                }
+            }
+            Err(e) => return Err(e).context("opening the checkpoint"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => bail!("interrupted while standing by"),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+enum Collected {
+    Finished,
+    Idle,
+}
+
+enum Stop {
+    Interrupted,
+    Fatal(anyhow::Error),
+    Lost(anyhow::Error),
+}
+
+/// Results taken from the stream before a commit and one `ack(multiple)`: amortises the fsync.
+const BATCH: usize = 256;
+
+/// Consumes the job's results on one connection until the job is finished, the connection is
+/// lost, or the idle timeout passes. Every result is acked only after it is committed to disk.
+#[allow(clippy::too_many_arguments)]
+async fn collect(
+    broker: &Broker,
+    topo: &Topology,
+    s: &Settings,
+    manifest: &Manifest,
+    asm: &mut Assembly,
+    progress: &mut Progress,
+    rejected: &mut u64,
+    announcement: &mut Option<Delivery>,
+    shutdown: &CancellationToken,
+) -> Result<Collected, Stop> {
+    let lost =
+        |what: &'static str| move |e: lapin::Error| Stop::Lost(anyhow::Error::new(e).context(what));
+    let ch = broker.channel().await.map_err(|e| Stop::Fatal(e.into()))?;
+    topo.declare(&ch).await.map_err(|e| Stop::Fatal(e.into()))?;
+    topo.declare_job(&ch, &manifest.job)
+        .await
+        .map_err(|e| Stop::Fatal(e.into()))?;
     ch.basic_qos(s.prefetch, BasicQosOptions { global: false })
-        .await?;
+        .await
+        .map_err(lost("setting the prefetch"))?;
     let tag = format!("gemmq-collector:{}", s.collector_id);
+    let queue = topo.results_queue(&manifest.job);
     let mut results = ch
         .basic_consume(
-            topo.results_queue(&manifest.job).as_str().into(),
+            queue.as_str().into(),
             tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .context("consuming the job's results")?;
-    if let Some(d) = announcement {
-        d.ack(BasicAckOptions::default())
-            .await
-            .context("taking the job announcement")?;
+        .map_err(lost("consuming the job's results"))?;
+    if let Some(d) = announcement.take() {
+        // The job is ours now; a failed ack returns the announcement, which is harmless.
+        let _ = d.ack(BasicAckOptions::default()).await;
     }
+    let plan = &manifest.plan;
     info!(
         job = %manifest.job, m = plan.m, k = plan.k, n = plan.n, dtype = %plan.dtype,
-        tasks = plan.tasks(), queue = %topo.results_queue(&manifest.job),
-        "collecting (a second collector for this job stands by until this one stops)"
+        tasks = plan.tasks(), %queue, "collecting"
     );
 
-    let mut asm = Assembly::new(plan);
-    let mut progress = Progress::new(&manifest.job, plan.tasks());
-    let mut rejected = 0u64;
     let mut last_result = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let limit = s.broker.max_message_bytes;
     while !asm.is_finished() {
         tokio::select! {
             _ = shutdown.cancelled() => {
-                progress.finish();
-                bail!("interrupted with {} of {} tasks collected", asm.tasks_done(), plan.tasks());
+                let _ = ch.close(200, "collector shutting down".into()).await;
+                return Err(Stop::Interrupted);
             }
             _ = tick.tick() => {
                 let idle = last_result.elapsed();
-                if let Some(limit) = s.idle_timeout
-                    && idle >= limit {
-                        warn!(idle = ?idle, "no results within the idle timeout; reporting what is missing");
-                        break;
-                    }
+                if s.idle_timeout.is_some_and(|limit| idle >= limit) {
+                    let _ = ch.close(200, "collector idle".into()).await;
+                    return Ok(Collected::Idle);
+                }
                 if idle >= Duration::from_secs(30) {
                     warn!(idle_s = idle.as_secs(), done = asm.tasks_done(), total = plan.tasks(),
-                        "waiting for results: are consumers running, and is another collector active for this job?");
+                        "waiting for results: are consumers running?");
                 }
             }
             delivery = results.next() => {
-                let d = match delivery {
+                let mut last = match delivery {
                     Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(e).context("the results stream failed"),
-                    None => bail!("the broker cancelled the results consumer (was the job's queue deleted?)"),
+                    Some(Err(e)) => return Err(lost("receiving results")(e)),
+                    None => return Err(Stop::Lost(anyhow::anyhow!("the broker cancelled the results consumer"))),
                 };
                 last_result = Instant::now();
-                if !apply(&mut asm, &manifest, &d, s.broker.max_message_bytes) {
-                    rejected += 1;
+                let mut taken = 1;
+                *rejected += apply(asm, manifest, &last, limit).map_err(|e| Stop::Fatal(e.into()))?;
+                // Take whatever else has already arrived, then commit once for all of it.
+                while taken < BATCH && !asm.is_finished() {
+                    match results.next().now_or_never() {
+                        Some(Some(Ok(d))) => {
+                            *rejected += apply(asm, manifest, &d, limit).map_err(|e| Stop::Fatal(e.into()))?;
+                            last = d;
+                            taken += 1;
+                        }
+                        _ => break,
+                    }
                 }
-                d.acker.ack(BasicAckOptions::default()).await.context("acking a result")?;
+                asm.commit().map_err(|e| Stop::Fatal(anyhow::Error::new(e).context("saving the checkpoint")))?;
+                last.acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(lost("acking results"))?;
                 progress.update(asm.tasks_done(), retries(&asm.attempts), asm.parked().count() as u64);
             }
         }
     }
-    progress.finish();
     let _ = ch
         .basic_cancel(tag.as_str().into(), Default::default())
         .await;
-    finish(s, &ch, &topo, &manifest, asm, rejected).await
+    let _ = ch.close(200, "job collected".into()).await;
+    Ok(Collected::Finished)
 }
 
-/// Applies one message to C; false if it was rejected.
-fn apply(asm: &mut Assembly, manifest: &Manifest, d: &Delivery, limit: u64) -> bool {
+/// Applies one message to C: 1 if it was rejected (and is dropped), 0 if applied or a duplicate.
+/// A disk error is returned: the message must not be acked.
+fn apply(
+    asm: &mut Assembly,
+    manifest: &Manifest,
+    d: &Delivery,
+    limit: u64,
+) -> Result<u64, AssemblyError> {
     let frame = match message::decode(&d.data, limit) {
         Ok(f) => f,
         Err(e) => {
             warn!(error = %e, "malformed message on the results queue dropped");
-            return false;
+            return Ok(1);
         }
     };
     if frame.header.job() != manifest.job {
         warn!(job = %frame.header.job(), expected = %manifest.job, "message for another job on this job's results queue dropped");
-        return false;
+        return Ok(1);
     }
     let applied = match &frame.header {
         Header::Result(h) => asm.apply_result(h, frame.payload),
         Header::Parked(n) => asm.apply_parked(n),
         Header::Task(_) => {
             warn!("a task on the results queue dropped");
-            return false;
+            return Ok(1);
         }
     };
     match (applied, &frame.header) {
-        (Ok(Applied::TileComplete | Applied::Part), Header::Result(h)) => {
-            tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled");
-            true
-        }
         (Ok(Applied::Duplicate), h) => {
-            info!(tile = %tile_of(h), "duplicate dropped (already assembled)");
-            true
+            info!(tile = %tile_of(h), "duplicate dropped (already assembled)")
         }
-        (Ok(Applied::Parked), Header::Parked(n)) => {
-            error!(tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker, "tile parked: it will not be computed");
-            true
+        (Ok(Applied::Parked), Header::Parked(n)) => error!(
+            tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker,
+            "tile parked: it will not be computed"
+        ),
+        (Ok(_), Header::Result(h)) => {
+            tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled")
         }
-        (Ok(_), _) => true,
-        (Err(e), _) => {
+        (Ok(_), _) => {}
+        (Err(e), _) if e.is_bad_message() => {
             warn!(error = %e, "result rejected");
-            false
+            return Ok(1);
         }
+        (Err(e), _) => return Err(e),
     }
+    Ok(0)
 }
 
 fn tile_of(h: &Header) -> TileId {
@@ -340,7 +471,7 @@ fn retries(attempts: &BTreeMap<u32, u64>) -> u64 {
 
 async fn finish(
     s: &Settings,
-    ch: &Channel,
+    broker: &Broker,
     topo: &Topology,
     manifest: &Manifest,
     asm: Assembly,
@@ -381,18 +512,22 @@ async fn finish(
         output: None,
     };
     if complete {
-        let c = asm.matrix();
+        let (asm, verdict) = if s.verify {
+            let (asm, verdict) = check(manifest, asm).await?;
+            (asm, Some(verdict))
+        } else {
+            (asm, None)
+        };
         let path = s.out.join("C.npy");
-        write_atomically(c, &path)?;
+        asm.finish(&path).context("writing C.npy")?;
         summary.output = Some(path);
-        summary.status = Status::Complete;
-        if s.verify {
-            let verdict = check(manifest, c).await?;
-            if !verdict.passed {
-                summary.status = Status::VerificationFailed;
-            }
-            summary.verification = Some(verdict);
-        }
+        summary.status = match &verdict {
+            Some(v) if !v.passed => Status::VerificationFailed,
+            _ => Status::Complete,
+        };
+        summary.verification = verdict;
+    } else {
+        info!(checkpoint = %asm.dir().display(), "the checkpoint is kept: run the producer again with the same --job-id to redo missing tiles, and this collector to resume");
     }
     summary.wall_seconds = (unix_ms().saturating_sub(manifest.created_ms)) as f64 / 1e3;
     summary.gflops = plan.flops() / summary.wall_seconds.max(1e-9) / 1e9;
@@ -402,26 +537,23 @@ async fn finish(
     report(&summary);
     if summary.status == Status::Complete {
         // The job is done: its queues go. Late duplicates are then dropped by the workers.
-        if let Err(e) = topo.delete_job(ch, &manifest.job).await {
+        let deleted = async {
+            topo.delete_job(&broker.channel().await?, &manifest.job)
+                .await
+                .map_err(Into::into)
+        };
+        if let Err(e) = deleted.await as Result<(), gemmq::broker::BrokerError> {
             warn!(error = %e, "could not delete the finished job's queues");
         }
     }
     Ok(summary)
 }
 
-fn write_atomically(c: &Matrix, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("npy.partial");
-    c.write_npy(&tmp)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
-}
-
-/// Rebuilds A and B from the manifest and runs Freivalds' check.
-async fn check(manifest: &Manifest, c: &Matrix) -> Result<Verdict> {
+/// Rebuilds A and B from the manifest and runs Freivalds' check on C in the checkpoint.
+async fn check(manifest: &Manifest, asm: Assembly) -> Result<(Assembly, Verdict)> {
     let plan = manifest.plan.clone();
     let inputs = manifest.inputs.clone();
-    let c = c.clone();
-    tokio::task::spawn_blocking(move || -> Result<Verdict> {
+    tokio::task::spawn_blocking(move || -> Result<(Assembly, Verdict)> {
         let (a, b) = match inputs {
             Inputs::Seed(seed) => matrix::generate(
                 plan.m as usize,
@@ -440,7 +572,8 @@ async fn check(manifest: &Manifest, c: &Matrix) -> Result<Verdict> {
         if !shape_ok {
             bail!("A or B changed since the job was published: cannot verify C");
         }
-        Ok(verify::freivalds(&a, &b, &c, 2, 0x5eed)?)
+        let verdict = asm.with_c(|c| verify::freivalds(a.view(), b.view(), c, 2, 0x5eed))??;
+        Ok((asm, verdict))
     })
     .await
     .context("the verification task failed")?

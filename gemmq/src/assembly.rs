@@ -1,24 +1,43 @@
-//! Assembling C from results that arrive at least once, in any order.
+//! Assembling C from results that arrive at least once, in any order, across collector crashes.
 //!
 //! RabbitMQ delivers at least once: a worker that dies after publishing its result but before
 //! acking its task has that task redone, and its result arrives twice. So every result is keyed by
 //! its [`TileId`] (block row, block column, part of k) and applied only the first time; later
-//! copies are counted as duplicates and dropped. Parts of a k-split tile are added into C, each
-//! once, and the tile is complete when all its parts have arrived.
+//! copies are counted as duplicates and dropped.
+//!
+//! The state lives on disk, in a checkpoint directory, so a collector that is killed resumes
+//! where it was and still applies every task once:
+//!
+//! * `C.npy` — C itself, memory-mapped. A whole tile is written by *assignment*, which is
+//!   idempotent: writing it again after a crash changes nothing.
+//! * `parts/` — for a k-split tile, each part's partial product in its own file (written to a
+//!   temporary name, then renamed). Parts are *summed* only when all are there, and the sum is
+//!   assigned to C: no addition is ever repeated, whatever the crash.
+//! * `journal` — one line per applied task, completed tile and parked task, synced to disk by
+//!   [`Assembly::commit`]. Results must be acked only after `commit`: a result that is not in the
+//!   journal is still unacked, so the broker delivers it again after a crash.
+//! * `lock` — held (flock) by the one collector working on this checkpoint; a second collector on
+//!   the same directory waits for it, and takes over when the first one dies.
 //!
 //! A task whose attempts ran out arrives as a [`ParkedNotice`] instead: the job can then finish
 //! (incomplete) instead of waiting forever. A result for a parked task still counts if it comes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, s};
+use memmap2::MmapMut;
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
+use ndarray_npy::{ViewMutNpyExt, ViewNpyExt};
 use serde::Serialize;
 
-use crate::matrix::{Element, Matrix, from_le};
+use crate::matrix::{Element, MatrixView, from_le};
 use crate::message::{DType, ParkedNotice, ResultHeader};
 use crate::{Plan, TileId};
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum AssemblyError {
     #[error("result for {tile} is outside the job's {rows}x{cols} grid of tiles")]
     UnknownTile { tile: TileId, rows: u32, cols: u32 },
@@ -34,6 +53,34 @@ pub enum AssemblyError {
         cols: usize,
         dtype: DType,
     },
+    #[error(
+        "checkpoint {dir} belongs to a different job or plan; move it away, or collect into another --out"
+    )]
+    Mismatch { dir: PathBuf },
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {path}: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+impl AssemblyError {
+    /// Whether the message was at fault (drop it) rather than the disk (stop).
+    pub fn is_bad_message(&self) -> bool {
+        matches!(
+            self,
+            AssemblyError::UnknownTile { .. } | AssemblyError::Shape { .. }
+        )
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssemblyError + '_ {
+    move |source| AssemblyError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What applying a message did.
@@ -41,7 +88,7 @@ pub enum AssemblyError {
 pub enum Applied {
     /// A tile of C is now complete.
     TileComplete,
-    /// One part of a k-split tile was added; others are still to come.
+    /// One part of a k-split tile was stored; others are still to come.
     Part,
     /// This task's result or notice was already applied; nothing changed.
     Duplicate,
@@ -59,39 +106,181 @@ pub struct WorkerTally {
 /// C under construction, with the bookkeeping that makes every task count once.
 pub struct Assembly {
     plan: Plan,
-    c: Matrix,
+    dir: PathBuf,
+    map: MmapMut,
+    journal: File,
+    pending: String,
+    dirty: bool,
+    _lock: File,
     received: HashSet<TileId>,
     parts_seen: HashMap<(u32, u32), u32>,
-    complete_tiles: u64,
+    complete: HashSet<(u32, u32)>,
+    summed: Vec<(u32, u32)>,
     parked: BTreeMap<TileId, ParkedNotice>,
+    /// Copies dropped since this collector started.
     pub duplicates: u64,
     /// Tasks by the attempt on which their (first applied) result was computed.
     pub attempts: BTreeMap<u32, u64>,
     pub workers: BTreeMap<String, WorkerTally>,
+    /// Tasks found already applied in the checkpoint when it was opened.
+    pub resumed: u64,
 }
 
+const PLAN_FILE: &str = "plan.json";
+const C_FILE: &str = "C.npy";
+const JOURNAL: &str = "journal";
+const LOCK: &str = "lock";
+const PARTS: &str = "parts";
+
 impl Assembly {
-    /// Allocates C (m×n zeros): the caller has checked that it may.
-    pub fn new(plan: &Plan) -> Self {
-        let (m, n) = (plan.m as usize, plan.n as usize);
-        let c = match plan.dtype {
-            DType::F32 => Matrix::F32(Array2::zeros((m, n))),
-            DType::F64 => Matrix::F64(Array2::zeros((m, n))),
-        };
-        Assembly {
+    /// Opens the checkpoint in `dir` for `plan`, creating it or resuming it. Fails with
+    /// `WouldBlock` (as [`AssemblyError::Io`]) when another collector holds it: see
+    /// [`Assembly::is_locked`].
+    pub fn open(plan: &Plan, job: &str, dir: &Path) -> Result<Self, AssemblyError> {
+        fs::create_dir_all(dir.join(PARTS)).map_err(io(dir))?;
+        let lock_path = dir.join(LOCK);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        lock.try_lock().map_err(|e| match e {
+            fs::TryLockError::WouldBlock => AssemblyError::Io {
+                path: lock_path.clone(),
+                source: std::io::ErrorKind::WouldBlock.into(),
+            },
+            fs::TryLockError::Error(e) => AssemblyError::Io {
+                path: lock_path.clone(),
+                source: e,
+            },
+        })?;
+
+        let identity = serde_json::json!({ "job": job, "plan": plan }).to_string();
+        let plan_path = dir.join(PLAN_FILE);
+        let c_path = dir.join(C_FILE);
+        match fs::read_to_string(&plan_path) {
+            Ok(existing) if existing == identity && c_path.exists() => {}
+            Ok(_) if c_path.exists() => {
+                return Err(AssemblyError::Mismatch {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            _ => {
+                // A fresh checkpoint: C first, the identity last, so a crash in between just
+                // starts over.
+                let f = File::create(&c_path).map_err(io(&c_path))?;
+                let shape = (plan.m as usize, plan.n as usize);
+                let zeroed = match plan.dtype {
+                    DType::F32 => ndarray_npy::write_zeroed_npy::<f32, _>(&f, shape),
+                    DType::F64 => ndarray_npy::write_zeroed_npy::<f64, _>(&f, shape),
+                };
+                zeroed.map_err(|e| AssemblyError::Corrupt {
+                    path: c_path.clone(),
+                    message: e.to_string(),
+                })?;
+                f.sync_all().map_err(io(&c_path))?;
+                let _ = fs::remove_file(dir.join(JOURNAL));
+                write_synced(&plan_path, identity.as_bytes())?;
+            }
+        }
+        let c_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&c_path)
+            .map_err(io(&c_path))?;
+        // SAFETY: the file is ours (we hold the lock), and it is not truncated while mapped.
+        let map = unsafe { MmapMut::map_mut(&c_file) }.map_err(io(&c_path))?;
+        let journal_path = dir.join(JOURNAL);
+        let journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&journal_path)
+            .map_err(io(&journal_path))?;
+        let mut asm = Assembly {
             plan: plan.clone(),
-            c,
+            dir: dir.to_path_buf(),
+            map,
+            journal,
+            pending: String::new(),
+            dirty: false,
+            _lock: lock,
             received: HashSet::new(),
             parts_seen: HashMap::new(),
-            complete_tiles: 0,
+            complete: HashSet::new(),
+            summed: Vec::new(),
             parked: BTreeMap::new(),
             duplicates: 0,
             attempts: BTreeMap::new(),
             workers: BTreeMap::new(),
+            resumed: 0,
+        };
+        asm.replay(&journal_path)?;
+        Ok(asm)
+    }
+
+    /// Whether an error from [`Assembly::open`] means another collector holds the checkpoint.
+    pub fn is_locked(e: &AssemblyError) -> bool {
+        matches!(e, AssemblyError::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    fn replay(&mut self, path: &Path) -> Result<(), AssemblyError> {
+        let file = File::open(path).map_err(io(path))?;
+        for line in BufReader::new(file).lines() {
+            let line = line.map_err(io(path))?;
+            // A torn last line (crash mid-write) was never synced, so never acked: skip it.
+            let Some(record) = Record::parse(&line) else {
+                continue;
+            };
+            match record {
+                Record::Task {
+                    tile,
+                    attempt,
+                    micros,
+                    worker,
+                } => {
+                    if self.plan.contains(tile) && self.received.insert(tile) {
+                        self.parked.remove(&tile);
+                        self.count(attempt, &worker, micros);
+                        *self.parts_seen.entry((tile.row, tile.col)).or_default() += 1;
+                        self.resumed += 1;
+                    }
+                }
+                Record::Complete { row, col } => {
+                    self.complete.insert((row, col));
+                }
+                Record::Parked(n) => {
+                    if self.plan.contains(n.tile) && !self.received.contains(&n.tile) {
+                        self.parked.insert(n.tile, n);
+                    }
+                }
+            }
         }
+        // Tiles whose parts were all in but whose sum may not have reached C: sum again.
+        let pending: Vec<(u32, u32)> = self
+            .parts_seen
+            .iter()
+            .filter(|(rc, n)| **n == self.plan.parts() && !self.complete.contains(*rc))
+            .map(|(rc, _)| *rc)
+            .collect();
+        for (row, col) in pending {
+            self.complete_split_tile(row, col)?;
+        }
+        if self.plan.parts() > 1 {
+            self.summed.extend(self.complete.iter().copied());
+        }
+        self.commit()
+    }
+
+    fn count(&mut self, attempt: u32, worker: &str, micros: u64) {
+        *self.attempts.entry(attempt).or_default() += 1;
+        let w = self.workers.entry(worker.to_string()).or_default();
+        w.tasks += 1;
+        w.compute_seconds += micros as f64 / 1e6;
     }
 
     /// Applies a result whose payload length was checked against its header by `decode`.
+    /// Durable only after [`Assembly::commit`].
     pub fn apply_result(
         &mut self,
         h: &ResultHeader,
@@ -120,39 +309,48 @@ impl Assembly {
                 dtype: self.plan.dtype,
             });
         }
-        if !self.received.insert(tile) {
+        if self.received.contains(&tile) {
             self.duplicates += 1;
             return Ok(Applied::Duplicate);
         }
+        if self.plan.parts() == 1 {
+            self.assign(rows, cols, payload)?;
+        } else {
+            let path = self.part_path(tile);
+            let tmp = path.with_extension("tmp");
+            write_synced(&tmp, payload)?;
+            fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
+        self.received.insert(tile);
         self.parked.remove(&tile);
-        fn add<T: Element>(
-            c: &mut Array2<T>,
-            rows: std::ops::Range<usize>,
-            cols: std::ops::Range<usize>,
-            payload: &[u8],
-        ) {
-            let block = from_le::<T>(payload, rows.len(), cols.len());
-            let mut region = c.slice_mut(s![rows, cols]);
-            region.zip_mut_with(&block, |c, &p| *c = *c + p);
-        }
-        match &mut self.c {
-            Matrix::F32(c) => add(c, rows, cols, payload),
-            Matrix::F64(c) => add(c, rows, cols, payload),
-        }
-        *self.attempts.entry(h.attempt).or_default() += 1;
-        let w = self.workers.entry(h.worker.clone()).or_default();
-        w.tasks += 1;
-        w.compute_seconds += h.compute_micros as f64 / 1e6;
-
+        self.count(h.attempt, &h.worker, h.compute_micros);
+        self.pending.push_str(
+            &Record::Task {
+                tile,
+                attempt: h.attempt,
+                micros: h.compute_micros,
+                worker: h.worker.clone(),
+            }
+            .to_line(),
+        );
         let seen = self.parts_seen.entry((tile.row, tile.col)).or_default();
         *seen += 1;
-        if *seen == self.plan.parts() {
-            self.parts_seen.remove(&(tile.row, tile.col));
-            self.complete_tiles += 1;
-            Ok(Applied::TileComplete)
-        } else {
-            Ok(Applied::Part)
+        if *seen < self.plan.parts() {
+            return Ok(Applied::Part);
         }
+        if self.plan.parts() > 1 {
+            self.complete_split_tile(tile.row, tile.col)?;
+        } else {
+            self.complete.insert((tile.row, tile.col));
+            self.pending.push_str(
+                &Record::Complete {
+                    row: tile.row,
+                    col: tile.col,
+                }
+                .to_line(),
+            );
+        }
+        Ok(Applied::TileComplete)
     }
 
     /// Records that a task will not be computed.
@@ -169,11 +367,116 @@ impl Assembly {
             return Ok(Applied::Duplicate);
         }
         self.parked.insert(notice.tile, notice.clone());
+        self.pending
+            .push_str(&Record::Parked(notice.clone()).to_line());
         Ok(Applied::Parked)
+    }
+
+    /// Makes everything applied so far durable: C's pages, then the journal. Ack after this.
+    pub fn commit(&mut self) -> Result<(), AssemblyError> {
+        if self.dirty {
+            self.map.flush().map_err(io(&self.dir.join(C_FILE)))?;
+            self.dirty = false;
+        }
+        if !self.pending.is_empty() {
+            let path = self.dir.join(JOURNAL);
+            self.journal
+                .write_all(self.pending.as_bytes())
+                .map_err(io(&path))?;
+            self.journal.sync_data().map_err(io(&path))?;
+            self.pending.clear();
+        }
+        // Only now, with the sum in C and the journal saying so, are a tile's parts garbage.
+        for (row, col) in std::mem::take(&mut self.summed) {
+            self.remove_parts(row, col);
+        }
+        Ok(())
+    }
+
+    fn assign(
+        &mut self,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        payload: &[u8],
+    ) -> Result<(), AssemblyError> {
+        fn typed<T: Element>(
+            map: &mut [u8],
+            rows: Range<usize>,
+            cols: Range<usize>,
+            payload: &[u8],
+        ) -> Result<(), String> {
+            let block = from_le::<T>(payload, rows.len(), cols.len());
+            let mut c = ArrayViewMut2::<T>::view_mut_npy(map).map_err(|e| e.to_string())?;
+            c.slice_mut(s![rows, cols]).assign(&block);
+            Ok(())
+        }
+        let r = match self.plan.dtype {
+            DType::F32 => typed::<f32>(&mut self.map, rows, cols, payload),
+            DType::F64 => typed::<f64>(&mut self.map, rows, cols, payload),
+        };
+        self.dirty = true;
+        r.map_err(|message| AssemblyError::Corrupt {
+            path: self.dir.join(C_FILE),
+            message,
+        })
+    }
+
+    /// Sums a k-split tile's stored parts and assigns the sum to C.
+    fn complete_split_tile(&mut self, row: u32, col: u32) -> Result<(), AssemblyError> {
+        fn sum<T: Element>(
+            paths: &[PathBuf],
+            rows: usize,
+            cols: usize,
+        ) -> Result<Vec<u8>, AssemblyError> {
+            let mut acc = Array2::<T>::zeros((rows, cols));
+            for p in paths {
+                let bytes = fs::read(p).map_err(io(p))?;
+                if bytes.len() != rows * cols * size_of::<T>() {
+                    return Err(AssemblyError::Corrupt {
+                        path: p.clone(),
+                        message: "wrong size".into(),
+                    });
+                }
+                acc = acc + from_le::<T>(&bytes, rows, cols);
+            }
+            let mut out = Vec::new();
+            crate::matrix::extend_le(acc.view(), &mut out);
+            Ok(out)
+        }
+        let (rows, cols) = (self.plan.rows(row), self.plan.cols(col));
+        let paths: Vec<PathBuf> = (0..self.plan.parts())
+            .map(|part| self.part_path(TileId { row, col, part }))
+            .collect();
+        let bytes = match self.plan.dtype {
+            DType::F32 => sum::<f32>(&paths, rows.len(), cols.len())?,
+            DType::F64 => sum::<f64>(&paths, rows.len(), cols.len())?,
+        };
+        self.assign(rows, cols, &bytes)?;
+        self.complete.insert((row, col));
+        self.summed.push((row, col));
+        self.pending
+            .push_str(&Record::Complete { row, col }.to_line());
+        Ok(())
+    }
+
+    fn remove_parts(&self, row: u32, col: u32) {
+        for part in 0..self.plan.parts() {
+            let _ = fs::remove_file(self.part_path(TileId { row, col, part }));
+        }
+    }
+
+    fn part_path(&self, t: TileId) -> PathBuf {
+        self.dir
+            .join(PARTS)
+            .join(format!("{}-{}-{}.bin", t.row, t.col, t.part))
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Tasks whose results have been applied.
@@ -182,7 +485,7 @@ impl Assembly {
     }
 
     pub fn tiles_complete(&self) -> u64 {
-        self.complete_tiles
+        self.complete.len() as u64
     }
 
     pub fn parked(&self) -> impl Iterator<Item = &ParkedNotice> {
@@ -196,18 +499,136 @@ impl Assembly {
 
     /// Every tile of C is there.
     pub fn is_complete(&self) -> bool {
-        self.complete_tiles == self.plan.tiles()
+        self.complete.len() as u64 == self.plan.tiles()
     }
 
-    pub fn matrix(&self) -> &Matrix {
-        &self.c
+    /// Calls `f` with C as it stands.
+    pub fn with_c<R>(&self, f: impl FnOnce(MatrixView<'_>) -> R) -> Result<R, AssemblyError> {
+        let path = self.dir.join(C_FILE);
+        let bad = |e: ndarray_npy::ViewNpyError| AssemblyError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        Ok(match self.plan.dtype {
+            DType::F32 => f(MatrixView::F32(
+                ArrayView2::<f32>::view_npy(&self.map).map_err(bad)?,
+            )),
+            DType::F64 => f(MatrixView::F64(
+                ArrayView2::<f64>::view_npy(&self.map).map_err(bad)?,
+            )),
+        })
+    }
+
+    /// Commits, moves C to `dest` and removes the checkpoint.
+    pub fn finish(mut self, dest: &Path) -> Result<(), AssemblyError> {
+        self.commit()?;
+        fs::rename(self.dir.join(C_FILE), dest).map_err(io(dest))?;
+        let dir = self.dir.clone();
+        drop(self);
+        let _ = fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AssemblyError> {
+    let mut f = File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// One journal line: `T row col part attempt micros worker`, `C row col`, or
+/// `P row col part attempts worker reason…`.
+enum Record {
+    Task {
+        tile: TileId,
+        attempt: u32,
+        micros: u64,
+        worker: String,
+    },
+    Complete {
+        row: u32,
+        col: u32,
+    },
+    Parked(ParkedNotice),
+}
+
+impl Record {
+    fn to_line(&self) -> String {
+        match self {
+            Record::Task {
+                tile,
+                attempt,
+                micros,
+                worker,
+            } => {
+                format!(
+                    "T {} {} {} {attempt} {micros} {worker}\n",
+                    tile.row, tile.col, tile.part
+                )
+            }
+            Record::Complete { row, col } => format!("C {row} {col}\n"),
+            Record::Parked(n) => format!(
+                "P {} {} {} {} {} {}\n",
+                n.tile.row,
+                n.tile.col,
+                n.tile.part,
+                n.attempts,
+                n.worker,
+                n.reason.replace('\n', " ")
+            ),
+        }
+    }
+
+    fn parse(line: &str) -> Option<Record> {
+        let mut f = line.splitn(7, ' ');
+        let kind = f.next()?;
+        let mut num = || f.next()?.parse::<u64>().ok();
+        match kind {
+            "T" => {
+                let tile = TileId {
+                    row: num()? as u32,
+                    col: num()? as u32,
+                    part: num()? as u32,
+                };
+                let (attempt, micros) = (num()? as u32, num()?);
+                let worker = f.next()?.to_string();
+                Some(Record::Task {
+                    tile,
+                    attempt,
+                    micros,
+                    worker,
+                })
+            }
+            "C" => Some(Record::Complete {
+                row: num()? as u32,
+                col: num()? as u32,
+            }),
+            "P" => {
+                let tile = TileId {
+                    row: num()? as u32,
+                    col: num()? as u32,
+                    part: num()? as u32,
+                };
+                let attempts = num()? as u32;
+                let worker = f.next()?.to_string();
+                let reason = f.next().unwrap_or("").to_string();
+                Some(Record::Parked(ParkedNotice {
+                    job: String::new(),
+                    tile,
+                    reason,
+                    attempts,
+                    worker,
+                }))
+            }
+            _ => None,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matrix::{compute_tile, generate, task_payload};
+    use crate::matrix::{Matrix, compute_tile, generate, task_payload};
     use crate::message::TaskHeader;
 
     fn results(plan: &Plan, a: &Array2<f64>, b: &Array2<f64>) -> Vec<(ResultHeader, Vec<u8>)> {
@@ -237,11 +658,27 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn every_result_twice_in_reverse_order_still_gives_c_once() {
-        let (Matrix::F64(a), Matrix::F64(b)) = generate(20, 90, 13, DType::F64, 5) else {
+    fn inputs(m: usize, k: usize, n: usize) -> (Array2<f64>, Array2<f64>) {
+        let (Matrix::F64(a), Matrix::F64(b)) = generate(m, k, n, DType::F64, 5) else {
             unreachable!()
         };
+        (a, b)
+    }
+
+    fn max_error(asm: &Assembly, want: &Array2<f64>) -> f64 {
+        asm.with_c(|c| {
+            let MatrixView::F64(c) = c else {
+                unreachable!()
+            };
+            (&c - want).iter().fold(0.0f64, |m, d| m.max(d.abs()))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_result_twice_in_reverse_order_still_gives_c_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = inputs(20, 90, 13);
         // A tiny message limit splits k into several parts.
         let plan = Plan::new(
             20,
@@ -253,28 +690,79 @@ mod tests {
         )
         .unwrap();
         assert!(plan.parts() > 1);
-        let mut asm = Assembly::new(&plan);
+        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
         let rs = results(&plan, &a, &b);
         for (h, p) in rs.iter().rev().chain(rs.iter()) {
             asm.apply_result(h, p).unwrap();
         }
+        asm.commit().unwrap();
         assert!(asm.is_complete() && asm.is_finished());
         assert_eq!(asm.duplicates, plan.tasks());
-        let Matrix::F64(c) = asm.matrix() else {
-            unreachable!()
-        };
-        let want = a.dot(&b);
-        let worst = (c - &want).iter().fold(0.0f64, |m, d| m.max(d.abs()));
-        assert!(worst < 1e-12, "{worst}");
+        assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
+    }
+
+    #[test]
+    fn a_collector_that_dies_resumes_from_its_checkpoint_without_doubling_a_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = inputs(24, 90, 16);
+        let plan = Plan::new(
+            24,
+            90,
+            16,
+            DType::F64,
+            8,
+            crate::tiling::HEADER_BUDGET + 2048,
+        )
+        .unwrap();
+        let rs = results(&plan, &a, &b);
+        let half = rs.len() / 2;
+        {
+            let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+            for (h, p) in &rs[..half] {
+                asm.apply_result(h, p).unwrap();
+            }
+            asm.commit().unwrap();
+            // Applied after the last commit: never acked, so it will be delivered again.
+            asm.apply_result(&rs[half].0, &rs[half].1).unwrap();
+            // The process dies here: no commit, no finish.
+        }
+        let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+        assert_eq!(asm.resumed, half as u64);
+        // The broker redelivers what was not acked — and, being at-least-once, maybe more.
+        for (h, p) in &rs[half - 3..] {
+            asm.apply_result(h, p).unwrap();
+        }
+        asm.commit().unwrap();
+        assert!(asm.is_complete());
+        assert_eq!(asm.duplicates, 3);
+        assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
+        let out = dir.path().join("C-final.npy");
+        asm.finish(&out).unwrap();
+        assert!(out.exists());
+    }
+
+    #[test]
+    fn a_second_collector_on_the_same_checkpoint_waits_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
+        let first = Assembly::open(&plan, "j", dir.path()).unwrap();
+        let err = Assembly::open(&plan, "j", dir.path()).err().unwrap();
+        assert!(Assembly::is_locked(&err), "{err}");
+        drop(first);
+        assert!(Assembly::open(&plan, "j", dir.path()).is_ok());
+        let other = Plan::new(8, 8, 9, DType::F64, 4, 16 << 20).unwrap();
+        assert!(matches!(
+            Assembly::open(&other, "j", dir.path()),
+            Err(AssemblyError::Mismatch { .. })
+        ));
     }
 
     #[test]
     fn a_parked_task_finishes_the_job_incomplete_until_its_result_comes() {
+        let dir = tempfile::tempdir().unwrap();
         let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
-        let (Matrix::F64(a), Matrix::F64(b)) = generate(8, 8, 8, DType::F64, 5) else {
-            unreachable!()
-        };
-        let mut asm = Assembly::new(&plan);
+        let (a, b) = inputs(8, 8, 8);
+        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
         let rs = results(&plan, &a, &b);
         for (h, p) in &rs[1..] {
             asm.apply_result(h, p).unwrap();
@@ -282,24 +770,32 @@ mod tests {
         let notice = ParkedNotice {
             job: "j".into(),
             tile: rs[0].0.tile,
-            reason: "boom".into(),
+            reason: "boom: twice".into(),
             attempts: 3,
             worker: "w".into(),
         };
-        assert_eq!(asm.apply_parked(&notice), Ok(Applied::Parked));
-        assert_eq!(asm.apply_parked(&notice), Ok(Applied::Duplicate));
+        assert_eq!(asm.apply_parked(&notice).unwrap(), Applied::Parked);
+        assert_eq!(asm.apply_parked(&notice).unwrap(), Applied::Duplicate);
+        asm.commit().unwrap();
         assert!(asm.is_finished() && !asm.is_complete());
+        drop(asm);
+        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
         assert_eq!(
-            asm.apply_result(&rs[0].0, &rs[0].1),
-            Ok(Applied::TileComplete)
+            asm.parked().next().map(|p| p.reason.as_str()),
+            Some("boom: twice")
+        );
+        assert_eq!(
+            asm.apply_result(&rs[0].0, &rs[0].1).unwrap(),
+            Applied::TileComplete
         );
         assert!(asm.is_complete() && asm.parked().next().is_none());
     }
 
     #[test]
     fn results_that_do_not_fit_the_plan_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
         let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
-        let mut asm = Assembly::new(&plan);
+        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
         let mut h = ResultHeader {
             job: "j".into(),
             tile: TileId {

@@ -43,6 +43,8 @@ pub trait Element:
     + std::fmt::Debug
     + ndarray_npy::WritableElement
     + ndarray_npy::ReadableElement
+    + ndarray_npy::ViewElement
+    + ndarray_npy::ViewMutElement
     + 'static
 {
     const DTYPE: DType;
@@ -88,6 +90,29 @@ pub enum Matrix {
     F64(Array2<f64>),
 }
 
+/// A borrowed f32 or f64 matrix (a view of a [`Matrix`], or of a memory-mapped .npy file).
+#[derive(Debug, Clone, Copy)]
+pub enum MatrixView<'a> {
+    F32(ArrayView2<'a, f32>),
+    F64(ArrayView2<'a, f64>),
+}
+
+impl MatrixView<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            MatrixView::F32(_) => DType::F32,
+            MatrixView::F64(_) => DType::F64,
+        }
+    }
+
+    pub fn to_owned(&self) -> Matrix {
+        match self {
+            MatrixView::F32(v) => Matrix::F32(v.to_owned()),
+            MatrixView::F64(v) => Matrix::F64(v.to_owned()),
+        }
+    }
+}
+
 /// Calls `$body` with `$m` bound to the typed array inside a [`Matrix`].
 #[macro_export]
 macro_rules! with_matrix {
@@ -104,6 +129,13 @@ impl Matrix {
         match self {
             Matrix::F32(_) => DType::F32,
             Matrix::F64(_) => DType::F64,
+        }
+    }
+
+    pub fn view(&self) -> MatrixView<'_> {
+        match self {
+            Matrix::F32(m) => MatrixView::F32(m.view()),
+            Matrix::F64(m) => MatrixView::F64(m.view()),
         }
     }
 

@@ -8,12 +8,12 @@
 //! roundoff u is off by at most about k·u·(|A|·|B|)ᵢⱼ, so row i of C·x may differ from A·(B·x) by
 //! up to (k + n + 2)·u·(|A|·|B|·|x|)ᵢ; the check allows twice that, per row. Sums run in f64.
 
-use ndarray::{Array1, Array2};
+use ndarray::{Array1, ArrayView2};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
-use crate::matrix::{Element, Matrix, MatrixError};
+use crate::matrix::{Element, MatrixError, MatrixView};
 
 /// The outcome of [`freivalds`].
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -28,22 +28,26 @@ pub struct Verdict {
 
 /// Runs `rounds` independent Freivalds checks of `c` against `a`·`b`.
 pub fn freivalds(
-    a: &Matrix,
-    b: &Matrix,
-    c: &Matrix,
+    a: MatrixView<'_>,
+    b: MatrixView<'_>,
+    c: MatrixView<'_>,
     rounds: u32,
     seed: u64,
 ) -> Result<Verdict, MatrixError> {
     match (a, b, c) {
-        (Matrix::F32(a), Matrix::F32(b), Matrix::F32(c)) => Ok(typed(a, b, c, rounds, seed)),
-        (Matrix::F64(a), Matrix::F64(b), Matrix::F64(c)) => Ok(typed(a, b, c, rounds, seed)),
+        (MatrixView::F32(a), MatrixView::F32(b), MatrixView::F32(c)) => {
+            Ok(typed(a, b, c, rounds, seed))
+        }
+        (MatrixView::F64(a), MatrixView::F64(b), MatrixView::F64(c)) => {
+            Ok(typed(a, b, c, rounds, seed))
+        }
         _ => Err(MatrixError::Mixed(a.dtype(), c.dtype())),
     }
 }
 
 /// y = M·x and |M|·|x|, summed in f64.
 fn matvec<T: Element>(
-    m: &Array2<T>,
+    m: ArrayView2<'_, T>,
     x: &Array1<f64>,
     xabs: &Array1<f64>,
 ) -> (Array1<f64>, Array1<f64>) {
@@ -63,9 +67,9 @@ fn matvec<T: Element>(
 }
 
 fn typed<T: Element>(
-    a: &Array2<T>,
-    b: &Array2<T>,
-    c: &Array2<T>,
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    c: ArrayView2<'_, T>,
     rounds: u32,
     seed: u64,
 ) -> Verdict {
@@ -116,14 +120,14 @@ fn typed<T: Element>(
 mod tests {
     use super::*;
     use crate::DType;
-    use crate::matrix::generate;
+    use crate::matrix::{Matrix, generate};
 
     #[test]
     fn the_true_product_passes_in_both_precisions() {
         for dtype in [DType::F32, DType::F64] {
             let (a, b) = generate(70, 300, 50, dtype, 3);
             let c = a.dot(&b).unwrap();
-            let v = freivalds(&a, &b, &c, 2, 1).unwrap();
+            let v = freivalds(a.view(), b.view(), c.view(), 2, 1).unwrap();
             assert!(v.passed, "{dtype}: {v:?}");
         }
     }
@@ -135,7 +139,7 @@ mod tests {
             unreachable!()
         };
         c[(17, 3)] += 1e-6;
-        let v = freivalds(&a, &b, &Matrix::F64(c.clone()), 2, 1).unwrap();
+        let v = freivalds(a.view(), b.view(), MatrixView::F64(c.view()), 2, 1).unwrap();
         assert!(!v.passed && v.worst_row == Some(17), "{v:?}");
 
         let Matrix::F64(mut doubled) = a.dot(&b).unwrap() else {
@@ -145,7 +149,7 @@ mod tests {
             .slice_mut(ndarray::s![0..8, 0..8])
             .mapv_inplace(|v| 2.0 * v);
         assert!(
-            !freivalds(&a, &b, &Matrix::F64(doubled), 1, 9)
+            !freivalds(a.view(), b.view(), MatrixView::F64(doubled.view()), 1, 9)
                 .unwrap()
                 .passed
         );
