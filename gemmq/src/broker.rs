@@ -236,6 +236,7 @@ pub struct ConfirmWindow {
     ch: Channel,
     pending: VecDeque<(PublisherConfirm, String)>,
     limit: usize,
+    confirmed: u64,
 }
 
 impl ConfirmWindow {
@@ -244,6 +245,7 @@ impl ConfirmWindow {
             ch,
             pending: VecDeque::new(),
             limit: limit.max(1),
+            confirmed: 0,
         }
     }
 
@@ -259,6 +261,7 @@ impl ConfirmWindow {
         while self.pending.len() >= self.limit {
             let (confirm, what) = self.pending.pop_front().expect("window is not empty");
             settle(confirm, what).await?;
+            self.confirmed += 1;
         }
         let confirm = publish(&self.ch, exchange, key, body, props, &what).await?;
         self.pending.push_back((confirm, what));
@@ -269,7 +272,14 @@ impl ConfirmWindow {
     pub async fn flush(&mut self) -> Result<(), PublishError> {
         while let Some((confirm, what)) = self.pending.pop_front() {
             settle(confirm, what).await?;
+            self.confirmed += 1;
         }
         Ok(())
+    }
+
+    /// How many messages, in publishing order, the broker has confirmed: after a failure,
+    /// everything from this index on must be published again.
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
     }
 }

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use gemmq::broker::{Broker, ConfirmWindow, persistent};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job::{self, Announced};
@@ -19,7 +19,7 @@ use gemmq::topology::{self, TASK_KEY};
 use gemmq::{DType, Plan};
 use ndarray::Array2;
 use serde::Deserialize;
-use tracing::info;
+use tracing::{info, warn};
 
 /// What to multiply and how to cut it. Every flag also reads the environment variable shown and
 /// the `[producer]` section of the config file.
@@ -216,13 +216,106 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         created_ms: unix_ms(),
     };
     let broker = Broker::new(&s.broker, &format!("gemmq-producer {}", s.job_id))?;
-    let ch = broker
-        .confirm_channel()
-        .await
-        .context("connecting to RabbitMQ")?;
     let topo = s.broker.topology();
-    topo.declare(&ch).await?;
-    let announced = job::announce(&ch, &topo, &manifest).await?;
+    let started = Instant::now();
+    // Tasks are published in plan order and confirmed in order, so after a lost connection the
+    // publishing resumes at the first task not confirmed. Tasks published twice are harmless:
+    // the collector keeps one result per tile.
+    let (mut confirmed, mut bytes, mut failures) = (0u64, 0u64, 0u32);
+    let mut announced = None;
+    loop {
+        let attempt = async {
+            let ch = broker
+                .confirm_channel()
+                .await
+                .context("connecting to RabbitMQ")?;
+            topo.declare(&ch).await?;
+            let first = job::announce(&ch, &topo, &manifest).await?;
+            if announced.is_none() {
+                announced = Some(first);
+                log_announced(&manifest, first);
+            }
+            let mut window = ConfirmWindow::new(ch.clone(), s.confirm_window);
+            let r = match (&a, &b) {
+                (Matrix::F32(a), Matrix::F32(b)) => {
+                    publish_tasks(&mut window, &topo, &manifest, a, b, confirmed, &mut bytes).await
+                }
+                (Matrix::F64(a), Matrix::F64(b)) => {
+                    publish_tasks(&mut window, &topo, &manifest, a, b, confirmed, &mut bytes).await
+                }
+                _ => Err(anyhow::anyhow!("A and B have different dtypes")),
+            };
+            let r = match r {
+                Ok(()) => window
+                    .flush()
+                    .await
+                    .context("waiting for the last confirms"),
+                Err(e) => Err(e),
+            };
+            confirmed += window.confirmed();
+            let _ = ch.close(200, "done".into()).await;
+            r
+        };
+        match attempt.await {
+            Ok(()) => break,
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) => {
+                failures += 1;
+                if failures > 10 {
+                    return Err(e.context("giving up after 10 lost connections"));
+                }
+                warn!(
+                    error = %format!("{e:#}"), confirmed, total = manifest.plan.tasks(),
+                    "publishing interrupted; reconnecting to publish the unconfirmed tasks again"
+                );
+            }
+        }
+    }
+    let p = &manifest.plan;
+    let secs = started.elapsed().as_secs_f64();
+    info!(
+        job = %manifest.job,
+        tasks = p.tasks(),
+        mib = bytes as f64 / (1 << 20) as f64,
+        seconds = secs,
+        mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+        "all tasks published and confirmed"
+    );
+    Ok(Receipt {
+        tasks: p.tasks(),
+        bytes,
+        announced: announced.unwrap_or(Announced::New),
+        manifest,
+    })
+}
+
+/// Errors that reconnecting cannot fix.
+fn is_fatal(e: &anyhow::Error) -> bool {
+    use gemmq::broker::BrokerError;
+    use gemmq::topology::TopologyError;
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<BrokerError>(),
+            Some(
+                BrokerError::Unreachable { .. }
+                    | BrokerError::AccessRefused { .. }
+                    | BrokerError::Pool(_)
+            )
+        ) || matches!(
+            c.downcast_ref::<TopologyError>(),
+            Some(TopologyError::Mismatch { .. })
+        ) || matches!(
+            c.downcast_ref::<job::JobError>(),
+            Some(
+                job::JobError::Conflict(_)
+                    | job::JobError::BadManifest { .. }
+                    | job::JobError::Topology(TopologyError::Mismatch { .. })
+            )
+        )
+    })
+}
+
+fn log_announced(manifest: &Manifest, announced: Announced) {
     let p = &manifest.plan;
     match announced {
         Announced::New => info!(
@@ -235,38 +328,6 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             "job already announced with the same plan; publishing its tasks again (the collector keeps one result per tile)"
         ),
     }
-
-    let started = Instant::now();
-    let mut window = ConfirmWindow::new(ch.clone(), s.confirm_window);
-    let bytes = match (&a, &b) {
-        (Matrix::F32(a), Matrix::F32(b)) => {
-            publish_tasks(&mut window, &topo, &manifest, a, b).await?
-        }
-        (Matrix::F64(a), Matrix::F64(b)) => {
-            publish_tasks(&mut window, &topo, &manifest, a, b).await?
-        }
-        _ => bail!("A and B have different dtypes"),
-    };
-    window
-        .flush()
-        .await
-        .context("waiting for the last confirms")?;
-    let secs = started.elapsed().as_secs_f64();
-    info!(
-        job = %manifest.job,
-        tasks = p.tasks(),
-        mib = bytes as f64 / (1 << 20) as f64,
-        seconds = secs,
-        mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
-        "all tasks published and confirmed"
-    );
-    let _ = ch.close(200, "done".into()).await;
-    Ok(Receipt {
-        tasks: p.tasks(),
-        bytes,
-        announced,
-        manifest,
-    })
 }
 
 async fn publish_tasks<T: Element>(
@@ -275,11 +336,12 @@ async fn publish_tasks<T: Element>(
     manifest: &Manifest,
     a: &Array2<T>,
     b: &Array2<T>,
-) -> Result<u64> {
+    skip: u64,
+    bytes: &mut u64,
+) -> Result<()> {
     let plan = &manifest.plan;
     let exchange = topo.tasks_exchange();
-    let mut bytes = 0;
-    for tile in plan.task_ids() {
+    for tile in plan.task_ids().skip(skip as usize) {
         let header = Header::Task(TaskHeader {
             job: manifest.job.clone(),
             tile,
@@ -289,7 +351,7 @@ async fn publish_tasks<T: Element>(
             depth: plan.depth(tile.part).len() as u32,
         });
         let body = message::encode(&header, &[&matrix::task_payload(a, b, plan, tile)]);
-        bytes += body.len() as u64;
+        *bytes += body.len() as u64;
         let id = format!("{}/{}/{}/{}", manifest.job, tile.row, tile.col, tile.part);
         window
             .publish(
@@ -303,5 +365,5 @@ async fn publish_tasks<T: Element>(
             .with_context(|| format!("publishing task {tile} of job {}", manifest.job))?;
         info!(job = %manifest.job, %tile, bytes = body.len(), "task published");
     }
-    Ok(bytes)
+    Ok(())
 }

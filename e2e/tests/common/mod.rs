@@ -185,3 +185,131 @@ pub fn max_error_against_local_product(env: &Env, job: &str, (m, k, n): (u64, u6
         .iter()
         .fold(0.0f64, |acc, d| acc.max(d.abs()))
 }
+
+/// A compiled gemmq program: `target/<profile>/<name>`, next to this test's own directory.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("the test knows its path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    if !path.exists() {
+        // `cargo test -p gemmq-e2e` alone does not build the other packages' binaries.
+        BUILD.call_once(|| {
+            let ok = std::process::Command::new(env!("CARGO"))
+                .args(["build", "--bins"])
+                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "cargo build --bins failed");
+        });
+    }
+    path
+}
+
+/// A gemmq program running as its own process, with its log in the test's directory.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+    pub name: String,
+}
+
+impl Env {
+    /// Starts `program` with this test's namespace and broker settings.
+    pub fn spawn(&self, program: &str, name: &str, args: &[&str]) -> Proc {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("a log file");
+        let mut cmd = std::process::Command::new(bin(program));
+        cmd.args(args)
+            .env("GEMMQ_NAMESPACE", &self.ns)
+            .env(
+                "GEMMQ_RETRY_DELAY",
+                format!("{}ms", self.broker.retry_delay.as_millis()),
+            )
+            .env(
+                "GEMMQ_MAX_MESSAGE_BYTES",
+                self.broker.max_message_bytes.to_string(),
+            )
+            .env("GEMMQ_CONNECT_TIMEOUT", "30s")
+            .env("RUST_LOG", "info")
+            .env_remove("GEMMQ_CONFIG")
+            .current_dir(self.dir.path())
+            .stdout(file.try_clone().expect("a log file"))
+            .stderr(file);
+        Proc {
+            child: cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {program}: {e}")),
+            log,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Proc {
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} {}", self.name);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until the log has `n` lines containing `needle`.
+    pub async fn wait_for(&self, needle: &str, n: usize, within: Duration) {
+        let started = std::time::Instant::now();
+        while self.count(needle) < n {
+            assert!(
+                started.elapsed() < within,
+                "{} did not log {n}× {needle:?} within {within:?}:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to exit and returns its status code.
+    pub async fn wait(&mut self, within: Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for a child") {
+                return status.code();
+            }
+            if started.elapsed() > within {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not exit within {within:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads a finished job's summary.json.
+pub fn summary_json(env: &Env, job: &str) -> serde_json::Value {
+    let path = env.dir.path().join(job).join("summary.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("summary.json is JSON")
+}

@@ -1,0 +1,283 @@
+//! Real faults against the real broker: killed workers, killed collectors, a producer killed
+//! mid-publish, graceful shutdown. Each ends with C checked against A·B, every tile once.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{Env, Proc, summary_json};
+use gemmq::config::BrokerOptions;
+use gemmq_collector::Status;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+
+/// See pipeline.rs: k²·ε for k ≤ 300 in f64 is ~2e-11.
+const TOLERANCE: f64 = 1e-10;
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn journal(env: &Env, job: &str) -> PathBuf {
+    gemmq_collector::checkpoint_dir(&env.dir.path().join(job), job).join("journal")
+}
+
+async fn wait_for_journal(env: &Env, job: &str, lines: usize) {
+    let started = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(journal(env, job)).map_or(0, |t| t.lines().count());
+        if n >= lines {
+            return;
+        }
+        assert!(
+            started.elapsed() < MINUTE,
+            "the collector journaled only {n} lines"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn collector_proc(env: &Env, job: &str, name: &str) -> Proc {
+    env.spawn(
+        "gemmq-collector",
+        name,
+        &["--job-id", job, "--out", job, "--idle-timeout", "60s"],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_mid_task_loses_nothing_and_others_finish_its_work() {
+    let mut env = Env::new("killworker");
+    let job = "killworker";
+    let doomed = env.spawn(
+        "gemmq-consumer",
+        "doomed",
+        &[
+            "--worker-id",
+            "doomed",
+            "--queue-size",
+            "5",
+            "--delay",
+            "10s",
+        ],
+    );
+    gemmq_producer::run(&env.producer(job, (128, 64, 128), 32))
+        .await
+        .unwrap();
+    doomed.wait_for("task received", 5, MINUTE).await;
+    doomed.signal("KILL");
+
+    env.spawn_consumer(env.consumer("survivor"));
+    let summary = gemmq_collector::run(&env.collector(job), env.stop.clone())
+        .await
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(
+        summary.workers["survivor"].tasks, 16,
+        "the survivor computed every tile, including the 5 the dead worker held"
+    );
+    assert!(summary.verification.unwrap().passed);
+    let err = common::max_error_against_local_product(&env, job, (128, 64, 128));
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_killed_mid_job_resumes_from_its_checkpoint_and_adds_each_part_once() {
+    // k is split (64 KiB messages) so the crash can fall between the parts of a tile.
+    let opts = BrokerOptions {
+        max_message_bytes: Some(bytesize::ByteSize::kib(64)),
+        ..Default::default()
+    };
+    let mut env = Env::with_broker("killcollector", opts);
+    let job = "killcollector";
+    let shape = (256, 300, 256);
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.delay = "10ms".parse().unwrap();
+        env.spawn_consumer(s);
+    }
+    let mut first = collector_proc(&env, job, "collector-1");
+    let receipt = gemmq_producer::run(&env.producer(job, shape, 32))
+        .await
+        .unwrap();
+    assert!(receipt.manifest.plan.parts() > 1);
+    wait_for_journal(&env, job, 60).await;
+    first.signal("KILL");
+    first.wait(MINUTE).await;
+
+    let mut second = collector_proc(&env, job, "collector-2");
+    assert_eq!(second.wait(MINUTE).await, Some(0), "{}", second.log());
+    assert!(
+        second.log().contains("resuming from the checkpoint"),
+        "{}",
+        second.log()
+    );
+    let summary = summary_json(&env, job);
+    assert_eq!(summary["status"], "complete");
+    assert_eq!(summary["tasks_done"], receipt.tasks);
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(
+        err <= TOLERANCE,
+        "max |C - A·B| = {err:e}: a part was lost or added twice"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_collector_takes_over_when_the_active_one_dies() {
+    let mut env = Env::new("standby");
+    let job = "standby";
+    let shape = (256, 64, 256);
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.delay = "50ms".parse().unwrap();
+        env.spawn_consumer(s);
+    }
+    let mut active = collector_proc(&env, job, "active");
+    gemmq_producer::run(&env.producer(job, shape, 32))
+        .await
+        .unwrap();
+    active.wait_for("collecting", 1, MINUTE).await;
+    let mut standby = collector_proc(&env, job, "standby");
+    standby.wait_for("standing by", 1, MINUTE).await;
+    wait_for_journal(&env, job, 10).await;
+    active.signal("KILL");
+    active.wait(MINUTE).await;
+
+    assert_eq!(standby.wait(MINUTE).await, Some(0), "{}", standby.log());
+    assert!(standby.log().contains("resuming from the checkpoint"));
+    assert_eq!(summary_json(&env, job)["status"], "complete");
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_producer_killed_mid_publish_and_run_again_completes_the_job_once() {
+    let mut env = Env::new("killproducer");
+    let job = "killproducer";
+    let shape = (512, 128, 512);
+    let args = [
+        "--job-id",
+        job,
+        "--m",
+        "512",
+        "--k",
+        "128",
+        "--n",
+        "512",
+        "--tile",
+        "16",
+        "--seed",
+        "7",
+        "--confirm-window",
+        "1",
+    ];
+    let mut first = env.spawn("gemmq-producer", "producer-1", &args);
+    let ch = env.channel().await;
+    env.topology().declare(&ch).await.unwrap();
+    let queue = env.topology().tasks_queue();
+    let started = Instant::now();
+    loop {
+        let q = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::durable()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if q.is_ok_and(|q| q.message_count() >= 20) {
+            break;
+        }
+        assert!(started.elapsed() < MINUTE, "the producer published nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.signal("KILL");
+    assert_eq!(
+        first.wait(MINUTE).await,
+        None,
+        "killed mid-publish, not finished"
+    );
+
+    let mut second = env.spawn("gemmq-producer", "producer-2", &args);
+    assert_eq!(second.wait(MINUTE).await, Some(0), "{}", second.log());
+    assert!(
+        second
+            .log()
+            .contains("job already announced with the same plan")
+    );
+    for id in ["w1", "w2"] {
+        env.spawn_consumer(env.consumer(id));
+    }
+    let summary = gemmq_collector::run(&env.collector(job), env.stop.clone())
+        .await
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 1024);
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_stops_a_worker_and_a_collector_gracefully_and_nothing_is_lost() {
+    let mut env = Env::new("graceful");
+    let job = "graceful";
+    let shape = (128, 64, 128);
+    let mut worker = env.spawn(
+        "gemmq-consumer",
+        "worker",
+        &[
+            "--worker-id",
+            "graceful",
+            "--queue-size",
+            "4",
+            "--delay",
+            "1s",
+            "--shutdown-timeout",
+            "5s",
+        ],
+    );
+    let mut collector = collector_proc(&env, job, "collector-1");
+    gemmq_producer::run(&env.producer(job, shape, 32))
+        .await
+        .unwrap();
+    worker.wait_for("task received", 4, MINUTE).await;
+    let t = Instant::now();
+    worker.signal("TERM");
+    assert_eq!(worker.wait(MINUTE).await, Some(0), "{}", worker.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the task in hand takes 1 s; the rest are handed back at once"
+    );
+    assert!(
+        worker.log().contains("stopped consuming"),
+        "{}",
+        worker.log()
+    );
+
+    collector.signal("TERM");
+    assert_eq!(collector.wait(MINUTE).await, Some(1));
+    assert!(
+        collector
+            .log()
+            .contains("run the collector again with --job-id graceful to resume"),
+        "{}",
+        collector.log()
+    );
+
+    env.spawn_consumer(env.consumer("w2"));
+    let mut again = collector_proc(&env, job, "collector-2");
+    assert_eq!(again.wait(MINUTE).await, Some(0), "{}", again.log());
+    assert_eq!(summary_json(&env, job)["status"], "complete");
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
