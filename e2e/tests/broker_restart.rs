@@ -1,0 +1,90 @@
+//! The broker restarts mid-job. This stops RabbitMQ for every test on the machine, so it is a
+//! test binary of its own (cargo runs test binaries one after another) with a single test.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Env;
+use gemmq_collector::Status;
+
+const TOLERANCE: f64 = 1e-10;
+
+fn rabbitmqctl(args: &[&str]) {
+    let ok = Command::new("rabbitmqctl")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "rabbitmqctl {args:?} failed");
+}
+
+/// Starts the broker again even if the test fails while it is stopped.
+struct Restart;
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_restart_mid_job_loses_nothing_and_doubles_nothing() {
+    let mut env = Env::new("restart");
+    let job = "restart";
+    let shape = (512, 128, 512);
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.delay = "5ms".parse().unwrap();
+        env.spawn_consumer(s);
+    }
+    let c = env.collector(job);
+    let stop = env.stop.clone();
+    let collector = tokio::spawn(async move { gemmq_collector::run(&c, stop).await });
+    // Small confirm window and small tiles: the producer is still publishing when the broker goes.
+    let mut p = env.producer(job, shape, 16);
+    p.confirm_window = 1;
+    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+
+    let journal = gemmq_collector::checkpoint_dir(&env.dir.path().join(job), job).join("journal");
+    let started = Instant::now();
+    while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 50 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no progress before the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let guard = Restart;
+    rabbitmqctl(&["stop_app"]);
+    let still_publishing = !producer.is_finished();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    rabbitmqctl(&["start_app"]);
+    std::mem::forget(guard);
+
+    let receipt = tokio::time::timeout(Duration::from_secs(120), producer)
+        .await
+        .expect("the producer finishes after the restart")
+        .unwrap()
+        .expect("the producer reconnects and publishes what was not confirmed");
+    let summary = tokio::time::timeout(Duration::from_secs(120), collector)
+        .await
+        .expect("the collector finishes after the restart")
+        .unwrap()
+        .expect("the collector reconnects");
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, receipt.tasks);
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    let stats = env.stop_consumers().await;
+    let reconnects: u64 = stats
+        .iter()
+        .map(|s| s.connections.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(
+        reconnects >= 4,
+        "both workers connected again after the restart: {reconnects}"
+    );
+    eprintln!("producer was still publishing at the restart: {still_publishing}");
+    env.cleanup(&[job]).await;
+}
