@@ -112,3 +112,35 @@ fn an_unreachable_broker_is_retried_then_reported_with_what_to_do() {
     );
     assert!(err.contains("rabbitmq-server -detached"), "{err}");
 }
+
+#[test]
+fn nan_or_infinite_inputs_are_refused_as_the_documented_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = generate(4, 5, 6, DType::F64, 1);
+    let gemmq::matrix::Matrix::F64(mut bad) = b else {
+        unreachable!()
+    };
+    bad[(2, 3)] = f64::INFINITY;
+    a.write_npy(&dir.path().join("A.npy")).unwrap();
+    gemmq::matrix::Matrix::F64(bad)
+        .write_npy(&dir.path().join("B.npy"))
+        .unwrap();
+    let (a, b) = (dir.path().join("A.npy"), dir.path().join("B.npy"));
+    let o = producer(&["--a", a.to_str().unwrap(), "--b", b.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("B holds NaN or infinite values"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_file_that_is_not_an_npy_matrix_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("A.npy");
+    std::fs::write(&a, b"definitely not numpy").unwrap();
+    let o = producer(&["--a", a.to_str().unwrap(), "--b", a.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("A.npy"), "{}", stderr(&o));
+}

@@ -1,0 +1,207 @@
+//! Bad messages never crash a program, never block the queue and are never lost silently:
+//! a bad task is parked with a reason that names the problem, a bad result is dropped and counted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Env, run_job};
+use gemmq::DType;
+use gemmq::TileId;
+use gemmq::message::{self, Header, ResultHeader, TaskHeader};
+use gemmq::topology::{TASK_KEY, header_str};
+use gemmq_collector::Status;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+
+fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
+    Header::Task(TaskHeader {
+        job: job.into(),
+        tile: TileId {
+            row: 0,
+            col: 0,
+            part: 0,
+        },
+        dtype: DType::F64,
+        rows,
+        cols,
+        depth,
+    })
+}
+
+async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body,
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::durable()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_tasks_are_parked_with_the_problem_named_and_the_worker_carries_on() {
+    let mut env = Env::new("badtasks");
+    let topo = env.topology();
+    let ch = env.channel().await;
+    topo.declare(&ch).await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+
+    let mut wrong_version = message::encode(&task("j", 1, 1, 1), &[&[0u8; 16]]);
+    wrong_version[3] = 9;
+    let mut bad_json = b"GMQ\x01".to_vec();
+    bad_json.extend_from_slice(&5u32.to_le_bytes());
+    bad_json.extend_from_slice(b"{nope");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            b"{\"a\": [[1, 2]], \"b\": [[3], [4]]}".to_vec(),
+            "not a gemmq message",
+        ),
+        (wrong_version, "unsupported message version 9"),
+        (
+            message::encode(&task("j", 2, 2, 2), &[&[0u8; 10]]),
+            "payload is 10 bytes but the header's dimensions need 64",
+        ),
+        (
+            message::encode(&task("j", u32::MAX, u32::MAX, 1), &[]),
+            "would exceed",
+        ),
+        (bad_json, "malformed header"),
+        (
+            message::encode(&task("no spaces allowed", 1, 1, 1), &[&[0u8; 16]]),
+            "job",
+        ),
+    ];
+    for (body, _) in &cases {
+        publish(&ch, &topo.tasks_exchange(), TASK_KEY, body).await;
+    }
+    env.spawn_consumer(env.consumer("w1"));
+
+    // The same worker then computes a whole job: bad tasks did not stop it.
+    let (_, summary) = run_job(&env, "after", (64, 32, 64), 32).await;
+    assert_eq!(summary.status, Status::Complete);
+
+    let mut reasons = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            topo.parked_queue().as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        reasons.push(header_str(&m.delivery.properties, "x-gemmq-reason").unwrap_or_default());
+    }
+    assert_eq!(
+        reasons.len(),
+        cases.len(),
+        "every bad task is in the parking lot: {reasons:#?}"
+    );
+    for (_, says) in &cases {
+        assert!(
+            reasons.iter().any(|r| r.contains(says)),
+            "no parked reason mentions {says:?}: {reasons:#?}"
+        );
+    }
+    env.stop_consumers().await;
+    env.cleanup(&["after"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_for_a_job_that_no_longer_exists_is_dropped_not_retried_forever() {
+    let mut env = Env::new("nojob");
+    let topo = env.topology();
+    let ch = env.channel().await;
+    topo.declare(&ch).await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let body = message::encode(&task("finished-long-ago", 1, 1, 1), &[&[0u8; 16]]);
+    publish(&ch, &topo.tasks_exchange(), TASK_KEY, &body).await;
+    env.spawn_consumer(env.consumer("w1"));
+
+    let started = Instant::now();
+    while message_count(&ch, &topo.tasks_queue()).await
+        + message_count(&ch, &topo.retry_queue()).await
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the task was never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = env.stop_consumers().await;
+    assert_eq!(
+        stats[0].parked.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        stats[0].retried.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(message_count(&ch, &topo.tasks_queue()).await, 0);
+    env.cleanup(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_completes() {
+    let mut env = Env::new("badresults");
+    let topo = env.topology();
+    let job = "badresults";
+    let ch = env.channel().await;
+    topo.declare(&ch).await.unwrap();
+    topo.declare_job(&ch, job).await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let result = |job: &str, row: u32, rows: u32| {
+        Header::Result(ResultHeader {
+            job: job.into(),
+            tile: TileId {
+                row,
+                col: 0,
+                part: 0,
+            },
+            dtype: DType::F64,
+            rows,
+            cols: 32,
+            worker: "liar".into(),
+            attempt: 1,
+            compute_micros: 0,
+        })
+    };
+    let junk = [
+        b"garbage".to_vec(),
+        message::encode(&result(job, 7, 32), &[&vec![0u8; 32 * 32 * 8]]), // no row 7 in a 2x2 grid
+        message::encode(&result(job, 0, 31), &[&vec![0u8; 31 * 32 * 8]]), // tile 0 has 32 rows
+        message::encode(&result("some-other-job", 0, 32), &[&vec![0u8; 32 * 32 * 8]]),
+    ];
+    for body in &junk {
+        publish(&ch, &topo.results_exchange(), job, body).await;
+    }
+    env.spawn_consumer(env.consumer("w1"));
+    let (_, summary) = run_job(&env, job, (64, 32, 64), 32).await;
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.rejected_messages, 4);
+    assert!(
+        summary.verification.unwrap().passed,
+        "no junk made it into C"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
