@@ -253,6 +253,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
             Err(Stop::Fatal(e)) => return Err(e),
             Err(Stop::Lost(e)) => {
                 warn!(error = %format!("{e:#}"), "lost the broker; reconnecting (unacked results will be delivered again)");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
@@ -321,11 +322,24 @@ async fn collect(
 ) -> Result<Collected, Stop> {
     let lost =
         |what: &'static str| move |e: lapin::Error| Stop::Lost(anyhow::Error::new(e).context(what));
-    let ch = broker.channel().await.map_err(|e| Stop::Fatal(e.into()))?;
-    topo.declare(&ch).await.map_err(|e| Stop::Fatal(e.into()))?;
+    let ch = broker.channel().await.map_err(|e| {
+        if e.is_permanent() {
+            Stop::Fatal(e.into())
+        } else {
+            Stop::Lost(e.into())
+        }
+    })?;
+    let topology_failed = |e: gemmq::topology::TopologyError| {
+        if e.is_permanent() {
+            Stop::Fatal(e.into())
+        } else {
+            Stop::Lost(e.into())
+        }
+    };
+    topo.declare(&ch).await.map_err(topology_failed)?;
     topo.declare_job(&ch, &manifest.job)
         .await
-        .map_err(|e| Stop::Fatal(e.into()))?;
+        .map_err(topology_failed)?;
     ch.basic_qos(s.prefetch, BasicQosOptions { global: false })
         .await
         .map_err(lost("setting the prefetch"))?;

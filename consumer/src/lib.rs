@@ -189,6 +189,9 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
             Err(Stop::Fatal(e)) => return Err(e),
             Err(Stop::Lost(e)) if !shutdown.is_cancelled() => {
                 warn!(parent: &span, error = %format!("{e:#}"), "lost the broker; reconnecting (unacked tasks return to the queue)");
+                // The pool backs off while the broker is down; this keeps a channel that fails
+                // right after connecting from spinning.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(Stop::Lost(_)) => break,
         }
@@ -232,13 +235,20 @@ async fn serve(
         .connection()
         .await
         .map_err(|e: BrokerError| Stop::Fatal(e.into()))?;
+    let topology_failed = |e: gemmq::topology::TopologyError| {
+        if e.is_permanent() {
+            Stop::Fatal(e.into())
+        } else {
+            Stop::Lost(e.into())
+        }
+    };
     let lost =
         |what: &'static str| move |e: lapin::Error| Stop::Lost(anyhow::Error::new(e).context(what));
     let ch = conn
         .create_channel()
         .await
         .map_err(lost("opening a channel"))?;
-    topo.declare(&ch).await.map_err(|e| Stop::Fatal(e.into()))?;
+    topo.declare(&ch).await.map_err(topology_failed)?;
     // global = false: per-consumer prefetch. Global QoS is not implemented for quorum queues and
     // would close the connection.
     ch.basic_qos(s.queue_size, BasicQosOptions { global: false })

@@ -38,6 +38,14 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
+impl BrokerError {
+    /// Whether trying again cannot help: the broker stayed unreachable for the whole connect
+    /// timeout, refused the credentials, or the pool could not be built.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, BrokerError::Amqp(_))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("publishing {what}: {source}")]

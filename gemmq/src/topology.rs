@@ -62,6 +62,13 @@ pub enum TopologyError {
     },
 }
 
+impl TopologyError {
+    /// Whether redeclaring cannot help (the arguments differ), as opposed to a lost connection.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, TopologyError::Mismatch { .. })
+    }
+}
+
 /// Checks that a namespace or job id is usable in queue names and readable in the UI.
 pub fn check_name(what: &'static str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
