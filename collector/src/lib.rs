@@ -11,6 +11,7 @@
 //! and why); 4 C failed verification; 2 bad settings; 1 any other error.
 
 mod progress;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -442,6 +443,10 @@ fn apply(
     let applied = match &frame.header {
         Header::Result(h) => asm.apply_result(h, frame.payload),
         Header::Parked(n) => asm.apply_parked(n),
+        Header::Failed(n) => {
+            asm.apply_failure(n);
+            return Ok(0);
+        }
         Header::Task(_) => {
             warn!("a task on the results queue dropped");
             return Ok(1);
@@ -473,6 +478,7 @@ fn tile_of(h: &Header) -> TileId {
         Header::Task(t) => t.tile,
         Header::Result(r) => r.tile,
         Header::Parked(p) => p.tile,
+        Header::Failed(f) => f.tile,
     }
 }
 
@@ -615,7 +621,7 @@ fn report(s: &Summary) {
         error!(tile = %p.tile, attempts = p.attempts, worker = %p.worker, reason = %p.reason, "missing: tile parked");
     }
     for (w, t) in &s.workers {
-        info!(worker = %w, tasks = t.tasks, compute_s = format!("{:.2}", t.compute_seconds), "per worker");
+        info!(worker = %w, tasks = t.tasks, failures = t.failures, compute_s = format!("{:.2}", t.compute_seconds), "per worker");
     }
 }
 

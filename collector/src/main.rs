@@ -18,12 +18,27 @@ use gemmq_collector::{CollectorOptions, Settings};
 ///
 /// Settings: flag > environment variable > config file (config/gemmq.toml) > default.
 #[derive(Parser, Debug)]
-#[command(name = "gemmq-collector", version, about, long_about)]
+#[command(
+    name = "gemmq-collector",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     common: CommonArgs,
     #[command(flatten)]
     options: CollectorOptions,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Show the live workers (from their heartbeats) and the queues' ready/unacked/consumer
+    /// figures (from the management API); `--once --json` prints one snapshot for scripts
+    Status(gemmq_collector::status::StatusArgs),
 }
 
 #[tokio::main]
@@ -31,6 +46,15 @@ async fn main() -> ExitCode {
     gemmq::telemetry::init();
     let cli = Cli::parse();
     let shutdown = gemmq::shutdown::on_signals();
+    if let Some(Command::Status(args)) = cli.command {
+        return match gemmq_collector::status::run(args, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("{err:#}");
+                ExitCode::from(gemmq::config::exit_code(err.as_ref()))
+            }
+        };
+    }
     let result = async {
         let (file, broker) = cli.common.load()?;
         let settings = Settings::resolve(cli.options, &file, broker)?;

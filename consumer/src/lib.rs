@@ -15,6 +15,8 @@
 //! * **Graceful shutdown.** On SIGTERM the consumer stops taking tasks, lets the ones being
 //!   computed finish (up to a timeout), returns the ones not started, and closes.
 
+mod heartbeat;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,16 +25,17 @@ use anyhow::Result;
 use futures_util::StreamExt;
 use gemmq::broker::{self, Broker, BrokerError, persistent, publish_confirmed};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, DurationRange, Layered};
+use gemmq::events::WorkerState;
 use gemmq::matrix;
 use gemmq::message::{self, Header, ParkedNotice, ResultHeader, TaskHeader, kind};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
-use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -69,6 +72,11 @@ pub struct ConsumerOptions {
     #[arg(long, env = "GEMMQ_SHUTDOWN_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
+    /// Interval between status heartbeats on the events exchange (`gemmq-collector status`
+    /// shows them; a worker silent for 3 intervals is dropped from the view) [default: 2s]
+    #[arg(long, env = "GEMMQ_HEARTBEAT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat: Option<Duration>,
 }
 
 gemmq::layered!(ConsumerOptions {
@@ -78,7 +86,8 @@ gemmq::layered!(ConsumerOptions {
     delay,
     max_attempts,
     worker_id,
-    shutdown_timeout
+    shutdown_timeout,
+    heartbeat
 });
 
 #[derive(Debug, Clone)]
@@ -91,6 +100,7 @@ pub struct Settings {
     pub max_attempts: u32,
     pub worker_id: String,
     pub shutdown_timeout: Duration,
+    pub heartbeat: Duration,
 }
 
 impl Settings {
@@ -109,7 +119,11 @@ impl Settings {
             max_attempts: o.max_attempts.unwrap_or(5),
             worker_id: o.worker_id.unwrap_or_else(broker::default_worker_id),
             shutdown_timeout: o.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
+            heartbeat: o.heartbeat.unwrap_or(gemmq::events::DEFAULT_HEARTBEAT),
         };
+        if s.heartbeat < Duration::from_millis(100) {
+            return Err(ConfigError::invalid("heartbeat", "must be at least 100ms"));
+        }
         if s.queue_size == 0 {
             return Err(ConfigError::invalid(
                 "queue-size",
@@ -160,6 +174,8 @@ pub struct Stats {
     /// the prefetch bound as this worker saw it.
     pub held: AtomicU64,
     pub max_held: AtomicU64,
+    /// Floating-point operations of the tiles computed, for the heartbeat's GFLOP/s.
+    pub flops: AtomicU64,
 }
 
 impl Stats {
@@ -173,6 +189,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
     let broker = Broker::new(&s.broker, &format!("gemmq-consumer {}", s.worker_id))?;
     let topo = s.broker.topology();
     let stats = Arc::new(Stats::default());
+    let started = Instant::now();
     let span = info_span!("consumer", worker = %s.worker_id);
     info!(
         parent: &span,
@@ -181,7 +198,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         "worker starting"
     );
     loop {
-        match serve(&broker, &topo, s, &stats, &shutdown)
+        match serve(&broker, &topo, s, &stats, &shutdown, started)
             .instrument(span.clone())
             .await
         {
@@ -230,6 +247,7 @@ async fn serve(
     s: &Settings,
     stats: &Arc<Stats>,
     shutdown: &CancellationToken,
+    started: Instant,
 ) -> Result<(), Stop> {
     let conn = broker
         .connection()
@@ -262,7 +280,21 @@ async fn serve(
         .confirm_select(Default::default())
         .await
         .map_err(lost("enabling publisher confirms"))?;
+    let events = conn
+        .create_channel()
+        .await
+        .map_err(lost("opening a channel"))?;
     drop(conn);
+    let beat = Arc::new(heartbeat::Heartbeat::new(
+        events,
+        topo.clone(),
+        s.clone(),
+        stats.clone(),
+        started,
+    ));
+    // A JoinSet aborts its tasks when dropped: the ticker dies with this connection.
+    let mut ticker = JoinSet::new();
+    ticker.spawn(beat.clone().tick());
     let tag = format!("gemmq-consumer:{}", s.worker_id);
     let mut consumer = ch
         .basic_consume(
@@ -290,6 +322,8 @@ async fn serve(
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                ticker.abort_all();
+                beat.send(WorkerState::Stopping).await;
                 let in_flight = handlers.len();
                 let drain = async { while handlers.join_next().await.is_some() {} };
                 if tokio::time::timeout(s.shutdown_timeout, drain).await.is_err() {
@@ -298,6 +332,8 @@ async fn serve(
                 }
                 let _ = ch.close(200, "worker shutting down".into()).await;
                 let _ = ctx.publisher.close(200, "worker shutting down".into()).await;
+                beat.send(WorkerState::Stopped).await;
+                beat.close().await;
                 info!(in_flight, "stopped consuming; unfinished tasks were returned to the queue");
                 return Ok(());
             }
@@ -399,6 +435,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
                 retry_in = ?ctx.topo.retry_delay(), %reason,
                 "task failed; retrying through the retry queue"
             );
+            notify_failure(ctx, &task, attempt, &reason).await;
             // requeue = false dead-letters it to the retry queue; the broker records the attempt.
             match delivery
                 .acker
@@ -498,6 +535,8 @@ async fn send_result(
         Ok(()) => {
             ack(delivery, Some(tile)).await;
             Stats::bump(&ctx.stats.done);
+            let flops = 2 * task.rows as u64 * task.cols as u64 * task.depth as u64;
+            ctx.stats.flops.fetch_add(flops, Ordering::Relaxed);
             info!(job = %task.job, %tile, attempt, ms = micros / 1000, "task done");
         }
         Err(e) if e.is_unroutable() => {
@@ -517,6 +556,32 @@ async fn send_result(
                 .await;
         }
     }
+}
+
+/// Tells the collector which worker failed, for its report. Not waited for: the report is not
+/// worth slowing a retry.
+async fn notify_failure(ctx: &Ctx, task: &TaskHeader, attempt: u32, reason: &str) {
+    let notice = Header::Failed(message::FailureNotice {
+        job: task.job.clone(),
+        tile: task.tile,
+        reason: reason.to_string(),
+        attempt,
+        worker: ctx.settings.worker_id.clone(),
+    });
+    let body = message::encode(&notice, &[]);
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_type(kind::FAILED.into());
+    let _ = ctx
+        .publisher
+        .basic_publish(
+            ctx.topo.results_exchange().as_str().into(),
+            task.job.as_str().into(),
+            Default::default(),
+            &body,
+            props,
+        )
+        .await;
 }
 
 /// Copies the task to the parking lot with its reason, tells the collector, then acks.

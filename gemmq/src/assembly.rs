@@ -34,7 +34,7 @@ use ndarray_npy::{ViewMutNpyExt, ViewNpyExt};
 use serde::Serialize;
 
 use crate::matrix::{Element, MatrixView, from_le};
-use crate::message::{DType, ParkedNotice, ResultHeader};
+use crate::message::{DType, FailureNotice, ParkedNotice, ResultHeader};
 use crate::{Plan, TileId};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,10 @@ pub enum Applied {
 /// Per-worker tally for the summary.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct WorkerTally {
+    /// Tasks whose (first) result came from this worker.
     pub tasks: u64,
+    /// Attempts that failed on this worker and were retried.
+    pub failures: u64,
     pub compute_seconds: f64,
 }
 
@@ -249,6 +252,9 @@ impl Assembly {
                 Record::Complete { row, col } => {
                     self.complete.insert((row, col));
                 }
+                Record::Failed { worker } => {
+                    self.workers.entry(worker).or_default().failures += 1;
+                }
                 Record::Parked(n) => {
                     if self.plan.contains(n.tile) && !self.received.contains(&n.tile) {
                         self.parked.insert(n.tile, n);
@@ -370,6 +376,17 @@ impl Assembly {
         self.pending
             .push_str(&Record::Parked(notice.clone()).to_line());
         Ok(Applied::Parked)
+    }
+
+    /// Counts a failed attempt against its worker (for the report; it changes nothing in C).
+    pub fn apply_failure(&mut self, n: &FailureNotice) {
+        self.workers.entry(n.worker.clone()).or_default().failures += 1;
+        self.pending.push_str(
+            &Record::Failed {
+                worker: n.worker.clone(),
+            }
+            .to_line(),
+        );
     }
 
     /// Makes everything applied so far durable: C's pages, then the journal. Ack after this.
@@ -550,6 +567,9 @@ enum Record {
         col: u32,
     },
     Parked(ParkedNotice),
+    Failed {
+        worker: String,
+    },
 }
 
 impl Record {
@@ -567,6 +587,7 @@ impl Record {
                 )
             }
             Record::Complete { row, col } => format!("C {row} {col}\n"),
+            Record::Failed { worker } => format!("F {worker}\n"),
             Record::Parked(n) => format!(
                 "P {} {} {} {} {} {}\n",
                 n.tile.row,
@@ -599,6 +620,9 @@ impl Record {
                     worker,
                 })
             }
+            "F" => Some(Record::Failed {
+                worker: f.next()?.to_string(),
+            }),
             "C" => Some(Record::Complete {
                 row: num()? as u32,
                 col: num()? as u32,

@@ -26,6 +26,7 @@
 pub mod assembly;
 pub mod broker;
 pub mod config;
+pub mod events;
 pub mod job;
 pub mod matrix;
 pub mod message;

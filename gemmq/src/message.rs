@@ -30,6 +30,7 @@ pub mod kind {
     pub const TASK: &str = "gemmq.task";
     pub const RESULT: &str = "gemmq.result";
     pub const PARKED: &str = "gemmq.parked";
+    pub const FAILED: &str = "gemmq.failed";
     pub const MANIFEST: &str = "gemmq.manifest";
 }
 
@@ -159,12 +160,25 @@ pub struct ParkedNotice {
     pub worker: String,
 }
 
+/// Tells the collector that an attempt failed and the task will be retried, so the job's
+/// report can say which worker failed how often.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureNotice {
+    pub job: String,
+    pub tile: TileId,
+    pub reason: String,
+    pub attempt: u32,
+    pub worker: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Header {
     Task(TaskHeader),
     Result(ResultHeader),
     Parked(ParkedNotice),
+    Failed(FailureNotice),
 }
 
 impl Header {
@@ -173,6 +187,7 @@ impl Header {
             Header::Task(_) => "task",
             Header::Result(_) => "result",
             Header::Parked(_) => "parked",
+            Header::Failed(_) => "failure notice",
         }
     }
 
@@ -181,6 +196,7 @@ impl Header {
             Header::Task(h) => &h.job,
             Header::Result(h) => &h.job,
             Header::Parked(h) => &h.job,
+            Header::Failed(h) => &h.job,
         }
     }
 
@@ -190,7 +206,7 @@ impl Header {
         let (rows, cols, depth, dtype) = match self {
             Header::Task(h) => (h.rows, h.cols, Some(h.depth), h.dtype),
             Header::Result(h) => (h.rows, h.cols, None, h.dtype),
-            Header::Parked(_) => return Ok(0),
+            Header::Parked(_) | Header::Failed(_) => return Ok(0),
         };
         let desc = match depth {
             Some(d) => format!("{rows}x{d} · {d}x{cols}"),

@@ -10,6 +10,7 @@
 //! {ns}.parked                               quorum queue: tasks whose attempts ran out, with reasons
 //! {ns}.jobs                                 quorum queue: one manifest per job, for collectors
 //!                                           started without --job-id
+//! {ns}.events  exchange (fanout): transient worker heartbeats, for whoever watches
 //! {ns}.results exchange (direct) ─job id─▶ {ns}.job.<id>.results  quorum queue, single active
 //!                                           consumer: one collector assembles, others stand by
 //!                                           {ns}.job.<id>.manifest classic queue holding the
@@ -127,6 +128,9 @@ impl Topology {
     pub fn jobs_queue(&self) -> String {
         format!("{}.jobs", self.ns)
     }
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.ns)
+    }
     pub fn results_exchange(&self) -> String {
         format!("{}.results", self.ns)
     }
@@ -142,6 +146,7 @@ impl Topology {
         exchange(ch, &self.tasks_exchange(), ExchangeKind::Direct).await?;
         exchange(ch, &self.retry_exchange(), ExchangeKind::Fanout).await?;
         exchange(ch, &self.results_exchange(), ExchangeKind::Direct).await?;
+        exchange(ch, &self.events_exchange(), ExchangeKind::Fanout).await?;
 
         let mut tasks = quorum_args();
         tasks.insert(
@@ -170,6 +175,11 @@ impl Topology {
         queue(ch, &self.parked_queue(), plain_quorum()).await?;
         queue(ch, &self.jobs_queue(), plain_quorum()).await?;
         Ok(())
+    }
+
+    /// Declares only the events exchange: all a status watcher needs, whatever the retry delay.
+    pub async fn declare_events(&self, ch: &Channel) -> Result<(), TopologyError> {
+        exchange(ch, &self.events_exchange(), ExchangeKind::Fanout).await
     }
 
     /// Declares one job's results and manifest queues.
@@ -208,6 +218,7 @@ impl Topology {
             self.tasks_exchange(),
             self.retry_exchange(),
             self.results_exchange(),
+            self.events_exchange(),
         ] {
             ch.exchange_delete(e.as_str().into(), Default::default())
                 .await?;

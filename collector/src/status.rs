@@ -1,0 +1,327 @@
+//! `gemmq-collector status`: the workers alive right now and the broker's queue figures.
+//!
+//! Workers are known from their heartbeats on the events exchange ([`gemmq::events`]): one that
+//! stops cleanly leaves the table at once, one that is killed after missing
+//! [`gemmq::events::EXPIRE_AFTER`] heartbeats. Queue figures (ready, unacked, consumers) come from
+//! the management HTTP API, whose statistics lag by about five seconds.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use base64::prelude::{BASE64_STANDARD, Engine};
+use futures_util::StreamExt;
+use gemmq::broker::Broker;
+use gemmq::config::{BrokerSettings, CommonArgs};
+use gemmq::events::{self, WorkerStatus};
+use gemmq::shutdown::CancellationToken;
+use lapin::Consumer;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Print one snapshot and exit (for scripts; add --json)
+    #[arg(long)]
+    pub once: bool,
+    /// Print JSON: one object with --once, one line per refresh otherwise
+    #[arg(long)]
+    pub json: bool,
+    /// With --once, how long to listen for heartbeats (at least one heartbeat interval)
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub listen: Duration,
+    /// Management API base URL [default: http://<AMQP host>:15672, with the AMQP URL's user]
+    #[arg(long, env = "GEMMQ_MANAGEMENT_URL", value_name = "URL")]
+    pub management_url: Option<String>,
+}
+
+/// What a queue holds, as the management API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueFigures {
+    pub name: String,
+    #[serde(default)]
+    pub messages_ready: u64,
+    #[serde(default)]
+    pub messages_unacknowledged: u64,
+    #[serde(default)]
+    pub consumers: u64,
+    #[serde(default)]
+    pub purpose: String,
+}
+
+/// One view of the deployment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub namespace: String,
+    pub taken_ms: u64,
+    pub workers: Vec<WorkerStatus>,
+    pub queues: Vec<QueueFigures>,
+    /// Why queue figures are missing, if they are.
+    pub management_error: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Follows the heartbeats of one namespace.
+pub struct Watcher {
+    events: Consumer,
+    latest: BTreeMap<String, WorkerStatus>,
+    _ch: lapin::Channel,
+}
+
+impl Watcher {
+    pub async fn new(broker: &BrokerSettings) -> Result<Self> {
+        let ch = Broker::new(broker, "gemmq-status")?.channel().await?;
+        let topo = broker.topology();
+        topo.declare_events(&ch).await?;
+        let events = events::subscribe(&ch, &topo)
+            .await
+            .context("subscribing to worker events")?;
+        Ok(Watcher {
+            events,
+            latest: BTreeMap::new(),
+            _ch: ch,
+        })
+    }
+
+    /// Takes the heartbeats that arrive within `window`.
+    pub async fn pump(&mut self, window: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Ok(()),
+                d = self.events.next() => match d {
+                    Some(Ok(d)) => {
+                        if let Some(s) = events::parse(&d.data) {
+                            self.latest.insert(s.worker.clone(), s);
+                        }
+                    }
+                    Some(Err(e)) => return Err(e).context("reading worker events"),
+                    None => anyhow::bail!("the events subscription was cancelled"),
+                },
+            }
+        }
+    }
+
+    /// Workers whose last heartbeat says they are alive now.
+    pub fn alive(&self) -> Vec<WorkerStatus> {
+        let now = now_ms();
+        self.latest
+            .values()
+            .filter(|s| s.is_alive(now))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Where the management API is and how to log in, from the flags or the AMQP URL.
+fn management(
+    broker: &BrokerSettings,
+    url: Option<&str>,
+) -> Result<(String, String, String, String)> {
+    let uri: lapin::uri::AMQPUri = broker
+        .amqp_url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("cannot parse AMQP_URL: {e}"))?;
+    let base = url
+        .map(|u| u.trim_end_matches('/').to_string())
+        .unwrap_or_else(|| format!("http://{}:15672", uri.authority.host));
+    let vhost = if uri.vhost.is_empty() {
+        "/".to_string()
+    } else {
+        uri.vhost.clone()
+    };
+    let info = uri.authority.userinfo;
+    Ok((
+        base,
+        info.username,
+        info.password,
+        vhost.replace('/', "%2F"),
+    ))
+}
+
+fn purpose(ns: &str, name: &str) -> String {
+    let rest = name
+        .strip_prefix(ns)
+        .and_then(|r| r.strip_prefix('.'))
+        .unwrap_or(name);
+    match rest {
+        "tasks" => "tasks waiting for a worker; unacked = held by workers".into(),
+        "retry" => "failed tasks waiting out the retry delay".into(),
+        "parked" => "tasks whose attempts ran out (see x-gemmq-reason)".into(),
+        "jobs" => "job announcements for collectors without --job-id".into(),
+        r if r.ends_with(".results") => format!(
+            "results of job {}",
+            r.trim_start_matches("job.").trim_end_matches(".results")
+        ),
+        r if r.ends_with(".manifest") => format!(
+            "manifest of job {}",
+            r.trim_start_matches("job.").trim_end_matches(".manifest")
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The namespace's queues from the management API.
+pub async fn queue_figures(
+    broker: &BrokerSettings,
+    url: Option<&str>,
+) -> Result<Vec<QueueFigures>> {
+    let (base, user, pass, vhost) = management(broker, url)?;
+    let ns = broker.namespace.clone();
+    tokio::task::spawn_blocking(move || -> Result<Vec<QueueFigures>> {
+        let url = format!("{base}/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers");
+        let auth = format!("Basic {}", BASE64_STANDARD.encode(format!("{user}:{pass}")));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let mut resp = agent
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .with_context(|| format!("GET {base}/api/queues (is the management plugin enabled? `rabbitmq-plugins enable rabbitmq_management`)"))?;
+        let all: Vec<QueueFigures> = resp.body_mut().read_json().context("reading the management API's answer")?;
+        let prefix = format!("{ns}.");
+        Ok(all
+            .into_iter()
+            .filter(|q| q.name.starts_with(&prefix))
+            .map(|mut q| {
+                q.purpose = purpose(&ns, &q.name);
+                q
+            })
+            .collect())
+    })
+    .await
+    .context("the management API request failed")?
+}
+
+/// Listens for `listen`, then reports the workers alive and the queue figures.
+pub async fn snapshot(
+    broker: &BrokerSettings,
+    listen: Duration,
+    url: Option<&str>,
+) -> Result<Snapshot> {
+    let mut w = Watcher::new(broker).await?;
+    w.pump(listen).await?;
+    Ok(take(broker, &w, url).await)
+}
+
+async fn take(broker: &BrokerSettings, w: &Watcher, url: Option<&str>) -> Snapshot {
+    let (queues, management_error) = match queue_figures(broker, url).await {
+        Ok(q) => (q, None),
+        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    };
+    Snapshot {
+        namespace: broker.namespace.clone(),
+        taken_ms: now_ms(),
+        workers: w.alive(),
+        queues,
+        management_error,
+    }
+}
+
+fn render(s: &Snapshot) -> String {
+    let mut out = format!(
+        "gemmq namespace {} — {} worker(s)\n\n",
+        s.namespace,
+        s.workers.len()
+    );
+    out += &format!(
+        "{:<28} {:<9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>6} {:>8} {:>8}\n",
+        "WORKER",
+        "STATE",
+        "QUEUE",
+        "IN-FLT",
+        "DONE",
+        "FAILED",
+        "RETRIED",
+        "PARKED",
+        "GFLOP/s",
+        "UPTIME"
+    );
+    for w in &s.workers {
+        out += &format!(
+            "{:<28} {:<9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>6} {:>8.2} {:>7.0}s\n",
+            w.worker,
+            format!("{:?}", w.state).to_lowercase(),
+            w.queue_size,
+            w.in_flight,
+            w.done,
+            w.failed,
+            w.retried,
+            w.parked,
+            w.gflops,
+            w.uptime_s
+        );
+    }
+    out += &format!(
+        "\n{:<44} {:>8} {:>8} {:>9}  {}\n",
+        "QUEUE", "READY", "UNACKED", "CONSUMERS", "WHAT"
+    );
+    for q in &s.queues {
+        out += &format!(
+            "{:<44} {:>8} {:>8} {:>9}  {}\n",
+            q.name, q.messages_ready, q.messages_unacknowledged, q.consumers, q.purpose
+        );
+    }
+    if let Some(e) = &s.management_error {
+        out += &format!("(queue figures unavailable: {e})\n");
+    }
+    out
+}
+
+/// The `status` command.
+pub async fn run(args: StatusArgs, shutdown: CancellationToken) -> Result<()> {
+    let (_, broker) = args.common.load()?;
+    let url = args.management_url.as_deref();
+    if args.once {
+        let snap = snapshot(&broker, args.listen, url).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&snap)?);
+        } else {
+            print!("{}", render(&snap));
+        }
+        return Ok(());
+    }
+    let mut w = Watcher::new(&broker).await?;
+    let terminal = gemmq::telemetry::stderr_is_terminal();
+    while !shutdown.is_cancelled() {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = w.pump(Duration::from_secs(2)) => r?,
+        }
+        let snap = take(&broker, &w, url).await;
+        let mut stdout = std::io::stdout().lock();
+        if args.json {
+            writeln!(stdout, "{}", serde_json::to_string(&snap)?)?;
+        } else {
+            if terminal {
+                write!(stdout, "\x1b[2J\x1b[H")?;
+            }
+            write!(stdout, "{}", render(&snap))?;
+        }
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_are_explained() {
+        assert!(purpose("gemmq", "gemmq.retry").contains("retry delay"));
+        assert_eq!(
+            purpose("gemmq", "gemmq.job.j1.results"),
+            "results of job j1"
+        );
+    }
+}
