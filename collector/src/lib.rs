@@ -656,6 +656,27 @@ async fn wait_for_manifest(
     }
 }
 
+/// Whether the job's manifest queue is still there (a finished job's queues are deleted).
+async fn job_exists(broker: &Broker, topo: &Topology, job: &str) -> bool {
+    // A passive declare of a missing queue closes its channel: use a throwaway one.
+    let Ok(ch) = broker.channel().await else {
+        return true;
+    };
+    let q = topo.manifest_queue(job);
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(q.as_str().into(), passive, FieldTable::default())
+        .await;
+    let _ = ch.close(200, "checked".into()).await;
+    match found {
+        Ok(_) => true,
+        Err(e) => !matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404),
+    }
+}
+
 /// Takes the next job announced on the jobs queue; the announcement is acked by the caller once
 /// it consumes the job's results.
 async fn next_job(
@@ -683,7 +704,12 @@ async fn next_job(
             },
         };
         match Manifest::from_json(&d.data) {
-            Ok(m) => return Ok((m, d)),
+            Ok(m) if job_exists(broker, topo, &m.job).await => return Ok((m, d)),
+            Ok(m) => {
+                // A collector started with --job-id finished it and removed its queues.
+                info!(job = %m.job, "skipping the announcement of a job that is already finished");
+                d.acker.ack(BasicAckOptions::default()).await?;
+            }
             Err(e) => {
                 warn!(error = %e, "unreadable job announcement dropped");
                 d.acker.ack(BasicAckOptions::default()).await?;

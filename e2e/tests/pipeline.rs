@@ -297,3 +297,27 @@ async fn a_result_delivered_twice_is_assembled_once() {
     env.stop_consumers().await;
     env.cleanup(&["dup"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_without_a_job_id_takes_the_next_unfinished_job() {
+    let mut env = Env::new("nextjob");
+    env.spawn_consumer(env.consumer("w1"));
+    // Job "first" is collected by id: its announcement stays on the jobs queue, finished.
+    run_job(&env, "first", (32, 16, 32), 16).await;
+    gemmq_producer::run(&env.producer("second", (48, 16, 32), 16))
+        .await
+        .unwrap();
+    let mut any = env.collector("second");
+    any.job_id = None;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        gemmq_collector::run(&any, env.stop.clone()),
+    )
+    .await
+    .expect("it does not wait on the finished job")
+    .unwrap();
+    assert_eq!(summary.job, "second");
+    assert_eq!(summary.status, Status::Complete);
+    env.stop_consumers().await;
+    env.cleanup(&["first", "second"]).await;
+}

@@ -16,31 +16,19 @@ fn root() -> PathBuf {
         .expect("the workspace root")
 }
 
-/// Builds the debug binaries the script runs with `--debug --no-build` (a no-op when they are
-/// up to date) and returns their directory, where run-local.sh looks for them.
+/// The debug binaries the script runs with `--debug --no-build`. `cargo test --workspace`
+/// has built them already; building them here with other flags would recompile shared crates.
 fn debug_binaries() -> PathBuf {
-    let root = root();
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "--quiet", "--bins"])
-        .args([
-            "-p",
-            "gemmq-producer",
-            "-p",
-            "gemmq-consumer",
-            "-p",
-            "gemmq-collector",
-        ])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "cargo build --bins failed");
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => root.join(dir),
-        None => root.join("target"),
-    };
-    let dir = target.join("debug");
+    let dir = common::bin("gemmq-collector")
+        .parent()
+        .expect("a directory")
+        .to_path_buf();
     for b in ["gemmq-producer", "gemmq-consumer", "gemmq-collector"] {
-        assert!(dir.join(b).exists(), "{} is missing", dir.join(b).display());
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: run `cargo build --bins`",
+            dir.join(b).display()
+        );
     }
     dir
 }
