@@ -37,5 +37,5 @@ pub mod topology;
 pub mod verify;
 
 pub use message::{DType, Manifest, TileId};
-pub use tiling::Plan;
+pub use tiling::{Plan, TileSize};
 pub use topology::Topology;

@@ -38,6 +38,62 @@ pub enum TilingError {
     Inconsistent(String),
 }
 
+/// The side of a tile: a number, or `auto` to pick one from the shapes and the message limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TileSize {
+    #[default]
+    Auto,
+    Fixed(u64),
+}
+
+impl std::str::FromStr for TileSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(TileSize::Auto),
+            n => n
+                .parse()
+                .map(TileSize::Fixed)
+                .map_err(|_| format!("{n:?} is not a tile size: use a number or \"auto\"")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TileSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(TileSize::Fixed(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::fmt::Display for TileSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TileSize::Auto => f.write_str("auto"),
+            TileSize::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The tile side `auto` picks: as large as a result message allows, because every task carries
+/// a whole block-row of A and block-column of B, so the bytes sent fall as 1/tile; but small
+/// enough to leave at least 16 tiles to spread over the workers. Multiples of 64 keep the
+/// multiplication kernels on their fast paths.
+pub fn auto_tile(m: u64, n: u64, dtype: DType, max_message_bytes: u64) -> u64 {
+    let room = max_message_bytes.saturating_sub(HEADER_BUDGET);
+    let largest = ((room / dtype.size() as u64) as f64).sqrt() as u64 / 64 * 64;
+    let spread = ((m as f64 * n as f64 / 16.0).sqrt() as u64).div_ceil(64) * 64;
+    largest.min(spread).max(64).min(m.max(n))
+}
+
 /// The tiling of one job; part of its manifest, so every program agrees on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +280,21 @@ mod tests {
         };
         assert!(Plan::new(4096, 10, 4096, DType::F64, max_tile, MIB16).is_ok());
         assert!(err.to_string().contains("--tile"));
+    }
+
+    #[test]
+    fn auto_tiles_are_as_large_as_a_message_allows_but_leave_work_to_spread() {
+        assert_eq!(auto_tile(4096, 4096, DType::F64, MIB16), 1024);
+        assert_eq!(auto_tile(1024, 1024, DType::F64, MIB16), 256);
+        assert_eq!(
+            auto_tile(65536, 65536, DType::F64, MIB16),
+            1408,
+            "capped by the result message"
+        );
+        assert_eq!(auto_tile(10, 7, DType::F32, MIB16), 10);
+        assert!(Plan::new(65536, 100, 65536, DType::F64, 1408, MIB16).is_ok());
+        assert_eq!("auto".parse::<TileSize>(), Ok(TileSize::Auto));
+        assert_eq!("128".parse::<TileSize>(), Ok(TileSize::Fixed(128)));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use gemmq::job::{self, Announced};
 use gemmq::matrix::{self, Element, Matrix};
 use gemmq::message::{self, Header, Inputs, Manifest, TaskHeader, kind};
 use gemmq::topology::{self, TASK_KEY};
-use gemmq::{DType, Plan};
+use gemmq::{DType, Plan, TileSize};
 use ndarray::Array2;
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -35,9 +35,10 @@ pub struct ProducerOptions {
     /// Columns of B and of C [default: 1024]
     #[arg(long, env = "GEMMQ_N")]
     pub n: Option<u64>,
-    /// Side of a square tile of C; edge tiles are smaller [default: 256]
+    /// Side of a square tile of C (edge tiles are smaller), or `auto`: as large as a message
+    /// allows while leaving at least 16 tiles [default: auto]
     #[arg(long, env = "GEMMQ_TILE")]
-    pub tile: Option<u64>,
+    pub tile: Option<TileSize>,
     /// Seed from which A and B are generated (uniform in [-1, 1)) [default: 42]
     #[arg(long, env = "GEMMQ_SEED")]
     pub seed: Option<u64>,
@@ -96,7 +97,7 @@ pub enum Source {
 pub struct Settings {
     pub broker: BrokerSettings,
     pub source: Source,
-    pub tile: u64,
+    pub tile: TileSize,
     pub job_id: String,
     pub save_inputs: Option<PathBuf>,
     pub confirm_window: usize,
@@ -135,7 +136,7 @@ impl Settings {
         Ok(Settings {
             broker,
             source,
-            tile: o.tile.unwrap_or(256),
+            tile: o.tile.unwrap_or_default(),
             job_id,
             save_inputs: o.save_inputs,
             confirm_window,
@@ -165,7 +166,11 @@ pub struct Receipt {
 /// Loads or generates the inputs, announces the job and publishes every task.
 pub async fn run(s: &Settings) -> Result<Receipt> {
     let plan_for = |m: u64, k: u64, n: u64, dtype: DType| {
-        Plan::new(m, k, n, dtype, s.tile, s.broker.max_message_bytes)
+        let tile = match s.tile {
+            TileSize::Fixed(t) => t,
+            TileSize::Auto => gemmq::tiling::auto_tile(m, n, dtype, s.broker.max_message_bytes),
+        };
+        Plan::new(m, k, n, dtype, tile, s.broker.max_message_bytes)
             .map_err(|e| ConfigError::invalid("tile", e.to_string()))
     };
     let (a, b, inputs, plan) = match s.source.clone() {

@@ -62,7 +62,7 @@ impl Env {
                 dtype: DType::F64,
                 seed: 7,
             },
-            tile,
+            tile: gemmq::TileSize::Fixed(tile),
             job_id: job.into(),
             save_inputs: None,
             confirm_window: 16,
