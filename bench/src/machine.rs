@@ -1,0 +1,182 @@
+//! The machine the figures came from.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub mem_total_gib: f64,
+    pub kernel: String,
+    pub rabbitmq_version: String,
+    pub rustc_version: String,
+    pub date_utc: String,
+    pub git_commit: String,
+    /// Uncommitted changes in the working tree when the bench ran (the binaries were built from
+    /// it, not from `git_commit` alone).
+    pub git_dirty: bool,
+    /// /proc/loadavg when the bench started: other work on the machine skews the figures.
+    pub loadavg_at_start: String,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// RabbitMQ's version from the management API (`/api/overview`), if it answers.
+fn rabbitmq_version(management_url: &str, user: &str, pass: &str) -> Option<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let auth = format!("Basic {}", base64(&format!("{user}:{pass}")));
+    let v: serde_json::Value = agent
+        .get(&format!(
+            "{}/api/overview",
+            management_url.trim_end_matches('/')
+        ))
+        .header("Authorization", &auth)
+        .call()
+        .ok()?
+        .into_body()
+        .read_json()
+        .ok()?;
+    v["rabbitmq_version"].as_str().map(str::to_string)
+}
+
+fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n = (chunk[0] as u32) << 16
+            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
+            | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn describe(management_url: &str, user: &str, pass: &str) -> Machine {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let mem_total_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        mem_total_gib: (mem_total_gib * 10.0).round() / 10.0,
+        kernel: run("uname", &["-sr"]).unwrap_or_else(|| "unknown".into()),
+        rabbitmq_version: rabbitmq_version(management_url, user, pass)
+            .unwrap_or_else(|| "unknown (management API did not answer)".into()),
+        rustc_version: run(&rustc, &["--version"]).unwrap_or_else(|| "unknown".into()),
+        date_utc: run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".into()),
+        git_commit: run("git", &["rev-parse", "--short", "HEAD"])
+            .unwrap_or_else(|| "unknown".into()),
+        git_dirty: run("git", &["status", "--porcelain", "--untracked-files=no"])
+            .is_some_and(|s| !s.is_empty()),
+        loadavg_at_start: loadavg(),
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// CPU time (user + system) RabbitMQ's Erlang VM has used so far: the sum over every `beam.smp`
+/// process this machine shows in /proc. None when there is none (a remote or containerised
+/// broker).
+pub fn broker_cpu_seconds() -> Option<f64> {
+    let mut ticks = 0u64;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        let is_pid = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.bytes().all(|b| b.is_ascii_digit()));
+        if !is_pid {
+            continue;
+        }
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if comm.trim() != "beam.smp" {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(u), Some(s)) = (f.get(11), f.get(12)) else {
+            continue;
+        };
+        ticks += u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
+        found = true;
+    }
+    found.then(|| ticks as f64 / clock_ticks())
+}
+
+/// CPU time every core of the machine has spent busy so far (all processes, anyone's): the
+/// non-idle fields of /proc/stat's `cpu` line, steal included.
+pub fn machine_busy_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
+    Some(busy as f64 / clock_ticks())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_guest_header() {
+        assert_eq!(super::base64("guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
+        assert_eq!(super::base64("ab"), "YWI=");
+        assert_eq!(super::base64("abc"), "YWJj");
+    }
+}

@@ -1,0 +1,908 @@
+//! `gemmq-bench`: how fast the whole pipeline multiplies, against one machine with no queue.
+//!
+//! For each size it runs a real job on the local broker — the release binaries of the producer,
+//! `--consumers` consumers and the collector as separate processes, each job in its own namespace
+//! — and measures, in the same run, the best of `--reference-runs` in-process `dot`s of the same
+//! matrices using `--reference-threads` cores. It reports end-to-end time and GFLOP/s, the ratio
+//! to the reference, the bytes that went through the broker against the minimum (A + B + C once),
+//! peak resident memory of every process (exact, from `wait4`), and tasks per second of a run
+//! with many small tasks. It prints a table and writes JSON.
+//!
+//! Run it with `cargo run --release -p gemmq-bench -- [--quick]`; see BENCHMARKS.md.
+
+mod bytes;
+mod machine;
+mod procs;
+mod reference;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use gemmq::config::{DEFAULT_AMQP_URL, DEFAULT_MAX_MESSAGE_BYTES};
+use gemmq::{DType, Plan, Topology};
+use serde::Serialize;
+
+use crate::procs::{Proc, wait_for_log};
+
+/// Benchmark gemmq end to end on the local broker against one machine's in-process multiply.
+///
+/// Needs RabbitMQ (AMQP_URL, default the local guest account). Builds the release binaries of
+/// the producer, consumer and collector first (unless --no-build) and runs them as processes.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gemmq-bench", version, about, long_about)]
+struct Cli {
+    /// Square sizes N to multiply (f64), comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096")]
+    sizes: Vec<u64>,
+    /// Smoke test: N = 1024 and the small-task run only
+    #[arg(long)]
+    quick: bool,
+    /// Side of a C tile [default: the producer's default]
+    #[arg(long)]
+    tile: Option<u64>,
+    /// Skip the f32 run of the largest size
+    #[arg(long)]
+    no_f32: bool,
+    /// N of the small-task run
+    #[arg(long, default_value_t = 1024)]
+    small_n: u64,
+    /// Tile of the small-task run (1024 / 16 → 4096 tasks)
+    #[arg(long, default_value_t = 16)]
+    small_tile: u64,
+    /// Skip the small-task run
+    #[arg(long)]
+    no_small: bool,
+    /// Consumers (worker processes) per job
+    #[arg(long, default_value_t = 2)]
+    consumers: usize,
+    /// Where to write the results as JSON
+    #[arg(long, value_name = "PATH", default_value = "bench-results.json")]
+    json: PathBuf,
+    /// Where each job's logs, summary.json and outputs go
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    work_dir: PathBuf,
+    /// Give up on a job (and kill its processes) after this long
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// The broker
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
+    amqp_url: String,
+    /// RabbitMQ's management API, for its version only
+    #[arg(long, default_value = "http://127.0.0.1:15672")]
+    management_url: String,
+    /// Threads of the in-process reference (MATMUL_NUM_THREADS of matrixmultiply; at most 4)
+    #[arg(long, default_value_t = 2)]
+    reference_threads: usize,
+    /// In-process multiplications per size; the best counts
+    #[arg(long, default_value_t = 3)]
+    reference_runs: usize,
+    /// Seed of A and B
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Directory of gemmq-producer, gemmq-consumer and gemmq-collector [default: next to this
+    /// binary, i.e. target/release]
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Use the binaries as they are instead of running `cargo build --release` for them first
+    #[arg(long)]
+    no_build: bool,
+    /// Keep every job's C.npy and checkpoint (they are deleted after each job by default)
+    #[arg(long)]
+    keep_outputs: bool,
+    /// Extra environment for every program under test, e.g. --env GEMMQ_QUEUE_SIZE=4 (repeatable)
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    extra_env: Vec<String>,
+}
+
+/// One job to run.
+#[derive(Debug, Clone)]
+struct Spec {
+    label: String,
+    n: u64,
+    dtype: DType,
+    tile: Option<u64>,
+    small_tasks: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ProcStats {
+    name: String,
+    peak_rss_mib: f64,
+    cpu_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Run {
+    label: String,
+    n: u64,
+    dtype: DType,
+    /// Whether the run is the small-task one (tasks per second is its figure).
+    small_tasks: bool,
+    ok: bool,
+    error: Option<String>,
+    namespace: String,
+    tile: Option<u64>,
+    k_parts: Option<u32>,
+    tasks: Option<u64>,
+    /// Start of the producer process to the collector's exit (C written and verified).
+    e2e_seconds: Option<f64>,
+    e2e_gflops: Option<f64>,
+    /// summary.json's wall_seconds: from the producer's manifest (after it generated A and B)
+    /// to C checked.
+    summary_wall_seconds: Option<f64>,
+    tasks_per_second: Option<f64>,
+    reference: Option<reference::Reference>,
+    /// e2e_seconds / reference best.
+    ratio_e2e_to_reference: Option<f64>,
+    broker: Option<bytes::BrokerBytes>,
+    /// From the producer's last log line: time from connecting to the last confirm.
+    producer_publish_seconds: Option<f64>,
+    /// Sum of the consumers' multiply times as reported in summary.json's `workers`.
+    consumers_compute_seconds: Option<f64>,
+    retries: Option<u64>,
+    duplicates_dropped: Option<u64>,
+    /// CPU seconds RabbitMQ (beam.smp) used from the producer's start to the collector's exit.
+    broker_cpu_seconds: Option<f64>,
+    /// CPU seconds the whole machine was busy over the same window (anyone's work); compare
+    /// with e2e_seconds × nproc, and with the programs' and the broker's own CPU time.
+    machine_busy_cpu_seconds: Option<f64>,
+    /// CPU seconds of the producer, the consumers and the collector (whole lives, from wait4).
+    programs_cpu_seconds: Option<f64>,
+    producer: Option<ProcStats>,
+    consumers: Vec<ProcStats>,
+    collector: Option<ProcStats>,
+    loadavg_before: String,
+    loadavg_after: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    command: String,
+    machine: machine::Machine,
+    consumers: usize,
+    reference_threads: usize,
+    /// MATMUL_NUM_THREADS the programs under test see (None: matrixmultiply's default, the
+    /// number of physical cores).
+    programs_matmul_num_threads: Option<String>,
+    max_message_bytes: u64,
+    extra_env: Vec<String>,
+    runs: Vec<Run>,
+}
+
+fn main() -> std::process::ExitCode {
+    let user_matmul_threads = std::env::var("MATMUL_NUM_THREADS").ok();
+    let cli = Cli::parse();
+    // matrixmultiply reads MATMUL_NUM_THREADS once, at its first multiplication; nothing has
+    // multiplied yet and no other thread runs, so setting it here is sound.
+    // SAFETY: single-threaded at this point (no runtime, no waiter threads yet).
+    unsafe { std::env::set_var("MATMUL_NUM_THREADS", cli.reference_threads.to_string()) };
+    match run(cli, user_matmul_threads) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("gemmq-bench: some runs failed (see above and the JSON)");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("gemmq-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn credentials(url: &str) -> (String, String) {
+    let creds = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.rsplit_once('@'))
+        .map(|(c, _)| c);
+    match creds.and_then(|c| c.split_once(':')) {
+        Some((u, p)) => (u.to_string(), p.to_string()),
+        None => ("guest".into(), "guest".into()),
+    }
+}
+
+/// Fails with advice when the broker does not answer.
+async fn check_broker(url: &str) -> Result<()> {
+    let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(200, "bench: broker check".into()).await;
+            Ok(())
+        }
+        Ok(Err(e)) => bail!(
+            "RabbitMQ is not reachable at {}: {e}. Start it (`rabbitmq-server -detached`, or `docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:4-management`) or point --amqp-url / AMQP_URL at one",
+            redact(url)
+        ),
+        Err(_) => bail!(
+            "RabbitMQ at {} did not answer within 10 s; is it running?",
+            redact(url)
+        ),
+    }
+}
+
+/// Deletes a job's queues (left behind when it failed) and its namespace's shared queues.
+async fn cleanup(url: &str, ns: &str, job: &str) -> Result<()> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let topo = Topology::new(ns, Duration::from_secs(2));
+    let ch2 = conn.create_channel().await?;
+    // Absent queues are fine: the collector deletes a successful job's own queues.
+    let _ = topo.delete_job(&ch2, job).await;
+    topo.delete_shared(&ch).await?;
+    let _ = conn.close(200, "bench: cleanup".into()).await;
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ is inside the workspace")
+        .to_path_buf()
+}
+
+fn build_binaries(bin_dir: &Path) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "gemmq-producer",
+        "-p",
+        "gemmq-consumer",
+        "-p",
+        "gemmq-collector",
+        "--bins",
+    ]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    eprintln!("building the programs under test: {cmd:?}");
+    let ok = cmd.status().is_ok_and(|s| s.success());
+    if !ok {
+        bail!(
+            "building gemmq-producer, gemmq-consumer and gemmq-collector failed; fix the build, or pass --no-build to use the binaries already in {}",
+            bin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
+    if cli.consumers == 0 {
+        bail!("--consumers must be at least 1");
+    }
+    if !(1..=4).contains(&cli.reference_threads) {
+        bail!("--reference-threads must be 1 to 4 (matrixmultiply uses at most 4)");
+    }
+    let extra_env: Vec<(String, String)> = cli
+        .extra_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {kv:?} is not KEY=VALUE"))
+        })
+        .collect::<Result<_>>()?;
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this is a debug build of the bench; run it with `cargo run --release -p gemmq-bench`"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(check_broker(&cli.amqp_url))?;
+
+    let bin_dir = match &cli.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the bench binary has no directory")?
+            .to_path_buf(),
+    };
+    if !cli.no_build && cli.bin_dir.is_none() {
+        build_binaries(&bin_dir)?;
+    }
+    let bins = ["gemmq-producer", "gemmq-consumer", "gemmq-collector"].map(|b| bin_dir.join(b));
+    for b in &bins {
+        if !b.exists() {
+            bail!(
+                "{} is missing: build it with `cargo build --release` (or drop --no-build)",
+                b.display()
+            );
+        }
+    }
+
+    // The programs get the built-in defaults, plus --env: no config file, no stray GEMMQ_*.
+    let mut remove_env: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("GEMMQ_"))
+        .collect();
+    let mut base_env = vec![
+        ("AMQP_URL".to_string(), cli.amqp_url.clone()),
+        ("GEMMQ_CONNECT_TIMEOUT".into(), "20s".into()),
+        ("RUST_LOG".into(), "info".into()),
+    ];
+    // They see the user's MATMUL_NUM_THREADS, not the one set here for the reference.
+    match &user_matmul_threads {
+        Some(v) => base_env.push(("MATMUL_NUM_THREADS".into(), v.clone())),
+        None => remove_env.push("MATMUL_NUM_THREADS".into()),
+    }
+    base_env.extend(extra_env.iter().cloned());
+    let max_message_bytes = extra_env
+        .iter()
+        .find(|(k, _)| k == "GEMMQ_MAX_MESSAGE_BYTES")
+        .map(|(_, v)| {
+            v.parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| anyhow::anyhow!("GEMMQ_MAX_MESSAGE_BYTES={v}: {e}"))
+        })
+        .transpose()?
+        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+
+    let mut specs = Vec::new();
+    let sizes = if cli.quick {
+        vec![1024]
+    } else {
+        cli.sizes.clone()
+    };
+    for &n in &sizes {
+        specs.push(Spec {
+            label: format!("n{n}-f64"),
+            n,
+            dtype: DType::F64,
+            tile: cli.tile,
+            small_tasks: false,
+        });
+    }
+    if !cli.quick
+        && !cli.no_f32
+        && let Some(&n) = sizes.iter().max()
+    {
+        specs.push(Spec {
+            label: format!("n{n}-f32"),
+            n,
+            dtype: DType::F32,
+            tile: cli.tile,
+            small_tasks: false,
+        });
+    }
+    if !cli.no_small {
+        specs.push(Spec {
+            label: format!("n{}-f64-tile{}", cli.small_n, cli.small_tile),
+            n: cli.small_n,
+            dtype: DType::F64,
+            tile: Some(cli.small_tile),
+            small_tasks: true,
+        });
+    }
+
+    let (user, pass) = credentials(&cli.amqp_url);
+    let mut report = Report {
+        command: std::iter::once("cargo run --release -p gemmq-bench --".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
+        machine: machine::describe(&cli.management_url, &user, &pass),
+        consumers: cli.consumers,
+        reference_threads: cli.reference_threads,
+        programs_matmul_num_threads: user_matmul_threads,
+        max_message_bytes,
+        extra_env: cli.extra_env.clone(),
+        runs: Vec::new(),
+    };
+    eprintln!(
+        "machine: {} × {}, {:.1} GiB, RabbitMQ {}, {}, load {}",
+        report.machine.nproc,
+        report.machine.cpu_model,
+        report.machine.mem_total_gib,
+        report.machine.rabbitmq_version,
+        report.machine.rustc_version,
+        report.machine.loadavg_at_start
+    );
+
+    let work_dir = std::path::absolute(&cli.work_dir)?;
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let refs_env = Env {
+        bins: &bins,
+        base: &base_env,
+        remove: remove_env.iter().map(String::as_str).collect(),
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        let ns = format!("bench-{}-{i}", std::process::id());
+        eprintln!(
+            "\n== {} ({}/{}): namespace {ns}",
+            spec.label,
+            i + 1,
+            specs.len()
+        );
+        let run = run_one(
+            &cli,
+            spec,
+            &ns,
+            &work_dir.join(&ns),
+            &refs_env,
+            max_message_bytes,
+        );
+        if let Err(e) = rt.block_on(cleanup(&cli.amqp_url, &ns, &spec.label)) {
+            eprintln!("warning: could not delete namespace {ns}'s queues: {e:#}");
+        }
+        match &run.error {
+            Some(e) => eprintln!("!! {} FAILED: {e}", spec.label),
+            None => eprintln!(
+                "   done in {:.2} s end to end",
+                run.e2e_seconds.unwrap_or(0.0)
+            ),
+        }
+        report.runs.push(run);
+        write_json(&cli.json, &report)?;
+    }
+
+    print_table(&report);
+    eprintln!("\nresults written to {}", cli.json.display());
+    Ok(report.runs.iter().all(|r| r.ok))
+}
+
+fn write_json(path: &Path, report: &Report) -> Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+struct Env<'a> {
+    bins: &'a [PathBuf; 3],
+    base: &'a [(String, String)],
+    remove: Vec<&'a str>,
+}
+
+impl Env<'_> {
+    fn spawn(
+        &self,
+        which: usize,
+        name: &str,
+        dir: &Path,
+        ns: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Proc> {
+        let mut env = self.base.to_vec();
+        env.push(("GEMMQ_NAMESPACE".into(), ns.into()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        Proc::spawn(
+            name,
+            &self.bins[which],
+            &env,
+            &self.remove,
+            dir,
+            dir.join(format!("{name}.log")),
+        )
+    }
+}
+
+const PRODUCER: usize = 0;
+const CONSUMER: usize = 1;
+const COLLECTOR: usize = 2;
+
+fn proc_stats(name: &str, exit: &procs::Exit) -> ProcStats {
+    ProcStats {
+        name: name.into(),
+        peak_rss_mib: exit.maxrss_kib as f64 / 1024.0,
+        cpu_seconds: exit.cpu_seconds,
+    }
+}
+
+fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_bytes: u64) -> Run {
+    let mut run = Run {
+        label: spec.label.clone(),
+        n: spec.n,
+        dtype: spec.dtype,
+        small_tasks: spec.small_tasks,
+        ok: false,
+        error: None,
+        namespace: ns.into(),
+        tile: spec.tile,
+        k_parts: None,
+        tasks: None,
+        e2e_seconds: None,
+        e2e_gflops: None,
+        summary_wall_seconds: None,
+        tasks_per_second: None,
+        reference: None,
+        ratio_e2e_to_reference: None,
+        broker: None,
+        producer_publish_seconds: None,
+        consumers_compute_seconds: None,
+        retries: None,
+        duplicates_dropped: None,
+        broker_cpu_seconds: None,
+        machine_busy_cpu_seconds: None,
+        programs_cpu_seconds: None,
+        producer: None,
+        consumers: Vec::new(),
+        collector: None,
+        loadavg_before: machine::loadavg(),
+        loadavg_after: String::new(),
+    };
+    if let Err(e) = job(cli, spec, ns, dir, env, max_message_bytes, &mut run) {
+        run.error = Some(format!("{e:#}"));
+    } else {
+        run.ok = true;
+    }
+    run.loadavg_after = machine::loadavg();
+    if !cli.keep_outputs {
+        remove_outputs(&dir.join("out"));
+    }
+    run
+}
+
+/// Deletes C.npy and checkpoints (hundreds of MiB for the large sizes), keeping summary.json.
+fn remove_outputs(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.file_name().is_some_and(|f| f == "summary.json") {
+            continue;
+        }
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+    }
+}
+
+fn job(
+    cli: &Cli,
+    spec: &Spec,
+    ns: &str,
+    dir: &Path,
+    env: &Env,
+    max_message_bytes: u64,
+    run: &mut Run,
+) -> Result<()> {
+    std::fs::create_dir_all(dir.join("out"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+
+    // The reference first, alone on the machine (the job's processes are not started yet).
+    eprintln!(
+        "   reference: {}×{} {} dot, {} thread(s), best of {}",
+        spec.n, spec.n, spec.dtype, cli.reference_threads, cli.reference_runs
+    );
+    let reference = reference::measure(
+        spec.n,
+        spec.dtype,
+        cli.seed,
+        cli.reference_runs,
+        cli.reference_threads,
+    );
+    eprintln!(
+        "   reference: best {:.3} s = {:.1} GFLOP/s (runs {:?}, cpu/wall {:.2})",
+        reference.best_seconds,
+        reference.gflops,
+        reference
+            .runs_seconds
+            .iter()
+            .map(|s| (s * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>(),
+        reference.cpu_per_wall
+    );
+    run.reference = Some(reference);
+
+    let ready = Duration::from_secs(60);
+    let mut consumers = Vec::new();
+    for w in 1..=cli.consumers {
+        let id = format!("bench-w{w}");
+        consumers.push(env.spawn(CONSUMER, &id, dir, ns, &[("GEMMQ_WORKER_ID", id.clone())])?);
+    }
+    let collector = env.spawn(
+        COLLECTOR,
+        "collector",
+        dir,
+        ns,
+        &[
+            ("GEMMQ_JOB_ID", spec.label.clone()),
+            ("GEMMQ_OUT", "out".into()),
+            (
+                "GEMMQ_IDLE_TIMEOUT",
+                format!("{}s", cli.timeout.as_secs().max(1)),
+            ),
+        ],
+    )?;
+    for c in &consumers {
+        wait_for_log(c, "consuming tasks", ready)?;
+    }
+    wait_for_log(
+        &collector,
+        "waiting for the producer to announce the job",
+        ready,
+    )?;
+
+    let mut producer_env = vec![
+        ("GEMMQ_JOB_ID", spec.label.clone()),
+        ("GEMMQ_M", spec.n.to_string()),
+        ("GEMMQ_K", spec.n.to_string()),
+        ("GEMMQ_N", spec.n.to_string()),
+        ("GEMMQ_DTYPE", spec.dtype.to_string()),
+        ("GEMMQ_SEED", cli.seed.to_string()),
+    ];
+    if let Some(t) = spec.tile {
+        producer_env.push(("GEMMQ_TILE", t.to_string()));
+    }
+    eprintln!("   job: producer, {} consumers, collector", cli.consumers);
+    let (broker_cpu0, machine_cpu0) = (
+        machine::broker_cpu_seconds(),
+        machine::machine_busy_cpu_seconds(),
+    );
+    let producer = env.spawn(PRODUCER, "producer", dir, ns, &producer_env)?;
+
+    // Until the collector exits; the producer must end well too, the consumers must not end.
+    let deadline = producer.started + cli.timeout;
+    let mut producer_exit = None;
+    let collector_exit = loop {
+        if producer_exit.is_none()
+            && let Some(e) = producer.try_exit()
+        {
+            let e = e?;
+            if e.code != Some(0) {
+                bail!(
+                    "the producer failed ({}); {} ends:\n{}",
+                    e.describe(),
+                    producer.log.display(),
+                    producer.log_tail(20)
+                );
+            }
+            producer_exit = Some(e);
+        }
+        if let Some(e) = collector.try_exit() {
+            let delta = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
+            run.broker_cpu_seconds = delta(broker_cpu0, machine::broker_cpu_seconds());
+            run.machine_busy_cpu_seconds = delta(machine_cpu0, machine::machine_busy_cpu_seconds());
+            break e?;
+        }
+        for c in &consumers {
+            if let Some(e) = c.try_exit() {
+                let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
+                bail!(
+                    "consumer {} ended ({how}) during the job; {} ends:\n{}",
+                    c.name,
+                    c.log.display(),
+                    c.log_tail(20)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the job did not finish within {:?} (--timeout); the collector's log {} ends:\n{}",
+                cli.timeout,
+                collector.log.display(),
+                collector.log_tail(10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let e2e = collector_exit
+        .at
+        .saturating_duration_since(producer.started)
+        .as_secs_f64();
+    run.collector = Some(proc_stats("collector", &collector_exit));
+    if collector_exit.code != Some(0) {
+        bail!(
+            "the collector did not verify a complete C ({}: 3 = tasks parked, 4 = verification failed); {} ends:\n{}",
+            collector_exit.describe(),
+            collector.log.display(),
+            collector.log_tail(20)
+        );
+    }
+    let producer_exit = match producer_exit {
+        Some(e) => e,
+        None => match producer.wait(Duration::from_secs(60)) {
+            Some(e) => e?,
+            None => bail!("the producer did not exit after the collector finished"),
+        },
+    };
+    run.producer = Some(proc_stats("producer", &producer_exit));
+    let mut programs_cpu = producer_exit.cpu_seconds + collector_exit.cpu_seconds;
+    if producer_exit.code != Some(0) {
+        bail!("the producer failed ({})", producer_exit.describe());
+    }
+    for c in &consumers {
+        let e = c.stop(Duration::from_secs(30))?;
+        programs_cpu += e.cpu_seconds;
+        run.consumers.push(proc_stats(&c.name, &e));
+    }
+    run.programs_cpu_seconds = Some(programs_cpu);
+
+    // summary.json: the plan as the programs used it, and the collector's own clock.
+    let summary_path = dir.join("out").join("summary.json");
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&summary_path)
+            .with_context(|| format!("reading {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", summary_path.display()))?;
+    let get_u = |k: &str| {
+        summary[k]
+            .as_u64()
+            .with_context(|| format!("summary.json has no {k}"))
+    };
+    if summary["status"] != "complete" {
+        bail!("summary.json says status {}", summary["status"]);
+    }
+    let tile = get_u("tile")?;
+    let k_parts = get_u("k_parts")? as u32;
+    let tasks = get_u("tasks")?;
+    let plan = Plan::new(spec.n, spec.n, spec.n, spec.dtype, tile, max_message_bytes)?;
+    if plan.parts() != k_parts || plan.tasks() != tasks {
+        eprintln!(
+            "warning: summary.json's plan ({tasks} tasks, {k_parts} k-parts) differs from the bench's ({} tasks, {} k-parts)",
+            plan.tasks(),
+            plan.parts()
+        );
+    }
+    run.tile = Some(tile);
+    run.k_parts = Some(k_parts);
+    run.tasks = Some(tasks);
+    run.summary_wall_seconds = summary["wall_seconds"].as_f64();
+    run.retries = summary["retries"].as_u64();
+    run.duplicates_dropped = summary["duplicates_dropped"].as_u64();
+    run.consumers_compute_seconds = summary["workers"].as_object().map(|w| {
+        w.values()
+            .filter_map(|t| t["compute_seconds"].as_f64())
+            .sum()
+    });
+    let flops = plan.flops();
+    run.e2e_seconds = Some(e2e);
+    run.e2e_gflops = Some(flops / e2e / 1e9);
+    run.tasks_per_second = Some(tasks as f64 / e2e);
+    run.ratio_e2e_to_reference = run.reference.as_ref().map(|r| e2e / r.best_seconds);
+
+    let mut broker = bytes::from_plan(&plan, &spec.label, "bench-w1");
+    let producer_log = std::fs::read_to_string(&producer.log).unwrap_or_default();
+    if let Some(line) = producer_log
+        .lines()
+        .rev()
+        .find(|l| l.contains("all tasks published and confirmed"))
+    {
+        broker.producer_log_task_mib = bytes::log_field(line, "mib");
+        run.producer_publish_seconds = bytes::log_field(line, "seconds");
+    }
+    run.broker = Some(broker);
+    eprintln!(
+        "   tile {tile}: {tasks} tasks ({k_parts} k-part{}), e2e {e2e:.2} s",
+        if k_parts == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.prec$}"))
+}
+
+fn print_table(r: &Report) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "\ngemmq-bench: {} consumers, reference = ndarray dot with {} thread(s), best of runs",
+        r.consumers, r.reference_threads
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8}",
+        "run",
+        "tile",
+        "tasks/kp",
+        "e2e s",
+        "GFLOP/s",
+        "wall s",
+        "ref s",
+        "ref GF/s",
+        "e2e/ref",
+        "brokerMB",
+        "minMB",
+        "×min",
+        "cons MiB",
+        "coll MiB",
+        "tasks/s"
+    );
+    for run in &r.runs {
+        if !run.ok {
+            let _ = writeln!(
+                out,
+                "{:<18} FAILED: {}",
+                run.label,
+                run.error
+                    .as_deref()
+                    .unwrap_or("")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            );
+            continue;
+        }
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let b = run.broker.as_ref();
+        let cons = run
+            .consumers
+            .iter()
+            .map(|c| c.peak_rss_mib)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let _ = writeln!(
+            out,
+            "{:<18} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8}",
+            run.label,
+            run.tile.map_or("-".into(), |t| t.to_string()),
+            format!("{}/{}", run.tasks.unwrap_or(0), run.k_parts.unwrap_or(0)),
+            opt(run.e2e_seconds, 2),
+            opt(run.e2e_gflops, 1),
+            opt(run.summary_wall_seconds, 2),
+            opt(run.reference.as_ref().map(|x| x.best_seconds), 3),
+            opt(run.reference.as_ref().map(|x| x.gflops), 1),
+            opt(run.ratio_e2e_to_reference, 1),
+            opt(b.map(|b| mib(b.total_bytes)), 0),
+            opt(b.map(|b| mib(b.minimum_bytes)), 0),
+            opt(b.map(|b| b.ratio_to_minimum), 2),
+            opt(cons, 0),
+            opt(run.collector.as_ref().map(|c| c.peak_rss_mib), 0),
+            opt(run.tasks_per_second, 0),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nwhere the time went (seconds; CPU figures are core-seconds over the job, {} cores)",
+        r.machine.nproc
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "run",
+        "e2e s",
+        "publish s",
+        "compute s",
+        "cpu prod",
+        "cpu cons",
+        "cpu coll",
+        "cpu rmq",
+        "cpu all",
+        "cores×e2e",
+        "peak prod"
+    );
+    for run in r.runs.iter().filter(|r| r.ok) {
+        let cons: f64 = run.consumers.iter().map(|c| c.cpu_seconds).sum();
+        let _ = writeln!(
+            out,
+            "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            run.label,
+            opt(run.e2e_seconds, 2),
+            opt(run.producer_publish_seconds, 2),
+            opt(run.consumers_compute_seconds, 2),
+            opt(run.producer.as_ref().map(|p| p.cpu_seconds), 2),
+            opt(Some(cons), 2),
+            opt(run.collector.as_ref().map(|c| c.cpu_seconds), 2),
+            opt(run.broker_cpu_seconds, 2),
+            opt(run.machine_busy_cpu_seconds, 2),
+            opt(run.e2e_seconds.map(|e| e * r.machine.nproc as f64), 2),
+            opt(run.producer.as_ref().map(|p| p.peak_rss_mib), 0),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "publish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu all: the whole machine busy, anyone's work; peak prod: producer peak RSS MiB"
+    );
+    let _ = writeln!(
+        out,
+        "\ne2e s: producer start → collector exit (C written and verified); wall s: summary.json (from the manifest, after A and B are generated)\nbrokerMB: task + result bytes from the plan (MiB); ×min: over A + B + C once; cons MiB: the larger consumer peak RSS; coll MiB: collector peak RSS"
+    );
+}
