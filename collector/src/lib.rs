@@ -447,8 +447,8 @@ fn apply(
             asm.apply_failure(n);
             return Ok(0);
         }
-        Header::Task(_) => {
-            warn!("a task on the results queue dropped");
+        Header::Task(_) | Header::TaskRef(_) | Header::Operand(_) => {
+            warn!("a task or operand block on the results queue dropped");
             return Ok(1);
         }
     };
@@ -475,7 +475,12 @@ fn apply(
 
 fn tile_of(h: &Header) -> TileId {
     match h {
-        Header::Task(t) => t.tile,
+        Header::Task(t) | Header::TaskRef(t) => t.tile,
+        Header::Operand(_) => TileId {
+            row: 0,
+            col: 0,
+            part: 0,
+        },
         Header::Result(r) => r.tile,
         Header::Parked(p) => p.tile,
         Header::Failed(f) => f.tile,

@@ -16,6 +16,7 @@
 //!   computed finish (up to a timeout), returns the ones not started, and closes.
 
 mod heartbeat;
+mod operands;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,8 @@ use gemmq::broker::{self, Broker, BrokerError, persistent, publish_confirmed};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, DurationRange, Layered};
 use gemmq::events::WorkerState;
 use gemmq::matrix;
-use gemmq::message::{self, Header, ParkedNotice, ResultHeader, TaskHeader, kind};
+use gemmq::matrix::Matrix;
+use gemmq::message::{self, BlockId, Header, ParkedNotice, ResultHeader, Side, TaskHeader, kind};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
 use lapin::message::Delivery;
@@ -77,6 +79,10 @@ pub struct ConsumerOptions {
     #[arg(long, env = "GEMMQ_HEARTBEAT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
+    /// Memory for operand blocks read from streamed jobs; beyond it the least recently used
+    /// block is dropped and read again when needed [default: 1GiB]
+    #[arg(long, env = "GEMMQ_OPERAND_CACHE", value_name = "SIZE")]
+    pub operand_cache: Option<bytesize::ByteSize>,
 }
 
 gemmq::layered!(ConsumerOptions {
@@ -87,7 +93,8 @@ gemmq::layered!(ConsumerOptions {
     max_attempts,
     worker_id,
     shutdown_timeout,
-    heartbeat
+    heartbeat,
+    operand_cache
 });
 
 #[derive(Debug, Clone)]
@@ -101,6 +108,7 @@ pub struct Settings {
     pub worker_id: String,
     pub shutdown_timeout: Duration,
     pub heartbeat: Duration,
+    pub operand_cache: u64,
 }
 
 impl Settings {
@@ -120,6 +128,7 @@ impl Settings {
             worker_id: o.worker_id.unwrap_or_else(broker::default_worker_id),
             shutdown_timeout: o.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
             heartbeat: o.heartbeat.unwrap_or(gemmq::events::DEFAULT_HEARTBEAT),
+            operand_cache: o.operand_cache.map_or(1 << 30, |b| b.as_u64()),
         };
         if s.heartbeat < Duration::from_millis(100) {
             return Err(ConfigError::invalid("heartbeat", "must be at least 100ms"));
@@ -239,6 +248,8 @@ struct Ctx {
     stats: Arc<Stats>,
     compute: Semaphore,
     shutdown: CancellationToken,
+    conn: deadpool_lapin::Object,
+    operands: operands::Operands,
 }
 
 async fn serve(
@@ -284,7 +295,6 @@ async fn serve(
         .create_channel()
         .await
         .map_err(lost("opening a channel"))?;
-    drop(conn);
     let beat = Arc::new(heartbeat::Heartbeat::new(
         events,
         topo.clone(),
@@ -316,6 +326,12 @@ async fn serve(
         stats: stats.clone(),
         compute: Semaphore::new(s.concurrency),
         shutdown: shutdown.clone(),
+        conn,
+        operands: operands::Operands::new(
+            topo.clone(),
+            s.broker.max_message_bytes,
+            s.operand_cache,
+        ),
     });
     let mut handlers = JoinSet::new();
     loop {
@@ -369,13 +385,15 @@ async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
 async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     let attempt = 1 + topology::prior_attempts(&delivery.properties, &ctx.tasks_queue);
     let limit = ctx.settings.broker.max_message_bytes;
-    let decoded = message::decode(&delivery.data, limit).and_then(|f| f.into_task());
-    let (task, offset) = match decoded {
-        Ok((task, payload)) => match topology::check_name("job", &task.job) {
-            Ok(()) => {
-                let offset = delivery.data.len() - payload.len();
-                (task, offset)
-            }
+    // Inline tasks carry their blocks after the header; streamed ones name them.
+    let decoded = message::decode(&delivery.data, limit).and_then(|f| {
+        let streamed = matches!(f.header, Header::TaskRef(_));
+        f.into_task()
+            .map(|(task, payload)| (task, payload.len(), streamed))
+    });
+    let (task, offset, streamed) = match decoded {
+        Ok((task, payload_len, streamed)) => match topology::check_name("job", &task.job) {
+            Ok(()) => (task, delivery.data.len() - payload_len, streamed),
             Err(e) => {
                 return park(
                     ctx,
@@ -401,6 +419,15 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     let tile = task.tile;
     info!(job = %task.job, %tile, attempt, "task received");
 
+    // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
+    let inputs = if streamed {
+        match fetch_blocks(ctx, &task).await {
+            Ok((a, b)) => Ok(Inputs::Blocks(a, b)),
+            Err(f) => Err(f),
+        }
+    } else {
+        Ok(Inputs::Inline(offset))
+    };
     let permit = tokio::select! {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
         _ = ctx.shutdown.cancelled() => {
@@ -410,10 +437,16 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
     };
     let started = Instant::now();
-    let data = std::mem::take(&mut delivery.data);
-    let (outcome, data) = work(ctx, &task, data, offset).await;
+    let outcome = match inputs {
+        Ok(inputs) => {
+            let data = std::mem::take(&mut delivery.data);
+            let (outcome, data) = work(ctx, &task, data, inputs).await;
+            delivery.data = data;
+            outcome
+        }
+        Err(f) => Err(f),
+    };
     drop(permit);
-    delivery.data = data;
 
     match outcome {
         Ok(tile_bytes) => {
@@ -454,13 +487,48 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     }
 }
 
+/// Where a task's blocks are.
+enum Inputs {
+    /// In the task's own body, from this offset.
+    Inline(usize),
+    /// Fetched from the job's operand stream.
+    Blocks(Arc<Matrix>, Arc<Matrix>),
+}
+
+/// The A and B blocks a streamed task names, checked against the task's shape.
+async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Matrix>, Arc<Matrix>), Failure> {
+    let t = task.tile;
+    let a_id = BlockId {
+        side: Side::A,
+        index: t.row,
+        part: t.part,
+    };
+    let b_id = BlockId {
+        side: Side::B,
+        index: t.col,
+        part: t.part,
+    };
+    let get = |id| ctx.operands.get(&ctx.conn, &task.job, id, task.dtype);
+    let a = get(a_id).await.map_err(Failure::Transient)?;
+    let b = get(b_id).await.map_err(Failure::Transient)?;
+    let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
+    if a.shape() != (r, d) || b.shape() != (d, c) {
+        return Err(Failure::Permanent(format!(
+            "the task is {r}x{d} · {d}x{c} but its blocks are {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    Ok((a, b))
+}
+
 /// Simulated delay and failure, then the multiplication on the blocking pool. Returns the body
 /// so the caller can still park it.
 async fn work(
     ctx: &Ctx,
     task: &TaskHeader,
     data: Vec<u8>,
-    offset: usize,
+    inputs: Inputs,
 ) -> (Result<Vec<u8>, Failure>, Vec<u8>) {
     let (delay, fail) = {
         let mut rng = rand::rng();
@@ -483,17 +551,18 @@ async fn work(
     }
     let task = task.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let r = matrix::compute_tile(&task, &data[offset..]);
+        let r = match inputs {
+            Inputs::Inline(offset) => matrix::compute_tile(&task, &data[offset..])
+                .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
+            Inputs::Blocks(a, b) => matrix::multiply_blocks(&a, &b)
+                .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
+        };
         (r, data)
     })
     .await;
     match joined {
-        Ok((Ok(bytes), data)) => (Ok(bytes), data),
-        Ok((Err(e), data)) => (
-            Err(Failure::Permanent(format!("malformed task: {e}"))),
-            data,
-        ),
-        // The multiplication panicked: a bug, not bad luck; keep the body empty and retry.
+        Ok((r, data)) => (r, data),
+        // The multiplication panicked: a bug, not bad luck. The body went with the thread.
         Err(e) => (
             Err(Failure::Transient(format!("computation failed: {e}"))),
             Vec::new(),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::{Env, mgmt, run_job, run_job_with};
 use gemmq::config::{BrokerOptions, DurationRange};
 use gemmq::message::{self, Header, ResultHeader};
+use gemmq::tiling::Operands;
 use gemmq::topology;
 use gemmq_collector::Status;
 use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions};
@@ -47,7 +48,7 @@ async fn ragged_shapes_through_three_consumers_give_exactly_a_times_b() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_k_split_job_sums_each_partial_product_once() {
+async fn a_k_split_job_sums_each_partial_product_once_with_either_operand_transport() {
     // 64 KiB messages cannot hold a 64-row and a 64-column block of depth 200 (200 KiB): k is
     // split into parts whose partial products the collector adds up.
     let opts = BrokerOptions {
@@ -58,17 +59,24 @@ async fn a_k_split_job_sums_each_partial_product_once() {
     env.spawn_consumer(env.consumer("w1"));
     env.spawn_consumer(env.consumer("w2"));
     let shape = (130, 200, 70);
-    let (receipt, summary) = run_job(&env, "ksplit", shape, 64).await;
+    for (job, operands) in [
+        ("ksplit-inline", Operands::Inline),
+        ("ksplit-stream", Operands::Stream),
+    ] {
+        let mut p = env.producer(job, shape, 64);
+        p.operands = operands;
+        let (receipt, summary) = run_job_with(&env, p, env.collector(job)).await;
 
-    let parts = receipt.manifest.plan.parts();
-    assert!(parts > 1, "k should have been split");
-    assert_eq!(summary.tasks_done, 3 * 2 * parts as u64);
-    assert_eq!(summary.tiles_complete, 6);
-    assert_eq!(summary.status, Status::Complete);
-    let err = common::max_error_against_local_product(&env, "ksplit", shape);
-    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+        let parts = receipt.manifest.plan.parts();
+        assert!(parts > 1, "k should have been split");
+        assert_eq!(summary.tasks_done, 3 * 2 * parts as u64);
+        assert_eq!(summary.tiles_complete, 6);
+        assert_eq!(summary.status, Status::Complete);
+        let err = common::max_error_against_local_product(&env, job, shape);
+        assert!(err <= TOLERANCE, "{operands:?}: max |C - A·B| = {err:e}");
+    }
     env.stop_consumers().await;
-    env.cleanup(&["ksplit"]).await;
+    env.cleanup(&["ksplit-inline", "ksplit-stream"]).await;
 }
 
 fn bytesize_kib(k: u64) -> bytesize::ByteSize {
@@ -216,7 +224,9 @@ async fn when_attempts_run_out_tiles_are_parked_and_the_collector_reports_them()
 async fn a_result_delivered_twice_is_assembled_once() {
     let mut env = Env::new("dup");
     let topo = env.topology();
-    let p = env.producer("dup", (64, 32, 64), 16);
+    // Inline operands: this test computes tasks itself, from their bodies.
+    let mut p = env.producer("dup", (64, 32, 64), 16);
+    p.operands = Operands::Inline;
     let c = env.collector("dup");
     gemmq_producer::run(&p).await.unwrap();
 

@@ -182,6 +182,15 @@ impl Matrix {
 
     /// A·B computed here, in one process: the reference that gemmq's answer is checked against.
     pub fn dot(&self, b: &Matrix) -> Result<Matrix, MatrixError> {
+        if self.shape().1 != b.shape().0 {
+            let ((a_rows, a_cols), (b_rows, b_cols)) = (self.shape(), b.shape());
+            return Err(MatrixError::Shapes {
+                a_rows,
+                a_cols,
+                b_rows,
+                b_cols,
+            });
+        }
         match (self, b) {
             (Matrix::F32(a), Matrix::F32(b)) => Ok(Matrix::F32(a.dot(b))),
             (Matrix::F64(a), Matrix::F64(b)) => Ok(Matrix::F64(a.dot(b))),
@@ -259,6 +268,14 @@ pub fn task_payload<T: Element>(
     extend_le(a.slice(s![rows, depth.clone()]), &mut out);
     extend_le(b.slice(s![depth, cols]), &mut out);
     out
+}
+
+/// Multiplies two blocks and returns the product as little-endian bytes.
+pub fn multiply_blocks(a: &Matrix, b: &Matrix) -> Result<Vec<u8>, MatrixError> {
+    let c = a.dot(b)?;
+    let mut out = Vec::new();
+    with_matrix!(&c, m => extend_le(m.view(), &mut out));
+    Ok(out)
 }
 
 /// Multiplies the blocks of a decoded task and returns C's tile as little-endian bytes.

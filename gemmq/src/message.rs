@@ -31,6 +31,7 @@ pub mod kind {
     pub const RESULT: &str = "gemmq.result";
     pub const PARKED: &str = "gemmq.parked";
     pub const FAILED: &str = "gemmq.failed";
+    pub const OPERAND: &str = "gemmq.operand";
     pub const MANIFEST: &str = "gemmq.manifest";
 }
 
@@ -119,7 +120,43 @@ impl fmt::Display for TileId {
     }
 }
 
-/// What a consumer needs to compute one tile: `A[row0.., k0..] · B[k0.., col0..]`.
+/// Which operand a block belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Side {
+    A,
+    B,
+}
+
+/// A block of A (block row `index`, slice `part` of k) or of B (slice `part` of k, block column
+/// `index`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlockId {
+    pub side: Side,
+    pub index: u32,
+    pub part: u32,
+}
+
+impl fmt::Display for BlockId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.side {
+            Side::A => write!(f, "A[{},k{}]", self.index, self.part),
+            Side::B => write!(f, "B[k{},{}]", self.part, self.index),
+        }
+    }
+}
+
+/// One block of A or B on the job's operand stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperandHeader {
+    pub job: String,
+    pub block: BlockId,
+    pub dtype: DType,
+    pub rows: u32,
+    pub cols: u32,
+}
+
+/// What a consumer needs to compute one tile: `A[row0.., k0..] · B[k0.., col0..]`.: `A[row0.., k0..] · B[k0.., col0..]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskHeader {
@@ -179,6 +216,10 @@ pub enum Header {
     Result(ResultHeader),
     Parked(ParkedNotice),
     Failed(FailureNotice),
+    /// A task whose blocks are on the job's operand stream: A's (tile.row, tile.part) and B's
+    /// (tile.part, tile.col). No payload.
+    TaskRef(TaskHeader),
+    Operand(OperandHeader),
 }
 
 impl Header {
@@ -188,6 +229,8 @@ impl Header {
             Header::Result(_) => "result",
             Header::Parked(_) => "parked",
             Header::Failed(_) => "failure notice",
+            Header::TaskRef(_) => "task reference",
+            Header::Operand(_) => "operand block",
         }
     }
 
@@ -197,6 +240,8 @@ impl Header {
             Header::Result(h) => &h.job,
             Header::Parked(h) => &h.job,
             Header::Failed(h) => &h.job,
+            Header::TaskRef(h) => &h.job,
+            Header::Operand(h) => &h.job,
         }
     }
 
@@ -206,6 +251,26 @@ impl Header {
         let (rows, cols, depth, dtype) = match self {
             Header::Task(h) => (h.rows, h.cols, Some(h.depth), h.dtype),
             Header::Result(h) => (h.rows, h.cols, None, h.dtype),
+            Header::Operand(h) => (h.rows, h.cols, None, h.dtype),
+            Header::TaskRef(h) => {
+                // No payload, but the blocks it names and its result must be sane sizes.
+                let limit = limit.max(1);
+                let task = Header::Task(h.clone());
+                return task.payload_len(u64::MAX).and_then(|_| {
+                    Header::Result(ResultHeader {
+                        job: String::new(),
+                        tile: h.tile,
+                        dtype: h.dtype,
+                        rows: h.rows,
+                        cols: h.cols,
+                        worker: String::new(),
+                        attempt: 0,
+                        compute_micros: 0,
+                    })
+                    .payload_len(limit)
+                    .map(|_| 0)
+                });
+            }
             Header::Parked(_) | Header::Failed(_) => return Ok(0),
         };
         let desc = match depth {
@@ -290,9 +355,10 @@ pub fn decode(body: &[u8], limit: u64) -> Result<Frame<'_>, MessageError> {
 }
 
 impl<'a> Frame<'a> {
+    /// A task, with its blocks inline (a payload) or on the operand stream (`TaskRef`, empty).
     pub fn into_task(self) -> Result<(TaskHeader, &'a [u8]), MessageError> {
         match self.header {
-            Header::Task(h) => Ok((h, self.payload)),
+            Header::Task(h) | Header::TaskRef(h) => Ok((h, self.payload)),
             other => Err(MessageError::WrongKind {
                 expected: "task",
                 got: other.name(),

@@ -94,6 +94,29 @@ pub fn auto_tile(m: u64, n: u64, dtype: DType, max_message_bytes: u64) -> u64 {
     largest.min(spread).max(64).min(m.max(n))
 }
 
+/// How the blocks of A and B reach the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operands {
+    /// Each task carries its blocks. Simple; every block travels once per task that needs it.
+    Inline,
+    /// Each block is published once to the job's operand stream; tasks name the blocks, and
+    /// workers fetch and cache them, so a block reaches a worker at most once.
+    #[default]
+    Stream,
+}
+
+impl std::str::FromStr for Operands {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "inline" => Ok(Operands::Inline),
+            "stream" => Ok(Operands::Stream),
+            _ => Err(format!("{s:?}: use stream or inline")),
+        }
+    }
+}
+
 /// The tiling of one job; part of its manifest, so every program agrees on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,6 +129,8 @@ pub struct Plan {
     pub tile: u64,
     /// Boundaries of the slices of k: `[0, …, k]`; one slice when k is not split.
     pub k_splits: Vec<u64>,
+    #[serde(default)]
+    pub operands: Operands,
 }
 
 impl Plan {
@@ -118,6 +143,20 @@ impl Plan {
         dtype: DType,
         tile: u64,
         max_message_bytes: u64,
+    ) -> Result<Plan, TilingError> {
+        Self::with_operands(m, k, n, dtype, tile, max_message_bytes, Operands::Inline)
+    }
+
+    /// Like [`Plan::new`], for operands carried as `operands` says: inline, a task carries an A
+    /// and a B block and must fit a message; streamed, each block on its own must.
+    pub fn with_operands(
+        m: u64,
+        k: u64,
+        n: u64,
+        dtype: DType,
+        tile: u64,
+        max_message_bytes: u64,
+        operands: Operands,
     ) -> Result<Plan, TilingError> {
         for (name, value) in [("m", m), ("k", k), ("n", n), ("tile", tile)] {
             if value == 0 {
@@ -141,8 +180,12 @@ impl Plan {
                 max_tile: ((room / size) as f64).sqrt().floor() as u64,
             });
         }
-        // A task carries rows×kc of A and kc×cols of B.
-        let max_depth = (room / ((rows + cols) * size)).max(1);
+        // Inline, a task carries rows×kc of A and kc×cols of B; streamed, one block at a time.
+        let per_unit_depth = match operands {
+            Operands::Inline => rows + cols,
+            Operands::Stream => rows.max(cols),
+        };
+        let max_depth = (room / (per_unit_depth * size)).max(1);
         let parts = k.div_ceil(max_depth);
         let k_splits = (0..=parts).map(|p| p * k / parts).collect();
         Ok(Plan {
@@ -152,6 +195,7 @@ impl Plan {
             dtype,
             tile,
             k_splits,
+            operands,
         })
     }
 
@@ -234,6 +278,27 @@ impl Plan {
             (0..self.col_blocks())
                 .flat_map(move |col| (0..self.parts()).map(move |part| TileId { row, col, part }))
         })
+    }
+
+    /// Every operand block, A's (block row × part of k) then B's (part of k × block column):
+    /// the order the producer publishes them in.
+    pub fn operand_ids(&self) -> impl Iterator<Item = crate::message::BlockId> + '_ {
+        use crate::message::{BlockId, Side};
+        let a = (0..self.row_blocks()).flat_map(move |index| {
+            (0..self.parts()).map(move |part| BlockId {
+                side: Side::A,
+                index,
+                part,
+            })
+        });
+        let b = (0..self.parts()).flat_map(move |part| {
+            (0..self.col_blocks()).map(move |index| BlockId {
+                side: Side::B,
+                index,
+                part,
+            })
+        });
+        a.chain(b)
     }
 
     /// Floating-point operations of the whole product.

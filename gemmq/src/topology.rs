@@ -15,6 +15,8 @@
 //!                                           consumer: one collector assembles, others stand by
 //!                                           {ns}.job.<id>.manifest classic queue holding the
 //!                                           job's manifest, read without being consumed
+//!                                           {ns}.job.<id>.operands stream: each block of A and B
+//!                                           once, read (not consumed) by every worker that needs it
 //! ```
 //!
 //! Declarations are idempotent, so every program declares everything it touches and start order
@@ -140,6 +142,9 @@ impl Topology {
     pub fn manifest_queue(&self, job: &str) -> String {
         format!("{}.job.{job}.manifest", self.ns)
     }
+    pub fn operands_queue(&self, job: &str) -> String {
+        format!("{}.job.{job}.operands", self.ns)
+    }
 
     /// Declares the shared part: task, retry, parking-lot and job-announcement queues.
     pub async fn declare(&self, ch: &Channel) -> Result<(), TopologyError> {
@@ -191,12 +196,20 @@ impl Topology {
         // Classic, because the manifest is read by get-and-requeue, which a quorum queue would
         // count towards its delivery limit.
         queue(ch, &self.manifest_queue(job), FieldTable::default()).await?;
+        // A stream: read by many workers, each from wherever it likes, without consuming it.
+        let mut operands = FieldTable::default();
+        operands.insert("x-queue-type".into(), text("stream"));
+        queue(ch, &self.operands_queue(job), operands).await?;
         Ok(())
     }
 
     /// Removes a finished job's queues.
     pub async fn delete_job(&self, ch: &Channel, job: &str) -> Result<(), lapin::Error> {
-        for q in [self.results_queue(job), self.manifest_queue(job)] {
+        for q in [
+            self.results_queue(job),
+            self.manifest_queue(job),
+            self.operands_queue(job),
+        ] {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }

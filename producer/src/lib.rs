@@ -14,10 +14,11 @@ use gemmq::broker::{Broker, ConfirmWindow, persistent};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job::{self, Announced};
 use gemmq::matrix::{self, Element, Matrix};
-use gemmq::message::{self, Header, Inputs, Manifest, TaskHeader, kind};
+use gemmq::message::{self, Header, Inputs, Manifest, OperandHeader, Side, TaskHeader, kind};
+use gemmq::tiling::Operands;
 use gemmq::topology::{self, TASK_KEY};
 use gemmq::{DType, Plan, TileSize};
-use ndarray::Array2;
+use ndarray::{Array2, s};
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -58,6 +59,11 @@ pub struct ProducerOptions {
     /// Also write the inputs as DIR/A.npy and DIR/B.npy
     #[arg(long, env = "GEMMQ_SAVE_INPUTS", value_name = "DIR")]
     pub save_inputs: Option<PathBuf>,
+    /// How A and B reach the workers: `stream` publishes each block once to the job's operand
+    /// stream and workers cache what they fetch; `inline` puts the blocks in every task
+    /// [default: stream]
+    #[arg(long, env = "GEMMQ_OPERANDS")]
+    pub operands: Option<Operands>,
     /// Publisher confirms outstanding at once [default: 64]
     #[arg(long, env = "GEMMQ_CONFIRM_WINDOW")]
     pub confirm_window: Option<usize>,
@@ -74,6 +80,7 @@ gemmq::layered!(ProducerOptions {
     a,
     b,
     save_inputs,
+    operands,
     confirm_window
 });
 
@@ -100,6 +107,7 @@ pub struct Settings {
     pub tile: TileSize,
     pub job_id: String,
     pub save_inputs: Option<PathBuf>,
+    pub operands: Operands,
     pub confirm_window: usize,
 }
 
@@ -139,6 +147,7 @@ impl Settings {
             tile: o.tile.unwrap_or_default(),
             job_id,
             save_inputs: o.save_inputs,
+            operands: o.operands.unwrap_or_default(),
             confirm_window,
         })
     }
@@ -170,7 +179,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             TileSize::Fixed(t) => t,
             TileSize::Auto => gemmq::tiling::auto_tile(m, n, dtype, s.broker.max_message_bytes),
         };
-        Plan::new(m, k, n, dtype, tile, s.broker.max_message_bytes)
+        Plan::with_operands(m, k, n, dtype, tile, s.broker.max_message_bytes, s.operands)
             .map_err(|e| ConfigError::invalid("tile", e.to_string()))
     };
     let (a, b, inputs, plan) = match s.source.clone() {
@@ -345,19 +354,69 @@ async fn publish_tasks<T: Element>(
     bytes: &mut u64,
 ) -> Result<()> {
     let plan = &manifest.plan;
+    let job = &manifest.job;
+    // Operand blocks first (when streamed), then tasks: one sequence, so that resuming after a
+    // lost connection is "skip what was confirmed".
+    let streamed = plan.operands == Operands::Stream;
+    let blocks: Vec<_> = if streamed {
+        plan.operand_ids().collect()
+    } else {
+        Vec::new()
+    };
+    let operands_queue = topo.operands_queue(job);
+    for block in blocks.iter().skip(skip as usize) {
+        let (rows, cols) = match block.side {
+            Side::A => (plan.rows(block.index), plan.depth(block.part)),
+            Side::B => (plan.depth(block.part), plan.cols(block.index)),
+        };
+        let data = match block.side {
+            Side::A => a.slice(s![rows.clone(), cols.clone()]),
+            Side::B => b.slice(s![rows.clone(), cols.clone()]),
+        };
+        let mut payload = Vec::new();
+        matrix::extend_le(data, &mut payload);
+        let header = Header::Operand(OperandHeader {
+            job: job.clone(),
+            block: *block,
+            dtype: plan.dtype,
+            rows: rows.len() as u32,
+            cols: cols.len() as u32,
+        });
+        let body = message::encode(&header, &[&payload]);
+        *bytes += body.len() as u64;
+        window
+            .publish(
+                "",
+                &operands_queue,
+                &body,
+                persistent(kind::OPERAND, format!("{job}/{block}")),
+                format!("block {block}"),
+            )
+            .await
+            .with_context(|| format!("publishing block {block} of job {job}"))?;
+        info!(%job, %block, bytes = body.len(), "operand block published");
+    }
+    let skip = skip.saturating_sub(blocks.len() as u64);
     let exchange = topo.tasks_exchange();
     for tile in plan.task_ids().skip(skip as usize) {
-        let header = Header::Task(TaskHeader {
-            job: manifest.job.clone(),
+        let task = TaskHeader {
+            job: job.clone(),
             tile,
             dtype: plan.dtype,
             rows: plan.rows(tile.row).len() as u32,
             cols: plan.cols(tile.col).len() as u32,
             depth: plan.depth(tile.part).len() as u32,
-        });
-        let body = message::encode(&header, &[&matrix::task_payload(a, b, plan, tile)]);
+        };
+        let body = if streamed {
+            message::encode(&Header::TaskRef(task), &[])
+        } else {
+            message::encode(
+                &Header::Task(task),
+                &[&matrix::task_payload(a, b, plan, tile)],
+            )
+        };
         *bytes += body.len() as u64;
-        let id = format!("{}/{}/{}/{}", manifest.job, tile.row, tile.col, tile.part);
+        let id = format!("{job}/{}/{}/{}", tile.row, tile.col, tile.part);
         window
             .publish(
                 &exchange,
@@ -367,8 +426,8 @@ async fn publish_tasks<T: Element>(
                 format!("task {tile}"),
             )
             .await
-            .with_context(|| format!("publishing task {tile} of job {}", manifest.job))?;
-        info!(job = %manifest.job, %tile, bytes = body.len(), "task published");
+            .with_context(|| format!("publishing task {tile} of job {job}"))?;
+        info!(%job, %tile, bytes = body.len(), "task published");
     }
     Ok(())
 }

@@ -65,6 +65,7 @@ impl Env {
             tile: gemmq::TileSize::Fixed(tile),
             job_id: job.into(),
             save_inputs: None,
+            operands: Default::default(),
             confirm_window: 16,
         }
     }
