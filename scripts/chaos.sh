@@ -67,7 +67,10 @@ while sleep "$kill_every"; do
   kill -0 "$collector" 2>/dev/null || break   # the collector finished
   elapsed=$(( $(date +%s) - started ))
   victim=$(( RANDOM % workers + 1 ))
-  if kill -KILL "${worker_pid[$victim]}" 2>/dev/null; then kills=$((kills + 1)); fi
+  if kill -KILL "${worker_pid[$victim]}" 2>/dev/null; then
+    kills=$((kills + 1))
+    wait "${worker_pid[$victim]}" 2>/dev/null || true
+  fi
   start_worker "$victim"
   if [ "$broker_restarted" = 0 ] && [ "$elapsed" -ge $((kill_every * 2)) ]; then
     echo "chaos: restarting the broker"
