@@ -656,7 +656,7 @@ async fn wait_for_manifest(
         }
         tokio::select! {
             _ = shutdown.cancelled() => bail!("interrupted while waiting for job {job}"),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
 }
