@@ -171,6 +171,43 @@ pub fn machine_busy_cpu_seconds() -> Option<f64> {
     Some(busy as f64 / clock_ticks())
 }
 
+/// How long the bench waited for the machine to quieten, and how busy it was then.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleWait {
+    pub waited_seconds: f64,
+    /// Busy cores over the last one-second sample (anyone's work, the broker's included).
+    pub busy_cores: f64,
+    /// Whether it got under the threshold (false: it gave up waiting).
+    pub idle: bool,
+}
+
+/// Samples the machine's busy cores over one-second windows until they drop under `cores`, for
+/// at most `max` (one sample when `max` is zero).
+pub fn wait_idle(max: Duration, cores: f64) -> IdleWait {
+    let started = std::time::Instant::now();
+    loop {
+        let (b0, t0) = (machine_busy_cpu_seconds(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_secs(1));
+        let busy = match (b0, machine_busy_cpu_seconds()) {
+            (Some(a), Some(b)) => (b - a) / t0.elapsed().as_secs_f64(),
+            _ => 0.0,
+        };
+        let idle = busy < cores;
+        if idle || started.elapsed() >= max {
+            if !idle {
+                eprintln!(
+                    "   machine still busy ({busy:.2} cores of other work) after waiting {max:?}; measuring anyway"
+                );
+            }
+            return IdleWait {
+                waited_seconds: started.elapsed().as_secs_f64(),
+                busy_cores: busy,
+                idle,
+            };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

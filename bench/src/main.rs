@@ -79,6 +79,10 @@ struct Cli {
     /// In-process multiplications per size; the best counts
     #[arg(long, default_value_t = 3)]
     reference_runs: usize,
+    /// Before each run, wait up to this long for the machine to be idle (other work using less
+    /// than half a core over one second); 0 does not wait
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    wait_idle: Duration,
     /// Seed of A and B
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -151,6 +155,15 @@ struct Run {
     machine_busy_cpu_seconds: Option<f64>,
     /// CPU seconds of the producer, the consumers and the collector (whole lives, from wait4).
     programs_cpu_seconds: Option<f64>,
+    /// machine_busy − broker − programs: CPU other work took from the job.
+    others_cpu_seconds: Option<f64>,
+    /// How long the bench waited for the machine to quieten before this run, and how busy it
+    /// was when it stopped waiting.
+    idle_wait: Option<machine::IdleWait>,
+    /// The bench's own peak RSS when it started the programs. Linux carries a parent's peak
+    /// into a spawned child's ru_maxrss, so the children's figures are exact only above it;
+    /// the reference runs in its own process to keep this small.
+    bench_peak_rss_mib: f64,
     producer: Option<ProcStats>,
     consumers: Vec<ProcStats>,
     collector: Option<ProcStats>,
@@ -173,12 +186,11 @@ struct Report {
 }
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(reference::SUBCOMMAND) {
+        return reference::child_main();
+    }
     let user_matmul_threads = std::env::var("MATMUL_NUM_THREADS").ok();
     let cli = Cli::parse();
-    // matrixmultiply reads MATMUL_NUM_THREADS once, at its first multiplication; nothing has
-    // multiplied yet and no other thread runs, so setting it here is sound.
-    // SAFETY: single-threaded at this point (no runtime, no waiter threads yet).
-    unsafe { std::env::set_var("MATMUL_NUM_THREADS", cli.reference_threads.to_string()) };
     match run(cli, user_matmul_threads) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => {
@@ -327,7 +339,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
     }
 
     // The programs get the built-in defaults, plus --env: no config file, no stray GEMMQ_*.
-    let mut remove_env: Vec<String> = std::env::vars()
+    let remove_env: Vec<String> = std::env::vars()
         .map(|(k, _)| k)
         .filter(|k| k.starts_with("GEMMQ_"))
         .collect();
@@ -336,11 +348,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         ("GEMMQ_CONNECT_TIMEOUT".into(), "20s".into()),
         ("RUST_LOG".into(), "info".into()),
     ];
-    // They see the user's MATMUL_NUM_THREADS, not the one set here for the reference.
-    match &user_matmul_threads {
-        Some(v) => base_env.push(("MATMUL_NUM_THREADS".into(), v.clone())),
-        None => remove_env.push("MATMUL_NUM_THREADS".into()),
-    }
+    // The programs see the user's MATMUL_NUM_THREADS, if any (the reference sets its own).
     base_env.extend(extra_env.iter().cloned());
     let max_message_bytes = extra_env
         .iter()
@@ -491,6 +499,9 @@ impl Env<'_> {
     }
 }
 
+/// Cores of other work below which the machine counts as idle.
+const IDLE_CORES: f64 = 0.5;
+
 const PRODUCER: usize = 0;
 const CONSUMER: usize = 1;
 const COLLECTOR: usize = 2;
@@ -529,6 +540,9 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         broker_cpu_seconds: None,
         machine_busy_cpu_seconds: None,
         programs_cpu_seconds: None,
+        others_cpu_seconds: None,
+        idle_wait: None,
+        bench_peak_rss_mib: 0.0,
         producer: None,
         consumers: Vec::new(),
         collector: None,
@@ -582,15 +596,16 @@ fn job(
         "   reference: {}×{} {} dot, {} thread(s), best of {}",
         spec.n, spec.n, spec.dtype, cli.reference_threads, cli.reference_runs
     );
+    run.idle_wait = Some(machine::wait_idle(cli.wait_idle, IDLE_CORES));
     let reference = reference::measure(
         spec.n,
         spec.dtype,
         cli.seed,
         cli.reference_runs,
         cli.reference_threads,
-    );
+    )?;
     eprintln!(
-        "   reference: best {:.3} s = {:.1} GFLOP/s (runs {:?}, cpu/wall {:.2})",
+        "   reference: best {:.3} s = {:.1} GFLOP/s (runs {:?}, cpu/wall {:.2}, machine busy {:.2} cores)",
         reference.best_seconds,
         reference.gflops,
         reference
@@ -598,9 +613,15 @@ fn job(
             .iter()
             .map(|s| (s * 1000.0).round() / 1000.0)
             .collect::<Vec<_>>(),
-        reference.cpu_per_wall
+        reference.cpu_per_wall,
+        reference.machine_busy_cores
     );
     run.reference = Some(reference);
+    eprintln!(
+        "   bench's own peak RSS {:.0} MiB (a floor under the children's ru_maxrss)",
+        procs::own_peak_rss_mib()
+    );
+    run.bench_peak_rss_mib = procs::own_peak_rss_mib();
 
     let ready = Duration::from_secs(60);
     let mut consumers = Vec::new();
@@ -725,6 +746,9 @@ fn job(
         run.consumers.push(proc_stats(&c.name, &e));
     }
     run.programs_cpu_seconds = Some(programs_cpu);
+    run.others_cpu_seconds = run
+        .machine_busy_cpu_seconds
+        .map(|m| m - programs_cpu - run.broker_cpu_seconds.unwrap_or(0.0));
 
     // summary.json: the plan as the programs used it, and the collector's own clock.
     let summary_path = dir.join("out").join("summary.json");
@@ -866,7 +890,7 @@ fn print_table(r: &Report) {
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
         "run",
         "e2e s",
         "publish s",
@@ -875,15 +899,17 @@ fn print_table(r: &Report) {
         "cpu cons",
         "cpu coll",
         "cpu rmq",
+        "cpu othr",
         "cpu all",
         "cores×e2e",
+        "ref cores",
         "peak prod"
     );
     for run in r.runs.iter().filter(|r| r.ok) {
         let cons: f64 = run.consumers.iter().map(|c| c.cpu_seconds).sum();
         let _ = writeln!(
             out,
-            "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
             run.label,
             opt(run.e2e_seconds, 2),
             opt(run.producer_publish_seconds, 2),
@@ -892,14 +918,19 @@ fn print_table(r: &Report) {
             opt(Some(cons), 2),
             opt(run.collector.as_ref().map(|c| c.cpu_seconds), 2),
             opt(run.broker_cpu_seconds, 2),
+            opt(run.others_cpu_seconds, 2),
             opt(run.machine_busy_cpu_seconds, 2),
             opt(run.e2e_seconds.map(|e| e * r.machine.nproc as f64), 2),
+            run.reference.as_ref().map_or("-".into(), |x| format!(
+                "{:.2}/{:.2}",
+                x.cpu_per_wall, x.machine_busy_cores
+            )),
             opt(run.producer.as_ref().map(|p| p.peak_rss_mib), 0),
         );
     }
     let _ = writeln!(
         out,
-        "publish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu all: the whole machine busy, anyone's work; peak prod: producer peak RSS MiB"
+        "publish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
     );
     let _ = writeln!(
         out,

@@ -19,7 +19,9 @@ pub struct Exit {
     /// The exit code, or None when a signal ended it.
     pub code: Option<i32>,
     pub signal: Option<i32>,
-    /// Peak resident set size in KiB (Linux reports `ru_maxrss` in KiB).
+    /// Peak resident set size in KiB (Linux reports `ru_maxrss` in KiB). Linux keeps the
+    /// spawning parent's peak in it too (the mm that exec replaced), so it is exact only when the
+    /// parent is smaller than the child: the bench keeps itself small for that.
     pub maxrss_kib: u64,
     /// User + system CPU time.
     pub cpu_seconds: f64,
@@ -185,6 +187,15 @@ fn wait4(pid: i32) -> Result<Exit, String> {
             return Err(format!("wait4({pid}): {err}"));
         }
     }
+}
+
+/// This process's own peak RSS in MiB (getrusage).
+pub fn own_peak_rss_mib() -> f64 {
+    // SAFETY: getrusage fills in a plain struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF on a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_maxrss.max(0) as f64 / 1024.0
 }
 
 /// Waits until `proc` logs `needle`, failing early if it exits.
