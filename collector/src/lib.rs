@@ -119,7 +119,7 @@ impl Settings {
 }
 
 /// How the job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Every tile is there and C passed verification (or verification was off).
@@ -140,7 +140,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ParkedTile {
     pub tile: TileId,
     pub reason: String,
@@ -149,7 +149,7 @@ pub struct ParkedTile {
 }
 
 /// summary.json.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub job: String,
     pub status: Status,
@@ -192,7 +192,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
 
     let (manifest, mut announcement) = match &s.job_id {
         Some(job) => (
-            wait_for_manifest(&ch, &topo, job, s, &shutdown).await?,
+            wait_for_manifest(&broker, &ch, &topo, job, s, &shutdown).await?,
             None,
         ),
         None => {
@@ -212,7 +212,10 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         ));
     }
     std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
-    let mut asm = open_checkpoint(s, &manifest, &shutdown).await?;
+    let mut asm = match open_checkpoint(s, &manifest, &shutdown).await? {
+        Opened::Assembly(asm) => asm,
+        Opened::Finished(output) => return already_collected(s, &manifest.job, &output).await,
+    };
     if asm.resumed > 0 {
         info!(
             job = %manifest.job, done = asm.resumed, total = plan.tasks(), checkpoint = %asm.dir().display(),
@@ -268,16 +271,23 @@ pub fn checkpoint_dir(out: &Path, job: &str) -> PathBuf {
 }
 
 /// Opens the job's checkpoint, standing by while another collector holds it.
+enum Opened {
+    Assembly(Assembly),
+    /// Another collector (or this one, before a restart) already wrote C here.
+    Finished(PathBuf),
+}
+
 async fn open_checkpoint(
     s: &Settings,
     manifest: &Manifest,
     shutdown: &CancellationToken,
-) -> Result<Assembly> {
+) -> Result<Opened> {
     let dir = checkpoint_dir(&s.out, &manifest.job);
     let mut said = false;
     loop {
         match Assembly::open(&manifest.plan, &manifest.job, &dir) {
-            Ok(asm) => return Ok(asm),
+            Ok(asm) => return Ok(Opened::Assembly(asm)),
+            Err(AssemblyError::AlreadyFinished { output }) => return Ok(Opened::Finished(output)),
             Err(e) if Assembly::is_locked(&e) => {
                 if !said {
                     info!(job = %manifest.job, checkpoint = %dir.display(), "standing by: another collector is assembling this job; taking over if it stops");
@@ -291,6 +301,28 @@ async fn open_checkpoint(
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
+}
+
+/// The job was collected already: report the summary that collector wrote.
+async fn already_collected(s: &Settings, job: &str, output: &Path) -> Result<Summary> {
+    let path = s.out.join("summary.json");
+    // The collector that finished writes its summary just after releasing the checkpoint.
+    for _ in 0..100 {
+        if let Some(summary) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Summary>(&b).ok())
+            .filter(|sum| sum.job == job)
+        {
+            info!(%job, output = %output.display(), status = ?summary.status, "this job was already collected; nothing to do");
+            return Ok(summary);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "job {job} was already collected into {} but {} is missing or unreadable",
+        output.display(),
+        path.display()
+    )
 }
 
 enum Collected {
@@ -632,18 +664,24 @@ fn report(s: &Summary) {
 
 /// Waits until the job's manifest is there.
 async fn wait_for_manifest(
+    broker: &Broker,
     ch: &Channel,
     topo: &Topology,
     job: &str,
     s: &Settings,
     shutdown: &CancellationToken,
 ) -> Result<Manifest> {
-    topo.declare_job(ch, job).await?;
     let started = Instant::now();
     let mut said = false;
     loop {
-        if let Some(m) = job::peek_manifest(ch, topo, job).await? {
-            return Ok(m);
+        // Only peek at a queue that exists: declaring it here would resurrect the queues of a
+        // job that another collector finished and removed.
+        if job_exists(broker, topo, job).await {
+            if let Some(m) = job::peek_manifest(ch, topo, job).await? {
+                return Ok(m);
+            }
+        } else if let Some(done) = finished_here(s, job) {
+            return Ok(done);
         }
         if !said {
             info!(job, "waiting for the producer to announce the job");
@@ -659,6 +697,24 @@ async fn wait_for_manifest(
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
+}
+
+/// The manifest of a job this `--out` already holds a finished checkpoint of.
+fn finished_here(s: &Settings, job: &str) -> Option<Manifest> {
+    let dir = checkpoint_dir(&s.out, job);
+    if !dir.join("done").exists() {
+        return None;
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("plan.json")).ok()?).ok()?;
+    let plan: gemmq::Plan = serde_json::from_value(v.get("plan")?.clone()).ok()?;
+    Some(Manifest {
+        version: message::VERSION,
+        job: job.to_string(),
+        plan,
+        inputs: Inputs::Seed(0),
+        created_ms: 0,
+    })
 }
 
 /// Whether the job's manifest queue is still there (a finished job's queues are deleted).

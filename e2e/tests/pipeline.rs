@@ -309,6 +309,33 @@ async fn a_result_delivered_twice_is_assembled_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_run_again_on_a_finished_job_reports_it_and_resurrects_nothing() {
+    let mut env = Env::new("again");
+    env.spawn_consumer(env.consumer("w1"));
+    run_job(&env, "again", (32, 16, 32), 16).await;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(20),
+        gemmq_collector::run(&env.collector("again"), env.stop.clone()),
+    )
+    .await
+    .expect("it does not wait for a job that is done")
+    .unwrap();
+    assert_eq!(summary.status, Status::Complete);
+    let ch = env.channel().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let results = env.topology().results_queue("again");
+    let found = ch
+        .queue_declare(results.as_str().into(), passive, Default::default())
+        .await;
+    assert!(found.is_err(), "the finished job's queues stay deleted");
+    env.stop_consumers().await;
+    env.cleanup(&["again"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_collector_without_a_job_id_takes_the_next_unfinished_job() {
     let mut env = Env::new("nextjob");
     env.spawn_consumer(env.consumer("w1"));

@@ -62,6 +62,8 @@ pub enum AssemblyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("this job was already collected into {}", output.display())]
+    AlreadyFinished { output: PathBuf },
     #[error("checkpoint {path}: {message}")]
     Corrupt { path: PathBuf, message: String },
 }
@@ -97,7 +99,7 @@ pub enum Applied {
 }
 
 /// Per-worker tally for the summary.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct WorkerTally {
     /// Tasks whose (first) result came from this worker.
     pub tasks: u64,
@@ -134,6 +136,7 @@ const C_FILE: &str = "C.npy";
 const JOURNAL: &str = "journal";
 const LOCK: &str = "lock";
 const PARTS: &str = "parts";
+const DONE: &str = "done";
 
 impl Assembly {
     /// Opens the checkpoint in `dir` for `plan`, creating it or resuming it. Fails with
@@ -159,12 +162,24 @@ impl Assembly {
             },
         })?;
 
-        let identity = serde_json::json!({ "job": job, "plan": plan }).to_string();
+        let identity = serde_json::json!({ "job": job, "plan": plan });
         let plan_path = dir.join(PLAN_FILE);
         let c_path = dir.join(C_FILE);
-        match fs::read_to_string(&plan_path) {
-            Ok(existing) if existing == identity && c_path.exists() => {}
-            Ok(_) if c_path.exists() => {
+        let existing: Option<serde_json::Value> = fs::read(&plan_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let same = existing.as_ref() == Some(&identity);
+        if same && dir.join(DONE).exists() {
+            // Finished, by us before a crash or by a collector we stood by for.
+            let dest = PathBuf::from(fs::read_to_string(dir.join(DONE)).map_err(io(dir))?);
+            if c_path.exists() {
+                fs::rename(&c_path, &dest).map_err(io(&dest))?;
+            }
+            return Err(AssemblyError::AlreadyFinished { output: dest });
+        }
+        match existing {
+            Some(_) if same && c_path.exists() => {}
+            Some(_) if c_path.exists() => {
                 return Err(AssemblyError::Mismatch {
                     dir: dir.to_path_buf(),
                 });
@@ -184,7 +199,8 @@ impl Assembly {
                 })?;
                 f.sync_all().map_err(io(&c_path))?;
                 let _ = fs::remove_file(dir.join(JOURNAL));
-                write_synced(&plan_path, identity.as_bytes())?;
+                write_synced(&plan_path, identity.to_string().as_bytes())?;
+                sync_dir(dir)?;
             }
         }
         let c_file = OpenOptions::new()
@@ -195,6 +211,7 @@ impl Assembly {
         // SAFETY: the file is ours (we hold the lock), and it is not truncated while mapped.
         let map = unsafe { MmapMut::map_mut(&c_file) }.map_err(io(&c_path))?;
         let journal_path = dir.join(JOURNAL);
+        truncate_torn_tail(&journal_path)?;
         let journal = OpenOptions::new()
             .create(true)
             .append(true)
@@ -246,6 +263,10 @@ impl Assembly {
                         self.parked.remove(&tile);
                         self.count(attempt, &worker, micros);
                         *self.parts_seen.entry((tile.row, tile.col)).or_default() += 1;
+                        if self.plan.parts() == 1 {
+                            // C's pages were synced before this line was written.
+                            self.complete.insert((tile.row, tile.col));
+                        }
                         self.resumed += 1;
                     }
                 }
@@ -263,12 +284,15 @@ impl Assembly {
             }
         }
         // Tiles whose parts were all in but whose sum may not have reached C: sum again.
-        let pending: Vec<(u32, u32)> = self
-            .parts_seen
-            .iter()
-            .filter(|(rc, n)| **n == self.plan.parts() && !self.complete.contains(*rc))
-            .map(|(rc, _)| *rc)
-            .collect();
+        let pending: Vec<(u32, u32)> = if self.plan.parts() == 1 {
+            Vec::new()
+        } else {
+            self.parts_seen
+                .iter()
+                .filter(|(rc, n)| **n == self.plan.parts() && !self.complete.contains(*rc))
+                .map(|(rc, _)| *rc)
+                .collect()
+        };
         for (row, col) in pending {
             self.complete_split_tile(row, col)?;
         }
@@ -396,6 +420,10 @@ impl Assembly {
             self.dirty = false;
         }
         if !self.pending.is_empty() {
+            if self.plan.parts() > 1 {
+                // The renames of part files must be durable before the journal names them.
+                sync_dir(&self.dir.join(PARTS))?;
+            }
             let path = self.dir.join(JOURNAL);
             self.journal
                 .write_all(self.pending.as_bytes())
@@ -536,15 +564,50 @@ impl Assembly {
         })
     }
 
-    /// Commits, moves C to `dest` and removes the checkpoint.
+    /// Commits, moves C to `dest`, and marks the checkpoint finished — while still holding its
+    /// lock, so a collector standing by finds the job done instead of starting it over.
     pub fn finish(mut self, dest: &Path) -> Result<(), AssemblyError> {
         self.commit()?;
+        write_synced(&self.dir.join(DONE), dest.to_string_lossy().as_bytes())?;
+        sync_dir(&self.dir)?;
         fs::rename(self.dir.join(C_FILE), dest).map_err(io(dest))?;
-        let dir = self.dir.clone();
-        drop(self);
-        let _ = fs::remove_dir_all(&dir);
+        if let Some(parent) = dest.parent() {
+            sync_dir(parent)?;
+        }
+        // Only the marker and the plan stay: the rest is garbage now.
+        let _ = fs::remove_file(self.dir.join(JOURNAL));
+        let _ = fs::remove_dir_all(self.dir.join(PARTS));
         Ok(())
     }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), AssemblyError> {
+    let parent = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(io(parent))
+}
+
+/// Cuts a journal back to its last complete line: a crash mid-write leaves a torn one, which
+/// was never synced (so never acked) and must not glue itself to the next record.
+fn truncate_torn_tail(path: &Path) -> Result<(), AssemblyError> {
+    let Ok(bytes) = fs::read(path) else {
+        return Ok(());
+    };
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if keep < bytes.len() {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        f.set_len(keep as u64).map_err(io(path))?;
+        f.sync_all().map_err(io(path))?;
+    }
+    Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AssemblyError> {
@@ -762,6 +825,54 @@ mod tests {
         assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
         let out = dir.path().join("C-final.npy");
         asm.finish(&out).unwrap();
+        assert!(out.exists());
+    }
+
+    #[test]
+    fn a_torn_journal_line_from_a_crash_is_cut_off_and_never_glued_to_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = inputs(16, 8, 16);
+        let plan = Plan::new(16, 8, 16, DType::F64, 8, 16 << 20).unwrap();
+        let rs = results(&plan, &a, &b);
+        {
+            let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+            asm.apply_result(&rs[0].0, &rs[0].1).unwrap();
+            asm.commit().unwrap();
+        }
+        // Half a record, as a crash mid-write leaves it.
+        let mut j = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(JOURNAL))
+            .unwrap();
+        j.write_all(b"T 1 1 0 1 5 wor").unwrap();
+        drop(j);
+        {
+            let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+            assert_eq!(asm.resumed, 1);
+            asm.apply_result(&rs[1].0, &rs[1].1).unwrap();
+            asm.commit().unwrap();
+        }
+        let asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+        assert_eq!(asm.resumed, 2, "the record after the torn one survived");
+        assert_eq!(asm.tiles_complete(), 2);
+    }
+
+    #[test]
+    fn a_finished_checkpoint_says_so_instead_of_starting_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = inputs(8, 8, 8);
+        let plan = Plan::new(8, 8, 8, DType::F64, 8, 16 << 20).unwrap();
+        let ck = dir.path().join("ck");
+        let mut asm = Assembly::open(&plan, "j", &ck).unwrap();
+        for (h, p) in results(&plan, &a, &b) {
+            asm.apply_result(&h, &p).unwrap();
+        }
+        let out = dir.path().join("C.npy");
+        asm.finish(&out).unwrap();
+        match Assembly::open(&plan, "j", &ck) {
+            Err(AssemblyError::AlreadyFinished { output }) => assert_eq!(output, out),
+            other => panic!("{:?}", other.err()),
+        }
         assert!(out.exists());
     }
 

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::matrix::{Element, MatrixError, MatrixView};
 
 /// The outcome of [`freivalds`].
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Verdict {
     pub passed: bool,
     pub rounds: u32,
