@@ -1,49 +1,87 @@
-//! Bytes a job sends through the broker, computed from its plan.
+//! Bytes a job sends through the broker.
 //!
-//! Every task is one message: a frame prefix, its JSON header and rows×depth + depth×cols
-//! elements; every result is a prefix, a header and rows×cols elements. Task headers are encoded
-//! here exactly as the producer encodes them; result headers vary by a few bytes with the worker
-//! id and the compute time, so they are encoded with a representative one. AMQP framing and
-//! message properties are not counted; neither are retries or duplicates (the summary counts
-//! those, and a benchmark run should have none).
+//! Into the broker, computed from the job's plan: what the producer publishes — with inline
+//! operands one message per task carrying rows×depth + depth×cols elements; with streamed
+//! operands every block of A and B once on the job's stream plus a header-only task per tile —
+//! and one result per task of rows×cols elements. Headers are encoded here as the programs encode
+//! them (result headers vary by a few bytes with the worker id and compute time). AMQP framing and
+//! properties are not counted, nor retries and duplicates (a benchmark run should have none).
+//!
+//! Out of the broker to the workers, measured: the consumers' connections' `send_oct` in the
+//! management API (AMQP framing included), which is where streamed operands cost — every
+//! worker reads the stream.
 
 use gemmq::Plan;
-use gemmq::message::{self, Header, ResultHeader, TaskHeader};
+use gemmq::message::{self, Header, OperandHeader, ResultHeader, Side, TaskHeader};
+use gemmq::tiling::Operands;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BrokerBytes {
     /// How the figures were obtained.
     pub source: &'static str,
-    pub task_bytes: u64,
+    pub operands: Operands,
+    /// What the producer publishes: tasks, and with streamed operands the blocks of A and B.
+    pub producer_bytes: u64,
+    /// What the consumers publish: one result per task.
     pub result_bytes: u64,
+    /// producer + results: every byte the broker takes in (and stores: all are persistent).
     pub total_bytes: u64,
     /// A + B + C once each: what any distribution of the work must move at least.
     pub minimum_bytes: u64,
     /// total / minimum.
     pub ratio_to_minimum: f64,
-    /// Task MiB from the producer's `all tasks published and confirmed ... mib=` log line, as a
-    /// cross-check of `task_bytes` (None when the line was not found).
-    pub producer_log_task_mib: Option<f64>,
+    /// MiB from the producer's `all tasks published and confirmed ... mib=` log line, a
+    /// cross-check of `producer_bytes` (None when the line was not found).
+    pub producer_log_mib: Option<f64>,
+    /// Bytes the broker sent to all consumers (tasks, stream blocks, framing): the sum of their
+    /// connections' `send_oct` from the management API, read after the job. None when the
+    /// management API did not answer.
+    pub consumers_received_bytes: Option<u64>,
+    /// Bytes the consumers sent the broker (results, acks, framing): their `recv_oct`.
+    pub consumers_sent_bytes: Option<u64>,
+}
+
+fn frame_len(h: &Header, payload: u64) -> u64 {
+    message::encode(h, &[]).len() as u64 + payload
 }
 
 pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
     let size = plan.dtype.size() as u64;
-    let (mut tasks, mut results) = (0u64, 0u64);
+    let (mut produced, mut results) = (0u64, 0u64);
+    if plan.operands == Operands::Stream {
+        for block in plan.operand_ids() {
+            let (rows, cols) = match block.side {
+                Side::A => (plan.rows(block.index).len(), plan.depth(block.part).len()),
+                Side::B => (plan.depth(block.part).len(), plan.cols(block.index).len()),
+            };
+            let h = Header::Operand(OperandHeader {
+                job: job.into(),
+                block,
+                dtype: plan.dtype,
+                rows: rows as u32,
+                cols: cols as u32,
+            });
+            produced += frame_len(&h, (rows * cols) as u64 * size);
+        }
+    }
     for tile in plan.task_ids() {
         let rows = plan.rows(tile.row).len() as u32;
         let cols = plan.cols(tile.col).len() as u32;
         let depth = plan.depth(tile.part).len() as u32;
-        let task = Header::Task(TaskHeader {
+        let task = TaskHeader {
             job: job.into(),
             tile,
             dtype: plan.dtype,
             rows,
             cols,
             depth,
-        });
+        };
         let (r, c, d) = (rows as u64, cols as u64, depth as u64);
-        tasks += message::encode(&task, &[]).len() as u64 + (r * d + d * c) * size;
+        produced += match plan.operands {
+            Operands::Inline => frame_len(&Header::Task(task), (r * d + d * c) * size),
+            Operands::Stream => frame_len(&Header::TaskRef(task), 0),
+        };
         let result = Header::Result(ResultHeader {
             job: job.into(),
             tile,
@@ -54,17 +92,20 @@ pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
             attempt: 1,
             compute_micros: 12_345,
         });
-        results += message::encode(&result, &[]).len() as u64 + r * c * size;
+        results += frame_len(&result, r * c * size);
     }
     let minimum = (plan.m * plan.k + plan.k * plan.n + plan.m * plan.n) * size;
     BrokerBytes {
-        source: "plan (task headers exact, result headers ±a few bytes each)",
-        task_bytes: tasks,
+        source: "into the broker: from the plan (headers encoded as the programs do; result headers ±a few bytes); to the workers: management API send_oct",
+        operands: plan.operands,
+        producer_bytes: produced,
         result_bytes: results,
-        total_bytes: tasks + results,
+        total_bytes: produced + results,
         minimum_bytes: minimum,
-        ratio_to_minimum: (tasks + results) as f64 / minimum as f64,
-        producer_log_task_mib: None,
+        ratio_to_minimum: (produced + results) as f64 / minimum as f64,
+        producer_log_mib: None,
+        consumers_received_bytes: None,
+        consumers_sent_bytes: None,
     }
 }
 
@@ -81,22 +122,29 @@ mod tests {
     use super::*;
     use gemmq::DType;
 
-    #[test]
-    fn one_tile_without_split_moves_a_b_and_c_once_plus_headers() {
-        let plan = Plan::new(64, 64, 64, DType::F64, 64, 16 << 20).unwrap();
-        let b = from_plan(&plan, "j", "w");
-        assert_eq!(b.minimum_bytes, 3 * 64 * 64 * 8);
-        assert!(b.total_bytes > b.minimum_bytes && b.total_bytes < b.minimum_bytes + 1024);
+    fn plan(n: u64, dtype: DType, tile: u64, operands: Operands) -> Plan {
+        Plan::with_operands(n, n, n, dtype, tile, 16 << 20, operands).unwrap()
     }
 
     #[test]
-    fn tiles_resend_blocks_of_a_and_b() {
-        // 4×4 tiles: every block-row of A goes to 4 tasks, every block-column of B to 4.
-        let plan = Plan::new(256, 256, 256, DType::F32, 64, 16 << 20).unwrap();
-        let b = from_plan(&plan, "j", "w");
+    fn one_tile_without_split_moves_a_b_and_c_once_plus_headers() {
+        for op in [Operands::Inline, Operands::Stream] {
+            let b = from_plan(&plan(64, DType::F64, 64, op), "j", "w");
+            assert_eq!(b.minimum_bytes, 3 * 64 * 64 * 8);
+            assert!(b.total_bytes > b.minimum_bytes && b.total_bytes < b.minimum_bytes + 2048);
+        }
+    }
+
+    #[test]
+    fn inline_tasks_resend_blocks_and_streamed_ones_do_not() {
+        // 4×4 tiles: inline, every block-row of A goes to 4 tasks, every block-column of B to 4.
+        let inline = from_plan(&plan(256, DType::F32, 64, Operands::Inline), "j", "w");
         let elems = 256 * 256;
-        assert!(b.task_bytes >= (4 * elems + 4 * elems) * 4);
-        assert!(b.ratio_to_minimum > 3.0);
+        assert!(inline.producer_bytes >= (4 * elems + 4 * elems) * 4);
+        assert!(inline.ratio_to_minimum > 3.0);
+        let stream = from_plan(&plan(256, DType::F32, 64, Operands::Stream), "j", "w");
+        assert!(stream.producer_bytes >= 2 * elems * 4);
+        assert!(stream.ratio_to_minimum < 1.1, "{stream:?}");
     }
 
     #[test]

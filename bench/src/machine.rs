@@ -35,24 +35,31 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// RabbitMQ's version from the management API (`/api/overview`), if it answers.
-fn rabbitmq_version(management_url: &str, user: &str, pass: &str) -> Option<String> {
+/// GET a path of RabbitMQ's management API (`/api/...`) as JSON; None when it does not answer.
+pub fn management_get(
+    management_url: &str,
+    user: &str,
+    pass: &str,
+    path: &str,
+) -> Option<serde_json::Value> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
         .into();
     let auth = format!("Basic {}", base64(&format!("{user}:{pass}")));
-    let v: serde_json::Value = agent
-        .get(&format!(
-            "{}/api/overview",
-            management_url.trim_end_matches('/')
-        ))
+    agent
+        .get(&format!("{}{path}", management_url.trim_end_matches('/')))
         .header("Authorization", &auth)
         .call()
         .ok()?
         .into_body()
         .read_json()
-        .ok()?;
+        .ok()
+}
+
+/// RabbitMQ's version from the management API (`/api/overview`), if it answers.
+fn rabbitmq_version(management_url: &str, user: &str, pass: &str) -> Option<String> {
+    let v = management_get(management_url, user, pass, "/api/overview")?;
     v["rabbitmq_version"].as_str().map(str::to_string)
 }
 

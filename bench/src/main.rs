@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gemmq::config::{DEFAULT_AMQP_URL, DEFAULT_MAX_MESSAGE_BYTES};
+use gemmq::tiling::Operands;
 use gemmq::{DType, Plan, Topology};
 use serde::Serialize;
 
@@ -43,6 +44,9 @@ struct Cli {
     /// Side of a C tile [default: the producer's default]
     #[arg(long)]
     tile: Option<u64>,
+    /// How A and B reach the workers: stream or inline [default: the producer's default]
+    #[arg(long)]
+    operands: Option<Operands>,
     /// Skip the f32 run of the largest size
     #[arg(long)]
     no_f32: bool,
@@ -181,6 +185,7 @@ struct Report {
     /// number of physical cores).
     programs_matmul_num_threads: Option<String>,
     max_message_bytes: u64,
+    operands: Operands,
     extra_env: Vec<String>,
     runs: Vec<Run>,
 }
@@ -409,6 +414,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         reference_threads: cli.reference_threads,
         programs_matmul_num_threads: user_matmul_threads,
         max_message_bytes,
+        operands: cli.operands.unwrap_or_default(),
         extra_env: cli.extra_env.clone(),
         runs: Vec::new(),
     };
@@ -626,7 +632,7 @@ fn job(
     let ready = Duration::from_secs(60);
     let mut consumers = Vec::new();
     for w in 1..=cli.consumers {
-        let id = format!("bench-w{w}");
+        let id = format!("{ns}-w{w}");
         consumers.push(env.spawn(CONSUMER, &id, dir, ns, &[("GEMMQ_WORKER_ID", id.clone())])?);
     }
     let collector = env.spawn(
@@ -652,7 +658,16 @@ fn job(
         ready,
     )?;
 
+    let operands = cli.operands.unwrap_or_default();
     let mut producer_env = vec![
+        (
+            "GEMMQ_OPERANDS",
+            match operands {
+                Operands::Inline => "inline",
+                Operands::Stream => "stream",
+            }
+            .to_string(),
+        ),
         ("GEMMQ_JOB_ID", spec.label.clone()),
         ("GEMMQ_M", spec.n.to_string()),
         ("GEMMQ_K", spec.n.to_string()),
@@ -740,6 +755,8 @@ fn job(
     if producer_exit.code != Some(0) {
         bail!("the producer failed ({})", producer_exit.describe());
     }
+    // What the broker sent the consumers and got from them, before their connections close.
+    let traffic = consumer_traffic(cli, &consumers);
     for c in &consumers {
         let e = c.stop(Duration::from_secs(30))?;
         programs_cpu += e.cpu_seconds;
@@ -768,7 +785,15 @@ fn job(
     let tile = get_u("tile")?;
     let k_parts = get_u("k_parts")? as u32;
     let tasks = get_u("tasks")?;
-    let plan = Plan::new(spec.n, spec.n, spec.n, spec.dtype, tile, max_message_bytes)?;
+    let plan = Plan::with_operands(
+        spec.n,
+        spec.n,
+        spec.n,
+        spec.dtype,
+        tile,
+        max_message_bytes,
+        operands,
+    )?;
     if plan.parts() != k_parts || plan.tasks() != tasks {
         eprintln!(
             "warning: summary.json's plan ({tasks} tasks, {k_parts} k-parts) differs from the bench's ({} tasks, {} k-parts)",
@@ -793,14 +818,18 @@ fn job(
     run.tasks_per_second = Some(tasks as f64 / e2e);
     run.ratio_e2e_to_reference = run.reference.as_ref().map(|r| e2e / r.best_seconds);
 
-    let mut broker = bytes::from_plan(&plan, &spec.label, "bench-w1");
+    let mut broker = bytes::from_plan(&plan, &spec.label, &consumers[0].name);
+    if let Some((received, sent)) = traffic {
+        broker.consumers_received_bytes = Some(received);
+        broker.consumers_sent_bytes = Some(sent);
+    }
     let producer_log = std::fs::read_to_string(&producer.log).unwrap_or_default();
     if let Some(line) = producer_log
         .lines()
         .rev()
         .find(|l| l.contains("all tasks published and confirmed"))
     {
-        broker.producer_log_task_mib = bytes::log_field(line, "mib");
+        broker.producer_log_mib = bytes::log_field(line, "mib");
         run.producer_publish_seconds = bytes::log_field(line, "seconds");
     }
     run.broker = Some(broker);
@@ -811,6 +840,37 @@ fn job(
     Ok(())
 }
 
+/// The management API refreshes connection figures every 5 s by default.
+const MANAGEMENT_REFRESH: Duration = Duration::from_millis(5500);
+
+/// Bytes the broker sent to and received from these consumers' connections (management API
+/// `send_oct`, `recv_oct`), read once the figures have caught up with the finished job.
+fn consumer_traffic(cli: &Cli, consumers: &[Proc]) -> Option<(u64, u64)> {
+    let (user, pass) = credentials(&cli.amqp_url);
+    let names: Vec<String> = consumers
+        .iter()
+        .map(|c| format!("gemmq-consumer {}", c.name))
+        .collect();
+    let read = || -> Option<(u64, u64)> {
+        let conns = machine::management_get(&cli.management_url, &user, &pass, "/api/connections")?;
+        let (mut sent, mut recv, mut found) = (0, 0, 0);
+        for c in conns.as_array()? {
+            let name = c["client_properties"]["connection_name"]
+                .as_str()
+                .unwrap_or("");
+            if names.iter().any(|n| n == name) {
+                sent += c["send_oct"].as_u64().unwrap_or(0);
+                recv += c["recv_oct"].as_u64().unwrap_or(0);
+                found += 1;
+            }
+        }
+        (found > 0).then_some((sent, recv))
+    };
+    read()?;
+    std::thread::sleep(MANAGEMENT_REFRESH);
+    read()
+}
+
 fn opt(v: Option<f64>, prec: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.prec$}"))
 }
@@ -819,12 +879,12 @@ fn print_table(r: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\ngemmq-bench: {} consumers, reference = ndarray dot with {} thread(s), best of runs",
-        r.consumers, r.reference_threads
+        "\ngemmq-bench: {} consumers, {:?} operands, reference = ndarray dot with {} thread(s), best of runs",
+        r.consumers, r.operands, r.reference_threads
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8}",
+        "{:<18} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8}",
         "run",
         "tile",
         "tasks/kp",
@@ -834,9 +894,10 @@ fn print_table(r: &Report) {
         "ref s",
         "ref GF/s",
         "e2e/ref",
-        "brokerMB",
-        "minMB",
+        "in MiB",
+        "min MiB",
         "×min",
+        "wkrs MiB",
         "cons MiB",
         "coll MiB",
         "tasks/s"
@@ -865,7 +926,7 @@ fn print_table(r: &Report) {
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
         let _ = writeln!(
             out,
-            "{:<18} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8}",
+            "{:<18} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8}",
             run.label,
             run.tile.map_or("-".into(), |t| t.to_string()),
             format!("{}/{}", run.tasks.unwrap_or(0), run.k_parts.unwrap_or(0)),
@@ -878,6 +939,7 @@ fn print_table(r: &Report) {
             opt(b.map(|b| mib(b.total_bytes)), 0),
             opt(b.map(|b| mib(b.minimum_bytes)), 0),
             opt(b.map(|b| b.ratio_to_minimum), 2),
+            opt(b.and_then(|b| b.consumers_received_bytes).map(mib), 0),
             opt(cons, 0),
             opt(run.collector.as_ref().map(|c| c.peak_rss_mib), 0),
             opt(run.tasks_per_second, 0),
@@ -934,6 +996,6 @@ fn print_table(r: &Report) {
     );
     let _ = writeln!(
         out,
-        "\ne2e s: producer start → collector exit (C written and verified); wall s: summary.json (from the manifest, after A and B are generated)\nbrokerMB: task + result bytes from the plan (MiB); ×min: over A + B + C once; cons MiB: the larger consumer peak RSS; coll MiB: collector peak RSS"
+        "\ne2e s: producer start → collector exit (C written and verified); wall s: summary.json (from the manifest, after A and B are generated)\nin MiB: bytes into the broker (producer's tasks and operand blocks + results), from the plan; ×min: over A + B + C once; wkrs MiB: bytes the broker sent the consumers (management API); cons MiB: the larger consumer peak RSS; coll MiB: collector peak RSS"
     );
 }

@@ -189,13 +189,19 @@ fn wait4(pid: i32) -> Result<Exit, String> {
     }
 }
 
-/// This process's own peak RSS in MiB (getrusage).
+/// This process's own peak RSS in MiB: VmHWM of its address space, which is what exec hands on
+/// to a spawned child's `ru_maxrss` (getrusage's own figure also carries cargo's, from before
+/// the bench was exec'd).
 pub fn own_peak_rss_mib() -> f64 {
-    // SAFETY: getrusage fills in a plain struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF on a valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    ru.ru_maxrss.max(0) as f64 / 1024.0
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Waits until `proc` logs `needle`, failing early if it exits.
