@@ -196,12 +196,16 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
             None,
         ),
         None => {
-            let (m, d) = next_job(&broker, &topo, &shutdown).await?;
-            (m, Some(d))
+            let (m, d, ch) = next_job(&broker, &topo, &shutdown).await?;
+            (m, Some((d, ch)))
         }
     };
     let plan = &manifest.plan;
-    let c_bytes = plan.m * plan.n * plan.dtype.size() as u64;
+    let c_bytes = plan
+        .m
+        .checked_mul(plan.n)
+        .and_then(|e| e.checked_mul(plan.dtype.size() as u64))
+        .unwrap_or(u64::MAX);
     if c_bytes > s.max_output_bytes {
         bail!(ConfigError::invalid(
             "max-output-bytes",
@@ -350,7 +354,7 @@ async fn collect(
     asm: &mut Assembly,
     progress: &mut Progress,
     rejected: &mut u64,
-    announcement: &mut Option<Delivery>,
+    announcement: &mut Option<(Delivery, Channel)>,
     shutdown: &CancellationToken,
 ) -> Result<Collected, Stop> {
     let lost =
@@ -387,9 +391,16 @@ async fn collect(
         )
         .await
         .map_err(lost("consuming the job's results"))?;
-    if let Some(d) = announcement.take() {
-        // The job is ours now; a failed ack returns the announcement, which is harmless.
-        let _ = d.ack(BasicAckOptions::default()).await;
+    if let Some((d, jobs_ch)) = announcement.take() {
+        // The job is ours now. The announcement's channel had to stay open until here: closing
+        // it would have handed the announcement to the next collector.
+        match d.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            _ => {
+                warn!(job = %manifest.job, "the job's announcement went back to the jobs queue; another collector may stand by for this job")
+            }
+        }
+        let _ = jobs_ch.close(200, "job taken".into()).await;
     }
     let plan = &manifest.plan;
     info!(
@@ -744,7 +755,7 @@ async fn next_job(
     broker: &Broker,
     topo: &Topology,
     shutdown: &CancellationToken,
-) -> Result<(Manifest, Delivery)> {
+) -> Result<(Manifest, Delivery, Channel)> {
     let ch = broker.channel().await?;
     ch.basic_qos(1, BasicQosOptions { global: false }).await?;
     let mut jobs = ch
@@ -765,7 +776,11 @@ async fn next_job(
             },
         };
         match Manifest::from_json(&d.data) {
-            Ok(m) if job_exists(broker, topo, &m.job).await => return Ok((m, d)),
+            Ok(m) if job_exists(broker, topo, &m.job).await => {
+                // Stop receiving announcements, but keep the channel: this one is still unacked.
+                let _ = ch.basic_cancel(jobs.tag(), Default::default()).await;
+                return Ok((m, d, ch));
+            }
             Ok(m) => {
                 // A collector started with --job-id finished it and removed its queues.
                 info!(job = %m.job, "skipping the announcement of a job that is already finished");

@@ -250,6 +250,17 @@ struct Ctx {
     shutdown: CancellationToken,
     conn: deadpool_lapin::Object,
     operands: operands::Operands,
+    /// Cancelled when publishing finds the publisher channel dead: the connection is then
+    /// rebuilt, instead of every task failing the same way in a loop.
+    lost: CancellationToken,
+}
+
+impl Ctx {
+    fn publisher_failed(&self) {
+        if !self.publisher.status().connected() {
+            self.lost.cancel();
+        }
+    }
 }
 
 async fn serve(
@@ -332,6 +343,7 @@ async fn serve(
             s.broker.max_message_bytes,
             s.operand_cache,
         ),
+        lost: CancellationToken::new(),
     });
     let mut handlers = JoinSet::new();
     loop {
@@ -361,12 +373,17 @@ async fn serve(
                 None => return Err(Stop::Lost(anyhow::anyhow!("the broker cancelled the consumer"))),
             },
             Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
+            _ = ctx.lost.cancelled() => {
+                return Err(Stop::Lost(anyhow::anyhow!("the publishing channel closed")));
+            }
         }
     }
 }
 
 /// Why a task did not produce a result.
 enum Failure {
+    /// Its job's operand stream is gone: the job was finished (or deleted). Drop the task.
+    JobGone,
     /// Worth another attempt.
     Transient(String),
     /// Will fail the same way every time: park at once.
@@ -383,7 +400,8 @@ async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
 
 /// Takes one delivery to its end: result published and acked, retried, or parked.
 async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
-    let attempt = 1 + topology::prior_attempts(&delivery.properties, &ctx.tasks_queue);
+    let attempt =
+        topology::prior_attempts(&delivery.properties, &ctx.tasks_queue).saturating_add(1);
     let limit = ctx.settings.broker.max_message_bytes;
     // Inline tasks carry their blocks after the header; streamed ones name them.
     let decoded = message::decode(&delivery.data, limit).and_then(|f| {
@@ -418,6 +436,15 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     };
     let tile = task.tile;
     info!(job = %task.job, %tile, attempt, "task received");
+    if attempt > ctx.settings.max_attempts {
+        // Only a task that kept killing its workers (and so was dead-lettered by the broker's
+        // delivery limit, not by us) gets here: do not run it again.
+        let reason = format!(
+            "redelivered past the attempt limit ({} of {}): it crashed or stalled its workers",
+            attempt, ctx.settings.max_attempts
+        );
+        return park(ctx, &delivery, Some(&task), attempt, reason).await;
+    }
 
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
     let inputs = if streamed {
@@ -454,6 +481,10 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
             send_result(ctx, &delivery, &task, attempt, tile_bytes, micros).await
         }
         Err(Failure::Permanent(reason)) => park(ctx, &delivery, Some(&task), attempt, reason).await,
+        Err(Failure::JobGone) => {
+            warn!(job = %task.job, %tile, "job has no operand stream (finished or deleted); dropping its task");
+            ack(&delivery, Some(tile)).await;
+        }
         Err(Failure::Transient(reason)) => {
             Stats::bump(&ctx.stats.failed);
             if attempt >= ctx.settings.max_attempts {
@@ -487,6 +518,15 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     }
 }
 
+impl From<operands::FetchError> for Failure {
+    fn from(e: operands::FetchError) -> Self {
+        match e {
+            operands::FetchError::JobGone => Failure::JobGone,
+            operands::FetchError::Other(reason) => Failure::Transient(reason),
+        }
+    }
+}
+
 /// Where a task's blocks are.
 enum Inputs {
     /// In the task's own body, from this offset.
@@ -509,8 +549,8 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Matrix>, Arc<
         part: t.part,
     };
     let get = |id| ctx.operands.get(&ctx.conn, &task.job, id, task.dtype);
-    let a = get(a_id).await.map_err(Failure::Transient)?;
-    let b = get(b_id).await.map_err(Failure::Transient)?;
+    let a = get(a_id).await.map_err(Failure::from)?;
+    let b = get(b_id).await.map_err(Failure::from)?;
     let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
     if a.shape() != (r, d) || b.shape() != (d, c) {
         return Err(Failure::Permanent(format!(
@@ -616,6 +656,7 @@ async fn send_result(
         Err(e) => {
             // Not acked: the task comes back (now, or when the channel closes) and is redone.
             warn!(job = %task.job, %tile, error = %e, "result not confirmed; returning the task to the queue");
+            ctx.publisher_failed();
             let _ = delivery
                 .acker
                 .nack(BasicNackOptions {
@@ -641,7 +682,7 @@ async fn notify_failure(ctx: &Ctx, task: &TaskHeader, attempt: u32, reason: &str
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_type(kind::FAILED.into());
-    let _ = ctx
+    let published = ctx
         .publisher
         .basic_publish(
             ctx.topo.results_exchange().as_str().into(),
@@ -651,6 +692,13 @@ async fn notify_failure(ctx: &Ctx, task: &TaskHeader, attempt: u32, reason: &str
             props,
         )
         .await;
+    if let Ok(confirm) = published {
+        // Await the confirm off the task path: a dropped one would be kept by lapin until the
+        // channel closes.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(60), confirm).await;
+        });
+    }
 }
 
 /// Copies the task to the parking lot with its reason, tells the collector, then acks.
@@ -683,6 +731,7 @@ async fn park(
     .await;
     if let Err(e) = parked {
         warn!(error = %e, %reason, "could not park the task; returning it to the queue");
+        ctx.publisher_failed();
         let _ = delivery
             .acker
             .nack(BasicNackOptions {
@@ -705,7 +754,7 @@ async fn park(
             "{}/{}/{}/{}/parked",
             t.job, t.tile.row, t.tile.col, t.tile.part
         );
-        if let Err(e) = publish_confirmed(
+        let told = publish_confirmed(
             &ctx.publisher,
             &ctx.topo.results_exchange(),
             &t.job,
@@ -713,9 +762,26 @@ async fn park(
             persistent(kind::PARKED, id),
             "a parked notice",
         )
-        .await
-        {
-            warn!(job = %t.job, tile = %t.tile, error = %e, "could not tell the collector about the parked task");
+        .await;
+        match told {
+            Ok(()) => {}
+            // No results queue: nobody is waiting for this job any more.
+            Err(e) if e.is_unroutable() => {}
+            Err(e) => {
+                // Acking now would leave the collector waiting for this tile forever. Hand the
+                // task back: it is parked again (one more copy in the parking lot) and the
+                // notice retried.
+                warn!(job = %t.job, tile = %t.tile, error = %e, "could not tell the collector about the parked task; returning it to the queue");
+                ctx.publisher_failed();
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    })
+                    .await;
+                return;
+            }
         }
     }
     ack(delivery, task.map(|t| t.tile)).await;

@@ -8,6 +8,7 @@
 //! least recently used block is dropped; needing it again costs one read at its known offset.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,14 +27,30 @@ const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Jobs whose readers a worker keeps open at once.
 const MAX_JOBS: usize = 4;
 
+/// Why a block could not be had.
+#[derive(Debug)]
+pub enum FetchError {
+    /// The job's operand stream does not exist: the job is finished.
+    JobGone,
+    Other(String),
+}
+
+impl From<String> for FetchError {
+    fn from(s: String) -> Self {
+        FetchError::Other(s)
+    }
+}
+
 /// The operand blocks of all jobs this worker serves, on one connection.
 pub struct Operands {
     topo: Topology,
     limit: u64,
     budget: u64,
     jobs: Mutex<Vec<(String, Arc<JobOperands>)>>,
+    /// Bytes cached over all jobs, held to the budget.
+    total: Arc<AtomicU64>,
     /// Bytes of blocks received from the broker: for the heartbeat and the benchmark.
-    pub fetched_bytes: std::sync::atomic::AtomicU64,
+    pub fetched_bytes: AtomicU64,
 }
 
 struct JobOperands {
@@ -48,11 +65,18 @@ struct Reader {
     offsets: HashMap<BlockId, i64>,
 }
 
-#[derive(Default)]
+/// One job's blocks. The budget is shared by every job's cache through `total`.
 struct Cache {
     blocks: HashMap<BlockId, (Arc<Matrix>, u64)>,
     bytes: u64,
     clock: u64,
+    total: Arc<AtomicU64>,
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl Cache {
@@ -67,7 +91,7 @@ impl Cache {
 
     fn insert(&mut self, id: BlockId, m: Arc<Matrix>, budget: u64) {
         let size = bytes_of(&m);
-        while self.bytes + size > budget && !self.blocks.is_empty() {
+        while self.total.load(Ordering::Relaxed) + size > budget && !self.blocks.is_empty() {
             let oldest = *self
                 .blocks
                 .iter()
@@ -76,13 +100,16 @@ impl Cache {
                 .expect("the cache is not empty");
             if let Some((old, _)) = self.blocks.remove(&oldest) {
                 self.bytes -= bytes_of(&old);
+                self.total.fetch_sub(bytes_of(&old), Ordering::Relaxed);
             }
         }
         self.clock += 1;
         if let Some((old, _)) = self.blocks.insert(id, (m, self.clock)) {
             self.bytes -= bytes_of(&old);
+            self.total.fetch_sub(bytes_of(&old), Ordering::Relaxed);
         }
         self.bytes += size;
+        self.total.fetch_add(size, Ordering::Relaxed);
     }
 }
 
@@ -98,6 +125,7 @@ impl Operands {
             limit,
             budget,
             jobs: Mutex::new(Vec::new()),
+            total: Arc::new(AtomicU64::new(0)),
             fetched_bytes: Default::default(),
         }
     }
@@ -116,7 +144,12 @@ impl Operands {
         let j = Arc::new(JobOperands {
             job: job.to_string(),
             reader: AsyncMutex::new(None),
-            cache: Mutex::new(Cache::default()),
+            cache: Mutex::new(Cache {
+                blocks: HashMap::new(),
+                bytes: 0,
+                clock: 0,
+                total: self.total.clone(),
+            }),
         });
         jobs.push((job.to_string(), j.clone()));
         j
@@ -129,7 +162,7 @@ impl Operands {
         job: &str,
         id: BlockId,
         dtype: DType,
-    ) -> Result<Arc<Matrix>, String> {
+    ) -> Result<Arc<Matrix>, FetchError> {
         let j = self.job(job);
         if let Some(m) = j.cache.lock().expect("never poisoned").get(&id) {
             return Ok(m);
@@ -152,7 +185,7 @@ impl Operands {
             return if got == id {
                 Ok(m)
             } else {
-                Err(format!("block {id} not at its offset {offset}"))
+                Err(format!("block {id} not at its offset {offset}").into())
             };
         }
         loop {
@@ -168,8 +201,11 @@ impl Operands {
         conn: &Connection,
         job: &str,
         offset: AMQPValue,
-    ) -> Result<Reader, String> {
-        let err = |e: lapin::Error| format!("reading the operand stream of job {job}: {e}");
+    ) -> Result<Reader, FetchError> {
+        let err = |e: lapin::Error| match e.kind() {
+            lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404 => FetchError::JobGone,
+            _ => FetchError::Other(format!("reading the operand stream of job {job}: {e}")),
+        };
         let ch = conn.create_channel().await.map_err(err)?;
         // Streams insist on a prefetch; two blocks in flight keep the pipe full.
         ch.basic_qos(2, BasicQosOptions { global: false })
@@ -258,5 +294,47 @@ impl Drop for Reader {
             let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
             let _ = ch.close(200, "done with the job".into()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gemmq::message::Side;
+    use ndarray::Array2;
+
+    fn block(n: usize) -> Arc<Matrix> {
+        Arc::new(Matrix::F64(Array2::zeros((n, n))))
+    }
+
+    #[test]
+    fn the_budget_holds_across_jobs_and_the_least_recently_used_block_goes_first() {
+        let total = Arc::new(AtomicU64::new(0));
+        let new = || Cache {
+            blocks: HashMap::new(),
+            bytes: 0,
+            clock: 0,
+            total: total.clone(),
+        };
+        let (mut one, mut two) = (new(), new());
+        let id = |index| BlockId {
+            side: Side::A,
+            index,
+            part: 0,
+        };
+        let budget = 3 * 8 * 8 * 8; // three 8x8 f64 blocks
+        one.insert(id(0), block(8), budget);
+        one.insert(id(1), block(8), budget);
+        two.insert(id(0), block(8), budget);
+        assert!(one.get(&id(0)).is_some()); // 0 is now more recent than 1
+        one.insert(id(2), block(8), budget);
+        assert!(
+            one.get(&id(1)).is_none(),
+            "the least recently used block was dropped"
+        );
+        assert!(one.get(&id(0)).is_some() && one.get(&id(2)).is_some());
+        assert_eq!(total.load(Ordering::Relaxed), budget);
+        drop(two);
+        assert_eq!(total.load(Ordering::Relaxed), 2 * 8 * 8 * 8);
     }
 }

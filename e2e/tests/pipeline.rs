@@ -355,6 +355,22 @@ async fn a_collector_without_a_job_id_takes_the_next_unfinished_job() {
     .unwrap();
     assert_eq!(summary.job, "second");
     assert_eq!(summary.status, Status::Complete);
+    // Taking a job acks its announcement: only the finished job's stale one is left.
+    let ch = env.channel().await;
+    let jobs = env.topology().jobs_queue();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..lapin::options::QueueDeclareOptions::durable()
+    };
+    let left = ch
+        .queue_declare(jobs.as_str().into(), passive, Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        left.message_count(),
+        0,
+        "the stale announcement was skipped and the taken one acked"
+    );
     env.stop_consumers().await;
     env.cleanup(&["first", "second"]).await;
 }

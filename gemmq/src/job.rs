@@ -55,22 +55,24 @@ pub async fn announce(
     let body = manifest.to_json();
     let props = persistent(kind::MANIFEST, manifest.job.clone())
         .with_content_type("application/json".into());
-    publish_confirmed(
-        ch,
-        "",
-        &topo.manifest_queue(&manifest.job),
-        &body,
-        props.clone(),
-        "the job manifest",
-    )
-    .await?;
+    // The announcement first: a manifest in place then means the job was announced, so a
+    // producer that died in between and runs again announces it again rather than never.
     publish_confirmed(
         ch,
         "",
         &topo.jobs_queue(),
         &body,
-        props,
+        props.clone(),
         "the job announcement",
+    )
+    .await?;
+    publish_confirmed(
+        ch,
+        "",
+        &topo.manifest_queue(&manifest.job),
+        &body,
+        props,
+        "the job manifest",
     )
     .await?;
     Ok(Announced::New)

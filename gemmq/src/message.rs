@@ -245,6 +245,36 @@ impl Header {
         }
     }
 
+    /// Names end up in queue names, logs and the collector's journal: only plain ones pass.
+    fn check_names(&self) -> Result<(), MessageError> {
+        let job_ok = |j: &str| {
+            !j.is_empty()
+                && j.len() <= 64
+                && j.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        let worker = match self {
+            Header::Result(h) => Some(&h.worker),
+            Header::Parked(h) => Some(&h.worker),
+            Header::Failed(h) => Some(&h.worker),
+            _ => None,
+        };
+        if !job_ok(self.job()) {
+            return Err(MessageError::Header(format!(
+                "job id {:?} is not 1-64 of A-Z a-z 0-9 - _",
+                self.job()
+            )));
+        }
+        if let Some(w) = worker
+            && !(!w.is_empty() && w.len() <= 128 && w.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(MessageError::Header(format!(
+                "worker id {w:?} is not 1-128 printable characters"
+            )));
+        }
+        Ok(())
+    }
+
     /// The payload length the header's dimensions imply, refusing sizes over `limit` before
     /// anything is multiplied out in memory.
     fn payload_len(&self, limit: u64) -> Result<u64, MessageError> {
@@ -253,23 +283,22 @@ impl Header {
             Header::Result(h) => (h.rows, h.cols, None, h.dtype),
             Header::Operand(h) => (h.rows, h.cols, None, h.dtype),
             Header::TaskRef(h) => {
-                // No payload, but the blocks it names and its result must be sane sizes.
-                let limit = limit.max(1);
-                let task = Header::Task(h.clone());
-                return task.payload_len(u64::MAX).and_then(|_| {
-                    Header::Result(ResultHeader {
-                        job: String::new(),
-                        tile: h.tile,
-                        dtype: h.dtype,
-                        rows: h.rows,
-                        cols: h.cols,
-                        worker: String::new(),
-                        attempt: 0,
-                        compute_micros: 0,
-                    })
-                    .payload_len(limit)
-                    .map(|_| 0)
-                });
+                // No payload; its blocks are checked when they are read. The tile it asks for
+                // must still be sane and its result must fit a message.
+                let result_bytes = h.rows as u64 * h.cols as u64 * h.dtype.size() as u64;
+                if h.rows == 0 || h.cols == 0 || h.depth == 0 {
+                    return Err(MessageError::Dimensions(
+                        format!("{}x{} · {}x{}", h.rows, h.depth, h.depth, h.cols),
+                        "a dimension is zero".into(),
+                    ));
+                }
+                if result_bytes > limit.saturating_sub(crate::tiling::HEADER_BUDGET) {
+                    return Err(MessageError::Dimensions(
+                        format!("{}x{}", h.rows, h.cols),
+                        format!("the result would exceed {limit} bytes"),
+                    ));
+                }
+                return Ok(0);
             }
             Header::Parked(_) | Header::Failed(_) => return Ok(0),
         };
@@ -289,8 +318,14 @@ impl Header {
         // u32 × u32 fits in u64; the sums and the × element size might not.
         let output = (r * c).checked_mul(size);
         let inputs = (r * d).checked_add(d * c).and_then(|e| e.checked_mul(size));
+        // A task's result must fit a message with its header, or publishing it would fail.
+        let output_limit = if depth.is_some() {
+            limit.saturating_sub(crate::tiling::HEADER_BUDGET)
+        } else {
+            limit
+        };
         match (output, inputs) {
-            (Some(o), Some(i)) if o <= limit && i <= limit => {
+            (Some(o), Some(i)) if o <= output_limit && i <= limit => {
                 Ok(if depth.is_some() { i } else { o })
             }
             _ => Err(MessageError::Dimensions(
@@ -343,6 +378,7 @@ pub fn decode(body: &[u8], limit: u64) -> Result<Frame<'_>, MessageError> {
     }
     let header: Header = serde_json::from_slice(&body[PREFIX..PREFIX + hlen])
         .map_err(|e| MessageError::Header(e.to_string()))?;
+    header.check_names()?;
     let payload = &body[PREFIX + hlen..];
     let expected = header.payload_len(limit)?;
     if payload.len() as u64 != expected {

@@ -106,6 +106,10 @@ pub enum Operands {
     Stream,
 }
 
+fn inline() -> Operands {
+    Operands::Inline
+}
+
 impl std::str::FromStr for Operands {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -129,7 +133,8 @@ pub struct Plan {
     pub tile: u64,
     /// Boundaries of the slices of k: `[0, …, k]`; one slice when k is not split.
     pub k_splits: Vec<u64>,
-    #[serde(default)]
+    /// Absent in manifests written before operand streams existed, which were all inline.
+    #[serde(default = "inline")]
     pub operands: Operands,
 }
 
