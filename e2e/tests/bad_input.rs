@@ -205,3 +205,67 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
     env.stop_consumers().await;
     env.cleanup(&[job]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_that_kept_crashing_its_workers_is_parked_not_run_again() {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut env = Env::new("crashloop");
+    let topo = env.topology();
+    let ch = env.channel().await;
+    topo.declare(&ch).await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    // What the broker writes after dead-lettering a task at its delivery limit, six times.
+    let mut death = FieldTable::default();
+    death.insert("queue".into(), gemmq::topology::text(&topo.tasks_queue()));
+    death.insert("reason".into(), gemmq::topology::text("delivery_limit"));
+    death.insert("count".into(), AMQPValue::LongLongInt(6));
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    let body = message::encode(&task("crashy", 1, 1, 1), &[&[0u8; 16]]);
+    ch.basic_publish(
+        topo.tasks_exchange().as_str().into(),
+        TASK_KEY.into(),
+        BasicPublishOptions::default(),
+        &body,
+        lapin::BasicProperties::default().with_headers(headers),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    env.spawn_consumer(env.consumer("w1")); // max attempts 5 < 7
+
+    let started = Instant::now();
+    let parked = loop {
+        if let Some(m) = ch
+            .basic_get(
+                topo.parked_queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            break m;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the task was not parked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = header_str(&parked.delivery.properties, "x-gemmq-reason").unwrap();
+    assert!(
+        reason.contains("crashed or stalled its workers"),
+        "{reason}"
+    );
+    let stats = env.stop_consumers().await;
+    assert_eq!(
+        stats[0].done.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "it was not run again"
+    );
+    env.cleanup(&[]).await;
+}
