@@ -217,7 +217,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     }
     std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
     let mut asm = match open_checkpoint(s, &manifest, &shutdown).await? {
-        Opened::Assembly(asm) => asm,
+        Opened::Assembly(asm) => *asm,
         Opened::Finished(output) => return already_collected(s, &manifest.job, &output).await,
     };
     if asm.resumed > 0 {
@@ -276,7 +276,7 @@ pub fn checkpoint_dir(out: &Path, job: &str) -> PathBuf {
 
 /// Opens the job's checkpoint, standing by while another collector holds it.
 enum Opened {
-    Assembly(Assembly),
+    Assembly(Box<Assembly>),
     /// Another collector (or this one, before a restart) already wrote C here.
     Finished(PathBuf),
 }
@@ -290,7 +290,7 @@ async fn open_checkpoint(
     let mut said = false;
     loop {
         match Assembly::open(&manifest.plan, &manifest.job, &dir) {
-            Ok(asm) => return Ok(Opened::Assembly(asm)),
+            Ok(asm) => return Ok(Opened::Assembly(Box::new(asm))),
             Err(AssemblyError::AlreadyFinished { output }) => return Ok(Opened::Finished(output)),
             Err(e) if Assembly::is_locked(&e) => {
                 if !said {
