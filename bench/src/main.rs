@@ -120,6 +120,9 @@ struct ProcStats {
     name: String,
     peak_rss_mib: f64,
     cpu_seconds: f64,
+    /// How it ended ("exit status 0" for the programs that ran to completion or stopped
+    /// gracefully on SIGTERM).
+    exit: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -517,6 +520,7 @@ fn proc_stats(name: &str, exit: &procs::Exit) -> ProcStats {
         name: name.into(),
         peak_rss_mib: exit.maxrss_kib as f64 / 1024.0,
         cpu_seconds: exit.cpu_seconds,
+        exit: exit.describe(),
     }
 }
 
@@ -759,6 +763,13 @@ fn job(
     let traffic = consumer_traffic(cli, &consumers);
     for c in &consumers {
         let e = c.stop(Duration::from_secs(30))?;
+        if e.code != Some(0) {
+            eprintln!(
+                "   warning: consumer {} did not stop cleanly on SIGTERM ({})",
+                c.name,
+                e.describe()
+            );
+        }
         programs_cpu += e.cpu_seconds;
         run.consumers.push(proc_stats(&c.name, &e));
     }
@@ -840,8 +851,9 @@ fn job(
     Ok(())
 }
 
-/// The management API refreshes connection figures every 5 s by default.
-const MANAGEMENT_REFRESH: Duration = Duration::from_millis(5500);
+/// The management API lists connections, and refreshes their byte counts, every 5 s by default;
+/// the bench reads them this long after the job so they include all of it.
+const MANAGEMENT_REFRESH: Duration = Duration::from_millis(6500);
 
 /// Bytes the broker sent to and received from these consumers' connections (management API
 /// `send_oct`, `recv_oct`), read once the figures have caught up with the finished job.
@@ -851,7 +863,7 @@ fn consumer_traffic(cli: &Cli, consumers: &[Proc]) -> Option<(u64, u64)> {
         .iter()
         .map(|c| format!("gemmq-consumer {}", c.name))
         .collect();
-    let read = || -> Option<(u64, u64)> {
+    let read = || -> Option<(u64, u64, usize)> {
         let conns = machine::management_get(&cli.management_url, &user, &pass, "/api/connections")?;
         let (mut sent, mut recv, mut found) = (0, 0, 0);
         for c in conns.as_array()? {
@@ -864,11 +876,20 @@ fn consumer_traffic(cli: &Cli, consumers: &[Proc]) -> Option<(u64, u64)> {
                 found += 1;
             }
         }
-        (found > 0).then_some((sent, recv))
+        Some((sent, recv, found))
     };
-    read()?;
     std::thread::sleep(MANAGEMENT_REFRESH);
-    read()
+    for _ in 0..3 {
+        let (sent, recv, found) = read()?;
+        if found >= names.len() {
+            return Some((sent, recv));
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    eprintln!(
+        "   warning: the management API does not list every consumer's connection; no bytes-to-workers figure"
+    );
+    None
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
