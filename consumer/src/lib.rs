@@ -79,6 +79,10 @@ pub struct ConsumerOptions {
     #[arg(long, env = "GEMMQ_HEARTBEAT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
+    /// Threads one multiplication may use (MATMUL_NUM_THREADS, if set, wins). One suits a
+    /// worker per core; raise it for a single worker on a many-core machine [default: 1]
+    #[arg(long, env = "GEMMQ_THREADS")]
+    pub threads: Option<usize>,
     /// Memory for operand blocks read from streamed jobs; beyond it the least recently used
     /// block is dropped and read again when needed [default: 1GiB]
     #[arg(long, env = "GEMMQ_OPERAND_CACHE", value_name = "SIZE")]
@@ -94,6 +98,7 @@ gemmq::layered!(ConsumerOptions {
     worker_id,
     shutdown_timeout,
     heartbeat,
+    threads,
     operand_cache
 });
 
@@ -109,6 +114,8 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub heartbeat: Duration,
     pub operand_cache: u64,
+    /// Threads per multiplication (applied by the binary through MATMUL_NUM_THREADS).
+    pub threads: usize,
 }
 
 impl Settings {
@@ -129,7 +136,11 @@ impl Settings {
             shutdown_timeout: o.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
             heartbeat: o.heartbeat.unwrap_or(gemmq::events::DEFAULT_HEARTBEAT),
             operand_cache: o.operand_cache.map_or(1 << 30, |b| b.as_u64()),
+            threads: o.threads.unwrap_or(1),
         };
+        if !(1..=64).contains(&s.threads) {
+            return Err(ConfigError::invalid("threads", "must be between 1 and 64"));
+        }
         if s.heartbeat < Duration::from_millis(100) {
             return Err(ConfigError::invalid("heartbeat", "must be at least 100ms"));
         }

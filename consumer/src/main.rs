@@ -24,24 +24,48 @@ struct Cli {
     options: ConsumerOptions,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     gemmq::telemetry::init();
     let cli = Cli::parse();
-    let shutdown = gemmq::shutdown::on_signals();
-    let result = async {
-        let (file, broker) = cli.common.load()?;
-        let settings = Settings::resolve(cli.options, &file, broker)?;
-        gemmq_consumer::run(&settings, shutdown)
+    let settings = match cli
+        .common
+        .load()
+        .and_then(|(file, broker)| Settings::resolve(cli.options, &file, broker))
+    {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    // matrixmultiply reads its thread count once, from the environment, at its first
+    // multiplication: set it while this process still has one thread. One thread per
+    // multiplication suits one worker per core, the way workers are meant to be scaled.
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet to read the environment concurrently.
+        unsafe { std::env::set_var("MATMUL_NUM_THREADS", settings.threads.to_string()) };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gemmq-consumer: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = gemmq::shutdown::on_signals();
+        match gemmq_consumer::run(&settings, shutdown)
             .await
             .context("the worker stopped with an error")
-    }
-    .await;
-    match result {
-        Ok(_) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::from(gemmq::config::exit_code(err.as_ref()))
+        {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("{err:#}");
+                ExitCode::from(gemmq::config::exit_code(err.as_ref()))
+            }
         }
-    }
+    })
 }

@@ -285,25 +285,32 @@ impl Plan {
         })
     }
 
-    /// Every operand block, A's (block row × part of k) then B's (part of k × block column):
-    /// the order the producer publishes them in.
-    pub fn operand_ids(&self) -> impl Iterator<Item = crate::message::BlockId> + '_ {
+    /// Every operand block once, in the order the tasks first need them: a worker reading
+    /// the operand stream from the start can begin its first task after two blocks, not after
+    /// the whole of A.
+    pub fn operand_ids(&self) -> Vec<crate::message::BlockId> {
         use crate::message::{BlockId, Side};
-        let a = (0..self.row_blocks()).flat_map(move |index| {
-            (0..self.parts()).map(move |part| BlockId {
-                side: Side::A,
-                index,
-                part,
-            })
-        });
-        let b = (0..self.parts()).flat_map(move |part| {
-            (0..self.col_blocks()).map(move |index| BlockId {
-                side: Side::B,
-                index,
-                part,
-            })
-        });
-        a.chain(b)
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for t in self.task_ids() {
+            for id in [
+                BlockId {
+                    side: Side::A,
+                    index: t.row,
+                    part: t.part,
+                },
+                BlockId {
+                    side: Side::B,
+                    index: t.col,
+                    part: t.part,
+                },
+            ] {
+                if seen.insert(id) {
+                    out.push(id);
+                }
+            }
+        }
+        out
     }
 
     /// Floating-point operations of the whole product.
@@ -365,6 +372,23 @@ mod tests {
         assert!(Plan::new(65536, 100, 65536, DType::F64, 1408, MIB16).is_ok());
         assert_eq!("auto".parse::<TileSize>(), Ok(TileSize::Auto));
         assert_eq!("128".parse::<TileSize>(), Ok(TileSize::Fixed(128)));
+    }
+
+    #[test]
+    fn every_operand_block_is_listed_once_before_the_first_task_that_needs_it() {
+        let p =
+            Plan::with_operands(300, 200, 250, DType::F64, 64, 64 << 10, Operands::Stream).unwrap();
+        let ids = p.operand_ids();
+        assert_eq!(
+            ids.len() as u32,
+            (p.row_blocks() + p.col_blocks()) * p.parts()
+        );
+        assert_eq!(
+            ids.len(),
+            ids.iter().collect::<std::collections::HashSet<_>>().len()
+        );
+        let first = p.task_ids().next().unwrap();
+        assert_eq!((ids[0].index, ids[1].index), (first.row, first.col));
     }
 
     #[test]

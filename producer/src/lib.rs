@@ -359,7 +359,7 @@ async fn publish_tasks<T: Element>(
     // lost connection is "skip what was confirmed".
     let streamed = plan.operands == Operands::Stream;
     let blocks: Vec<_> = if streamed {
-        plan.operand_ids().collect()
+        plan.operand_ids()
     } else {
         Vec::new()
     };
