@@ -573,6 +573,9 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Matrix>, Arc<
     Ok((a, b))
 }
 
+/// Tiles up to this many flops (~20 µs of work) are multiplied on the async thread.
+const TINY_FLOPS: u64 = 1 << 20;
+
 /// Simulated delay and failure, then the multiplication on the blocking pool. Returns the body
 /// so the caller can still park it.
 async fn work(
@@ -591,7 +594,9 @@ async fn work(
         };
         (delay, rng.random_bool(ctx.settings.failure_rate))
     };
-    tokio::time::sleep(delay).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     if fail {
         return (
             Err(Failure::Transient(
@@ -600,8 +605,9 @@ async fn work(
             data,
         );
     }
+    let flops = 2 * task.rows as u64 * task.cols as u64 * task.depth as u64;
     let task = task.clone();
-    let joined = tokio::task::spawn_blocking(move || {
+    let compute = move || {
         let r = match inputs {
             Inputs::Inline(offset) => matrix::compute_tile(&task, &data[offset..])
                 .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
@@ -609,8 +615,12 @@ async fn work(
                 .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
         };
         (r, data)
-    })
-    .await;
+    };
+    // A tiny tile is cheaper to multiply than to hand to another thread.
+    if flops <= TINY_FLOPS {
+        return compute();
+    }
+    let joined = tokio::task::spawn_blocking(compute).await;
     match joined {
         Ok((r, data)) => (r, data),
         // The multiplication panicked: a bug, not bad luck. The body went with the thread.

@@ -64,7 +64,7 @@ pub struct ProducerOptions {
     /// [default: stream]
     #[arg(long, env = "GEMMQ_OPERANDS")]
     pub operands: Option<Operands>,
-    /// Publisher confirms outstanding at once [default: 64]
+    /// Publisher confirms outstanding at once [default: 256]
     #[arg(long, env = "GEMMQ_CONFIRM_WINDOW")]
     pub confirm_window: Option<usize>,
 }
@@ -137,7 +137,7 @@ impl Settings {
         };
         let job_id = o.job_id.unwrap_or_else(new_job_id);
         topology::check_name("job-id", &job_id)?;
-        let confirm_window = o.confirm_window.unwrap_or(64);
+        let confirm_window = o.confirm_window.unwrap_or(256);
         if confirm_window == 0 {
             return Err(ConfigError::invalid("confirm-window", "must be at least 1"));
         }
