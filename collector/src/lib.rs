@@ -24,11 +24,11 @@ use gemmq::assembly::{Applied, Assembly, AssemblyError, WorkerTally};
 use gemmq::broker::{self, Broker};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job;
-use gemmq::matrix::{self, Matrix};
+use gemmq::matrix::Matrix;
 use gemmq::message::{self, Header, Inputs, Manifest};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
-use gemmq::verify::{self, Verdict};
+use gemmq::verify::{self, Expected, Verdict};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -227,6 +227,12 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         );
     }
 
+    // What C·x must be, worked out from A and B while the workers compute C.
+    let expected = s.verify.then(|| {
+        let (plan, inputs) = (plan.clone(), manifest.inputs.clone());
+        tokio::task::spawn_blocking(move || expectation(&plan, &inputs))
+    });
+
     let mut progress = Progress::new(&manifest.job, plan.tasks());
     let mut rejected = 0u64;
     while !asm.is_finished() {
@@ -266,7 +272,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         }
     }
     progress.finish();
-    finish(s, &broker, &topo, &manifest, asm, rejected).await
+    finish(s, &broker, &topo, &manifest, asm, rejected, expected).await
 }
 
 /// The checkpoint directory of a job under `out`.
@@ -544,6 +550,7 @@ async fn finish(
     manifest: &Manifest,
     asm: Assembly,
     rejected: u64,
+    expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
 ) -> Result<Summary> {
     let plan = manifest.plan.clone();
     let complete = asm.is_complete();
@@ -580,11 +587,13 @@ async fn finish(
         output: None,
     };
     if complete {
-        let (asm, verdict) = if s.verify {
-            let (asm, verdict) = check(manifest, asm).await?;
-            (asm, Some(verdict))
-        } else {
-            (asm, None)
+        let (asm, verdict) = match expected {
+            Some(handle) => {
+                let expected = handle.await.context("the verification task failed")??;
+                let verdict = asm.with_c(|c| expected.check(c))?;
+                (asm, Some(verdict))
+            }
+            None => (asm, None),
         };
         let path = s.out.join("C.npy");
         asm.finish(&path).context("writing C.npy")?;
@@ -617,34 +626,25 @@ async fn finish(
     Ok(summary)
 }
 
-/// Rebuilds A and B from the manifest and runs Freivalds' check on C in the checkpoint.
-async fn check(manifest: &Manifest, asm: Assembly) -> Result<(Assembly, Verdict)> {
-    let plan = manifest.plan.clone();
-    let inputs = manifest.inputs.clone();
-    tokio::task::spawn_blocking(move || -> Result<(Assembly, Verdict)> {
-        let (a, b) = match inputs {
-            Inputs::Seed(seed) => matrix::generate(
-                plan.m as usize,
-                plan.k as usize,
-                plan.n as usize,
-                plan.dtype,
-                seed,
-            ),
-            Inputs::Files { a, b } => (
-                Matrix::read_npy(Path::new(&a)).context("re-reading A to verify C")?,
-                Matrix::read_npy(Path::new(&b)).context("re-reading B to verify C")?,
-            ),
-        };
-        let shape_ok = a.shape() == (plan.m as usize, plan.k as usize)
-            && b.shape() == (plan.k as usize, plan.n as usize);
-        if !shape_ok {
-            bail!("A or B changed since the job was published: cannot verify C");
+/// Freivalds' expectation for the job's A and B: walked from the seed row by row (no A or B in
+/// memory), or computed from the input files.
+fn expectation(plan: &gemmq::Plan, inputs: &Inputs) -> Result<Expected> {
+    const ROUNDS: u32 = 2;
+    const SEED: u64 = 0x5eed;
+    let (m, k, n) = (plan.m as usize, plan.k as usize, plan.n as usize);
+    match inputs {
+        Inputs::Seed(seed) => Ok(verify::expect_seeded(
+            m, k, n, plan.dtype, *seed, ROUNDS, SEED,
+        )),
+        Inputs::Files { a, b } => {
+            let a = Matrix::read_npy(Path::new(a)).context("re-reading A to verify C")?;
+            let b = Matrix::read_npy(Path::new(b)).context("re-reading B to verify C")?;
+            if a.shape() != (m, k) || b.shape() != (k, n) {
+                bail!("A or B changed since the job was published: cannot verify C");
+            }
+            Ok(verify::expect(a.view(), b.view(), ROUNDS, SEED)?)
         }
-        let verdict = asm.with_c(|c| verify::freivalds(a.view(), b.view(), c, 2, 0x5eed))??;
-        Ok((asm, verdict))
-    })
-    .await
-    .context("the verification task failed")?
+    }
 }
 
 fn report(s: &Summary) {

@@ -226,14 +226,33 @@ pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
 /// so the collector can rebuild them to verify C without them travelling again.
 pub fn generate(m: usize, k: usize, n: usize, dtype: DType, seed: u64) -> (Matrix, Matrix) {
     fn make<T: Element>(rows: usize, cols: usize, seed: u64) -> Array2<T> {
-        let mut rng = StdRng::seed_from_u64(seed);
-        Array2::from_shape_simple_fn((rows, cols), || T::from_f64(rng.random_range(-1.0..1.0)))
+        let mut g = SeededRows::new(seed);
+        Array2::from_shape_simple_fn((rows, cols), || g.next::<T>())
     }
-    // Two streams from one seed; the odd/even split keeps them apart for every seed.
-    let (sa, sb) = (seed.wrapping_mul(2), seed.wrapping_mul(2).wrapping_add(1));
+    let (sa, sb) = operand_seeds(seed);
     match dtype {
         DType::F32 => (Matrix::F32(make(m, k, sa)), Matrix::F32(make(k, n, sb))),
         DType::F64 => (Matrix::F64(make(m, k, sa)), Matrix::F64(make(k, n, sb))),
+    }
+}
+
+/// The seeds of A's and B's streams: two from one, the odd/even split keeps them apart.
+pub fn operand_seeds(seed: u64) -> (u64, u64) {
+    (seed.wrapping_mul(2), seed.wrapping_mul(2).wrapping_add(1))
+}
+
+/// The numbers of a generated matrix, row-major, one at a time: what [`generate`] fills
+/// matrices from, so a verifier can walk A and B row by row without holding them.
+pub struct SeededRows(StdRng);
+
+impl SeededRows {
+    pub fn new(seed: u64) -> Self {
+        SeededRows(StdRng::seed_from_u64(seed))
+    }
+
+    #[inline]
+    pub fn next<T: Element>(&mut self) -> T {
+        T::from_f64(self.0.random_range(-1.0..1.0))
     }
 }
 
