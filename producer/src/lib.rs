@@ -14,7 +14,9 @@ use gemmq::broker::{Broker, ConfirmWindow, persistent};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job::{self, Announced};
 use gemmq::matrix::{self, Element, Matrix};
-use gemmq::message::{self, Header, Inputs, Manifest, OperandHeader, Side, TaskHeader, kind};
+use gemmq::message::{
+    self, BlockId, Header, Inputs, Manifest, OperandHeader, Side, TaskHeader, kind,
+};
 use gemmq::tiling::Operands;
 use gemmq::topology::{self, TASK_KEY};
 use gemmq::{DType, Plan, TileSize};
@@ -344,6 +346,12 @@ fn log_announced(manifest: &Manifest, announced: Announced) {
     }
 }
 
+/// One message the producer publishes.
+enum Item {
+    Block(BlockId),
+    Task(gemmq::TileId),
+}
+
 async fn publish_tasks<T: Element>(
     window: &mut ConfirmWindow,
     topo: &topology::Topology,
@@ -355,79 +363,96 @@ async fn publish_tasks<T: Element>(
 ) -> Result<()> {
     let plan = &manifest.plan;
     let job = &manifest.job;
-    // Operand blocks first (when streamed), then tasks: one sequence, so that resuming after a
-    // lost connection is "skip what was confirmed".
+    // One deterministic sequence of messages — when streamed, each task right after the blocks
+    // it is the first to need — so that workers start while the rest is still being published,
+    // and resuming after a lost connection is "skip what was confirmed".
     let streamed = plan.operands == Operands::Stream;
-    let blocks: Vec<_> = if streamed {
-        plan.operand_ids()
-    } else {
-        Vec::new()
-    };
-    let operands_queue = topo.operands_queue(job);
-    for block in blocks.iter().skip(skip as usize) {
-        let (rows, cols) = match block.side {
-            Side::A => (plan.rows(block.index), plan.depth(block.part)),
-            Side::B => (plan.depth(block.part), plan.cols(block.index)),
-        };
-        let data = match block.side {
-            Side::A => a.slice(s![rows.clone(), cols.clone()]),
-            Side::B => b.slice(s![rows.clone(), cols.clone()]),
-        };
-        let mut payload = Vec::new();
-        matrix::extend_le(data, &mut payload);
-        let header = Header::Operand(OperandHeader {
-            job: job.clone(),
-            block: *block,
-            dtype: plan.dtype,
-            rows: rows.len() as u32,
-            cols: cols.len() as u32,
-        });
-        let body = message::encode(&header, &[&payload]);
-        *bytes += body.len() as u64;
-        window
-            .publish(
-                "",
-                &operands_queue,
-                &body,
-                persistent(kind::OPERAND, format!("{job}/{block}")),
-                format!("block {block}"),
-            )
-            .await
-            .with_context(|| format!("publishing block {block} of job {job}"))?;
-        info!(%job, %block, bytes = body.len(), "operand block published");
+    let mut published = std::collections::HashSet::new();
+    let mut items = Vec::new();
+    for tile in plan.task_ids() {
+        if streamed {
+            for block in [
+                BlockId {
+                    side: Side::A,
+                    index: tile.row,
+                    part: tile.part,
+                },
+                BlockId {
+                    side: Side::B,
+                    index: tile.col,
+                    part: tile.part,
+                },
+            ] {
+                if published.insert(block) {
+                    items.push(Item::Block(block));
+                }
+            }
+        }
+        items.push(Item::Task(tile));
     }
-    let skip = skip.saturating_sub(blocks.len() as u64);
+    let operands_queue = topo.operands_queue(job);
     let exchange = topo.tasks_exchange();
-    for tile in plan.task_ids().skip(skip as usize) {
-        let task = TaskHeader {
-            job: job.clone(),
-            tile,
-            dtype: plan.dtype,
-            rows: plan.rows(tile.row).len() as u32,
-            cols: plan.cols(tile.col).len() as u32,
-            depth: plan.depth(tile.part).len() as u32,
-        };
-        let body = if streamed {
-            message::encode(&Header::TaskRef(task), &[])
-        } else {
-            message::encode(
-                &Header::Task(task),
-                &[&matrix::task_payload(a, b, plan, tile)],
-            )
-        };
-        *bytes += body.len() as u64;
-        let id = format!("{job}/{}/{}/{}", tile.row, tile.col, tile.part);
-        window
-            .publish(
-                &exchange,
-                TASK_KEY,
-                &body,
-                persistent(kind::TASK, id),
-                format!("task {tile}"),
-            )
-            .await
-            .with_context(|| format!("publishing task {tile} of job {job}"))?;
-        info!(%job, %tile, bytes = body.len(), "task published");
+    for item in items.into_iter().skip(skip as usize) {
+        match item {
+            Item::Block(block) => {
+                let (rows, cols) = match block.side {
+                    Side::A => (plan.rows(block.index), plan.depth(block.part)),
+                    Side::B => (plan.depth(block.part), plan.cols(block.index)),
+                };
+                let data = match block.side {
+                    Side::A => a.slice(s![rows.clone(), cols.clone()]),
+                    Side::B => b.slice(s![rows.clone(), cols.clone()]),
+                };
+                let mut payload = Vec::new();
+                matrix::extend_le(data, &mut payload);
+                let header = Header::Operand(OperandHeader {
+                    job: job.clone(),
+                    block,
+                    dtype: plan.dtype,
+                    rows: rows.len() as u32,
+                    cols: cols.len() as u32,
+                });
+                let body = message::encode(&header, &[&payload]);
+                *bytes += body.len() as u64;
+                let props = persistent(kind::OPERAND, format!("{job}/{block}"));
+                window
+                    .publish("", &operands_queue, &body, props, format!("block {block}"))
+                    .await
+                    .with_context(|| format!("publishing block {block} of job {job}"))?;
+                info!(%job, %block, bytes = body.len(), "operand block published");
+            }
+            Item::Task(tile) => {
+                let task = TaskHeader {
+                    job: job.clone(),
+                    tile,
+                    dtype: plan.dtype,
+                    rows: plan.rows(tile.row).len() as u32,
+                    cols: plan.cols(tile.col).len() as u32,
+                    depth: plan.depth(tile.part).len() as u32,
+                };
+                let body = if streamed {
+                    message::encode(&Header::TaskRef(task), &[])
+                } else {
+                    message::encode(
+                        &Header::Task(task),
+                        &[&matrix::task_payload(a, b, plan, tile)],
+                    )
+                };
+                *bytes += body.len() as u64;
+                let id = format!("{job}/{}/{}/{}", tile.row, tile.col, tile.part);
+                window
+                    .publish(
+                        &exchange,
+                        TASK_KEY,
+                        &body,
+                        persistent(kind::TASK, id),
+                        format!("task {tile}"),
+                    )
+                    .await
+                    .with_context(|| format!("publishing task {tile} of job {job}"))?;
+                info!(%job, %tile, bytes = body.len(), "task published");
+            }
+        }
     }
     Ok(())
 }
