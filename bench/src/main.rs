@@ -8,7 +8,8 @@
 //! peak resident memory of every process (exact, from `wait4`), and tasks per second of a run
 //! with many small tasks. It prints a table and writes JSON.
 //!
-//! Run it with `cargo run --release -p gemmq-bench -- [--quick]`; see BENCHMARKS.md.
+//! Run it with `cargo run --release -p gemmq-bench -- [--quick]`; see BENCHMARKS.md. Each job's
+//! logs and summary.json stay in `target/bench/<namespace>/`.
 
 mod bytes;
 mod machine;
@@ -63,7 +64,11 @@ struct Cli {
     #[arg(long, default_value_t = 2)]
     consumers: usize,
     /// Where to write the results as JSON
-    #[arg(long, value_name = "PATH", default_value = "bench-results.json")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "target/bench/bench-results.json"
+    )]
     json: PathBuf,
     /// Where each job's logs, summary.json and outputs go
     #[arg(long, value_name = "DIR", default_value = "target/bench")]
@@ -475,6 +480,9 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
 }
 
 fn write_json(path: &Path, report: &Report) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let json = serde_json::to_vec_pretty(report)?;
     std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
 }
