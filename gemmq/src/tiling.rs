@@ -83,15 +83,32 @@ impl std::fmt::Display for TileSize {
     }
 }
 
-/// The tile side `auto` picks: as large as a result message allows, because every task carries
-/// a whole block-row of A and block-column of B, so the bytes sent fall as 1/tile; but small
-/// enough to leave at least 16 tiles to spread over the workers. Multiples of 64 keep the
-/// multiplication kernels on their fast paths.
-pub fn auto_tile(m: u64, n: u64, dtype: DType, max_message_bytes: u64) -> u64 {
+/// The tile side `auto` picks: as large as a result message allows, because inline every task
+/// carries a whole block-row of A and block-column of B, so the bytes sent fall as 1/tile; but
+/// small enough to leave at least 16 tiles to spread over the workers. With streamed operands a
+/// tile whose blocks fit a message without splitting k is preferred: split, every tile comes back
+/// as several partial products, and the collector has to store and add them. Multiples of 64 keep
+/// the multiplication kernels on their fast paths.
+pub fn auto_tile(
+    m: u64,
+    k: u64,
+    n: u64,
+    dtype: DType,
+    max_message_bytes: u64,
+    operands: Operands,
+) -> u64 {
     let room = max_message_bytes.saturating_sub(HEADER_BUDGET);
-    let largest = ((room / dtype.size() as u64) as f64).sqrt() as u64 / 64 * 64;
+    let size = dtype.size() as u64;
+    let largest = ((room / size) as f64).sqrt() as u64 / 64 * 64;
     let spread = ((m as f64 * n as f64 / 16.0).sqrt() as u64).div_ceil(64) * 64;
-    largest.min(spread).max(64).min(m.max(n))
+    let mut tile = largest.min(spread);
+    if operands == Operands::Stream {
+        let unsplit = room / (k.max(1) * size) / 64 * 64;
+        if unsplit >= 256.min(tile) {
+            tile = tile.min(unsplit);
+        }
+    }
+    tile.max(64).min(m.max(n))
 }
 
 /// How the blocks of A and B reach the workers.
@@ -361,14 +378,24 @@ mod tests {
 
     #[test]
     fn auto_tiles_are_as_large_as_a_message_allows_but_leave_work_to_spread() {
-        assert_eq!(auto_tile(4096, 4096, DType::F64, MIB16), 1024);
-        assert_eq!(auto_tile(1024, 1024, DType::F64, MIB16), 256);
+        let inline = Operands::Inline;
+        assert_eq!(auto_tile(4096, 4096, 4096, DType::F64, MIB16, inline), 1024);
+        assert_eq!(auto_tile(1024, 1024, 1024, DType::F64, MIB16, inline), 256);
+        // Streamed, a 448x4096 f64 block still fits 16 MiB: k need not be split.
+        let t = auto_tile(4096, 4096, 4096, DType::F64, MIB16, Operands::Stream);
+        assert_eq!(t, 448);
         assert_eq!(
-            auto_tile(65536, 65536, DType::F64, MIB16),
+            Plan::with_operands(4096, 4096, 4096, DType::F64, t, MIB16, Operands::Stream)
+                .unwrap()
+                .parts(),
+            1
+        );
+        assert_eq!(
+            auto_tile(65536, 100, 65536, DType::F64, MIB16, inline),
             1408,
             "capped by the result message"
         );
-        assert_eq!(auto_tile(10, 7, DType::F32, MIB16), 10);
+        assert_eq!(auto_tile(10, 3, 7, DType::F32, MIB16, Operands::Stream), 10);
         assert!(Plan::new(65536, 100, 65536, DType::F64, 1408, MIB16).is_ok());
         assert_eq!("auto".parse::<TileSize>(), Ok(TileSize::Auto));
         assert_eq!("128".parse::<TileSize>(), Ok(TileSize::Fixed(128)));

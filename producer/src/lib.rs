@@ -179,7 +179,9 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     let plan_for = |m: u64, k: u64, n: u64, dtype: DType| {
         let tile = match s.tile {
             TileSize::Fixed(t) => t,
-            TileSize::Auto => gemmq::tiling::auto_tile(m, n, dtype, s.broker.max_message_bytes),
+            TileSize::Auto => {
+                gemmq::tiling::auto_tile(m, k, n, dtype, s.broker.max_message_bytes, s.operands)
+            }
         };
         Plan::with_operands(m, k, n, dtype, tile, s.broker.max_message_bytes, s.operands)
             .map_err(|e| ConfigError::invalid("tile", e.to_string()))
