@@ -227,7 +227,7 @@ pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
 pub fn generate(m: usize, k: usize, n: usize, dtype: DType, seed: u64) -> (Matrix, Matrix) {
     fn make<T: Element>(rows: usize, cols: usize, seed: u64) -> Array2<T> {
         let mut g = SeededRows::new(seed);
-        Array2::from_shape_simple_fn((rows, cols), || g.next::<T>())
+        Array2::from_shape_simple_fn((rows, cols), || g.draw::<T>())
     }
     let (sa, sb) = operand_seeds(seed);
     match dtype {
@@ -251,7 +251,7 @@ impl SeededRows {
     }
 
     #[inline]
-    pub fn next<T: Element>(&mut self) -> T {
+    pub fn draw<T: Element>(&mut self) -> T {
         T::from_f64(self.0.random_range(-1.0..1.0))
     }
 }

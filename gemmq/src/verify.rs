@@ -77,7 +77,7 @@ pub fn expect_seeded(
         let mut row = vec![0.0f64; n];
         for i in 0..k {
             for v in row.iter_mut() {
-                *v = g.next::<T>().to_f64();
+                *v = g.draw::<T>().to_f64();
             }
             for (x, (y, yabs)) in xs.iter().zip(bx.iter_mut()) {
                 let (mut s, mut sa) = (0.0, 0.0);
@@ -102,7 +102,7 @@ pub fn expect_seeded(
         let mut row = vec![0.0f64; k];
         for i in 0..m {
             for v in row.iter_mut() {
-                *v = g.next::<T>().to_f64();
+                *v = g.draw::<T>().to_f64();
             }
             for (r, (y, yabs)) in out.iter_mut().zip(&bx) {
                 let (mut s, mut sa) = (0.0, 0.0);
