@@ -87,23 +87,24 @@ fn bytesize_kib(k: u64) -> bytesize::ByteSize {
 async fn the_queue_size_is_the_prefetch_and_the_broker_holds_the_rest() {
     let mut env = Env::new("prefetch");
     let topo = env.topology();
-    // 36 slow tasks (0.4 s each) for one worker with room for 3.
-    let producer = env.producer("prefetch", (96, 16, 96), 16);
+    // 64 slow tasks (0.25 s each, 16 s in all) for one worker with room for 3.
+    let producer = env.producer("prefetch", (128, 16, 128), 16);
     gemmq_producer::run(&producer).await.unwrap();
     let mut s = env.consumer("slow");
     s.queue_size = 3;
     s.delay = DurationRange {
-        min: Duration::from_millis(400),
-        max: Duration::from_millis(400),
+        min: Duration::from_millis(250),
+        max: Duration::from_millis(250),
     };
     let collector = env.collector("prefetch");
     env.spawn_consumer(s);
 
-    // The management API refreshes every ~5 s: watch it for 9 s.
+    // The management API refreshes every ~5 s (a new queue may show nothing for a round or
+    // two): watch it until it has shown the worker busy, for at most 16 s.
     let queue = format!("/queues/%2F/{}", topo.tasks_queue());
     let started = Instant::now();
     let (mut seen_busy, mut max_unacked, mut prefetch) = (false, 0, None);
-    while started.elapsed() < Duration::from_secs(9) {
+    while started.elapsed() < Duration::from_secs(16) && !(seen_busy && prefetch.is_some()) {
         let path = queue.clone();
         let q = tokio::task::spawn_blocking(move || mgmt(&path))
             .await
