@@ -420,20 +420,9 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         f.into_task()
             .map(|(task, payload)| (task, payload.len(), streamed))
     });
+    // decode() has checked the job id too: it names queues and journal lines.
     let (task, offset, streamed) = match decoded {
-        Ok((task, payload_len, streamed)) => match topology::check_name("job", &task.job) {
-            Ok(()) => (task, delivery.data.len() - payload_len, streamed),
-            Err(e) => {
-                return park(
-                    ctx,
-                    &delivery,
-                    None,
-                    attempt,
-                    format!("malformed task: {e}"),
-                )
-                .await;
-            }
-        },
+        Ok((task, payload_len, streamed)) => (task, delivery.data.len() - payload_len, streamed),
         Err(e) => {
             return park(
                 ctx,

@@ -155,6 +155,18 @@ pub struct Plan {
     pub operands: Operands,
 }
 
+fn check_sides(m: u64, k: u64, n: u64, tile: u64) -> Result<(), TilingError> {
+    for (name, value) in [("m", m), ("k", k), ("n", n), ("tile", tile)] {
+        if value == 0 {
+            return Err(TilingError::Zero(name));
+        }
+        if value > MAX_SIDE {
+            return Err(TilingError::TooLarge { name, value });
+        }
+    }
+    Ok(())
+}
+
 impl Plan {
     /// Plans C = A(m×k) · B(k×n) with tiles of `tile`, keeping every task and result message
     /// within `max_message_bytes`.
@@ -180,14 +192,7 @@ impl Plan {
         max_message_bytes: u64,
         operands: Operands,
     ) -> Result<Plan, TilingError> {
-        for (name, value) in [("m", m), ("k", k), ("n", n), ("tile", tile)] {
-            if value == 0 {
-                return Err(TilingError::Zero(name));
-            }
-            if value > MAX_SIDE {
-                return Err(TilingError::TooLarge { name, value });
-            }
-        }
+        check_sides(m, k, n, tile)?;
         let size = dtype.size() as u64;
         let room = max_message_bytes.saturating_sub(HEADER_BUDGET);
         let (rows, cols) = (tile.min(m), tile.min(n));
@@ -223,19 +228,7 @@ impl Plan {
 
     /// Checks a plan that came over the wire before anything is sized from it.
     pub fn check(&self) -> Result<(), TilingError> {
-        for (name, value) in [
-            ("m", self.m),
-            ("k", self.k),
-            ("n", self.n),
-            ("tile", self.tile),
-        ] {
-            if value == 0 {
-                return Err(TilingError::Zero(name));
-            }
-            if value > MAX_SIDE {
-                return Err(TilingError::TooLarge { name, value });
-            }
-        }
+        check_sides(self.m, self.k, self.n, self.tile)?;
         let s = &self.k_splits;
         let ok = s.len() >= 2
             && s.len() as u64 <= self.k + 1
