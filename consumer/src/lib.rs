@@ -459,7 +459,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
         _ = ctx.shutdown.cancelled() => {
             // Not started: give it back now rather than make it wait for the channel to close.
-            let _ = delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await;
+            requeue(&delivery).await;
             return;
         }
     };
@@ -667,13 +667,7 @@ async fn send_result(
             // Not acked: the task comes back (now, or when the channel closes) and is redone.
             warn!(job = %task.job, %tile, error = %e, "result not confirmed; returning the task to the queue");
             ctx.publisher_failed();
-            let _ = delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                })
-                .await;
+            requeue(delivery).await;
         }
     }
 }
@@ -742,13 +736,7 @@ async fn park(
     if let Err(e) = parked {
         warn!(error = %e, %reason, "could not park the task; returning it to the queue");
         ctx.publisher_failed();
-        let _ = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await;
+        requeue(delivery).await;
         return;
     }
     if let Some(t) = task {
@@ -783,13 +771,7 @@ async fn park(
                 // notice retried.
                 warn!(job = %t.job, tile = %t.tile, error = %e, "could not tell the collector about the parked task; returning it to the queue");
                 ctx.publisher_failed();
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        multiple: false,
-                    })
-                    .await;
+                requeue(delivery).await;
                 return;
             }
         }
@@ -804,6 +786,17 @@ async fn park(
             error!(attempts, %reason, queue = %ctx.topo.parked_queue(), "unreadable task parked")
         }
     }
+}
+
+/// Hands a task back to the queue now (it is redelivered, to this worker or another).
+async fn requeue(delivery: &Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await;
 }
 
 async fn ack(delivery: &Delivery, tile: Option<gemmq::TileId>) {
