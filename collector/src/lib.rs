@@ -25,7 +25,7 @@ use gemmq::broker::{self, Broker};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job;
 use gemmq::matrix::Matrix;
-use gemmq::message::{self, Header, Inputs, Manifest};
+use gemmq::message::{self, Header, Inputs, Manifest, ResultHeader};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
 use gemmq::verify::{self, Expected, Verdict};
@@ -470,8 +470,8 @@ async fn collect(
     Ok(Collected::Finished)
 }
 
-/// Applies one message to C: 1 if it was rejected (and is dropped), 0 if applied or a duplicate.
-/// A disk error is returned: the message must not be acked.
+/// Applies one message to C: how many tiles of it were rejected (and dropped); duplicates and
+/// applied tiles count 0. A disk error is returned: the message must not be acked.
 fn apply(
     asm: &mut Assembly,
     manifest: &Manifest,
@@ -489,50 +489,62 @@ fn apply(
         warn!(job = %frame.header.job(), expected = %manifest.job, "message for another job on this job's results queue dropped");
         return Ok(1);
     }
-    let applied = match &frame.header {
-        Header::Result(h) => asm.apply_result(h, frame.payload),
-        Header::Parked(n) => asm.apply_parked(n),
+    match &frame.header {
+        Header::Result(h) => apply_result(asm, h, frame.payload),
+        Header::Results(batch) => {
+            let mut rejected = 0;
+            for (h, bytes) in batch.results(frame.payload) {
+                rejected += apply_result(asm, &h, bytes)?;
+            }
+            Ok(rejected)
+        }
+        Header::Parked(n) => match asm.apply_parked(n) {
+            Ok(Applied::Duplicate) => {
+                info!(tile = %n.tile, "duplicate dropped (already assembled)");
+                Ok(0)
+            }
+            Ok(Applied::Parked) => {
+                error!(
+                    tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker,
+                    "tile parked: it will not be computed"
+                );
+                Ok(0)
+            }
+            Ok(_) => Ok(0),
+            Err(e) => rejected_or_fatal(e),
+        },
         Header::Failed(n) => {
             asm.apply_failure(n);
-            return Ok(0);
+            Ok(0)
         }
         Header::Task(_) | Header::TaskRef(_) | Header::Operand(_) => {
             warn!("a task or operand block on the results queue dropped");
-            return Ok(1);
+            Ok(1)
         }
-    };
-    match (applied, &frame.header) {
-        (Ok(Applied::Duplicate), h) => {
-            info!(tile = %tile_of(h), "duplicate dropped (already assembled)")
-        }
-        (Ok(Applied::Parked), Header::Parked(n)) => error!(
-            tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker,
-            "tile parked: it will not be computed"
-        ),
-        (Ok(_), Header::Result(h)) => {
-            tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled")
-        }
-        (Ok(_), _) => {}
-        (Err(e), _) if e.is_bad_message() => {
-            warn!(error = %e, "result rejected");
-            return Ok(1);
-        }
-        (Err(e), _) => return Err(e),
     }
-    Ok(0)
 }
 
-fn tile_of(h: &Header) -> TileId {
-    match h {
-        Header::Task(t) | Header::TaskRef(t) => t.tile,
-        Header::Operand(_) => TileId {
-            row: 0,
-            col: 0,
-            part: 0,
-        },
-        Header::Result(r) => r.tile,
-        Header::Parked(p) => p.tile,
-        Header::Failed(f) => f.tile,
+fn apply_result(asm: &mut Assembly, h: &ResultHeader, bytes: &[u8]) -> Result<u64, AssemblyError> {
+    match asm.apply_result(h, bytes) {
+        Ok(Applied::Duplicate) => {
+            info!(tile = %h.tile, "duplicate dropped (already assembled)");
+            Ok(0)
+        }
+        Ok(_) => {
+            tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled");
+            Ok(0)
+        }
+        Err(e) => rejected_or_fatal(e),
+    }
+}
+
+/// A message the plan cannot take is dropped (counted as rejected); a disk error stops us.
+fn rejected_or_fatal(e: AssemblyError) -> Result<u64, AssemblyError> {
+    if e.is_bad_message() {
+        warn!(error = %e, "result rejected");
+        Ok(1)
+    } else {
+        Err(e)
     }
 }
 
@@ -703,9 +715,16 @@ async fn wait_for_manifest(
                 "job {job} was not announced within the idle timeout; is the producer running with --job-id {job}?"
             );
         }
+        // Often the producer is starting at the same moment: look often at first, then ease off
+        // the broker.
+        let poll = if started.elapsed() < Duration::from_secs(10) {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(250)
+        };
         tokio::select! {
             _ = shutdown.cancelled() => bail!("interrupted while waiting for job {job}"),
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(poll) => {}
         }
     }
 }

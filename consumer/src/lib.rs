@@ -17,6 +17,7 @@
 
 mod heartbeat;
 mod operands;
+mod results;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -196,6 +197,8 @@ pub struct Stats {
     pub max_held: AtomicU64,
     /// Floating-point operations of the tiles computed, for the heartbeat's GFLOP/s.
     pub flops: AtomicU64,
+    /// Messages that carried results: fewer than `done` when results were sent together.
+    pub result_messages: AtomicU64,
 }
 
 impl Stats {
@@ -256,6 +259,7 @@ struct Ctx {
     topo: Topology,
     tasks_queue: String,
     publisher: Channel,
+    results: results::Results,
     stats: Arc<Stats>,
     compute: Semaphore,
     shutdown: CancellationToken,
@@ -344,6 +348,12 @@ async fn serve(
         settings: s.clone(),
         topo: topo.clone(),
         tasks_queue: topo.tasks_queue(),
+        results: results::Results::start(
+            publisher.clone(),
+            topo.clone(),
+            s.broker.max_message_bytes,
+            stats.clone(),
+        ),
         publisher,
         stats: stats.clone(),
         compute: Semaphore::new(s.concurrency),
@@ -464,6 +474,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
     };
     let started = Instant::now();
+    tracing::debug!(%tile, "computing");
     let outcome = match inputs {
         Ok(inputs) => {
             let data = std::mem::take(&mut delivery.data);
@@ -629,7 +640,7 @@ async fn send_result(
     micros: u64,
 ) {
     let tile = task.tile;
-    let header = Header::Result(ResultHeader {
+    let header = ResultHeader {
         job: task.job.clone(),
         tile,
         dtype: task.dtype,
@@ -638,32 +649,22 @@ async fn send_result(
         worker: ctx.settings.worker_id.clone(),
         attempt,
         compute_micros: micros,
-    });
-    let body = message::encode(&header, &[&bytes]);
-    let id = format!("{}/{}/{}/{}", task.job, tile.row, tile.col, tile.part);
-    let published = publish_confirmed(
-        &ctx.publisher,
-        &ctx.topo.results_exchange(),
-        &task.job,
-        &body,
-        persistent(kind::RESULT, id),
-        format!("the result of {tile}"),
-    )
-    .await;
+    };
+    let published = ctx.results.send(header, bytes).await;
     match published {
-        Ok(()) => {
+        results::Sent::Confirmed => {
             ack(delivery, Some(tile)).await;
             Stats::bump(&ctx.stats.done);
             let flops = 2 * task.rows as u64 * task.cols as u64 * task.depth as u64;
             ctx.stats.flops.fetch_add(flops, Ordering::Relaxed);
             info!(job = %task.job, %tile, attempt, ms = micros / 1000, "task done");
         }
-        Err(e) if e.is_unroutable() => {
+        results::Sent::Unroutable => {
             // No results queue: the job was finished and retired, or never announced.
             warn!(job = %task.job, %tile, "job has no results queue (finished or deleted); dropping its task");
             ack(delivery, Some(tile)).await;
         }
-        Err(e) => {
+        results::Sent::Failed(e) => {
             // Not acked: the task comes back (now, or when the channel closes) and is redone.
             warn!(job = %task.job, %tile, error = %e, "result not confirmed; returning the task to the queue");
             ctx.publisher_failed();

@@ -2,13 +2,16 @@
 //!
 //! With streamed operands a task names its blocks — A's (row, part of k) and B's (part of k,
 //! column) — instead of carrying them. Each block was published once to the job's operand
-//! stream. A worker reads the stream front to back with one long-lived consumer, decoding and
-//! caching the blocks it passes and remembering every block's offset; so a block reaches a
-//! worker at most once, however many of its tasks need it. When the cache is over its budget the
-//! least recently used block is dropped; needing it again costs one read at its known offset.
+//! stream. A worker reads the stream front to back with one long-lived consumer per job, in the
+//! background, decoding and caching the blocks it passes and remembering every block's offset;
+//! so a block reaches a worker at most once, however many of its tasks need it. Tasks wait for
+//! their blocks to appear in the cache, each woken as soon as its own are there (not in turn
+//! behind tasks whose blocks lie further down the stream). The reader reads ahead while the
+//! cache has room, and only on demand when it is full; then the least recently used block is
+//! dropped, and needing it again costs one read at its known offset.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +22,7 @@ use gemmq::topology::Topology;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Notify, watch};
 
 /// How long a worker waits for a block to appear on the stream before it gives up on the task
 /// (which is then retried): the producer publishes blocks before the tasks that name them.
@@ -28,7 +31,7 @@ const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_JOBS: usize = 4;
 
 /// Why a block could not be had.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum FetchError {
     /// The job's operand stream does not exist: the job is finished.
     JobGone,
@@ -50,19 +53,42 @@ pub struct Operands {
     /// Bytes cached over all jobs, held to the budget.
     total: Arc<AtomicU64>,
     /// Bytes of blocks received from the broker: for the heartbeat and the benchmark.
-    pub fetched_bytes: AtomicU64,
+    pub fetched_bytes: Arc<AtomicU64>,
 }
 
+/// One job's blocks and the background reader that fills them in.
 struct JobOperands {
     job: String,
-    reader: AsyncMutex<Option<Reader>>,
-    cache: Mutex<Cache>,
+    state: Mutex<State>,
+    /// Bumped whenever the state changes (a block arrived, the reader stopped): waiters re-look.
+    changed: watch::Sender<u64>,
+    /// Tasks waiting for a block the reader has not reached: it reads on even with a full cache.
+    wanted: AtomicUsize,
+    demand: Arc<Notify>,
 }
 
-struct Reader {
-    ch: Channel,
-    scan: Consumer,
+struct State {
+    cache: Cache,
+    /// Where every block seen so far is on the stream.
     offsets: HashMap<BlockId, i64>,
+    reader: ReaderState,
+}
+
+enum ReaderState {
+    Idle,
+    Running(tokio::task::JoinHandle<()>),
+    /// Stopped with this error; the next task to need a block reports it and starts it again.
+    Failed(FetchError),
+}
+
+impl Drop for JobOperands {
+    fn drop(&mut self) {
+        if let Ok(st) = self.state.get_mut()
+            && let ReaderState::Running(h) = &st.reader
+        {
+            h.abort();
+        }
+    }
 }
 
 /// One job's blocks. The budget is shared by every job's cache through `total`.
@@ -118,6 +144,15 @@ fn bytes_of(m: &Matrix) -> u64 {
     (r * c * m.dtype().size()) as u64
 }
 
+/// What the background reader needs, cloned out of [`Operands`].
+#[derive(Clone)]
+struct ReadCtx {
+    limit: u64,
+    budget: u64,
+    total: Arc<AtomicU64>,
+    fetched: Arc<AtomicU64>,
+}
+
 impl Operands {
     pub fn new(topo: Topology, limit: u64, budget: u64) -> Self {
         Operands {
@@ -127,6 +162,15 @@ impl Operands {
             jobs: Mutex::new(Vec::new()),
             total: Arc::new(AtomicU64::new(0)),
             fetched_bytes: Default::default(),
+        }
+    }
+
+    fn read_ctx(&self) -> ReadCtx {
+        ReadCtx {
+            limit: self.limit,
+            budget: self.budget,
+            total: self.total.clone(),
+            fetched: self.fetched_bytes.clone(),
         }
     }
 
@@ -143,19 +187,25 @@ impl Operands {
         }
         let j = Arc::new(JobOperands {
             job: job.to_string(),
-            reader: AsyncMutex::new(None),
-            cache: Mutex::new(Cache {
-                blocks: HashMap::new(),
-                bytes: 0,
-                clock: 0,
-                total: self.total.clone(),
+            state: Mutex::new(State {
+                cache: Cache {
+                    blocks: HashMap::new(),
+                    bytes: 0,
+                    clock: 0,
+                    total: self.total.clone(),
+                },
+                offsets: HashMap::new(),
+                reader: ReaderState::Idle,
             }),
+            changed: watch::Sender::new(0),
+            wanted: AtomicUsize::new(0),
+            demand: Arc::new(Notify::new()),
         });
         jobs.push((job.to_string(), j.clone()));
         j
     }
 
-    /// The block, from the cache or the stream.
+    /// The block, from the cache, or once the background reader has reached it.
     pub async fn get(
         &self,
         conn: &Connection,
@@ -164,36 +214,75 @@ impl Operands {
         dtype: DType,
     ) -> Result<Arc<Matrix>, FetchError> {
         let j = self.job(job);
-        if let Some(m) = j.cache.lock().expect("never poisoned").get(&id) {
-            return Ok(m);
-        }
-        // One reader per job: tasks that need blocks wait for each other, and a block read for
-        // one of them is there for the others.
-        let mut reader = j.reader.lock().await;
-        if let Some(m) = j.cache.lock().expect("never poisoned").get(&id) {
-            return Ok(m);
-        }
-        if reader.is_none() {
-            *reader = Some(self.open(conn, job, gemmq::topology::text("first")).await?);
-        }
-        let r = reader.as_mut().expect("just opened");
-        if let Some(&offset) = r.offsets.get(&id) {
-            // Seen before, evicted since: read just that one.
-            let mut one = self.open(conn, job, AMQPValue::LongLongInt(offset)).await?;
-            let (got, m) = self.next_block(&j, &mut one, dtype).await?;
-            let _ = one.ch.close(200, "block read".into()).await;
-            return if got == id {
-                Ok(m)
-            } else {
-                Err(format!("block {id} not at its offset {offset}").into())
-            };
-        }
+        let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
+        let mut changed = j.changed.subscribe();
         loop {
-            let (got, m) = self.next_block(&j, r, dtype).await?;
-            if got == id {
-                return Ok(m);
+            // What to do, decided under the lock; the awaits come after it is released.
+            let evicted_at = {
+                let mut st = j.state.lock().expect("never poisoned");
+                if let Some(m) = st.cache.get(&id) {
+                    return Ok(m);
+                }
+                if let ReaderState::Failed(e) = &st.reader {
+                    let e = e.clone();
+                    st.reader = ReaderState::Idle;
+                    return Err(e);
+                }
+                st.offsets.get(&id).copied()
+            };
+            if let Some(offset) = evicted_at {
+                // Seen before, evicted since: read just that one.
+                let (ch, mut scan) = self.open(conn, job, AMQPValue::LongLongInt(offset)).await?;
+                let got = read_one(&self.read_ctx(), &j, &mut scan, dtype, Some(id)).await;
+                let _ = ch.close(200, "block read".into()).await;
+                return match got {
+                    Ok(Some((_, m))) => Ok(m),
+                    Ok(None) => {
+                        Err(format!("block {id} not found from its offset {offset}").into())
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            self.ensure_reader(conn, &j, dtype).await?;
+            j.wanted.fetch_add(1, Ordering::Relaxed);
+            j.demand.notify_one();
+            let woke = tokio::time::timeout_at(deadline, changed.changed()).await;
+            j.wanted.fetch_sub(1, Ordering::Relaxed);
+            if woke.is_err() {
+                return Err(format!("block {id} did not arrive within {BLOCK_TIMEOUT:?}").into());
             }
         }
+    }
+
+    /// Starts the job's background reader from the front of its stream, if it is not running.
+    async fn ensure_reader(
+        &self,
+        conn: &Connection,
+        j: &Arc<JobOperands>,
+        dtype: DType,
+    ) -> Result<(), FetchError> {
+        if matches!(
+            j.state.lock().expect("never poisoned").reader,
+            ReaderState::Running(_)
+        ) {
+            return Ok(());
+        }
+        let (ch, scan) = self
+            .open(conn, &j.job, gemmq::topology::text("first"))
+            .await?;
+        let mut st = j.state.lock().expect("never poisoned");
+        if matches!(st.reader, ReaderState::Running(_)) {
+            // Another task started one meanwhile.
+            drop(st);
+            close_quietly(ch, scan.tag());
+            return Ok(());
+        }
+        let ctx = self.read_ctx();
+        let weak = Arc::downgrade(j);
+        st.reader = ReaderState::Running(tokio::spawn(async move {
+            read_ahead(ctx, weak, ch, scan, dtype).await;
+        }));
+        Ok(())
     }
 
     async fn open(
@@ -201,7 +290,7 @@ impl Operands {
         conn: &Connection,
         job: &str,
         offset: AMQPValue,
-    ) -> Result<Reader, FetchError> {
+    ) -> Result<(Channel, Consumer), FetchError> {
         let err = |e: lapin::Error| match e.kind() {
             lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404 => FetchError::JobGone,
             _ => FetchError::Other(format!("reading the operand stream of job {job}: {e}")),
@@ -222,79 +311,119 @@ impl Operands {
             )
             .await
             .map_err(err)?;
-        Ok(Reader {
-            ch,
-            scan,
-            offsets: HashMap::new(),
-        })
-    }
-
-    /// Reads the next block on `r`, caches it, and returns it.
-    async fn next_block(
-        &self,
-        j: &JobOperands,
-        r: &mut Reader,
-        dtype: DType,
-    ) -> Result<(BlockId, Arc<Matrix>), String> {
-        loop {
-            let d = match tokio::time::timeout(BLOCK_TIMEOUT, r.scan.next()).await {
-                Err(_) => return Err(format!("no operand block arrived within {BLOCK_TIMEOUT:?}")),
-                Ok(None) => return Err("the operand stream consumer was cancelled".into()),
-                Ok(Some(Err(e))) => return Err(format!("reading the operand stream: {e}")),
-                Ok(Some(Ok(d))) => d,
-            };
-            let offset = d.properties.headers().as_ref().and_then(|h| {
-                match h.inner().get("x-stream-offset") {
-                    Some(AMQPValue::LongLongInt(o)) => Some(*o),
-                    _ => None,
-                }
-            });
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
-            self.fetched_bytes
-                .fetch_add(d.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let frame = match message::decode(&d.data, self.limit) {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!(job = %j.job, error = %e, "unreadable block on the operand stream skipped");
-                    continue;
-                }
-            };
-            let Header::Operand(h) = frame.header else {
-                tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
-                continue;
-            };
-            if h.job != j.job || h.dtype != dtype {
-                tracing::warn!(job = %j.job, block = %h.block, "a block of another job or dtype skipped");
-                continue;
-            }
-            let (rows, cols) = (h.rows as usize, h.cols as usize);
-            let m = Arc::new(match dtype {
-                DType::F32 => Matrix::F32(matrix::from_le(frame.payload, rows, cols)),
-                DType::F64 => Matrix::F64(matrix::from_le(frame.payload, rows, cols)),
-            });
-            if let Some(o) = offset {
-                r.offsets.insert(h.block, o);
-            }
-            j.cache
-                .lock()
-                .expect("never poisoned")
-                .insert(h.block, m.clone(), self.budget);
-            return Ok((h.block, m));
-        }
+        Ok((ch, scan))
     }
 }
 
-impl Drop for Reader {
-    fn drop(&mut self) {
-        let (ch, tag) = (self.ch.clone(), self.scan.tag());
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        rt.spawn(async move {
-            let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
-            let _ = ch.close(200, "done with the job".into()).await;
-        });
+/// The background reader of one job: reads the stream in order into the cache, ahead of demand
+/// while the cache has room. Ends when the job is dropped (aborted) or the stream fails.
+async fn read_ahead(
+    ctx: ReadCtx,
+    job: std::sync::Weak<JobOperands>,
+    ch: Channel,
+    mut scan: Consumer,
+    dtype: DType,
+) {
+    let tag = scan.tag();
+    loop {
+        let Some(j) = job.upgrade() else { break };
+        let full = ctx.total.load(Ordering::Relaxed) >= ctx.budget;
+        if full && j.wanted.load(Ordering::Relaxed) == 0 {
+            // Reading on would only evict blocks that may still be needed: wait for a task to
+            // ask for one the reader has not reached.
+            let demand = j.demand.clone();
+            drop(j);
+            demand.notified().await;
+            continue;
+        }
+        match read_one(&ctx, &j, &mut scan, dtype, None).await {
+            Ok(_) => {}
+            Err(e) => {
+                j.state.lock().expect("never poisoned").reader = ReaderState::Failed(e);
+                j.changed.send_modify(|n| *n += 1);
+                break;
+            }
+        }
     }
+    close_quietly(ch, tag);
+}
+
+/// Reads the next block on `scan` into the job's cache and wakes the waiters. With `want`,
+/// skips anything else (a one-off read from an offset) and returns `None` if the stream ends.
+async fn read_one(
+    ctx: &ReadCtx,
+    j: &JobOperands,
+    scan: &mut Consumer,
+    dtype: DType,
+    want: Option<BlockId>,
+) -> Result<Option<(BlockId, Arc<Matrix>)>, FetchError> {
+    loop {
+        let waited = std::time::Instant::now();
+        let d = match scan.next().await {
+            None => {
+                return Err("the operand stream consumer was cancelled"
+                    .to_string()
+                    .into());
+            }
+            Some(Err(e)) => return Err(format!("reading the operand stream: {e}").into()),
+            Some(Ok(d)) => d,
+        };
+        let offset =
+            d.properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get("x-stream-offset") {
+                    Some(AMQPValue::LongLongInt(o)) => Some(*o),
+                    _ => None,
+                });
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+        ctx.fetched
+            .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+        let frame = match message::decode(&d.data, ctx.limit) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(job = %j.job, error = %e, "unreadable block on the operand stream skipped");
+                continue;
+            }
+        };
+        let Header::Operand(h) = frame.header else {
+            tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
+            continue;
+        };
+        if h.job != j.job || h.dtype != dtype {
+            tracing::warn!(job = %j.job, block = %h.block, "a block of another job or dtype skipped");
+            continue;
+        }
+        if want.is_some_and(|w| w != h.block) {
+            // A one-off read may start a little before its block (the stream's chunk).
+            continue;
+        }
+        let (rows, cols) = (h.rows as usize, h.cols as usize);
+        let m = Arc::new(match dtype {
+            DType::F32 => Matrix::F32(matrix::from_le(frame.payload, rows, cols)),
+            DType::F64 => Matrix::F64(matrix::from_le(frame.payload, rows, cols)),
+        });
+        tracing::debug!(job = %j.job, block = %h.block, waited_ms = waited.elapsed().as_millis() as u64, "operand block read");
+        {
+            let mut st = j.state.lock().expect("never poisoned");
+            if let Some(o) = offset {
+                st.offsets.insert(h.block, o);
+            }
+            st.cache.insert(h.block, m.clone(), ctx.budget);
+        }
+        j.changed.send_modify(|n| *n += 1);
+        return Ok(Some((h.block, m)));
+    }
+}
+
+fn close_quietly(ch: Channel, tag: lapin::types::ShortString) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+        let _ = ch.close(200, "done with the job".into()).await;
+    });
 }
 
 #[cfg(test)]

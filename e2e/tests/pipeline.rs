@@ -48,6 +48,39 @@ async fn ragged_shapes_through_three_consumers_give_exactly_a_times_b() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_ready_together_travel_together_and_each_tile_is_assembled_once() {
+    // 144 tiles of 8x8 through two workers that may each hold 64 tasks: results pile up while
+    // one awaits its confirm, and go back several to a message.
+    let mut env = Env::new("batched");
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.queue_size = 64;
+        env.spawn_consumer(s);
+    }
+    let shape = (96, 40, 96);
+    let (receipt, summary) = run_job(&env, "batched", shape, 8).await;
+
+    assert_eq!(receipt.tasks, 144);
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 144);
+    assert_eq!(summary.duplicates_dropped, 0);
+    let err = common::max_error_against_local_product(&env, "batched", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    let done: u64 = stats.iter().map(|s| s.done.load(Ordering::Relaxed)).sum();
+    let messages: u64 = stats
+        .iter()
+        .map(|s| s.result_messages.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(done, 144);
+    assert!(
+        messages < done,
+        "{done} results went back in {messages} messages: none were sent together"
+    );
+    env.cleanup(&["batched"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_k_split_job_sums_each_partial_product_once_with_either_operand_transport() {
     // 64 KiB messages cannot hold a 64-row and a 64-column block of depth 200 (200 KiB): k is
     // split into parts whose partial products the collector adds up.

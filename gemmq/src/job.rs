@@ -85,8 +85,13 @@ pub async fn peek_manifest(
     job: &str,
 ) -> Result<Option<Manifest>, JobError> {
     let queue = topo.manifest_queue(job);
-    // Another collector may hold the message for the instant of its own peek: look twice.
-    for _ in 0..3 {
+    // Another collector may hold the message for the instant of its own peek (a get and a
+    // reject: about a millisecond): look again shortly. Not longer: every new job's producer
+    // comes through here finding nothing.
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         if let Some(msg) = ch
             .basic_get(queue.as_str().into(), BasicGetOptions::default())
             .await?
@@ -101,7 +106,6 @@ pub async fn peek_manifest(
                 source,
             });
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(None)
 }

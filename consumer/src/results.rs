@@ -1,0 +1,237 @@
+//! The way back: results published with confirms, several to a message when they are ready
+//! together.
+//!
+//! A handler hands its tile to [`Results::send`] and waits for the broker's confirm before it
+//! acks its task — the same guarantee as publishing alone. One publisher task takes every
+//! result queued while the previous message was awaiting its confirm and sends them as one
+//! [`ResultBatch`] (group commit): with big tiles the queue is nearly always empty and each
+//! result goes alone, as a plain `Result`; with thousands of tiny tiles the broker and the
+//! collector see a fraction of the messages.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use gemmq::broker::{PublishError, persistent, publish_confirmed};
+use gemmq::message::{self, BatchedTile, Header, ResultBatch, ResultHeader, kind};
+use gemmq::tiling::HEADER_BUDGET;
+use gemmq::topology::Topology;
+use lapin::Channel;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Stats;
+
+/// Results up to this size are gathered (and never more than the message limit allows); a
+/// bigger one goes alone.
+const BATCH_BYTES: usize = 1 << 20;
+/// The most tiles in one message: at most ~150 bytes of JSON each keeps the header within the
+/// [`HEADER_BUDGET`] that every message's size limit leaves for it.
+const BATCH_TILES: usize = 24;
+
+/// What became of a result.
+#[derive(Debug)]
+pub enum Sent {
+    Confirmed,
+    /// No queue took it: the job's results queue is gone (finished or deleted).
+    Unroutable,
+    /// Not confirmed: the task must be redone.
+    Failed(String),
+}
+
+struct Pending {
+    header: ResultHeader,
+    bytes: Vec<u8>,
+    done: oneshot::Sender<Sent>,
+}
+
+/// The sending side, shared by the task handlers of one connection.
+pub struct Results {
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+impl Results {
+    /// Starts the publisher on `channel` (in confirm mode) for messages of at most
+    /// `max_message_bytes`. It stops when `Results` is dropped.
+    pub fn start(
+        channel: Channel,
+        topo: Topology,
+        max_message_bytes: u64,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let room = max_message_bytes.saturating_sub(HEADER_BUDGET);
+        let max_bytes = BATCH_BYTES.min(usize::try_from(room).unwrap_or(usize::MAX));
+        tokio::spawn(publish_loop(channel, topo, rx, max_bytes, stats));
+        Results { queue }
+    }
+
+    /// Publishes one tile's result and waits for the broker's confirm.
+    pub async fn send(&self, header: ResultHeader, bytes: Vec<u8>) -> Sent {
+        let (done, outcome) = oneshot::channel();
+        let pending = Pending {
+            header,
+            bytes,
+            done,
+        };
+        if self.queue.send(pending).is_err() {
+            return Sent::Failed("the result publisher has stopped".into());
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| Sent::Failed("the result publisher has stopped".into()))
+    }
+}
+
+async fn publish_loop(
+    ch: Channel,
+    topo: Topology,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    max_bytes: usize,
+    stats: Arc<Stats>,
+) {
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let mut bytes = batch[0].bytes.len();
+        while batch.len() < BATCH_TILES && bytes < max_bytes {
+            let Ok(next) = rx.try_recv() else { break };
+            let fits = next.header.job == batch[0].header.job
+                && next.header.dtype == batch[0].header.dtype
+                && bytes + next.bytes.len() <= max_bytes;
+            if !fits {
+                carry = Some(next);
+                break;
+            }
+            bytes += next.bytes.len();
+            batch.push(next);
+        }
+        let outcome = publish(&ch, &topo, &batch).await;
+        tracing::debug!(
+            tiles = batch.len(),
+            bytes,
+            confirmed = outcome.is_ok(),
+            "results published"
+        );
+        if outcome.is_ok() {
+            stats.result_messages.fetch_add(1, Ordering::Relaxed);
+        }
+        for p in batch {
+            let sent = match &outcome {
+                Ok(()) => Sent::Confirmed,
+                Err(e) if e.is_unroutable() => Sent::Unroutable,
+                Err(e) => Sent::Failed(e.to_string()),
+            };
+            let _ = p.done.send(sent);
+        }
+    }
+}
+
+/// One message for the batch: body, message id, AMQP type, and what it is for error messages.
+fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
+    let first = &batch[0].header;
+    let t = first.tile;
+    let payload: Vec<&[u8]> = batch.iter().map(|p| p.bytes.as_slice()).collect();
+    if let [one] = batch {
+        let id = format!("{}/{}/{}/{}", first.job, t.row, t.col, t.part);
+        let body = message::encode(&Header::Result(one.header.clone()), &payload);
+        return (body, id, kind::RESULT, format!("the result of {t}"));
+    }
+    let tiles = batch
+        .iter()
+        .map(|p| BatchedTile {
+            tile: p.header.tile,
+            rows: p.header.rows,
+            cols: p.header.cols,
+            attempt: p.header.attempt,
+            compute_micros: p.header.compute_micros,
+        })
+        .collect();
+    let header = Header::Results(ResultBatch {
+        job: first.job.clone(),
+        dtype: first.dtype,
+        worker: first.worker.clone(),
+        tiles,
+    });
+    let more = batch.len() - 1;
+    let id = format!("{}/{}/{}/{}+{more}", first.job, t.row, t.col, t.part);
+    let body = message::encode(&header, &payload);
+    (
+        body,
+        id,
+        kind::RESULTS,
+        format!("the results of {t} and {more} more"),
+    )
+}
+
+async fn publish(ch: &Channel, topo: &Topology, batch: &[Pending]) -> Result<(), PublishError> {
+    let (body, id, kind, what) = encode_batch(batch);
+    publish_confirmed(
+        ch,
+        &topo.results_exchange(),
+        &batch[0].header.job,
+        &body,
+        persistent(kind, id),
+        what,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gemmq::TileId;
+    use gemmq::message::DType;
+
+    fn pending(row: u32, bytes: usize) -> Pending {
+        let header = ResultHeader {
+            // The longest names there can be, and large numbers: the worst case for the header.
+            job: "j".repeat(64),
+            tile: TileId {
+                row,
+                col: u32::MAX,
+                part: u32::MAX,
+            },
+            dtype: DType::F64,
+            rows: u32::MAX,
+            cols: u32::MAX,
+            worker: "w".repeat(128),
+            attempt: u32::MAX,
+            compute_micros: u64::MAX,
+        };
+        let (done, _) = oneshot::channel();
+        Pending {
+            header,
+            bytes: vec![0; bytes],
+            done,
+        }
+    }
+
+    #[test]
+    fn a_full_batch_leaves_its_header_within_the_budget_every_message_keeps_for_it() {
+        let batch: Vec<_> = (0..BATCH_TILES as u32).map(|r| pending(r, 8)).collect();
+        let (body, _, kind, _) = encode_batch(&batch);
+        assert_eq!(kind, kind::RESULTS);
+        let payload = 8 * BATCH_TILES as u64;
+        assert!(
+            body.len() as u64 - payload <= HEADER_BUDGET,
+            "header of {} bytes",
+            body.len() as u64 - payload
+        );
+    }
+
+    #[test]
+    fn a_result_alone_goes_as_a_plain_result() {
+        let (body, id, kind, _) = encode_batch(&[pending(3, 16)]);
+        assert_eq!(kind, kind::RESULT);
+        assert!(id.ends_with("/3/4294967295/4294967295"));
+        let frame = message::decode(&body, u64::MAX / 2).map(|f| f.header);
+        // Its dimensions are absurd on purpose (decode refuses them); only the kind matters.
+        assert!(!matches!(frame, Ok(Header::Results(_))));
+    }
+}
