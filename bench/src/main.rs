@@ -57,6 +57,10 @@ struct Cli {
     /// Tile of the small-task run (1024 / 16 → 4096 tasks)
     #[arg(long, default_value_t = 16)]
     small_tile: u64,
+    /// Consumer queue sizes (prefetch) of the small-task runs, one run each: the default 10,
+    /// and 100, which covers the broker's ~5 ms confirm round trip with tasks of microseconds
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    small_queue_sizes: Vec<u16>,
     /// Skip the small-task run
     #[arg(long)]
     no_small: bool,
@@ -118,6 +122,8 @@ struct Spec {
     dtype: DType,
     tile: Option<u64>,
     small_tasks: bool,
+    /// GEMMQ_QUEUE_SIZE for the consumers [default: theirs].
+    queue_size: Option<u16>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +143,8 @@ struct Run {
     dtype: DType,
     /// Whether the run is the small-task one (tasks per second is its figure).
     small_tasks: bool,
+    /// The consumers' queue size (prefetch) when the run set one.
+    queue_size: Option<u16>,
     ok: bool,
     error: Option<String>,
     namespace: String,
@@ -387,6 +395,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             dtype: DType::F64,
             tile: cli.tile,
             small_tasks: false,
+            queue_size: None,
         });
     }
     if !cli.quick
@@ -399,16 +408,20 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             dtype: DType::F32,
             tile: cli.tile,
             small_tasks: false,
+            queue_size: None,
         });
     }
     if !cli.no_small {
-        specs.push(Spec {
-            label: format!("n{}-f64-tile{}", cli.small_n, cli.small_tile),
-            n: cli.small_n,
-            dtype: DType::F64,
-            tile: Some(cli.small_tile),
-            small_tasks: true,
-        });
+        for &q in &cli.small_queue_sizes {
+            specs.push(Spec {
+                label: format!("n{}-f64-tile{}-q{q}", cli.small_n, cli.small_tile),
+                n: cli.small_n,
+                dtype: DType::F64,
+                tile: Some(cli.small_tile),
+                small_tasks: true,
+                queue_size: Some(q),
+            });
+        }
     }
 
     let (user, pass) = credentials(&cli.amqp_url);
@@ -538,6 +551,7 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         n: spec.n,
         dtype: spec.dtype,
         small_tasks: spec.small_tasks,
+        queue_size: spec.queue_size,
         ok: false,
         error: None,
         namespace: ns.into(),
@@ -645,7 +659,11 @@ fn job(
     let mut consumers = Vec::new();
     for w in 1..=cli.consumers {
         let id = format!("{ns}-w{w}");
-        consumers.push(env.spawn(CONSUMER, &id, dir, ns, &[("GEMMQ_WORKER_ID", id.clone())])?);
+        let mut extra = vec![("GEMMQ_WORKER_ID", id.clone())];
+        if let Some(q) = spec.queue_size {
+            extra.push(("GEMMQ_QUEUE_SIZE", q.to_string()));
+        }
+        consumers.push(env.spawn(CONSUMER, &id, dir, ns, &extra)?);
     }
     let collector = env.spawn(
         COLLECTOR,
