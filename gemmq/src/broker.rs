@@ -78,6 +78,9 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// The longest one try at connecting may take, TCP and AMQP handshake together.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The pool of connections for one program, named so the management UI shows who is who.
 #[derive(Clone)]
 pub struct Broker {
@@ -119,15 +122,27 @@ impl Broker {
             .with_jitter()
             .without_max_times()
             .with_total_delay(Some(self.settings.connect_timeout));
-        let result = (|| async { self.pool.get().await })
+        // A broker can take the TCP connection and never answer the AMQP handshake (seen here
+        // when RabbitMQ had run out of file descriptors): bound each try, or it waits forever.
+        let handshake =
+            HANDSHAKE_TIMEOUT.min(self.settings.connect_timeout.max(Duration::from_secs(1)));
+        let attempt = || async {
+            match tokio::time::timeout(handshake, self.pool.get()).await {
+                Ok(got) => got.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "the broker took the TCP connection but did not answer the AMQP handshake within {handshake:?}; \
+                     it may be overloaded or out of file descriptors (see `rabbitmq-diagnostics status`)"
+                )),
+            }
+        };
+        let result = attempt
             .retry(backoff)
-            .when(|e| !is_access_refused(&e.to_string()))
+            .when(|e| !is_access_refused(e))
             .notify(|e, wait| {
                 warn!(broker = %url, error = %e, retry_in = ?wait, "broker unreachable; retrying")
             })
             .await;
-        result.map_err(|e| {
-            let message = e.to_string();
+        result.map_err(|message| {
             if is_access_refused(&message) {
                 BrokerError::AccessRefused { url, message }
             } else {

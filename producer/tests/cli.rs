@@ -114,6 +114,47 @@ fn an_unreachable_broker_is_retried_then_reported_with_what_to_do() {
 }
 
 #[test]
+fn a_broker_that_takes_the_connection_but_never_answers_is_reported_not_waited_on_forever() {
+    // A listener that accepts and says nothing: what RabbitMQ does when it is out of file
+    // descriptors.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept() {
+            open.push(socket);
+        }
+    });
+    let started = std::time::Instant::now();
+    let o = producer(&[
+        "--m",
+        "8",
+        "--k",
+        "8",
+        "--n",
+        "8",
+        "--tile",
+        "4",
+        "--amqp-url",
+        &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        "--connect-timeout",
+        "2s",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("did not answer the AMQP handshake"),
+        "the error says what happened:\n{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "gave up in {:?}",
+        started.elapsed()
+    );
+    drop(held);
+}
+
+#[test]
 fn nan_or_infinite_inputs_are_refused_as_the_documented_policy() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = generate(4, 5, 6, DType::F64, 1);
