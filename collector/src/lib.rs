@@ -621,8 +621,12 @@ async fn finish(
     summary.wall_seconds = (unix_ms().saturating_sub(manifest.created_ms)) as f64 / 1e3;
     summary.gflops = plan.flops() / summary.wall_seconds.max(1e-9) / 1e9;
     let json = serde_json::to_vec_pretty(&summary).expect("the summary is plain data");
+    // Whole or not at all: a standby collector (and scripts) read it while it may be written.
     let path = s.out.join("summary.json");
-    std::fs::write(&path, json).with_context(|| format!("writing {}", path.display()))?;
+    let tmp = s.out.join(".summary.json.tmp");
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
     report(&summary);
     if summary.status == Status::Complete {
         // The job is done: its queues go. Late duplicates are then dropped by the workers.

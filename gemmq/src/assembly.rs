@@ -66,6 +66,10 @@ pub enum AssemblyError {
     AlreadyFinished { output: PathBuf },
     #[error("checkpoint {path}: {message}")]
     Corrupt { path: PathBuf, message: String },
+    #[error(
+        "not enough disk space for C ({bytes} bytes) at {path}: free some, or collect into another --out"
+    )]
+    NoSpace { path: PathBuf, bytes: u64 },
 }
 
 impl AssemblyError {
@@ -197,6 +201,7 @@ impl Assembly {
                     path: c_path.clone(),
                     message: e.to_string(),
                 })?;
+                reserve(&f, &c_path)?;
                 f.sync_all().map_err(io(&c_path))?;
                 let _ = fs::remove_file(dir.join(JOURNAL));
                 write_synced(&plan_path, identity.to_string().as_bytes())?;
@@ -578,6 +583,33 @@ impl Assembly {
         let _ = fs::remove_file(self.dir.join(JOURNAL));
         let _ = fs::remove_dir_all(self.dir.join(PARTS));
         Ok(())
+    }
+}
+
+/// Gives C's file its disk blocks now. C is written through a memory map, and a mapped write
+/// that finds the disk full is a SIGBUS, not an error: better to learn it here, before any
+/// result is taken. Filesystems without `fallocate` keep the sparse file.
+fn reserve(f: &File, path: &Path) -> Result<(), AssemblyError> {
+    use std::os::fd::AsRawFd;
+    let len = f.metadata().map_err(io(path))?.len();
+    let Ok(signed) = libc::off_t::try_from(len) else {
+        return Err(AssemblyError::NoSpace {
+            path: path.to_path_buf(),
+            bytes: len,
+        });
+    };
+    // SAFETY: a plain syscall on an open file descriptor we own.
+    match unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, signed) } {
+        0 => Ok(()),
+        libc::ENOSPC | libc::EFBIG => Err(AssemblyError::NoSpace {
+            path: path.to_path_buf(),
+            bytes: len,
+        }),
+        libc::EOPNOTSUPP | libc::EINVAL => Ok(()),
+        code => Err(AssemblyError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(code),
+        }),
     }
 }
 
