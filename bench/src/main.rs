@@ -58,8 +58,9 @@ struct Cli {
     #[arg(long, default_value_t = 16)]
     small_tile: u64,
     /// Consumer queue sizes (prefetch) of the small-task runs, one run each: the default 10,
-    /// and 100, which covers the broker's ~5 ms confirm round trip with tasks of microseconds
-    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    /// and larger ones, which cover the broker's few-millisecond confirm and settle round trips
+    /// when a task takes microseconds
+    #[arg(long, value_delimiter = ',', default_value = "10,100,250")]
     small_queue_sizes: Vec<u16>,
     /// Skip the small-task run
     #[arg(long)]
