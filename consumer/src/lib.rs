@@ -51,7 +51,8 @@ use tracing::{Instrument, error, info, info_span, warn};
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ConsumerOptions {
     /// Tasks this worker may hold at once (its queue). This is the AMQP prefetch: the broker
-    /// sends no more until one is acked [default: 10]
+    /// sends no more until one is acked. For tiles that take microseconds raise it to ~100, so
+    /// the broker's few-millisecond confirm round trips overlap [default: 10]
     #[arg(long, env = "GEMMQ_QUEUE_SIZE")]
     pub queue_size: Option<u16>,
     /// Tasks computed at the same time [default: 1]
