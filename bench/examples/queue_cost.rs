@@ -1,6 +1,7 @@
 //! What a message costs the broker, by queue type: publishes `N` messages of `SIZE` bytes with
 //! confirms (a window of `WINDOW`) to a quorum, a classic (v2) and a stream queue, then consumes
-//! them, and prints RabbitMQ's CPU time (`beam.smp`, from /proc) for each phase.
+//! them (acking every `ACK_EVERY`-th with `multiple`), and prints RabbitMQ's CPU time
+//! (`beam.smp`, from /proc) for each phase.
 //!
 //! ```sh
 //! cargo run --release -p gemmq-bench --example queue_cost -- 4096 2200 256   # tiny results
@@ -52,10 +53,13 @@ async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: usize| -> Result<usize> {
         args.get(i).map_or(Ok(default), |s| {
-            s.parse().context("usage: queue_cost N SIZE [WINDOW]")
+            s.parse()
+                .context("usage: queue_cost N SIZE [WINDOW [ACK_EVERY]]")
         })
     };
     let (n, size, window) = (arg(0, 4096)?, arg(1, 2200)?, arg(2, 64)?.max(1));
+    // Acks: one `multiple` ack per this many deliveries (1 = every delivery acked on its own).
+    let ack_every = arg(3, 10)?.max(1);
     let url = std::env::var("AMQP_URL").unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let conn = Connection::connect(&url, ConnectionProperties::default())
         .await
@@ -116,7 +120,7 @@ async fn main() -> Result<()> {
         let t1 = Instant::now();
         for i in 0..n {
             let d = consumer.next().await.context("consumer cancelled")??;
-            if i % 10 == 9 || i == n - 1 {
+            if i % ack_every == ack_every - 1 || i == n - 1 {
                 d.acker.ack(BasicAckOptions { multiple: true }).await?;
             }
         }
