@@ -53,6 +53,10 @@ cleanup() {
   kill -TERM "${collector:-0}" 2>/dev/null || true
   rabbitmqctl -q start_app >/dev/null 2>&1 || true
   wait 2>/dev/null || true
+  # The namespace was this run's alone: leave no queues behind (each holds broker files open).
+  for q in tasks retry parked jobs; do
+    rabbitmqctl -q delete_queue "$GEMMQ_NAMESPACE.$q" >/dev/null 2>&1 || true
+  done
 }
 trap cleanup EXIT
 
