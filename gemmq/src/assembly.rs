@@ -117,6 +117,9 @@ pub struct Assembly {
     plan: Plan,
     dir: PathBuf,
     map: MmapMut,
+    /// Where C's numbers start in the mapped file (after the .npy header), checked once when
+    /// the checkpoint is opened: parsing the header for every tile cost more than the tile.
+    data_offset: usize,
     journal: File,
     pending: String,
     dirty: bool,
@@ -214,7 +217,7 @@ impl Assembly {
             .open(&c_path)
             .map_err(io(&c_path))?;
         // SAFETY: the file is ours (we hold the lock), and it is not truncated while mapped.
-        let map = unsafe { MmapMut::map_mut(&c_file) }.map_err(io(&c_path))?;
+        let mut map = unsafe { MmapMut::map_mut(&c_file) }.map_err(io(&c_path))?;
         let journal_path = dir.join(JOURNAL);
         truncate_torn_tail(&journal_path)?;
         let journal = OpenOptions::new()
@@ -222,10 +225,16 @@ impl Assembly {
             .append(true)
             .open(&journal_path)
             .map_err(io(&journal_path))?;
+        let data_offset =
+            c_data_offset(&mut map, plan).map_err(|message| AssemblyError::Corrupt {
+                path: c_path.clone(),
+                message,
+            })?;
         let mut asm = Assembly {
             plan: plan.clone(),
             dir: dir.to_path_buf(),
             map,
+            data_offset,
             journal,
             pending: String::new(),
             dirty: false,
@@ -450,19 +459,23 @@ impl Assembly {
         payload: &[u8],
     ) -> Result<(), AssemblyError> {
         fn typed<T: Element>(
-            map: &mut [u8],
+            data: &mut [u8],
+            shape: (usize, usize),
             rows: Range<usize>,
             cols: Range<usize>,
             payload: &[u8],
         ) -> Result<(), String> {
             let block = from_le::<T>(payload, rows.len(), cols.len());
-            let mut c = ArrayViewMut2::<T>::view_mut_npy(map).map_err(|e| e.to_string())?;
+            let numbers = bytemuck::try_cast_slice_mut::<u8, T>(data).map_err(|e| e.to_string())?;
+            let mut c = ArrayViewMut2::from_shape(shape, numbers).map_err(|e| e.to_string())?;
             c.slice_mut(s![rows, cols]).assign(&block);
             Ok(())
         }
+        let shape = (self.plan.m as usize, self.plan.n as usize);
+        let data = &mut self.map[self.data_offset..];
         let r = match self.plan.dtype {
-            DType::F32 => typed::<f32>(&mut self.map, rows, cols, payload),
-            DType::F64 => typed::<f64>(&mut self.map, rows, cols, payload),
+            DType::F32 => typed::<f32>(data, shape, rows, cols, payload),
+            DType::F64 => typed::<f64>(data, shape, rows, cols, payload),
         };
         self.dirty = true;
         r.map_err(|message| AssemblyError::Corrupt {
@@ -610,6 +623,26 @@ fn reserve(f: &File, path: &Path) -> Result<(), AssemblyError> {
             path: path.to_path_buf(),
             source: std::io::Error::from_raw_os_error(code),
         }),
+    }
+}
+
+/// Checks the mapped .npy holds an m×n C-order matrix of the plan's type in this machine's byte
+/// order, and returns where its numbers start.
+fn c_data_offset(map: &mut [u8], plan: &Plan) -> Result<usize, String> {
+    fn check<T: Element>(map: &mut [u8], shape: (usize, usize)) -> Result<usize, String> {
+        let view = ArrayViewMut2::<T>::view_mut_npy(map).map_err(|e| e.to_string())?;
+        if view.dim() != shape || !view.is_standard_layout() {
+            return Err(format!(
+                "C is {:?} in the checkpoint, the plan says {shape:?}",
+                view.dim()
+            ));
+        }
+        Ok(map.len() - shape.0 * shape.1 * size_of::<T>())
+    }
+    let shape = (plan.m as usize, plan.n as usize);
+    match plan.dtype {
+        DType::F32 => check::<f32>(map, shape),
+        DType::F64 => check::<f64>(map, shape),
     }
 }
 

@@ -45,6 +45,7 @@ pub trait Element:
     + ndarray_npy::ReadableElement
     + ndarray_npy::ViewElement
     + ndarray_npy::ViewMutElement
+    + bytemuck::Pod
     + 'static
 {
     const DTYPE: DType;
