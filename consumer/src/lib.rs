@@ -200,6 +200,10 @@ pub struct Stats {
     pub flops: AtomicU64,
     /// Messages that carried results: fewer than `done` when results were sent together.
     pub result_messages: AtomicU64,
+    /// Bytes of operand blocks read from streams, and blocks read again after the cache
+    /// dropped them.
+    pub operand_bytes: AtomicU64,
+    pub operand_rereads: AtomicU64,
 }
 
 impl Stats {
@@ -364,6 +368,7 @@ async fn serve(
             topo.clone(),
             s.broker.max_message_bytes,
             s.operand_cache,
+            stats.clone(),
         ),
         lost: CancellationToken::new(),
     });

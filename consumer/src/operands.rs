@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use gemmq::matrix::{self, Matrix};
 use gemmq::message::{self, BlockId, DType, Header};
 use gemmq::topology::Topology;
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
@@ -52,8 +53,8 @@ pub struct Operands {
     jobs: Mutex<Vec<(String, Arc<JobOperands>)>>,
     /// Bytes cached over all jobs, held to the budget.
     total: Arc<AtomicU64>,
-    /// Bytes of blocks received from the broker: for the heartbeat and the benchmark.
-    pub fetched_bytes: Arc<AtomicU64>,
+    /// Where blocks read and re-read are counted.
+    stats: Arc<crate::Stats>,
 }
 
 /// One job's blocks and the background reader that fills them in.
@@ -79,6 +80,31 @@ enum ReaderState {
     Running(tokio::task::JoinHandle<()>),
     /// Stopped with this error; the next task to need a block reports it and starts it again.
     Failed(FetchError),
+}
+
+impl ReaderState {
+    /// Running and not finished: a reader that ended without saying why (a panic) is restarted.
+    fn is_running(&self) -> bool {
+        matches!(self, ReaderState::Running(h) if !h.is_finished())
+    }
+}
+
+/// A task waiting for a block the reader has not reached: while any do, the reader reads on even
+/// with a full cache. Counted down on drop, so a task cancelled mid-wait stops counting.
+struct Wanting<'a>(&'a JobOperands);
+
+impl<'a> Wanting<'a> {
+    fn new(j: &'a JobOperands) -> Self {
+        j.wanted.fetch_add(1, Ordering::Relaxed);
+        j.demand.notify_one();
+        Wanting(j)
+    }
+}
+
+impl Drop for Wanting<'_> {
+    fn drop(&mut self) {
+        self.0.wanted.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for JobOperands {
@@ -113,6 +139,13 @@ impl Cache {
             *used = clock;
             m.clone()
         })
+    }
+
+    /// Drops every block, giving their bytes back to the shared budget.
+    fn clear(&mut self) {
+        self.blocks.clear();
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
     }
 
     fn insert(&mut self, id: BlockId, m: Arc<Matrix>, budget: u64) {
@@ -150,18 +183,18 @@ struct ReadCtx {
     limit: u64,
     budget: u64,
     total: Arc<AtomicU64>,
-    fetched: Arc<AtomicU64>,
+    stats: Arc<crate::Stats>,
 }
 
 impl Operands {
-    pub fn new(topo: Topology, limit: u64, budget: u64) -> Self {
+    pub fn new(topo: Topology, limit: u64, budget: u64, stats: Arc<crate::Stats>) -> Self {
         Operands {
             topo,
             limit,
             budget,
             jobs: Mutex::new(Vec::new()),
             total: Arc::new(AtomicU64::new(0)),
-            fetched_bytes: Default::default(),
+            stats,
         }
     }
 
@@ -170,7 +203,7 @@ impl Operands {
             limit: self.limit,
             budget: self.budget,
             total: self.total.clone(),
-            fetched: self.fetched_bytes.clone(),
+            stats: self.stats.clone(),
         }
     }
 
@@ -232,22 +265,23 @@ impl Operands {
             };
             if let Some(offset) = evicted_at {
                 // Seen before, evicted since: read just that one.
+                self.stats.operand_rereads.fetch_add(1, Ordering::Relaxed);
                 let (ch, mut scan) = self.open(conn, job, AMQPValue::LongLongInt(offset)).await?;
-                let got = read_one(&self.read_ctx(), &j, &mut scan, dtype, Some(id)).await;
-                let _ = ch.close(200, "block read".into()).await;
+                let ctx = self.read_ctx();
+                let read = read_until(&ctx, &j, &mut scan, dtype, id);
+                let got = tokio::time::timeout_at(deadline, read).await;
+                close_quietly(ch, scan.tag());
                 return match got {
-                    Ok(Some((_, m))) => Ok(m),
-                    Ok(None) => {
-                        Err(format!("block {id} not found from its offset {offset}").into())
-                    }
-                    Err(e) => Err(e),
+                    Ok(read) => read,
+                    Err(_) => Err(format!(
+                        "block {id} did not come back from its offset {offset} within {BLOCK_TIMEOUT:?}"
+                    )
+                    .into()),
                 };
             }
             self.ensure_reader(conn, &j, dtype).await?;
-            j.wanted.fetch_add(1, Ordering::Relaxed);
-            j.demand.notify_one();
+            let _wanting = Wanting::new(&j);
             let woke = tokio::time::timeout_at(deadline, changed.changed()).await;
-            j.wanted.fetch_sub(1, Ordering::Relaxed);
             if woke.is_err() {
                 return Err(format!("block {id} did not arrive within {BLOCK_TIMEOUT:?}").into());
             }
@@ -261,17 +295,14 @@ impl Operands {
         j: &Arc<JobOperands>,
         dtype: DType,
     ) -> Result<(), FetchError> {
-        if matches!(
-            j.state.lock().expect("never poisoned").reader,
-            ReaderState::Running(_)
-        ) {
+        if j.state.lock().expect("never poisoned").reader.is_running() {
             return Ok(());
         }
         let (ch, scan) = self
             .open(conn, &j.job, gemmq::topology::text("first"))
             .await?;
         let mut st = j.state.lock().expect("never poisoned");
-        if matches!(st.reader, ReaderState::Running(_)) {
+        if st.reader.is_running() {
             // Another task started one meanwhile.
             drop(st);
             close_quietly(ch, scan.tag());
@@ -316,7 +347,10 @@ impl Operands {
 }
 
 /// The background reader of one job: reads the stream in order into the cache, ahead of demand
-/// while the cache has room. Ends when the job is dropped (aborted) or the stream fails.
+/// while the cache has room. Holds the job only weakly while it waits on the broker, so a job
+/// dropped by the worker (evicted, or its connection replaced) drops its cache and aborts this.
+/// Ends when the stream fails or is deleted (the job finished): then the job's cache is emptied,
+/// since nothing will ask for those blocks again.
 async fn read_ahead(
     ctx: ReadCtx,
     job: std::sync::Weak<JobOperands>,
@@ -326,94 +360,120 @@ async fn read_ahead(
 ) {
     let tag = scan.tag();
     loop {
-        let Some(j) = job.upgrade() else { break };
-        let full = ctx.total.load(Ordering::Relaxed) >= ctx.budget;
-        if full && j.wanted.load(Ordering::Relaxed) == 0 {
-            // Reading on would only evict blocks that may still be needed: wait for a task to
-            // ask for one the reader has not reached.
-            let demand = j.demand.clone();
-            drop(j);
-            demand.notified().await;
-            continue;
-        }
-        match read_one(&ctx, &j, &mut scan, dtype, None).await {
-            Ok(_) => {}
-            Err(e) => {
-                j.state.lock().expect("never poisoned").reader = ReaderState::Failed(e);
-                j.changed.send_modify(|n| *n += 1);
-                break;
+        {
+            let Some(j) = job.upgrade() else { break };
+            let full = ctx.total.load(Ordering::Relaxed) >= ctx.budget;
+            if full && j.wanted.load(Ordering::Relaxed) == 0 {
+                // Reading on would only evict blocks that may still be needed: wait for a task
+                // to ask for one the reader has not reached.
+                let demand = j.demand.clone();
+                drop(j);
+                demand.notified().await;
+                continue;
             }
+        }
+        let delivery = next_delivery(&mut scan).await;
+        let Some(j) = job.upgrade() else { break };
+        let read = delivery.and_then(|d| accept(&ctx, &j, d, dtype, None));
+        if let Err(e) = read {
+            let mut st = j.state.lock().expect("never poisoned");
+            st.reader = ReaderState::Failed(e);
+            st.cache.clear();
+            drop(st);
+            j.changed.send_modify(|n| *n += 1);
+            break;
         }
     }
     close_quietly(ch, tag);
 }
 
-/// Reads the next block on `scan` into the job's cache and wakes the waiters. With `want`,
-/// skips anything else (a one-off read from an offset) and returns `None` if the stream ends.
-async fn read_one(
+async fn next_delivery(scan: &mut Consumer) -> Result<Delivery, FetchError> {
+    match scan.next().await {
+        None => Err(
+            "the operand stream consumer was cancelled (is the job finished?)"
+                .to_string()
+                .into(),
+        ),
+        Some(Err(e)) => Err(format!("reading the operand stream: {e}").into()),
+        Some(Ok(d)) => Ok(d),
+    }
+}
+
+/// Reads blocks from `scan` until `want` comes by (a one-off read from its offset).
+async fn read_until(
     ctx: &ReadCtx,
     j: &JobOperands,
     scan: &mut Consumer,
     dtype: DType,
+    want: BlockId,
+) -> Result<Arc<Matrix>, FetchError> {
+    loop {
+        let d = next_delivery(scan).await?;
+        if let Some((_, m)) = accept(ctx, j, d, dtype, Some(want))? {
+            return Ok(m);
+        }
+    }
+}
+
+/// Decodes one delivery from the operand stream into the job's cache and wakes the waiters.
+/// `None` for a message that is skipped: unreadable, another job's, or (with `want`) not it.
+fn accept(
+    ctx: &ReadCtx,
+    j: &JobOperands,
+    d: Delivery,
+    dtype: DType,
     want: Option<BlockId>,
 ) -> Result<Option<(BlockId, Arc<Matrix>)>, FetchError> {
-    loop {
-        let waited = std::time::Instant::now();
-        let d = match scan.next().await {
-            None => {
-                return Err("the operand stream consumer was cancelled"
-                    .to_string()
-                    .into());
-            }
-            Some(Err(e)) => return Err(format!("reading the operand stream: {e}").into()),
-            Some(Ok(d)) => d,
-        };
-        let offset =
-            d.properties
-                .headers()
-                .as_ref()
-                .and_then(|h| match h.inner().get("x-stream-offset") {
-                    Some(AMQPValue::LongLongInt(o)) => Some(*o),
-                    _ => None,
-                });
-        let _ = d.acker.ack(BasicAckOptions::default()).await;
-        ctx.fetched
-            .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-        let frame = match message::decode(&d.data, ctx.limit) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(job = %j.job, error = %e, "unreadable block on the operand stream skipped");
-                continue;
-            }
-        };
-        let Header::Operand(h) = frame.header else {
-            tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
-            continue;
-        };
-        if h.job != j.job || h.dtype != dtype {
-            tracing::warn!(job = %j.job, block = %h.block, "a block of another job or dtype skipped");
-            continue;
+    let offset =
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| match h.inner().get("x-stream-offset") {
+                Some(AMQPValue::LongLongInt(o)) => Some(*o),
+                _ => None,
+            });
+    // On a stream an ack is credit, not consumption: settle it at once, whatever it holds.
+    let acker = d.acker.clone();
+    tokio::spawn(async move {
+        let _ = acker.ack(BasicAckOptions::default()).await;
+    });
+    ctx.stats
+        .operand_bytes
+        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+    let frame = match message::decode(&d.data, ctx.limit) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(job = %j.job, error = %e, "unreadable block on the operand stream skipped");
+            return Ok(None);
         }
-        if want.is_some_and(|w| w != h.block) {
-            // A one-off read may start a little before its block (the stream's chunk).
-            continue;
-        }
-        let (rows, cols) = (h.rows as usize, h.cols as usize);
-        let m = Arc::new(match dtype {
-            DType::F32 => Matrix::F32(matrix::from_le(frame.payload, rows, cols)),
-            DType::F64 => Matrix::F64(matrix::from_le(frame.payload, rows, cols)),
-        });
-        tracing::debug!(job = %j.job, block = %h.block, waited_ms = waited.elapsed().as_millis() as u64, "operand block read");
-        {
-            let mut st = j.state.lock().expect("never poisoned");
-            if let Some(o) = offset {
-                st.offsets.insert(h.block, o);
-            }
-            st.cache.insert(h.block, m.clone(), ctx.budget);
-        }
-        j.changed.send_modify(|n| *n += 1);
-        return Ok(Some((h.block, m)));
+    };
+    let Header::Operand(h) = frame.header else {
+        tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
+        return Ok(None);
+    };
+    if h.job != j.job || h.dtype != dtype {
+        tracing::warn!(job = %j.job, block = %h.block, "a block of another job or dtype skipped");
+        return Ok(None);
     }
+    if want.is_some_and(|w| w != h.block) {
+        // A one-off read may start a little before its block (the stream's chunk).
+        return Ok(None);
+    }
+    let (rows, cols) = (h.rows as usize, h.cols as usize);
+    let m = Arc::new(match dtype {
+        DType::F32 => Matrix::F32(matrix::from_le(frame.payload, rows, cols)),
+        DType::F64 => Matrix::F64(matrix::from_le(frame.payload, rows, cols)),
+    });
+    tracing::debug!(job = %j.job, block = %h.block, "operand block read");
+    {
+        let mut st = j.state.lock().expect("never poisoned");
+        if let Some(o) = offset {
+            st.offsets.insert(h.block, o);
+        }
+        st.cache.insert(h.block, m.clone(), ctx.budget);
+    }
+    j.changed.send_modify(|n| *n += 1);
+    Ok(Some((h.block, m)))
 }
 
 fn close_quietly(ch: Channel, tag: lapin::types::ShortString) {

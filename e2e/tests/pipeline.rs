@@ -81,6 +81,33 @@ async fn results_ready_together_travel_together_and_each_tile_is_assembled_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_whose_operand_cache_is_too_small_rereads_blocks_at_their_offsets() {
+    // Blocks of 32 rows/columns × depth 64 are 16 KiB; a 40 KiB cache holds two and a half of the
+    // 8 the job has, so blocks are dropped and read again from their place in the stream.
+    let mut env = Env::new("tinycache");
+    let mut s = env.consumer("w1");
+    s.operand_cache = 40 * 1024;
+    env.spawn_consumer(s);
+    let shape = (128, 64, 128);
+    let mut p = env.producer("tinycache", shape, 32);
+    p.operands = Operands::Stream;
+    let (receipt, summary) = run_job_with(&env, p, env.collector("tinycache")).await;
+
+    assert_eq!(receipt.tasks, 16);
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 16);
+    let err = common::max_error_against_local_product(&env, "tinycache", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    let rereads = stats[0].operand_rereads.load(Ordering::Relaxed);
+    assert!(
+        rereads > 0,
+        "no block was read again: the cache never dropped one"
+    );
+    env.cleanup(&["tinycache"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_k_split_job_sums_each_partial_product_once_with_either_operand_transport() {
     // 64 KiB messages cannot hold a 64-row and a 64-column block of depth 200 (200 KiB): k is
     // split into parts whose partial products the collector adds up.

@@ -204,7 +204,6 @@ impl Assembly {
                     path: c_path.clone(),
                     message: e.to_string(),
                 })?;
-                reserve(&f, &c_path)?;
                 f.sync_all().map_err(io(&c_path))?;
                 let _ = fs::remove_file(dir.join(JOURNAL));
                 write_synced(&plan_path, identity.to_string().as_bytes())?;
@@ -216,6 +215,8 @@ impl Assembly {
             .write(true)
             .open(&c_path)
             .map_err(io(&c_path))?;
+        // Fresh or resumed (a resumed C may still be sparse where no tile has landed yet).
+        reserve(&c_file, &c_path)?;
         // SAFETY: the file is ours (we hold the lock), and it is not truncated while mapped.
         let mut map = unsafe { MmapMut::map_mut(&c_file) }.map_err(io(&c_path))?;
         let journal_path = dir.join(JOURNAL);
@@ -602,6 +603,7 @@ impl Assembly {
 /// Gives C's file its disk blocks now. C is written through a memory map, and a mapped write
 /// that finds the disk full is a SIGBUS, not an error: better to learn it here, before any
 /// result is taken. Filesystems without `fallocate` keep the sparse file.
+#[cfg(target_os = "linux")]
 fn reserve(f: &File, path: &Path) -> Result<(), AssemblyError> {
     use std::os::fd::AsRawFd;
     let len = f.metadata().map_err(io(path))?.len();
@@ -644,6 +646,12 @@ fn c_data_offset(map: &mut [u8], plan: &Plan) -> Result<usize, String> {
         DType::F32 => check::<f32>(map, shape),
         DType::F64 => check::<f64>(map, shape),
     }
+}
+
+/// Elsewhere C stays sparse (macOS has no `posix_fallocate`); gemmq's images run Linux.
+#[cfg(not(target_os = "linux"))]
+fn reserve(_: &File, _: &Path) -> Result<(), AssemblyError> {
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AssemblyError> {
