@@ -234,7 +234,7 @@ fn render(s: &Snapshot) -> String {
         s.workers.len()
     );
     out += &format!(
-        "{:<28} {:<9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>6} {:>8} {:>8}\n",
+        "{:<28} {:<9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>6} {:>8} {:>9} {:>7} {:>8}\n",
         "WORKER",
         "STATE",
         "QUEUE",
@@ -244,11 +244,13 @@ fn render(s: &Snapshot) -> String {
         "RETRIED",
         "PARKED",
         "GFLOP/s",
+        "OPER-MiB",
+        "REREAD",
         "UPTIME"
     );
     for w in &s.workers {
         out += &format!(
-            "{:<28} {:<9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>6} {:>8.2} {:>7.0}s\n",
+            "{:<28} {:<9} {:>6} {:>8} {:>7} {:>7} {:>7} {:>6} {:>8.2} {:>9.1} {:>7} {:>7.0}s\n",
             w.worker,
             format!("{:?}", w.state).to_lowercase(),
             w.queue_size,
@@ -258,6 +260,8 @@ fn render(s: &Snapshot) -> String {
             w.retried,
             w.parked,
             w.gflops,
+            w.operand_mib,
+            w.operand_rereads,
             w.uptime_s
         );
     }

@@ -67,6 +67,8 @@ impl Heartbeat {
             retried: s.retried.load(Ordering::Relaxed),
             parked: s.parked.load(Ordering::Relaxed),
             gflops,
+            operand_mib: s.operand_bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
+            operand_rereads: s.operand_rereads.load(Ordering::Relaxed),
             uptime_s: self.started.elapsed().as_secs_f64(),
             heartbeat_ms: self.settings.heartbeat.as_millis() as u64,
             sent_ms: SystemTime::now()

@@ -50,6 +50,12 @@ pub struct WorkerStatus {
     pub parked: u64,
     /// Multiplication speed over the last interval.
     pub gflops: f64,
+    /// Operand blocks read from jobs' streams, in MiB, and how many were read again after the
+    /// cache dropped them (many re-reads: raise `--operand-cache`). Absent from older workers.
+    #[serde(default)]
+    pub operand_mib: f64,
+    #[serde(default)]
+    pub operand_rereads: u64,
     pub uptime_s: f64,
     /// The interval this worker promises, so watchers know when it is overdue.
     pub heartbeat_ms: u64,
@@ -136,4 +142,19 @@ pub fn parse(body: &[u8]) -> Option<WorkerStatus> {
         return None;
     }
     serde_json::from_slice(body).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_from_a_worker_without_operand_figures_still_reads() {
+        let older = r#"{"worker":"w1","host":"h","pid":7,"state":"running","queue_size":10,
+            "concurrency":1,"in_flight":2,"done":5,"failed":0,"retried":0,"parked":0,
+            "gflops":1.5,"uptime_s":3.0,"heartbeat_ms":2000,"sent_ms":1}"#;
+        let status: WorkerStatus = serde_json::from_str(older).expect("older heartbeats read");
+        assert_eq!((status.done, status.operand_rereads), (5, 0));
+        assert_eq!(status.operand_mib, 0.0);
+    }
 }
