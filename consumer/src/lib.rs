@@ -480,7 +480,6 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
     };
     let started = Instant::now();
-    tracing::debug!(%tile, "computing");
     let outcome = match inputs {
         Ok(inputs) => {
             let data = std::mem::take(&mut delivery.data);

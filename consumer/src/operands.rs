@@ -48,13 +48,9 @@ impl From<String> for FetchError {
 /// The operand blocks of all jobs this worker serves, on one connection.
 pub struct Operands {
     topo: Topology,
-    limit: u64,
-    budget: u64,
     jobs: Mutex<Vec<(String, Arc<JobOperands>)>>,
-    /// Bytes cached over all jobs, held to the budget.
-    total: Arc<AtomicU64>,
-    /// Where blocks read and re-read are counted.
-    stats: Arc<crate::Stats>,
+    /// What reading blocks needs, shared with the background readers.
+    read: ReadCtx,
 }
 
 /// One job's blocks and the background reader that fills them in.
@@ -177,7 +173,8 @@ fn bytes_of(m: &Matrix) -> u64 {
     (r * c * m.dtype().size()) as u64
 }
 
-/// What the background reader needs, cloned out of [`Operands`].
+/// What reading blocks needs: the message limit, the cache budget and the bytes cached over all
+/// jobs (held to the budget), and where blocks read and re-read are counted.
 #[derive(Clone)]
 struct ReadCtx {
     limit: u64,
@@ -190,20 +187,13 @@ impl Operands {
     pub fn new(topo: Topology, limit: u64, budget: u64, stats: Arc<crate::Stats>) -> Self {
         Operands {
             topo,
-            limit,
-            budget,
             jobs: Mutex::new(Vec::new()),
-            total: Arc::new(AtomicU64::new(0)),
-            stats,
-        }
-    }
-
-    fn read_ctx(&self) -> ReadCtx {
-        ReadCtx {
-            limit: self.limit,
-            budget: self.budget,
-            total: self.total.clone(),
-            stats: self.stats.clone(),
+            read: ReadCtx {
+                limit,
+                budget,
+                total: Arc::new(AtomicU64::new(0)),
+                stats,
+            },
         }
     }
 
@@ -225,7 +215,7 @@ impl Operands {
                     blocks: HashMap::new(),
                     bytes: 0,
                     clock: 0,
-                    total: self.total.clone(),
+                    total: self.read.total.clone(),
                 },
                 offsets: HashMap::new(),
                 reader: ReaderState::Idle,
@@ -265,10 +255,12 @@ impl Operands {
             };
             if let Some(offset) = evicted_at {
                 // Seen before, evicted since: read just that one.
-                self.stats.operand_rereads.fetch_add(1, Ordering::Relaxed);
+                self.read
+                    .stats
+                    .operand_rereads
+                    .fetch_add(1, Ordering::Relaxed);
                 let (ch, mut scan) = self.open(conn, job, AMQPValue::LongLongInt(offset)).await?;
-                let ctx = self.read_ctx();
-                let read = read_until(&ctx, &j, &mut scan, dtype, id);
+                let read = read_until(&self.read, &j, &mut scan, dtype, id);
                 let got = tokio::time::timeout_at(deadline, read).await;
                 close_quietly(ch, scan.tag());
                 return match got {
@@ -308,7 +300,7 @@ impl Operands {
             close_quietly(ch, scan.tag());
             return Ok(());
         }
-        let ctx = self.read_ctx();
+        let ctx = self.read.clone();
         let weak = Arc::downgrade(j);
         st.reader = ReaderState::Running(tokio::spawn(async move {
             read_ahead(ctx, weak, ch, scan, dtype).await;
@@ -395,7 +387,11 @@ async fn next_delivery(scan: &mut Consumer) -> Result<Delivery, FetchError> {
                 .into(),
         ),
         Some(Err(e)) => Err(format!("reading the operand stream: {e}").into()),
-        Some(Ok(d)) => Ok(d),
+        Some(Ok(d)) => {
+            // On a stream an ack is credit, not consumption: settle it at once, whatever it holds.
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+            Ok(d)
+        }
     }
 }
 
@@ -432,11 +428,6 @@ fn accept(
                 Some(AMQPValue::LongLongInt(o)) => Some(*o),
                 _ => None,
             });
-    // On a stream an ack is credit, not consumption: settle it at once, whatever it holds.
-    let acker = d.acker.clone();
-    tokio::spawn(async move {
-        let _ = acker.ack(BasicAckOptions::default()).await;
-    });
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);

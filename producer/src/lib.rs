@@ -247,12 +247,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 .confirm_channel()
                 .await
                 .context("connecting to RabbitMQ")?;
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "connected");
             topo.declare(&ch).await?;
-            tracing::debug!(
-                ms = started.elapsed().as_millis() as u64,
-                "topology declared"
-            );
             let first = job::announce(&ch, &topo, &manifest).await?;
             if announced.is_none() {
                 announced = Some(first);

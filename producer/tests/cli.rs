@@ -14,6 +14,24 @@ fn producer(args: &[&str]) -> Output {
         .expect("the binary runs")
 }
 
+/// A tiny job against the broker at `url`, giving up on it after 2 s.
+fn tiny_job_at(url: &str) -> Output {
+    producer(&[
+        "--m",
+        "8",
+        "--k",
+        "8",
+        "--n",
+        "8",
+        "--tile",
+        "4",
+        "--amqp-url",
+        url,
+        "--connect-timeout",
+        "2s",
+    ])
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -86,20 +104,7 @@ fn a_wrong_config_file_is_named_with_the_wrong_key() {
 
 #[test]
 fn an_unreachable_broker_is_retried_then_reported_with_what_to_do() {
-    let o = producer(&[
-        "--m",
-        "8",
-        "--k",
-        "8",
-        "--n",
-        "8",
-        "--tile",
-        "4",
-        "--amqp-url",
-        "amqp://guest:guest@127.0.0.1:1/%2f",
-        "--connect-timeout",
-        "2s",
-    ]);
+    let o = tiny_job_at("amqp://guest:guest@127.0.0.1:1/%2f");
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
@@ -126,20 +131,7 @@ fn a_broker_that_takes_the_connection_but_never_answers_is_reported_not_waited_o
         }
     });
     let started = std::time::Instant::now();
-    let o = producer(&[
-        "--m",
-        "8",
-        "--k",
-        "8",
-        "--n",
-        "8",
-        "--tile",
-        "4",
-        "--amqp-url",
-        &format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-        "--connect-timeout",
-        "2s",
-    ]);
+    let o = tiny_job_at(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"));
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(
