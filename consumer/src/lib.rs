@@ -29,7 +29,7 @@ use gemmq::broker::{self, Broker, BrokerError, persistent, publish_confirmed};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, DurationRange, Layered};
 use gemmq::events::WorkerState;
 use gemmq::matrix;
-use gemmq::matrix::Matrix;
+use gemmq::matrix::Block;
 use gemmq::message::{self, BlockId, Header, ParkedNotice, ResultHeader, Side, TaskHeader, kind};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
@@ -548,11 +548,11 @@ enum Inputs {
     /// In the task's own body, from this offset.
     Inline(usize),
     /// Fetched from the job's operand stream.
-    Blocks(Arc<Matrix>, Arc<Matrix>),
+    Blocks(Arc<Block>, Arc<Block>),
 }
 
 /// The A and B blocks a streamed task names, checked against the task's shape.
-async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Matrix>, Arc<Matrix>), Failure> {
+async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Block>, Arc<Block>), Failure> {
     let t = task.tile;
     let a_id = BlockId {
         side: Side::A,
@@ -568,11 +568,10 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Matrix>, Arc<
     let a = get(a_id).await.map_err(Failure::from)?;
     let b = get(b_id).await.map_err(Failure::from)?;
     let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
-    if a.shape() != (r, d) || b.shape() != (d, c) {
+    let (a_shape, b_shape) = (a.view().shape(), b.view().shape());
+    if a_shape != (r, d) || b_shape != (d, c) {
         return Err(Failure::Permanent(format!(
-            "the task is {r}x{d} · {d}x{c} but its blocks are {:?} and {:?}",
-            a.shape(),
-            b.shape()
+            "the task is {r}x{d} · {d}x{c} but its blocks are {a_shape:?} and {b_shape:?}"
         )));
     }
     Ok((a, b))
@@ -616,7 +615,7 @@ async fn work(
         let r = match inputs {
             Inputs::Inline(offset) => matrix::compute_tile(&task, &data[offset..])
                 .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
-            Inputs::Blocks(a, b) => matrix::multiply_blocks(&a, &b)
+            Inputs::Blocks(a, b) => matrix::multiply_blocks(a.view(), b.view())
                 .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
         };
         (r, data)

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use gemmq::matrix::{self, Matrix};
+use gemmq::matrix::Block;
 use gemmq::message::{self, BlockId, DType, Header};
 use gemmq::topology::Topology;
 use lapin::message::Delivery;
@@ -115,7 +115,7 @@ impl Drop for JobOperands {
 
 /// One job's blocks. The budget is shared by every job's cache through `total`.
 struct Cache {
-    blocks: HashMap<BlockId, (Arc<Matrix>, u64)>,
+    blocks: HashMap<BlockId, (Arc<Block>, u64)>,
     bytes: u64,
     clock: u64,
     total: Arc<AtomicU64>,
@@ -128,7 +128,7 @@ impl Drop for Cache {
 }
 
 impl Cache {
-    fn get(&mut self, id: &BlockId) -> Option<Arc<Matrix>> {
+    fn get(&mut self, id: &BlockId) -> Option<Arc<Block>> {
         self.clock += 1;
         let clock = self.clock;
         self.blocks.get_mut(id).map(|(m, used)| {
@@ -144,8 +144,8 @@ impl Cache {
         self.bytes = 0;
     }
 
-    fn insert(&mut self, id: BlockId, m: Arc<Matrix>, budget: u64) {
-        let size = bytes_of(&m);
+    fn insert(&mut self, id: BlockId, m: Arc<Block>, budget: u64) {
+        let size = m.memory();
         while self.total.load(Ordering::Relaxed) + size > budget && !self.blocks.is_empty() {
             let oldest = *self
                 .blocks
@@ -154,23 +154,18 @@ impl Cache {
                 .map(|(id, _)| id)
                 .expect("the cache is not empty");
             if let Some((old, _)) = self.blocks.remove(&oldest) {
-                self.bytes -= bytes_of(&old);
-                self.total.fetch_sub(bytes_of(&old), Ordering::Relaxed);
+                self.bytes -= old.memory();
+                self.total.fetch_sub(old.memory(), Ordering::Relaxed);
             }
         }
         self.clock += 1;
         if let Some((old, _)) = self.blocks.insert(id, (m, self.clock)) {
-            self.bytes -= bytes_of(&old);
-            self.total.fetch_sub(bytes_of(&old), Ordering::Relaxed);
+            self.bytes -= old.memory();
+            self.total.fetch_sub(old.memory(), Ordering::Relaxed);
         }
         self.bytes += size;
         self.total.fetch_add(size, Ordering::Relaxed);
     }
-}
-
-fn bytes_of(m: &Matrix) -> u64 {
-    let (r, c) = m.shape();
-    (r * c * m.dtype().size()) as u64
 }
 
 /// What reading blocks needs: the message limit, the cache budget and the bytes cached over all
@@ -235,7 +230,7 @@ impl Operands {
         job: &str,
         id: BlockId,
         dtype: DType,
-    ) -> Result<Arc<Matrix>, FetchError> {
+    ) -> Result<Arc<Block>, FetchError> {
         let j = self.job(job);
         let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
         let mut changed = j.changed.subscribe();
@@ -402,7 +397,7 @@ async fn read_until(
     scan: &mut Consumer,
     dtype: DType,
     want: BlockId,
-) -> Result<Arc<Matrix>, FetchError> {
+) -> Result<Arc<Block>, FetchError> {
     loop {
         let d = next_delivery(scan).await?;
         if let Some((_, m)) = accept(ctx, j, d, dtype, Some(want))? {
@@ -419,7 +414,7 @@ fn accept(
     d: Delivery,
     dtype: DType,
     want: Option<BlockId>,
-) -> Result<Option<(BlockId, Arc<Matrix>)>, FetchError> {
+) -> Result<Option<(BlockId, Arc<Block>)>, FetchError> {
     let offset =
         d.properties
             .headers()
@@ -451,10 +446,15 @@ fn accept(
         return Ok(None);
     }
     let (rows, cols) = (h.rows as usize, h.cols as usize);
-    let m = Arc::new(match dtype {
-        DType::F32 => Matrix::F32(matrix::from_le(frame.payload, rows, cols)),
-        DType::F64 => Matrix::F64(matrix::from_le(frame.payload, rows, cols)),
-    });
+    // The payload is the body's tail: keep the body and view the numbers in it.
+    let start = d.data.len() - frame.payload.len();
+    let m = match Block::from_body(d.data, start, rows, cols, dtype) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::warn!(job = %j.job, block = %h.block, error = %e, "a malformed block on the operand stream skipped");
+            return Ok(None);
+        }
+    };
     tracing::debug!(job = %j.job, block = %h.block, "operand block read");
     {
         let mut st = j.state.lock().expect("never poisoned");
@@ -481,10 +481,9 @@ fn close_quietly(ch: Channel, tag: lapin::types::ShortString) {
 mod tests {
     use super::*;
     use gemmq::message::Side;
-    use ndarray::Array2;
 
-    fn block(n: usize) -> Arc<Matrix> {
-        Arc::new(Matrix::F64(Array2::zeros((n, n))))
+    fn block(n: usize) -> Arc<Block> {
+        Arc::new(Block::from_body(vec![0; n * n * 8], 0, n, n, DType::F64).unwrap())
     }
 
     #[test]

@@ -28,6 +28,14 @@ pub enum MatrixError {
     },
     #[error("A is {0} but B is {1}; both must have the same dtype")]
     Mixed(DType, DType),
+    #[error("a {rows}x{cols} {dtype} block needs {expected} bytes, got {got}")]
+    Length {
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+        expected: u64,
+        got: u64,
+    },
     #[error(
         "{0} holds NaN or infinite values; gemmq multiplies finite matrices only (IEEE NaN/Inf propagate across whole tiles and make C unverifiable)"
     )]
@@ -99,6 +107,13 @@ pub enum MatrixView<'a> {
 }
 
 impl MatrixView<'_> {
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            MatrixView::F32(v) => v.dim(),
+            MatrixView::F64(v) => v.dim(),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             MatrixView::F32(_) => DType::F32,
@@ -300,11 +315,125 @@ pub fn task_payload<T: Element>(
 }
 
 /// Multiplies two blocks and returns the product as little-endian bytes.
-pub fn multiply_blocks(a: &Matrix, b: &Matrix) -> Result<Vec<u8>, MatrixError> {
-    let c = a.dot(b)?;
-    let mut out = Vec::new();
-    with_matrix!(&c, m => extend_le(m.view(), &mut out));
-    Ok(out)
+pub fn multiply_blocks(a: MatrixView<'_>, b: MatrixView<'_>) -> Result<Vec<u8>, MatrixError> {
+    fn typed<T: Element>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>) -> Vec<u8> {
+        let mut out = Vec::new();
+        extend_le(a.dot(&b).view(), &mut out);
+        out
+    }
+    let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
+    if a_cols != b_rows {
+        return Err(MatrixError::Shapes {
+            a_rows,
+            a_cols,
+            b_rows,
+            b_cols,
+        });
+    }
+    match (a, b) {
+        (MatrixView::F32(a), MatrixView::F32(b)) => Ok(typed(a, b)),
+        (MatrixView::F64(a), MatrixView::F64(b)) => Ok(typed(a, b)),
+        _ => Err(MatrixError::Mixed(a.dtype(), b.dtype())),
+    }
+}
+
+/// A block of A or B kept in the message body it arrived in. Frames put payloads 8-byte
+/// aligned ([`crate::message::encode_header`]), so on a little-endian machine the numbers are
+/// viewed where they lie: no copy, and no second buffer of fresh pages per block. Otherwise
+/// (big-endian, or a body from an older producer) they are decoded into an array of their own.
+#[derive(Debug)]
+pub struct Block(BlockData);
+
+#[derive(Debug)]
+enum BlockData {
+    Body {
+        bytes: Vec<u8>,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    },
+    Owned(Matrix),
+}
+
+impl Block {
+    /// The rows×cols block whose little-endian numbers are `bytes[start..]`; the caller checked
+    /// the length (as [`crate::message::decode`] does).
+    pub fn from_body(
+        mut bytes: Vec<u8>,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Result<Block, MatrixError> {
+        let payload = bytes.get(start..).unwrap_or_default();
+        let expected = (rows as u64)
+            .checked_mul(cols as u64)
+            .and_then(|n| n.checked_mul(dtype.size() as u64));
+        if expected != Some(payload.len() as u64) {
+            return Err(MatrixError::Length {
+                rows,
+                cols,
+                dtype,
+                expected: expected.unwrap_or(u64::MAX),
+                got: payload.len() as u64,
+            });
+        }
+        let aligned = cfg!(target_endian = "little")
+            && match dtype {
+                DType::F32 => bytemuck::try_cast_slice::<u8, f32>(payload).is_ok(),
+                DType::F64 => bytemuck::try_cast_slice::<u8, f64>(payload).is_ok(),
+            };
+        if !aligned {
+            return Ok(Block(BlockData::Owned(match dtype {
+                DType::F32 => Matrix::F32(from_le(payload, rows, cols)),
+                DType::F64 => Matrix::F64(from_le(payload, rows, cols)),
+            })));
+        }
+        // A body grown frame by frame may have up to twice its length allocated.
+        bytes.shrink_to_fit();
+        Ok(Block(BlockData::Body {
+            bytes,
+            start,
+            rows,
+            cols,
+            dtype,
+        }))
+    }
+
+    pub fn view(&self) -> MatrixView<'_> {
+        match &self.0 {
+            BlockData::Owned(m) => m.view(),
+            BlockData::Body {
+                bytes,
+                start,
+                rows,
+                cols,
+                dtype,
+            } => {
+                let payload = &bytes[*start..];
+                // Alignment and length were checked in from_body, and the bytes never move.
+                match dtype {
+                    DType::F32 => MatrixView::F32(
+                        ArrayView2::from_shape((*rows, *cols), bytemuck::cast_slice(payload))
+                            .expect("checked in from_body"),
+                    ),
+                    DType::F64 => MatrixView::F64(
+                        ArrayView2::from_shape((*rows, *cols), bytemuck::cast_slice(payload))
+                            .expect("checked in from_body"),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Bytes of memory it holds.
+    pub fn memory(&self) -> u64 {
+        match &self.0 {
+            BlockData::Owned(m) => (m.shape().0 * m.shape().1 * m.dtype().size()) as u64,
+            BlockData::Body { bytes, .. } => bytes.capacity() as u64,
+        }
+    }
 }
 
 /// Multiplies the blocks of a decoded task and returns C's tile as little-endian bytes.
@@ -386,6 +515,31 @@ mod tests {
         assert!(matches!(
             check_operands(&a, &Matrix::F64(nan)),
             Err(MatrixError::NotFinite("B"))
+        ));
+    }
+
+    #[test]
+    fn a_block_reads_the_same_in_its_body_or_copied_out_and_a_short_one_is_refused() {
+        let (a, _) = generate(5, 7, 1, DType::F64, 3);
+        let Matrix::F64(a) = a else { unreachable!() };
+        let mut le = Vec::new();
+        extend_le(a.view(), &mut le);
+        for pad in [0usize, 8, 3] {
+            // 0 and 8: aligned, viewed in place; 3: misaligned, decoded into its own array.
+            let mut body = vec![0xAAu8; pad];
+            body.extend_from_slice(&le);
+            let block = Block::from_body(body, pad, 5, 7, DType::F64).unwrap();
+            let MatrixView::F64(v) = block.view() else {
+                panic!("an f64 block")
+            };
+            assert_eq!(v, a.view(), "payload at offset {pad}");
+        }
+        let short = Block::from_body(le[..8].to_vec(), 0, 5, 7, DType::F64);
+        assert!(matches!(short, Err(MatrixError::Length { got: 8, .. })));
+        let past_the_end = Block::from_body(vec![0; 8], 16, 1, 1, DType::F64);
+        assert!(matches!(
+            past_the_end,
+            Err(MatrixError::Length { got: 0, .. })
         ));
     }
 }

@@ -405,8 +405,6 @@ async fn publish_tasks<T: Element>(
                     Side::A => a.slice(s![rows.clone(), cols.clone()]),
                     Side::B => b.slice(s![rows.clone(), cols.clone()]),
                 };
-                let mut payload = Vec::new();
-                matrix::extend_le(data, &mut payload);
                 let header = Header::Operand(OperandHeader {
                     job: job.clone(),
                     block,
@@ -414,7 +412,9 @@ async fn publish_tasks<T: Element>(
                     rows: rows.len() as u32,
                     cols: cols.len() as u32,
                 });
-                let body = message::encode(&header, &[&payload]);
+                // Straight into the message: no separate payload buffer of 14 MiB to copy.
+                let mut body = message::encode_header(&header, data.len() * size_of::<T>());
+                matrix::extend_le(data, &mut body);
                 *bytes += body.len() as u64;
                 let props = persistent(kind::OPERAND, format!("{job}/{block}"));
                 window
