@@ -1104,7 +1104,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<18} {:>5} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>16}",
         "job", "runs", "e2e s", "e2e/ref", "start s", "start/ref", "tasks/s"
     );
     for base in labels {
@@ -1133,7 +1133,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         };
         let _ = writeln!(
             out,
-            "{:<18} {:>5} {:>14} {:>14} {:>14} {:>14} {:>16}",
+            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>16}",
             base,
             runs.len(),
             pick(&|r| r.summary_wall_seconds, false),
