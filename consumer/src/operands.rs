@@ -309,9 +309,12 @@ impl Operands {
         job: &str,
         offset: AMQPValue,
     ) -> Result<(Channel, Consumer), FetchError> {
-        let err = |e: lapin::Error| match e.kind() {
-            lapin::ErrorKind::ProtocolError(p) if p.get_id() == 404 => FetchError::JobGone,
-            _ => FetchError::Other(format!("reading the operand stream of job {job}: {e}")),
+        let err = |e: lapin::Error| {
+            if gemmq::topology::is_queue_missing(&e) {
+                FetchError::JobGone
+            } else {
+                FetchError::Other(format!("reading the operand stream of job {job}: {e}"))
+            }
         };
         let ch = conn.create_channel().await.map_err(err)?;
         // Streams insist on a prefetch; two blocks in flight keep the pipe full.

@@ -521,6 +521,21 @@ pub struct Manifest {
     pub inputs: Inputs,
     /// Milliseconds since the Unix epoch when the producer started publishing.
     pub created_ms: u64,
+    /// What C·x must be for Freivalds' check, from the producer, which holds A and B anyway;
+    /// absent for very tall C (the collector then rebuilds it from the seed or the files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+}
+
+/// Freivalds' expectation, computed where A and B are in memory: for each random vector x drawn
+/// from `seed` ([`crate::verify`]), A·(B·x) and its rounding bound |A|·(|B|·|x|), each as
+/// base64 of m little-endian f64.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub seed: u64,
+    pub abx: Vec<String>,
+    pub bound: Vec<String>,
 }
 
 impl Manifest {

@@ -274,6 +274,24 @@ pub fn prior_attempts(props: &BasicProperties, tasks_queue: &str) -> u32 {
     total.min(u32::MAX as u64) as u32
 }
 
+/// Whether the broker refused an operation because the queue does not exist — as opposed to a
+/// queue that exists but whose process is not up yet. RabbitMQ answers both with 404 NOT_FOUND:
+/// "no queue 'q' in vhost '/'" for the first, and, for a few seconds after it restarts, "home
+/// node 'rabbit@host' of durable queue 'q' in vhost '/' is down or inaccessible" for the second.
+/// Taking the second for the first would treat a live job as finished and drop its tasks.
+pub fn is_queue_missing(e: &lapin::Error) -> bool {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => {
+            missing_queue_reply(p.get_id(), &p.get_message().to_string())
+        }
+        _ => false,
+    }
+}
+
+fn missing_queue_reply(code: u16, text: &str) -> bool {
+    code == 404 && text.contains("no queue")
+}
+
 /// A string header value, as RabbitMQ writes them.
 pub fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
@@ -384,5 +402,18 @@ mod tests {
         for bad in ["", "a.b", "a b", "ü", &"x".repeat(65)] {
             assert!(check_name("job-id", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn only_a_queue_that_is_not_there_counts_as_missing_not_one_whose_node_is_starting() {
+        assert!(missing_queue_reply(
+            404,
+            "NOT_FOUND - no queue 'ns.job.j.operands' in vhost '/'"
+        ));
+        assert!(!missing_queue_reply(
+            404,
+            "NOT_FOUND - home node 'rabbit@localhost' of durable queue 'ns.job.j.operands' in vhost '/' is down or inaccessible"
+        ));
+        assert!(!missing_queue_reply(406, "PRECONDITION_FAILED - no queue"));
     }
 }

@@ -13,7 +13,20 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
 use crate::matrix::{Element, MatrixError, MatrixView};
+use crate::message::Check;
+
+/// Random vectors per check: a wrong C passes one with probability ~0 already; two guard
+/// against an unlucky draw near the rounding bound.
+pub const ROUNDS: u32 = 2;
+/// Seed of the random vectors.
+pub const VECTOR_SEED: u64 = 0x5eed;
+/// Most values (rows of C × rounds) the producer sends with a job's manifest: ~512 KiB of
+/// base64, well inside the manifest's limit. Taller jobs leave the expectation to the collector.
+pub const MAX_CHECK_VALUES: usize = 24 * 1024;
 
 /// The outcome of [`freivalds`].
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -136,14 +149,23 @@ pub fn expect(
         b: ArrayView2<'_, T>,
         xs: Vec<Array1<f64>>,
     ) -> Vec<Round> {
-        xs.into_iter()
-            .map(|x| {
-                let xabs = x.mapv(f64::abs);
-                let (bx, bxabs) = matvec(b, &x, &xabs);
-                let (abx, bound) = matvec(a, &bx, &bxabs);
-                Round { x, abx, bound }
-            })
-            .collect()
+        let round = |x: Array1<f64>| {
+            let xabs = x.mapv(f64::abs);
+            let (bx, bxabs) = matvec(b, &x, &xabs);
+            let (abx, bound) = matvec(a, &bx, &bxabs);
+            Round { x, abx, bound }
+        };
+        // One thread per round: each is two passes over memory, and they share nothing.
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = xs
+                .into_iter()
+                .map(|x| scope.spawn(move || round(x)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a verification round panicked"))
+                .collect()
+        })
     }
     let (k, n) = match b {
         MatrixView::F32(b) => b.dim(),
@@ -163,6 +185,68 @@ pub fn expect(
 }
 
 impl Expected {
+    /// The expectation as a manifest carries it; `seed` is the one it was computed with.
+    pub fn to_check(&self, seed: u64) -> Check {
+        let b64 = |v: &Array1<f64>| {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            BASE64.encode(bytes)
+        };
+        Check {
+            seed,
+            abx: self.rounds.iter().map(|r| b64(&r.abx)).collect(),
+            bound: self.rounds.iter().map(|r| b64(&r.bound)).collect(),
+        }
+    }
+
+    /// The expectation a manifest carries, for C of m×n from a k-long product; refused (with
+    /// why) unless it is whole and finite.
+    pub fn from_check(
+        check: &Check,
+        m: usize,
+        k: usize,
+        n: usize,
+        dtype: crate::DType,
+    ) -> Result<Expected, String> {
+        let rounds = check.abx.len();
+        if rounds == 0 || rounds > 8 || check.bound.len() != rounds {
+            return Err(format!(
+                "{rounds} rounds of A·B·x and {} of bounds",
+                check.bound.len()
+            ));
+        }
+        let decode = |what: &str, text: &str| -> Result<Array1<f64>, String> {
+            let bytes = BASE64
+                .decode(text)
+                .map_err(|e| format!("{what} is not base64: {e}"))?;
+            if bytes.len() != m * 8 {
+                return Err(format!("{what} has {} bytes, not {m} f64", bytes.len()));
+            }
+            let v: Array1<f64> = bytes
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("chunks of 8")))
+                .collect();
+            if v.iter().all(|x| x.is_finite()) {
+                Ok(v)
+            } else {
+                Err(format!("{what} holds a value that is not finite"))
+            }
+        };
+        let xs = vectors(n, rounds as u32, check.seed);
+        let mut out = Vec::with_capacity(rounds);
+        for (x, (abx, bound)) in xs.into_iter().zip(check.abx.iter().zip(&check.bound)) {
+            out.push(Round {
+                x,
+                abx: decode("A·B·x", abx)?,
+                bound: decode("its bound", bound)?,
+            });
+        }
+        Ok(Expected {
+            rounds: out,
+            k,
+            dtype,
+        })
+    }
+
     /// Checks C against the expectation: one pass over C per round.
     pub fn check(&self, c: MatrixView<'_>) -> Verdict {
         fn typed<T: Element>(e: &Expected, c: ArrayView2<'_, T>) -> Verdict {
@@ -313,5 +397,29 @@ mod tests {
                 .unwrap()
                 .passed
         );
+    }
+
+    #[test]
+    fn the_expectation_travels_in_a_manifest_exactly_and_a_damaged_one_is_refused() {
+        let (a, b) = generate(30, 20, 10, DType::F64, 5);
+        let c = a.dot(&b).unwrap();
+        let sent = expect(a.view(), b.view(), ROUNDS, VECTOR_SEED).unwrap();
+        let json = serde_json::to_string(&sent.to_check(VECTOR_SEED)).unwrap();
+        let check: Check = serde_json::from_str(&json).unwrap();
+        let got = Expected::from_check(&check, 30, 20, 10, DType::F64).unwrap();
+        for (s, g) in sent.rounds.iter().zip(&got.rounds) {
+            assert_eq!((&s.x, &s.abx, &s.bound), (&g.x, &g.abx, &g.bound));
+        }
+        assert!(got.check(c.view()).passed);
+
+        let mut short = check.clone();
+        short.abx[0] = BASE64.encode([0u8; 8]);
+        assert!(Expected::from_check(&short, 30, 20, 10, DType::F64).is_err());
+        let mut nan = check.clone();
+        nan.bound[1] = BASE64.encode(f64::NAN.to_le_bytes().repeat(30));
+        assert!(Expected::from_check(&nan, 30, 20, 10, DType::F64).is_err());
+        let mut lopsided = check;
+        lopsided.bound.pop();
+        assert!(Expected::from_check(&lopsided, 30, 20, 10, DType::F64).is_err());
     }
 }

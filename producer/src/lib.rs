@@ -7,7 +7,7 @@
 //! same job; the collector keeps the first result of each tile, so C is unchanged.
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use gemmq::broker::{Broker, ConfirmWindow, persistent};
@@ -19,6 +19,7 @@ use gemmq::message::{
 };
 use gemmq::tiling::Operands;
 use gemmq::topology::{self, TASK_KEY};
+use gemmq::verify;
 use gemmq::{DType, Plan, TileSize};
 use ndarray::{Array2, s};
 use serde::Deserialize;
@@ -226,12 +227,26 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         info!(dir = %dir.display(), "inputs saved as A.npy and B.npy");
     }
 
+    // Freivalds' expectation, while A and B are in memory: the collector then needs neither.
+    let (a, b, check) = tokio::task::spawn_blocking(move || {
+        let fits = a.shape().0 * verify::ROUNDS as usize <= verify::MAX_CHECK_VALUES;
+        let check = fits
+            .then(|| verify::expect(a.view(), b.view(), verify::ROUNDS, verify::VECTOR_SEED))
+            .transpose()
+            .map(|e| e.map(|e| e.to_check(verify::VECTOR_SEED)));
+        (a, b, check)
+    })
+    .await
+    .context("computing the verification vectors")?;
+    let check = check.context("computing the verification vectors")?;
+
     let manifest = Manifest {
         version: message::VERSION,
         job: s.job_id.clone(),
         plan,
         inputs,
         created_ms: unix_ms(),
+        check,
     };
     let broker = Broker::new(&s.broker, &format!("gemmq-producer {}", s.job_id))?;
     let topo = s.broker.topology();
@@ -240,6 +255,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     // publishing resumes at the first task not confirmed. Tasks published twice are harmless:
     // the collector keeps one result per tile.
     let (mut confirmed, mut bytes, mut failures) = (0u64, 0u64, 0u32);
+    let (mut retries, mut confirmed_before) = (retry_schedule(), 0u64);
     let mut announced = None;
     loop {
         let attempt = async {
@@ -278,14 +294,24 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             Ok(()) => break,
             Err(e) if is_fatal(&e) => return Err(e),
             Err(e) => {
-                failures += 1;
-                if failures > 10 {
-                    return Err(e.context("giving up after 10 lost connections"));
+                // Tries in a row that confirmed nothing new: a broker that accepts connections
+                // but cannot take the job's queues yet (for seconds after it restarts) must be
+                // waited for, not hammered ten times in a few milliseconds.
+                if confirmed > confirmed_before {
+                    retries = retry_schedule();
                 }
+                confirmed_before = confirmed;
+                failures += 1;
+                let Some(pause) = retries.next() else {
+                    return Err(
+                        e.context(format!("giving up after {failures} tries without progress"))
+                    );
+                };
                 warn!(
-                    error = %format!("{e:#}"), confirmed, total = manifest.plan.tasks(),
+                    error = %format!("{e:#}"), confirmed, total = manifest.plan.tasks(), retry_in = ?pause,
                     "publishing interrupted; reconnecting to publish the unconfirmed tasks again"
                 );
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -305,6 +331,17 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         announced: announced.unwrap_or(Announced::New),
         manifest,
     })
+}
+
+/// Pauses between tries to publish after a failure: 250 ms doubling to 5 s, 10 tries (~35 s).
+fn retry_schedule() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(10)
+        .with_jitter()
+        .build()
 }
 
 /// Errors that reconnecting cannot fix.
