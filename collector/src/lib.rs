@@ -227,7 +227,15 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         );
     }
 
-    // What C·x must be, worked out from A and B while the workers compute C.
+    // What C·x must be, worked out from A and B while the workers compute C; and C·x itself,
+    // summed as the tiles come in.
+    if s.verify {
+        let (rounds, seed) = match &manifest.check {
+            Some(c) => (c.abx.len() as u32, c.seed),
+            None => (verify::ROUNDS, verify::VECTOR_SEED),
+        };
+        asm.track_product(rounds, seed);
+    }
     let expected = s.verify.then(|| {
         let manifest = manifest.clone();
         tokio::task::spawn_blocking(move || expectation(&manifest))
@@ -602,7 +610,14 @@ async fn finish(
         let (asm, verdict) = match expected {
             Some(handle) => {
                 let expected = handle.await.context("the verification task failed")??;
-                let verdict = asm.with_c(|c| expected.check(c))?;
+                let verdict = match asm
+                    .running_product()
+                    .and_then(|r| expected.check_running(r))
+                {
+                    Some(v) => v,
+                    // Resumed from a checkpoint: some tiles were written by an earlier run.
+                    None => asm.with_c(|c| expected.check(c))?,
+                };
                 (asm, Some(verdict))
             }
             None => (asm, None),

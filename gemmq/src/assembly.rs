@@ -35,6 +35,7 @@ use serde::Serialize;
 
 use crate::matrix::{Element, MatrixView, from_le};
 use crate::message::{DType, FailureNotice, ParkedNotice, ResultHeader};
+use crate::verify::RunningProduct;
 use crate::{Plan, TileId};
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +137,8 @@ pub struct Assembly {
     pub workers: BTreeMap<String, WorkerTally>,
     /// Tasks found already applied in the checkpoint when it was opened.
     pub resumed: u64,
+    /// C·x for verification, summed as tiles are written (see [`Assembly::track_product`]).
+    running: Option<RunningProduct>,
 }
 
 const PLAN_FILE: &str = "plan.json";
@@ -249,6 +252,7 @@ impl Assembly {
             attempts: BTreeMap::new(),
             workers: BTreeMap::new(),
             resumed: 0,
+            running: None,
         };
         asm.replay(&journal_path)?;
         Ok(asm)
@@ -465,18 +469,23 @@ impl Assembly {
             rows: Range<usize>,
             cols: Range<usize>,
             payload: &[u8],
+            running: Option<&mut RunningProduct>,
         ) -> Result<(), String> {
             let block = from_le::<T>(payload, rows.len(), cols.len());
             let numbers = bytemuck::try_cast_slice_mut::<u8, T>(data).map_err(|e| e.to_string())?;
             let mut c = ArrayViewMut2::from_shape(shape, numbers).map_err(|e| e.to_string())?;
+            if let Some(r) = running {
+                r.add(rows.start, cols.start, block.view());
+            }
             c.slice_mut(s![rows, cols]).assign(&block);
             Ok(())
         }
         let shape = (self.plan.m as usize, self.plan.n as usize);
         let data = &mut self.map[self.data_offset..];
+        let running = self.running.as_mut();
         let r = match self.plan.dtype {
-            DType::F32 => typed::<f32>(data, shape, rows, cols, payload),
-            DType::F64 => typed::<f64>(data, shape, rows, cols, payload),
+            DType::F32 => typed::<f32>(data, shape, rows, cols, payload, running),
+            DType::F64 => typed::<f64>(data, shape, rows, cols, payload, running),
         };
         self.dirty = true;
         r.map_err(|message| AssemblyError::Corrupt {
@@ -564,6 +573,25 @@ impl Assembly {
     /// Every tile of C is there.
     pub fn is_complete(&self) -> bool {
         self.complete.len() as u64 == self.plan.tiles()
+    }
+
+    /// Sums C·x for the check's vectors as each tile is written from now on, so verifying C
+    /// at the end needs no pass over it. Only from the first tile: `false` (and nothing tracked)
+    /// when the checkpoint already holds tiles, which this process did not see written.
+    pub fn track_product(&mut self, rounds: u32, seed: u64) -> bool {
+        if !self.complete.is_empty() {
+            return false;
+        }
+        let (m, n) = (self.plan.m as usize, self.plan.n as usize);
+        self.running = Some(RunningProduct::new(m, n, rounds, seed));
+        true
+    }
+
+    /// C·x summed over every tile, once C is complete and every tile was seen written.
+    pub fn running_product(&self) -> Option<&RunningProduct> {
+        self.running
+            .as_ref()
+            .filter(|r| r.tiles() == self.plan.tiles() && self.is_complete())
     }
 
     /// Calls `f` with C as it stands.
@@ -859,6 +887,40 @@ mod tests {
         assert!(asm.is_complete() && asm.is_finished());
         assert_eq!(asm.duplicates, plan.tasks());
         assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
+    }
+
+    #[test]
+    fn c_x_summed_as_tiles_are_written_counts_each_tile_once_and_only_from_a_fresh_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = inputs(20, 90, 13);
+        let plan = Plan::new(
+            20,
+            90,
+            13,
+            DType::F64,
+            8,
+            crate::tiling::HEADER_BUDGET + 2048,
+        )
+        .unwrap();
+        let (av, bv) = (MatrixView::F64(a.view()), MatrixView::F64(b.view()));
+        let expected = crate::verify::expect(av, bv, 2, 7).unwrap();
+        let rs = results(&plan, &a, &b);
+        {
+            let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+            assert!(asm.track_product(2, 7));
+            // Every result twice, k-split parts included: each tile is summed once.
+            for (h, p) in rs.iter().rev().chain(rs.iter()) {
+                asm.apply_result(h, p).unwrap();
+            }
+            asm.commit().unwrap();
+            let running = asm.running_product().expect("every tile was written here");
+            let v = expected.check_running(running).unwrap();
+            assert!(v.passed, "{v:?}");
+        }
+        // Reopened, its tiles were written by an earlier run: nothing to sum from.
+        let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+        assert!(!asm.track_product(2, 7));
+        assert!(asm.running_product().is_none());
     }
 
     #[test]

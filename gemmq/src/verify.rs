@@ -250,55 +250,128 @@ impl Expected {
     /// Checks C against the expectation: one pass over C per round.
     pub fn check(&self, c: MatrixView<'_>) -> Verdict {
         fn typed<T: Element>(e: &Expected, c: ArrayView2<'_, T>) -> Verdict {
-            let n = c.ncols();
-            let gamma = 2.0 * (e.k + n + 2) as f64 * T::EPSILON;
-            let (mut worst_ratio, mut worst_row) = (0.0f64, None);
-            let mut passed = true;
-            for r in &e.rounds {
-                if r.x.len() != n || r.abx.len() != c.nrows() {
-                    return Verdict {
-                        passed: false,
-                        rounds: 0,
-                        worst_ratio: f64::INFINITY,
-                        worst_row: None,
-                    };
-                }
-                let xabs = r.x.mapv(f64::abs);
-                let (cx, _) = matvec(c, &r.x, &xabs);
-                for i in 0..c.nrows() {
-                    let diff = (cx[i] - r.abx[i]).abs();
-                    let allowed = gamma * r.bound[i] + f64::MIN_POSITIVE;
-                    let ratio = if diff.is_nan() {
-                        f64::INFINITY
-                    } else {
-                        diff / allowed
-                    };
-                    if ratio > 1.0 {
-                        passed = false;
-                        if worst_row.is_none() {
-                            worst_row = Some(i);
-                        }
-                    }
-                    worst_ratio = worst_ratio.max(ratio);
-                }
+            if e.rounds.iter().any(|r| r.x.len() != c.ncols()) {
+                return Verdict::unusable();
             }
-            Verdict {
-                passed,
-                rounds: e.rounds.len() as u32,
-                worst_ratio,
-                worst_row,
-            }
+            let cxs: Vec<Array1<f64>> = e
+                .rounds
+                .iter()
+                .map(|r| matvec(c, &r.x, &r.x.mapv(f64::abs)).0)
+                .collect();
+            e.judge(&cxs, c.ncols())
         }
         match (c, self.dtype) {
             (MatrixView::F32(c), crate::DType::F32) => typed(self, c),
             (MatrixView::F64(c), crate::DType::F64) => typed(self, c),
-            _ => Verdict {
-                passed: false,
-                rounds: 0,
-                worst_ratio: f64::INFINITY,
-                worst_row: None,
-            },
+            _ => Verdict::unusable(),
         }
+    }
+
+    /// Checks C·x summed tile by tile as C was written ([`RunningProduct`]): no pass over C.
+    /// `None` if it was summed for other vectors than these.
+    pub fn check_running(&self, r: &RunningProduct) -> Option<Verdict> {
+        let same = r.xs.len() == self.rounds.len()
+            && r.xs
+                .iter()
+                .zip(&self.rounds)
+                .all(|(x, round)| *x == round.x);
+        same.then(|| self.judge(&r.cx, r.n))
+    }
+
+    /// Compares C·x, per round, with A·(B·x) within the rounding bound.
+    fn judge(&self, cxs: &[Array1<f64>], n: usize) -> Verdict {
+        let eps = match self.dtype {
+            crate::DType::F32 => f32::EPSILON as f64 / 2.0,
+            crate::DType::F64 => f64::EPSILON / 2.0,
+        };
+        let gamma = 2.0 * (self.k + n + 2) as f64 * eps;
+        let (mut worst_ratio, mut worst_row) = (0.0f64, None);
+        let mut passed = true;
+        for (r, cx) in self.rounds.iter().zip(cxs) {
+            if r.abx.len() != cx.len() {
+                return Verdict::unusable();
+            }
+            for i in 0..cx.len() {
+                let diff = (cx[i] - r.abx[i]).abs();
+                let allowed = gamma * r.bound[i] + f64::MIN_POSITIVE;
+                let ratio = if diff.is_nan() {
+                    f64::INFINITY
+                } else {
+                    diff / allowed
+                };
+                if ratio > 1.0 {
+                    passed = false;
+                    if worst_row.is_none() {
+                        worst_row = Some(i);
+                    }
+                }
+                worst_ratio = worst_ratio.max(ratio);
+            }
+        }
+        Verdict {
+            passed,
+            rounds: self.rounds.len() as u32,
+            worst_ratio,
+            worst_row,
+        }
+    }
+}
+
+impl Verdict {
+    /// The expectation does not fit this C: a failure, not a pass.
+    fn unusable() -> Verdict {
+        Verdict {
+            passed: false,
+            rounds: 0,
+            worst_ratio: f64::INFINITY,
+            worst_row: None,
+        }
+    }
+}
+
+/// C·x for the check's random vectors, summed tile by tile as the collector writes C. Checking
+/// C by reading it again after its last tile was the whole tail of a job; this moves that work
+/// to where each tile is already in cache, spread over the job.
+#[derive(Debug, Clone)]
+pub struct RunningProduct {
+    xs: Vec<Array1<f64>>,
+    cx: Vec<Array1<f64>>,
+    n: usize,
+    tiles: u64,
+}
+
+impl RunningProduct {
+    /// For C of m×n and the vectors `rounds` and `seed` draw (as [`expect`] and the manifest's
+    /// [`Check`] do).
+    pub fn new(m: usize, n: usize, rounds: u32, seed: u64) -> Self {
+        let xs = vectors(n, rounds, seed);
+        let cx = xs.iter().map(|_| Array1::zeros(m)).collect();
+        RunningProduct {
+            xs,
+            cx,
+            n,
+            tiles: 0,
+        }
+    }
+
+    /// Adds a tile of C whose top-left corner is (row0, col0). Each tile must be added once.
+    pub fn add<T: Element>(&mut self, row0: usize, col0: usize, tile: ArrayView2<'_, T>) {
+        for (x, cx) in self.xs.iter().zip(&mut self.cx) {
+            let x = x.slice(ndarray::s![col0..col0 + tile.ncols()]);
+            for (i, row) in tile.rows().into_iter().enumerate() {
+                let mut s = 0.0;
+                for (&v, &xv) in row.iter().zip(x.iter()) {
+                    s += v.to_f64() * xv;
+                }
+                cx[row0 + i] += s;
+            }
+        }
+        self.tiles += 1;
+    }
+
+    /// Tiles added so far.
+    pub fn tiles(&self) -> u64 {
+        self.tiles
     }
 }
 
@@ -421,5 +494,31 @@ mod tests {
         let mut lopsided = check;
         lopsided.bound.pop();
         assert!(Expected::from_check(&lopsided, 30, 20, 10, DType::F64).is_err());
+    }
+
+    #[test]
+    fn c_summed_tile_by_tile_in_any_order_checks_like_c_read_whole() {
+        let (a, b) = generate(37, 25, 29, DType::F64, 11);
+        let Matrix::F64(c) = a.dot(&b).unwrap() else {
+            unreachable!()
+        };
+        let e = expect(a.view(), b.view(), ROUNDS, VECTOR_SEED).unwrap();
+        let tiles = [(16, 0), (0, 16), (32, 16), (16, 16), (0, 0), (32, 0)];
+        let mut running = RunningProduct::new(37, 29, ROUNDS, VECTOR_SEED);
+        for (r, col) in tiles {
+            let tile = c.slice(ndarray::s![r..(r + 16).min(37), col..(col + 16).min(29)]);
+            running.add(r, col, tile);
+        }
+        assert_eq!(running.tiles(), 6);
+        let v = e.check_running(&running).unwrap();
+        assert!(v.passed, "{v:?}");
+        assert!((v.worst_ratio - e.check(MatrixView::F64(c.view())).worst_ratio).abs() < 1e-3);
+
+        // A tile added twice is C with that tile doubled: it fails.
+        running.add(16, 16, c.slice(ndarray::s![16..32, 16..29]));
+        assert!(!e.check_running(&running).unwrap().passed);
+        // Summed for other vectors: not comparable.
+        let other = RunningProduct::new(37, 29, ROUNDS, VECTOR_SEED + 1);
+        assert!(e.check_running(&other).is_none());
     }
 }
