@@ -230,9 +230,13 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     // What C·x must be, worked out from A and B while the workers compute C; and C·x itself,
     // summed as the tiles come in.
     if s.verify {
+        // A manifest's check names its vectors; a malformed one (too many) is not trusted with
+        // memory, and the check at the end then falls back to reading C.
         let (rounds, seed) = match &manifest.check {
-            Some(c) => (c.abx.len() as u32, c.seed),
-            None => (verify::ROUNDS, verify::VECTOR_SEED),
+            Some(c) if (1..=verify::MAX_ROUNDS as usize).contains(&c.abx.len()) => {
+                (c.abx.len() as u32, c.seed)
+            }
+            _ => (verify::ROUNDS, verify::VECTOR_SEED),
         };
         asm.track_product(rounds, seed);
     }

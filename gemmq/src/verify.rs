@@ -22,6 +22,8 @@ use crate::message::Check;
 /// Random vectors per check: a wrong C passes one with probability ~0 already; two guard
 /// against an unlucky draw near the rounding bound.
 pub const ROUNDS: u32 = 2;
+/// Most rounds a manifest's check may carry.
+pub const MAX_ROUNDS: u32 = 8;
 /// Seed of the random vectors.
 pub const VECTOR_SEED: u64 = 0x5eed;
 /// Most values (rows of C × rounds) the producer sends with a job's manifest: ~512 KiB of
@@ -208,7 +210,7 @@ impl Expected {
         dtype: crate::DType,
     ) -> Result<Expected, String> {
         let rounds = check.abx.len();
-        if rounds == 0 || rounds > 8 || check.bound.len() != rounds {
+        if rounds == 0 || rounds > MAX_ROUNDS as usize || check.bound.len() != rounds {
             return Err(format!(
                 "{rounds} rounds of A·B·x and {} of bounds",
                 check.bound.len()
