@@ -269,3 +269,87 @@ async fn a_task_that_kept_crashing_its_workers_is_parked_not_run_again() {
     );
     env.cleanup(&[]).await;
 }
+
+/// Deletes the test's broker user however the test ends.
+struct TempUser(&'static str);
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", self.0])
+            .output();
+    }
+}
+
+/// Runs a program to its end, killing it if it is still running after `limit`.
+fn run_for(mut cmd: std::process::Command, limit: Duration) -> (Option<i32>, String, Duration) {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the program starts");
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (status, err, started.elapsed())
+}
+
+#[test]
+fn a_user_who_may_not_declare_the_topology_is_told_how_to_fix_it_and_nothing_retries_forever() {
+    let ctl = |args: &[&str]| {
+        std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs (RabbitMQ on this machine)")
+            .status
+            .success()
+    };
+    let user = TempUser("gemmq-test-no-configure");
+    let _ = ctl(&["delete_user", user.0]);
+    assert!(ctl(&["add_user", user.0, "pw"]));
+    // May read and write, may not declare (configure) anything.
+    assert!(ctl(&[
+        "set_permissions",
+        "-p",
+        "/",
+        user.0,
+        "^$",
+        ".*",
+        ".*"
+    ]));
+    let url = format!("amqp://{}:pw@127.0.0.1:5672/%2f", user.0);
+    let ns = format!("t-perm-{}", std::process::id());
+    for (program, args) in [
+        ("gemmq-producer", &["--m", "8", "--k", "8", "--n", "8"][..]),
+        ("gemmq-consumer", &[][..]),
+        ("gemmq-collector", &["--job-id", "j"][..]),
+    ] {
+        let mut cmd = std::process::Command::new(common::bin(program));
+        cmd.args(args)
+            .env("AMQP_URL", &url)
+            .env("GEMMQ_NAMESPACE", &ns)
+            .env("RUST_LOG", "info");
+        let (code, err, took) = run_for(cmd, Duration::from_secs(30));
+        assert_eq!(code, Some(1), "{program} exits with an error:\n{err}");
+        assert!(
+            err.contains("refused to let this user declare") && err.contains("set_permissions"),
+            "{program} says what is wrong and what to do:\n{err}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{program} did not retry: {took:?}"
+        );
+    }
+}

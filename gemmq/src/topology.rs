@@ -57,6 +57,14 @@ pub enum TopologyError {
         name: String,
         detail: String,
     },
+    #[error(
+        "the broker refused to let this user declare {what} {name} ({detail}). gemmq declares its exchanges and queues itself: give the user configure, write and read permission on names starting with the namespace (e.g. `rabbitmqctl set_permissions -p <vhost> <user> '^<namespace>\\.' '^<namespace>\\.' '^<namespace>\\.'`), or use another user"
+    )]
+    Refused {
+        what: &'static str,
+        name: String,
+        detail: String,
+    },
     #[error("declaring {what} {name}: {source}")]
     Broker {
         what: &'static str,
@@ -66,9 +74,13 @@ pub enum TopologyError {
 }
 
 impl TopologyError {
-    /// Whether redeclaring cannot help (the arguments differ), as opposed to a lost connection.
+    /// Whether redeclaring cannot help (the arguments differ, or the user may not), as opposed to
+    /// a lost connection or a queue that is still starting.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, TopologyError::Mismatch { .. })
+        matches!(
+            self,
+            TopologyError::Mismatch { .. } | TopologyError::Refused { .. }
+        )
     }
 }
 
@@ -321,14 +333,13 @@ fn plain_quorum() -> FieldTable {
 }
 
 fn map_err(what: &'static str, name: &str, e: lapin::Error) -> TopologyError {
-    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
-        && amqp.get_id() == 406
-    {
-        return TopologyError::Mismatch {
-            what,
-            name: name.to_string(),
-            detail: amqp.get_message().to_string(),
-        };
+    if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
+        let (name, detail) = (name.to_string(), amqp.get_message().to_string());
+        match amqp.get_id() {
+            406 => return TopologyError::Mismatch { what, name, detail },
+            403 => return TopologyError::Refused { what, name, detail },
+            _ => {}
+        }
     }
     TopologyError::Broker {
         what,

@@ -360,13 +360,15 @@ fn is_fatal(e: &anyhow::Error) -> bool {
             )
         ) || matches!(
             c.downcast_ref::<TopologyError>(),
-            Some(TopologyError::Mismatch { .. })
+            Some(TopologyError::Mismatch { .. } | TopologyError::Refused { .. })
         ) || matches!(
             c.downcast_ref::<job::JobError>(),
             Some(
                 job::JobError::Conflict(_)
                     | job::JobError::BadManifest { .. }
-                    | job::JobError::Topology(TopologyError::Mismatch { .. })
+                    | job::JobError::Topology(
+                        TopologyError::Mismatch { .. } | TopologyError::Refused { .. }
+                    )
             )
         )
     })
