@@ -23,6 +23,45 @@ pub struct Env {
     consumers: Vec<JoinHandle<anyhow::Result<Arc<gemmq_consumer::Stats>>>>,
 }
 
+impl Drop for Env {
+    /// A test that failed before its `cleanup` (or cleaned up only some jobs) would leave its
+    /// namespace's queues on the broker for good; enough of them (each an open file or more)
+    /// once stopped this machine's RabbitMQ from answering at all. So whatever is left under the
+    /// namespace goes here, through the management API, however the test ended.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let prefix = format!("{}.", self.ns);
+        let call = |method: &str, path: &str| {
+            let url = format!("{MGMT}{path}");
+            let auth = ("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=");
+            match method {
+                "DELETE" => ureq::delete(&url)
+                    .header(auth.0, auth.1)
+                    .call()
+                    .ok()
+                    .map(|_| serde_json::Value::Null),
+                _ => ureq::get(&url)
+                    .header(auth.0, auth.1)
+                    .call()
+                    .ok()
+                    .and_then(|r| r.into_body().read_json().ok()),
+            }
+        };
+        for kind in ["queues", "exchanges"] {
+            let Some(serde_json::Value::Array(items)) =
+                call("GET", &format!("/{kind}/%2F?columns=name"))
+            else {
+                continue;
+            };
+            for name in items.iter().filter_map(|q| q["name"].as_str()) {
+                if name.starts_with(&prefix) {
+                    let _ = call("DELETE", &format!("/{kind}/%2F/{name}"));
+                }
+            }
+        }
+    }
+}
+
 impl Env {
     pub fn new(name: &str) -> Self {
         Self::with_broker(name, BrokerOptions::default())
