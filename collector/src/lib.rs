@@ -183,12 +183,34 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Declares the shared topology, riding out what the broker says while a queue is starting:
+/// 404 "home node … down or inaccessible" comes for seconds after a restart, and when another
+/// program declares the same new quorum queue at the same moment (compose starts them together).
+async fn declare_topology(broker: &Broker, topo: &Topology) -> Result<Channel> {
+    let mut pauses = gemmq::broker::retry_pauses();
+    loop {
+        let ch = broker.channel().await.context("connecting to RabbitMQ")?;
+        match topo.declare(&ch).await {
+            Ok(()) => return Ok(ch),
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => {
+                let Some(pause) = pauses.next() else {
+                    return Err(
+                        anyhow::Error::new(e).context("the broker kept refusing the topology")
+                    );
+                };
+                warn!(error = %e, retry_in = ?pause, "declaring the topology failed; trying again");
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
 /// Collects one job until it is finished (or `shutdown`), then writes and reports.
 pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     let broker = Broker::new(&s.broker, &format!("gemmq-collector {}", s.collector_id))?;
     let topo = s.broker.topology();
-    let ch = broker.channel().await.context("connecting to RabbitMQ")?;
-    topo.declare(&ch).await?;
+    let ch = declare_topology(&broker, &topo).await?;
 
     let (manifest, mut announcement) = match &s.job_id {
         Some(job) => (
@@ -726,12 +748,21 @@ async fn wait_for_manifest(
 ) -> Result<Manifest> {
     let started = Instant::now();
     let mut said = false;
+    let mut ch = ch.clone();
     loop {
         // Only peek at a queue that exists: declaring it here would resurrect the queues of a
         // job that another collector finished and removed.
         if job_exists(broker, topo, job).await {
-            if let Some(m) = job::peek_manifest(ch, topo, job).await? {
-                return Ok(m);
+            match job::peek_manifest(&ch, topo, job).await {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e @ job::JobError::BadManifest { .. }) => return Err(e.into()),
+                // The queue is there but not answering (starting after a restart), or the
+                // connection went: look again on a fresh channel.
+                Err(e) => {
+                    warn!(job, error = %e, "could not read the job's manifest; trying again");
+                    ch = broker.channel().await.context("connecting to RabbitMQ")?;
+                }
             }
         } else if let Some(done) = finished_here(s, job) {
             return Ok(done);

@@ -255,6 +255,19 @@ async fn settle(confirm: PublisherConfirm, what: String) -> Result<(), PublishEr
 }
 
 /// Publishes with at most `limit` confirms outstanding.
+/// Pauses between tries of something the broker refused for now (a queue still starting after a
+/// restart, or being created by another program at the same moment): 250 ms doubling to 5 s,
+/// jittered, 10 tries (~35 s), then `None`.
+pub fn retry_pauses() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(10)
+        .with_jitter()
+        .build()
+}
+
 pub struct ConfirmWindow {
     ch: Channel,
     pending: VecDeque<(PublisherConfirm, String)>,

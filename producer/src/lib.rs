@@ -7,7 +7,7 @@
 //! same job; the collector keeps the first result of each tile, so C is unchanged.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use gemmq::broker::{Broker, ConfirmWindow, persistent};
@@ -257,7 +257,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     // publishing resumes at the first task not confirmed. Tasks published twice are harmless:
     // the collector keeps one result per tile.
     let (mut confirmed, mut bytes, mut failures) = (0u64, 0u64, 0u32);
-    let (mut retries, mut confirmed_before) = (retry_schedule(), 0u64);
+    let (mut retries, mut confirmed_before) = (gemmq::broker::retry_pauses(), 0u64);
     let mut announced = None;
     loop {
         let attempt = async {
@@ -300,7 +300,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 // but cannot take the job's queues yet (for seconds after it restarts) must be
                 // waited for, not hammered ten times in a few milliseconds.
                 if confirmed > confirmed_before {
-                    retries = retry_schedule();
+                    retries = gemmq::broker::retry_pauses();
                 }
                 confirmed_before = confirmed;
                 failures += 1;
@@ -333,17 +333,6 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         announced: announced.unwrap_or(Announced::New),
         manifest,
     })
-}
-
-/// Pauses between tries to publish after a failure: 250 ms doubling to 5 s, 10 tries (~35 s).
-fn retry_schedule() -> impl Iterator<Item = Duration> {
-    use backon::BackoffBuilder;
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(250))
-        .with_max_delay(Duration::from_secs(5))
-        .with_max_times(10)
-        .with_jitter()
-        .build()
 }
 
 /// Errors that reconnecting cannot fix.
