@@ -749,18 +749,28 @@ async fn wait_for_manifest(
     let started = Instant::now();
     let mut said = false;
     let mut ch = ch.clone();
+    let mut pauses = gemmq::broker::retry_pauses();
     loop {
         // Only peek at a queue that exists: declaring it here would resurrect the queues of a
         // job that another collector finished and removed.
         if job_exists(broker, topo, job).await {
             match job::peek_manifest(&ch, topo, job).await {
                 Ok(Some(m)) => return Ok(m),
-                Ok(None) => {}
+                Ok(None) => pauses = gemmq::broker::retry_pauses(),
                 Err(e @ job::JobError::BadManifest { .. }) => return Err(e.into()),
+                Err(job::JobError::Amqp(e)) if gemmq::topology::is_access_refused(&e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "this user may not read job {job}'s manifest queue; give it read permission on the namespace's queues"
+                    )));
+                }
                 // The queue is there but not answering (starting after a restart), or the
-                // connection went: look again on a fresh channel.
+                // connection went: look again on a fresh channel, a bounded number of times.
                 Err(e) => {
-                    warn!(job, error = %e, "could not read the job's manifest; trying again");
+                    let Some(pause) = pauses.next() else {
+                        return Err(anyhow::Error::new(e).context("reading the job's manifest"));
+                    };
+                    warn!(job, error = %e, retry_in = ?pause, "could not read the job's manifest; trying again");
+                    tokio::time::sleep(pause).await;
                     ch = broker.channel().await.context("connecting to RabbitMQ")?;
                 }
             }

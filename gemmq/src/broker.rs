@@ -254,7 +254,6 @@ async fn settle(confirm: PublisherConfirm, what: String) -> Result<(), PublishEr
     }
 }
 
-/// Publishes with at most `limit` confirms outstanding.
 /// Pauses between tries of something the broker refused for now (a queue still starting after a
 /// restart, or being created by another program at the same moment): 250 ms doubling to 5 s,
 /// jittered, 10 tries (~35 s), then `None`.
@@ -268,6 +267,7 @@ pub fn retry_pauses() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// Publishes with at most `limit` confirms outstanding.
 pub struct ConfirmWindow {
     ch: Channel,
     pending: VecDeque<(PublisherConfirm, String)>,

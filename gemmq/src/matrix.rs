@@ -366,6 +366,10 @@ impl Block {
         cols: usize,
         dtype: DType,
     ) -> Result<Block, MatrixError> {
+        // Shrunk first: shrinking may move the bytes, and the alignment checked below must be
+        // the alignment the view will see. (A body grown frame by frame may have up to twice its
+        // length allocated.)
+        bytes.shrink_to_fit();
         let payload = bytes.get(start..).unwrap_or_default();
         let expected = (rows as u64)
             .checked_mul(cols as u64)
@@ -390,8 +394,6 @@ impl Block {
                 DType::F64 => Matrix::F64(from_le(payload, rows, cols)),
             })));
         }
-        // A body grown frame by frame may have up to twice its length allocated.
-        bytes.shrink_to_fit();
         Ok(Block(BlockData::Body {
             bytes,
             start,

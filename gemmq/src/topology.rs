@@ -300,6 +300,12 @@ pub fn is_queue_missing(e: &lapin::Error) -> bool {
     }
 }
 
+/// Whether the broker refused the operation to this user (403 ACCESS_REFUSED): asking again
+/// will not help.
+pub fn is_access_refused(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 403)
+}
+
 fn missing_queue_reply(code: u16, text: &str) -> bool {
     code == 404 && text.contains("no queue")
 }

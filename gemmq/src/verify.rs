@@ -236,11 +236,17 @@ impl Expected {
         let xs = vectors(n, rounds as u32, check.seed);
         let mut out = Vec::with_capacity(rounds);
         for (x, (abx, bound)) in xs.into_iter().zip(check.abx.iter().zip(&check.bound)) {
-            out.push(Round {
-                x,
-                abx: decode("A·B·x", abx)?,
-                bound: decode("its bound", bound)?,
-            });
+            let (abx, bound) = (decode("A·B·x", abx)?, decode("its bound", bound)?);
+            // |A·(B·x)| ≤ |A|·(|B|·|x|) holds in floating point too (rounding is monotonic). A
+            // negative bound would let any C pass; a value over its bound means the two are not
+            // from the same A and B.
+            if let Some(i) = (0..m).find(|&i| !(bound[i] >= 0.0 && abx[i].abs() <= bound[i])) {
+                return Err(format!(
+                    "row {i}: A·B·x = {} is not within its bound {}",
+                    abx[i], bound[i]
+                ));
+            }
+            out.push(Round { x, abx, bound });
         }
         Ok(Expected {
             rounds: out,
@@ -493,9 +499,13 @@ mod tests {
         let mut nan = check.clone();
         nan.bound[1] = BASE64.encode(f64::NAN.to_le_bytes().repeat(30));
         assert!(Expected::from_check(&nan, 30, 20, 10, DType::F64).is_err());
-        let mut lopsided = check;
+        let mut lopsided = check.clone();
         lopsided.bound.pop();
         assert!(Expected::from_check(&lopsided, 30, 20, 10, DType::F64).is_err());
+        // A negative bound would let any C pass: refused.
+        let mut negative = check;
+        negative.bound[0] = BASE64.encode((-1.0f64).to_le_bytes().repeat(30));
+        assert!(Expected::from_check(&negative, 30, 20, 10, DType::F64).is_err());
     }
 
     #[test]

@@ -301,6 +301,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 // waited for, not hammered ten times in a few milliseconds.
                 if confirmed > confirmed_before {
                     retries = gemmq::broker::retry_pauses();
+                    failures = 0;
                 }
                 confirmed_before = confirmed;
                 failures += 1;
