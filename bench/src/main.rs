@@ -406,7 +406,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
     for &n in &sizes {
         specs.push(Spec {
             label: format!("n{n}-f64"),
-            group: format!("n{n}-f64"),
+            group: String::new(),
             n,
             dtype: DType::F64,
             tile: cli.tile,
@@ -420,7 +420,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
     {
         specs.push(Spec {
             label: format!("n{n}-f32"),
-            group: format!("n{n}-f32"),
+            group: String::new(),
             n,
             dtype: DType::F32,
             tile: cli.tile,
@@ -432,7 +432,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         for &q in &cli.small_queue_sizes {
             specs.push(Spec {
                 label: format!("n{}-f64-tile{}-q{q}", cli.small_n, cli.small_tile),
-                group: format!("n{}-f64-tile{}-q{q}", cli.small_n, cli.small_tile),
+                group: String::new(),
                 n: cli.small_n,
                 dtype: DType::F64,
                 tile: Some(cli.small_tile),
@@ -442,6 +442,10 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         }
     }
 
+    // A job is its own group until --repeat numbers its runs.
+    for spec in &mut specs {
+        spec.group.clone_from(&spec.label);
+    }
     if cli.repeat == 0 {
         bail!("--repeat must be at least 1");
     }

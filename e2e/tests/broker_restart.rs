@@ -30,9 +30,6 @@ impl Drop for Restart {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_restart_mid_job_loses_nothing_and_doubles_nothing() {
-    if std::env::var_os("DEBUG_LOG").is_some() {
-        gemmq::telemetry::init();
-    }
     let mut env = Env::new("restart");
     let job = "restart";
     let shape = (512, 128, 512);

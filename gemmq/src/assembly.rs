@@ -846,6 +846,11 @@ mod tests {
             .collect()
     }
 
+    /// Tiles of 8 with a message limit so small that k is split into several parts.
+    fn split_plan(m: u64, k: u64, n: u64) -> Plan {
+        Plan::new(m, k, n, DType::F64, 8, crate::tiling::HEADER_BUDGET + 2048).unwrap()
+    }
+
     fn inputs(m: usize, k: usize, n: usize) -> (Array2<f64>, Array2<f64>) {
         let (Matrix::F64(a), Matrix::F64(b)) = generate(m, k, n, DType::F64, 5) else {
             unreachable!()
@@ -867,16 +872,7 @@ mod tests {
     fn every_result_twice_in_reverse_order_still_gives_c_once() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = inputs(20, 90, 13);
-        // A tiny message limit splits k into several parts.
-        let plan = Plan::new(
-            20,
-            90,
-            13,
-            DType::F64,
-            8,
-            crate::tiling::HEADER_BUDGET + 2048,
-        )
-        .unwrap();
+        let plan = split_plan(20, 90, 13);
         assert!(plan.parts() > 1);
         let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
         let rs = results(&plan, &a, &b);
@@ -893,15 +889,7 @@ mod tests {
     fn c_x_summed_as_tiles_are_written_counts_each_tile_once_and_only_from_a_fresh_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = inputs(20, 90, 13);
-        let plan = Plan::new(
-            20,
-            90,
-            13,
-            DType::F64,
-            8,
-            crate::tiling::HEADER_BUDGET + 2048,
-        )
-        .unwrap();
+        let plan = split_plan(20, 90, 13);
         let (av, bv) = (MatrixView::F64(a.view()), MatrixView::F64(b.view()));
         let expected = crate::verify::expect(av, bv, 2, 7).unwrap();
         let rs = results(&plan, &a, &b);
@@ -927,15 +915,7 @@ mod tests {
     fn a_collector_that_dies_resumes_from_its_checkpoint_without_doubling_a_part() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = inputs(24, 90, 16);
-        let plan = Plan::new(
-            24,
-            90,
-            16,
-            DType::F64,
-            8,
-            crate::tiling::HEADER_BUDGET + 2048,
-        )
-        .unwrap();
+        let plan = split_plan(24, 90, 16);
         let rs = results(&plan, &a, &b);
         let half = rs.len() / 2;
         {

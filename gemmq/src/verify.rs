@@ -289,8 +289,8 @@ impl Expected {
     /// Compares C·x, per round, with A·(B·x) within the rounding bound.
     fn judge(&self, cxs: &[Array1<f64>], n: usize) -> Verdict {
         let eps = match self.dtype {
-            crate::DType::F32 => f32::EPSILON as f64 / 2.0,
-            crate::DType::F64 => f64::EPSILON / 2.0,
+            crate::DType::F32 => <f32 as Element>::EPSILON,
+            crate::DType::F64 => <f64 as Element>::EPSILON,
         };
         let gamma = 2.0 * (self.k + n + 2) as f64 * eps;
         let (mut worst_ratio, mut worst_row) = (0.0f64, None);

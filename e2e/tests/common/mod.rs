@@ -68,6 +68,11 @@ impl Env {
     }
 
     pub fn with_broker(name: &str, mut opts: BrokerOptions) -> Self {
+        // The programs run in the test's process; DEBUG_LOG=1 shows their logs (filtered by
+        // RUST_LOG) with `-- --nocapture`.
+        if std::env::var_os("DEBUG_LOG").is_some() {
+            gemmq::telemetry::init();
+        }
         let ns = format!("t-{name}-{:08x}", rand::random::<u32>());
         opts.namespace = Some(ns.clone());
         opts.retry_delay = opts.retry_delay.or(Some(Duration::from_millis(200)));
