@@ -1,5 +1,6 @@
 //! The machine the figures came from.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -146,21 +147,26 @@ pub fn broker_cpu_seconds() -> Option<f64> {
         if comm.trim() != "beam.smp" {
             continue;
         }
-        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+        let Some(t) = stat_cpu_ticks(&path) else {
             continue;
         };
-        // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let (Some(u), Some(s)) = (f.get(11), f.get(12)) else {
-            continue;
-        };
-        ticks += u.parse::<u64>().unwrap_or(0) + s.parse::<u64>().unwrap_or(0);
+        ticks += t;
         found = true;
     }
     found.then(|| ticks as f64 / clock_ticks())
+}
+
+/// CPU time (user + system) a running process has used so far.
+pub fn process_cpu_seconds(pid: i32) -> Option<f64> {
+    stat_cpu_ticks(Path::new(&format!("/proc/{pid}"))).map(|t| t as f64 / clock_ticks())
+}
+
+fn stat_cpu_ticks(proc_dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    // Fields after the parenthesised command: state is field 3, utime 14, stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// CPU time every core of the machine has spent busy so far (all processes, anyone's): the

@@ -72,6 +72,11 @@ struct Cli {
     /// Consumers (worker processes) per job
     #[arg(long, default_value_t = 2)]
     consumers: usize,
+    /// Warm workers: before each measured job its consumers serve one unmeasured job of the same
+    /// shape, as long-lived workers have (the measured job is their second). Without it every
+    /// measured job is the first job of freshly started consumers
+    #[arg(long)]
+    warm: bool,
     /// Where to write the results as JSON
     #[arg(
         long,
@@ -156,6 +161,9 @@ struct Run {
     queue_size: Option<u16>,
     ok: bool,
     error: Option<String>,
+    /// Whether the consumers had served one job before this one (--warm); their CPU figures
+    /// then count the measured job only.
+    warm: bool,
     namespace: String,
     tile: Option<u64>,
     k_parts: Option<u32>,
@@ -211,6 +219,8 @@ struct Report {
     command: String,
     machine: machine::Machine,
     consumers: usize,
+    /// --warm: each measured job was its consumers' second.
+    warm: bool,
     reference_threads: usize,
     /// MATMUL_NUM_THREADS the programs under test see (None: matrixmultiply's default, the
     /// number of physical cores).
@@ -470,6 +480,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             .join(" "),
         machine: machine::describe(&cli.management_url, &user, &pass),
         consumers: cli.consumers,
+        warm: cli.warm,
         reference_threads: cli.reference_threads,
         programs_matmul_num_threads: user_matmul_threads,
         max_message_bytes,
@@ -593,6 +604,7 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         queue_size: spec.queue_size,
         ok: false,
         error: None,
+        warm: cli.warm,
         namespace: ns.into(),
         tile: spec.tile,
         k_parts: None,
@@ -696,39 +708,6 @@ fn job(
     );
     run.bench_peak_rss_mib = procs::own_peak_rss_mib();
 
-    let ready = Duration::from_secs(60);
-    let mut consumers = Vec::new();
-    for w in 1..=cli.consumers {
-        let id = format!("{ns}-w{w}");
-        let mut extra = vec![("GEMMQ_WORKER_ID", id.clone())];
-        if let Some(q) = spec.queue_size {
-            extra.push(("GEMMQ_QUEUE_SIZE", q.to_string()));
-        }
-        consumers.push(env.spawn(CONSUMER, &id, dir, ns, &extra)?);
-    }
-    let collector = env.spawn(
-        COLLECTOR,
-        "collector",
-        dir,
-        ns,
-        &[
-            ("GEMMQ_JOB_ID", spec.label.clone()),
-            ("GEMMQ_OUT", "out".into()),
-            (
-                "GEMMQ_IDLE_TIMEOUT",
-                format!("{}s", cli.timeout.as_secs().max(1)),
-            ),
-        ],
-    )?;
-    for c in &consumers {
-        wait_for_log(c, "consuming tasks", ready)?;
-    }
-    wait_for_log(
-        &collector,
-        "waiting for the producer to announce the job",
-        ready,
-    )?;
-
     let operands = cli.operands.unwrap_or_default();
     let mut producer_env = vec![
         (
@@ -739,7 +718,6 @@ fn job(
             }
             .to_string(),
         ),
-        ("GEMMQ_JOB_ID", spec.label.clone()),
         ("GEMMQ_M", spec.n.to_string()),
         ("GEMMQ_K", spec.n.to_string()),
         ("GEMMQ_N", spec.n.to_string()),
@@ -749,6 +727,76 @@ fn job(
     if let Some(t) = spec.tile {
         producer_env.push(("GEMMQ_TILE", t.to_string()));
     }
+    let ready = Duration::from_secs(60);
+    let mut consumers = Vec::new();
+    for w in 1..=cli.consumers {
+        let id = format!("{ns}-w{w}");
+        let mut extra = vec![("GEMMQ_WORKER_ID", id.clone())];
+        if let Some(q) = spec.queue_size {
+            extra.push(("GEMMQ_QUEUE_SIZE", q.to_string()));
+        }
+        consumers.push(env.spawn(CONSUMER, &id, dir, ns, &extra)?);
+    }
+    for c in &consumers {
+        wait_for_log(c, "consuming tasks", ready)?;
+    }
+    // CPU the consumers used before the measured job (starting up, and the warm-up job).
+    let mut consumers_cpu_before = vec![0.0; consumers.len()];
+    if cli.warm {
+        let label = format!("{}-warm-up", spec.label);
+        eprintln!("   warm-up job {label}: the consumers' first, not measured");
+        let collector = spawn_collector(cli, env, dir, ns, &label, "warm-up")?;
+        wait_for_log(
+            &collector,
+            "waiting for the producer to announce the job",
+            ready,
+        )?;
+        let mut warm_env = producer_env.clone();
+        warm_env.push(("GEMMQ_JOB_ID", label.clone()));
+        let producer = env.spawn(PRODUCER, "warm-up-producer", dir, ns, &warm_env)?;
+        let exit = match collector.wait(cli.timeout) {
+            Some(e) => e?,
+            None => bail!(
+                "the warm-up job did not finish within {:?} (--timeout)",
+                cli.timeout
+            ),
+        };
+        if exit.code != Some(0) {
+            bail!(
+                "the warm-up job's collector failed ({}); {} ends:\n{}",
+                exit.describe(),
+                collector.log.display(),
+                collector.log_tail(20)
+            );
+        }
+        match producer.wait(Duration::from_secs(60)) {
+            Some(Ok(e)) if e.code == Some(0) => {}
+            _ => bail!(
+                "the warm-up job's producer did not end well; see {}",
+                producer.log.display()
+            ),
+        }
+        for c in &consumers {
+            if let Some(e) = c.try_exit() {
+                let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
+                bail!("consumer {} ended ({how}) during the warm-up job", c.name);
+            }
+        }
+        if !cli.keep_outputs {
+            remove_outputs(&dir.join("warm-up"));
+        }
+    }
+    for (before, c) in consumers_cpu_before.iter_mut().zip(&consumers) {
+        *before = machine::process_cpu_seconds(c.pid).unwrap_or(0.0);
+    }
+    let collector = spawn_collector(cli, env, dir, ns, &spec.label, "out")?;
+    wait_for_log(
+        &collector,
+        "waiting for the producer to announce the job",
+        ready,
+    )?;
+    producer_env.push(("GEMMQ_JOB_ID", spec.label.clone()));
+
     eprintln!("   job: producer, {} consumers, collector", cli.consumers);
     let (broker_cpu0, machine_cpu0) = (
         machine::broker_cpu_seconds(),
@@ -828,8 +876,9 @@ fn job(
     }
     // What the broker sent the consumers and got from them, before their connections close.
     let traffic = consumer_traffic(cli, &consumers);
-    for c in &consumers {
-        let e = c.stop(Duration::from_secs(30))?;
+    for (c, before) in consumers.iter().zip(&consumers_cpu_before) {
+        let mut e = c.stop(Duration::from_secs(30))?;
+        e.cpu_seconds -= before;
         if e.code != Some(0) {
             eprintln!(
                 "   warning: consumer {} did not stop cleanly on SIGTERM ({})",
@@ -923,6 +972,36 @@ fn job(
     Ok(())
 }
 
+/// A collector for `job`, writing into `dir`/`out`.
+fn spawn_collector(
+    cli: &Cli,
+    env: &Env,
+    dir: &Path,
+    ns: &str,
+    job: &str,
+    out: &str,
+) -> Result<Proc> {
+    let name = if out == "out" {
+        "collector".to_string()
+    } else {
+        format!("{out}-collector")
+    };
+    env.spawn(
+        COLLECTOR,
+        &name,
+        dir,
+        ns,
+        &[
+            ("GEMMQ_JOB_ID", job.to_string()),
+            ("GEMMQ_OUT", out.to_string()),
+            (
+                "GEMMQ_IDLE_TIMEOUT",
+                format!("{}s", cli.timeout.as_secs().max(1)),
+            ),
+        ],
+    )
+}
+
 /// The management API's connection byte counts lag by up to two 5-second refreshes (the
 /// connection's stats timer, then the management collector's; measured here: a job's bytes showed
 /// up 8 s after it ended). The bench reads them this long after the job.
@@ -973,8 +1052,15 @@ fn print_table(r: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\ngemmq-bench: {} consumers, {:?} operands, reference = ndarray dot with {} thread(s), best of runs",
-        r.consumers, r.operands, r.reference_threads
+        "\ngemmq-bench: {} {} consumers, {:?} operands, reference = ndarray dot with {} thread(s), best of runs",
+        r.consumers,
+        if r.warm {
+            "warm (second job)"
+        } else {
+            "fresh (first job)"
+        },
+        r.operands,
+        r.reference_threads
     );
     let _ = writeln!(
         out,

@@ -16,6 +16,7 @@
 //!   computed finish (up to a timeout), returns the ones not started, and closes.
 
 mod heartbeat;
+pub mod memory;
 mod operands;
 mod results;
 
@@ -246,6 +247,8 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         done = stats.done.load(Ordering::Relaxed),
         failed = stats.failed.load(Ordering::Relaxed),
         parked = stats.parked.load(Ordering::Relaxed),
+        operand_mib = stats.operand_bytes.load(Ordering::Relaxed) >> 20,
+        operand_rereads = stats.operand_rereads.load(Ordering::Relaxed),
         "worker stopped"
     );
     Ok(stats)

@@ -45,6 +45,12 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet to read the environment concurrently.
         unsafe { std::env::set_var("MATMUL_NUM_THREADS", settings.threads.to_string()) };
     }
+    // Before any other thread exists; see the module for why and what it costs.
+    if !gemmq_consumer::memory::keep_freed_memory(settings.operand_cache) {
+        tracing::debug!(
+            "this C library cannot be asked to keep freed memory; jobs start on fresh pages"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
