@@ -166,9 +166,13 @@ fn program_variables() -> BTreeMap<&'static str, BTreeSet<String>> {
                 let text = std::fs::read_to_string(&path).expect("a source file");
                 let mut rest = text.as_str();
                 while let Some(i) = rest.find("env = \"") {
+                    // clap's `env = "..."`, not `target_env = "gnu"` in a cfg.
+                    let own_word = !rest[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_');
                     let after = &rest[i + 7..];
                     let end = after.find('"').expect("a closing quote");
-                    into.insert(after[..end].to_string());
+                    if own_word {
+                        into.insert(after[..end].to_string());
+                    }
                     rest = &after[end..];
                 }
             }
