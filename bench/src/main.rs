@@ -96,7 +96,8 @@ struct Cli {
     /// RabbitMQ's management API, for its version only
     #[arg(long, default_value = "http://127.0.0.1:15672")]
     management_url: String,
-    /// Threads of the in-process reference (MATMUL_NUM_THREADS of matrixmultiply; at most 4)
+    /// Threads of the in-process reference (each kernel's: matrixmultiply's MATMUL_NUM_THREADS,
+    /// at most 4, and gemm's rayon pool)
     #[arg(long, default_value_t = 2)]
     reference_threads: usize,
     /// In-process multiplications per size; the best counts
@@ -678,7 +679,7 @@ fn job(
 
     // The reference first, alone on the machine (the job's processes are not started yet).
     eprintln!(
-        "   reference: {}×{} {} dot, {} thread(s), best of {}",
+        "   reference: {}×{} {} in process (matrixmultiply and gemm), {} thread(s), best of {} each",
         spec.n, spec.n, spec.dtype, cli.reference_threads, cli.reference_runs
     );
     run.idle_wait = Some(machine::wait_idle(cli.wait_idle, IDLE_CORES));
@@ -689,8 +690,20 @@ fn job(
         cli.reference_runs,
         cli.reference_threads,
     )?;
+    for k in &reference.kernels {
+        eprintln!(
+            "   reference: {} best {:.3} s (runs {:?})",
+            k.kernel,
+            k.best_seconds,
+            k.runs_seconds
+                .iter()
+                .map(|s| (s * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>()
+        );
+    }
     eprintln!(
-        "   reference: best {:.3} s = {:.1} GFLOP/s (runs {:?}, cpu/wall {:.2}, machine busy {:.2} cores)",
+        "   reference: {} best {:.3} s = {:.1} GFLOP/s (runs {:?}, cpu/wall {:.2}, machine busy {:.2} cores)",
+        reference.kernel,
         reference.best_seconds,
         reference.gflops,
         reference
@@ -786,6 +799,12 @@ fn job(
             remove_outputs(&dir.join("warm-up"));
         }
     }
+    // What the broker had sent the consumers before the measured job (the warm-up job's share).
+    let traffic_before = if cli.warm {
+        consumer_traffic(cli, &consumers)
+    } else {
+        Some((0, 0))
+    };
     for (before, c) in consumers_cpu_before.iter_mut().zip(&consumers) {
         *before = machine::process_cpu_seconds(c.pid).unwrap_or(0.0);
     }
@@ -875,7 +894,9 @@ fn job(
         bail!("the producer failed ({})", producer_exit.describe());
     }
     // What the broker sent the consumers and got from them, before their connections close.
-    let traffic = consumer_traffic(cli, &consumers);
+    let traffic = consumer_traffic(cli, &consumers).zip(traffic_before).map(
+        |((sent, recv), (sent0, recv0))| (sent.saturating_sub(sent0), recv.saturating_sub(recv0)),
+    );
     for (c, before) in consumers.iter().zip(&consumers_cpu_before) {
         let mut e = c.stop(Duration::from_secs(30))?;
         e.cpu_seconds -= before;
@@ -1052,7 +1073,7 @@ fn print_table(r: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "\ngemmq-bench: {} {} consumers, {:?} operands, reference = ndarray dot with {} thread(s), best of runs",
+        "\ngemmq-bench: {} {} consumers, {:?} operands, reference = the faster of matrixmultiply and gemm with {} thread(s), best of runs",
         r.consumers,
         if r.warm {
             "warm (second job)"

@@ -29,6 +29,7 @@ use futures_util::StreamExt;
 use gemmq::broker::{self, Broker, BrokerError, persistent, publish_confirmed};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, DurationRange, Layered};
 use gemmq::events::WorkerState;
+use gemmq::kernel::Threads;
 use gemmq::matrix;
 use gemmq::matrix::Block;
 use gemmq::message::{self, BlockId, Header, ParkedNotice, ResultHeader, Side, TaskHeader, kind};
@@ -82,8 +83,8 @@ pub struct ConsumerOptions {
     #[arg(long, env = "GEMMQ_HEARTBEAT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
-    /// Threads one multiplication may use (MATMUL_NUM_THREADS, if set, wins). One suits a
-    /// worker per core; raise it for a single worker on a many-core machine [default: 1]
+    /// Threads one multiplication may use. One suits a worker per core; raise it for a single
+    /// worker on a many-core machine [default: 1]
     #[arg(long, env = "GEMMQ_THREADS")]
     pub threads: Option<usize>,
     /// Memory for operand blocks read from streamed jobs; beyond it the least recently used
@@ -117,7 +118,7 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     pub heartbeat: Duration,
     pub operand_cache: u64,
-    /// Threads per multiplication (applied by the binary through MATMUL_NUM_THREADS).
+    /// Threads per multiplication.
     pub threads: usize,
 }
 
@@ -614,11 +615,12 @@ async fn work(
     }
     let flops = 2 * task.rows as u64 * task.cols as u64 * task.depth as u64;
     let task = task.clone();
+    let threads = Threads::Exactly(ctx.settings.threads);
     let compute = move || {
         let r = match inputs {
-            Inputs::Inline(offset) => matrix::compute_tile(&task, &data[offset..])
+            Inputs::Inline(offset) => matrix::compute_tile(&task, &data[offset..], threads)
                 .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
-            Inputs::Blocks(a, b) => matrix::multiply_blocks(a.view(), b.view())
+            Inputs::Blocks(a, b) => matrix::multiply_blocks(a.view(), b.view(), threads)
                 .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
         };
         (r, data)

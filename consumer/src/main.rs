@@ -38,13 +38,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // matrixmultiply reads its thread count once, from the environment, at its first
-    // multiplication: set it while this process still has one thread. One thread per
-    // multiplication suits one worker per core, the way workers are meant to be scaled.
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        // SAFETY: no other thread exists yet to read the environment concurrently.
-        unsafe { std::env::set_var("MATMUL_NUM_THREADS", settings.threads.to_string()) };
-    }
     // Before any other thread exists; see the module for why and what it costs.
     if !gemmq_consumer::memory::keep_freed_memory(settings.operand_cache) {
         tracing::debug!(

@@ -308,7 +308,8 @@ async fn a_result_delivered_twice_is_assembled_once() {
             .unwrap()
             .into_task()
             .unwrap();
-        let bytes = gemmq::matrix::compute_tile(&task, payload).unwrap();
+        let bytes = gemmq::matrix::compute_tile(&task, payload, gemmq::kernel::Threads::Exactly(1))
+            .unwrap();
         let header = Header::Result(ResultHeader {
             job: task.job.clone(),
             tile: task.tile,

@@ -830,7 +830,12 @@ mod tests {
                     cols: plan.cols(tile.col).len() as u32,
                     depth: plan.depth(tile.part).len() as u32,
                 };
-                let bytes = compute_tile(&task, &task_payload(a, b, plan, tile)).unwrap();
+                let bytes = compute_tile(
+                    &task,
+                    &task_payload(a, b, plan, tile),
+                    crate::kernel::Threads::Exactly(1),
+                )
+                .unwrap();
                 let h = ResultHeader {
                     job: "j".into(),
                     tile,

@@ -28,6 +28,7 @@ pub mod broker;
 pub mod config;
 pub mod events;
 pub mod job;
+pub mod kernel;
 pub mod matrix;
 pub mod message;
 pub mod shutdown;
