@@ -551,8 +551,8 @@ fn apply(
             asm.apply_failure(n);
             Ok(0)
         }
-        Header::Task(_) | Header::TaskRef(_) | Header::Operand(_) => {
-            warn!("a task or operand block on the results queue dropped");
+        Header::Task(_) | Header::TaskRef(_) | Header::Operand(_) | Header::JobDone(_) => {
+            warn!("a task, operand block or job notice on the results queue dropped");
             Ok(1)
         }
     }
@@ -672,12 +672,18 @@ async fn finish(
     if summary.status == Status::Complete {
         // The job is done: its queues go. Late duplicates are then dropped by the workers.
         let deleted = async {
-            topo.delete_job(&broker.channel().await?, &manifest.job)
-                .await
-                .map_err(Into::into)
+            let ch = broker.channel().await?;
+            topo.delete_job(&ch, &manifest.job).await?;
+            Ok(ch)
         };
-        if let Err(e) = deleted.await as Result<(), gemmq::broker::BrokerError> {
-            warn!(error = %e, "could not delete the finished job's queues");
+        match deleted.await as Result<_, gemmq::broker::BrokerError> {
+            // After the stream is gone, so the notice reaches only the workers' live queues.
+            Ok(ch) => {
+                if let Err(e) = gemmq::job::announce_done(&ch, topo, &manifest.job).await {
+                    warn!(error = %e, "could not tell the workers that the job is done; they drop its blocks when they need the room");
+                }
+            }
+            Err(e) => warn!(error = %e, "could not delete the finished job's queues"),
         }
     }
     Ok(summary)

@@ -206,6 +206,8 @@ pub struct Stats {
     /// dropped them.
     pub operand_bytes: AtomicU64,
     pub operand_rereads: AtomicU64,
+    /// Of `operand_bytes`, those that came on the live queue rather than from a stream.
+    pub operand_live_bytes: AtomicU64,
 }
 
 impl Stats {
@@ -249,6 +251,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         failed = stats.failed.load(Ordering::Relaxed),
         parked = stats.parked.load(Ordering::Relaxed),
         operand_mib = stats.operand_bytes.load(Ordering::Relaxed) >> 20,
+        operand_live_mib = stats.operand_live_bytes.load(Ordering::Relaxed) >> 20,
         operand_rereads = stats.operand_rereads.load(Ordering::Relaxed),
         "worker stopped"
     );
@@ -376,6 +379,17 @@ async fn serve(
         ),
         lost: CancellationToken::new(),
     });
+    // Operand blocks as they are published; without it (logged) they come from the streams.
+    match ctx
+        .operands
+        .start_live(&ctx.conn, &format!("{tag}:operands"))
+        .await
+    {
+        Ok(feed) => {
+            ticker.spawn(feed.in_current_span());
+        }
+        Err(e) => warn!(error = %e, "operand blocks will be read from the job streams only"),
+    }
     let mut handlers = JoinSet::new();
     loop {
         tokio::select! {

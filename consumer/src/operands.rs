@@ -9,15 +9,23 @@
 //! behind tasks whose blocks lie further down the stream). The reader reads ahead while the
 //! cache has room, and only on demand when it is full; then the least recently used block is
 //! dropped, and needing it again costs one read at its known offset.
+//!
+//! That reader is the fallback. A running worker gets each block as it is published, on its own
+//! live queue ([`gemmq::topology::Topology::declare_live_operands`]): the broker hands it over
+//! from memory, where a stream read costs the broker a disk read and a CRC32 check of the chunk,
+//! once per worker. So a task whose block is not cached first waits for the live queue (up to
+//! [`LIVE_GRACE`]); the stream is read when that wait runs out (a worker that started after the
+//! block was published, or whose connection was replaced), when the live queue dropped a block
+//! the cache had no room for, or when the live queue is not up at all.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use gemmq::matrix::Block;
-use gemmq::message::{self, BlockId, DType, Header};
+use gemmq::message::{self, BlockId, DType, Header, OperandHeader};
 use gemmq::topology::Topology;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -30,6 +38,14 @@ use tokio::sync::{Notify, watch};
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Jobs whose readers a worker keeps open at once.
 const MAX_JOBS: usize = 4;
+/// How long a task waits for its block on the live queue before it reads the stream. The
+/// producer publishes a block before the tasks that need it, so on a running worker the block
+/// is at most one message transfer behind the task; this only delays workers that missed it.
+pub const LIVE_GRACE: Duration = Duration::from_secs(3);
+/// Blocks in flight on the live queue (the broker holds the rest, bounded by the queue's size).
+const LIVE_PREFETCH: u16 = 2;
+/// Finished jobs remembered, to drop their late tasks at once.
+const MAX_DONE: usize = 64;
 
 /// Why a block could not be had.
 #[derive(Debug, Clone)]
@@ -48,10 +64,18 @@ impl From<String> for FetchError {
 /// The operand blocks of all jobs this worker serves, on one connection.
 pub struct Operands {
     topo: Topology,
-    jobs: Mutex<Vec<(String, Arc<JobOperands>)>>,
+    jobs: Arc<Jobs>,
+    /// Jobs whose collector said they are done (the latest [`MAX_DONE`]): their tasks are
+    /// dropped at once instead of waiting for blocks that will not come.
+    done: Arc<Mutex<VecDeque<String>>>,
     /// What reading blocks needs, shared with the background readers.
     read: ReadCtx,
+    /// Whether the live queue is being consumed: only then is a missing block waited for.
+    live: Arc<AtomicBool>,
 }
+
+/// The jobs with a cache, the most recently used last.
+type Jobs = Mutex<Vec<(String, Arc<JobOperands>)>>;
 
 /// One job's blocks and the background reader that fills them in.
 struct JobOperands {
@@ -62,6 +86,9 @@ struct JobOperands {
     /// Tasks waiting for a block the reader has not reached: it reads on even with a full cache.
     wanted: AtomicUsize,
     demand: Arc<Notify>,
+    /// The live queue brought a block of this job that the cache had no room for: waiting for
+    /// the live queue cannot help, read the stream.
+    live_missed: AtomicBool,
 }
 
 struct State {
@@ -182,45 +209,71 @@ impl Operands {
     pub fn new(topo: Topology, limit: u64, budget: u64, stats: Arc<crate::Stats>) -> Self {
         Operands {
             topo,
-            jobs: Mutex::new(Vec::new()),
+            jobs: Arc::new(Mutex::new(Vec::new())),
+            done: Arc::new(Mutex::new(VecDeque::new())),
             read: ReadCtx {
                 limit,
                 budget,
                 total: Arc::new(AtomicU64::new(0)),
                 stats,
             },
+            live: Arc::new(AtomicBool::new(false)),
         }
     }
 
     fn job(&self, job: &str) -> Arc<JobOperands> {
-        let mut jobs = self.jobs.lock().expect("never poisoned");
-        if let Some(pos) = jobs.iter().position(|(j, _)| j == job) {
-            let entry = jobs.remove(pos);
-            let found = entry.1.clone();
-            jobs.push(entry);
-            return found;
-        }
-        if jobs.len() >= MAX_JOBS {
-            jobs.remove(0);
-        }
-        let j = Arc::new(JobOperands {
-            job: job.to_string(),
-            state: Mutex::new(State {
-                cache: Cache {
-                    blocks: HashMap::new(),
-                    bytes: 0,
-                    clock: 0,
-                    total: self.read.total.clone(),
-                },
-                offsets: HashMap::new(),
-                reader: ReaderState::Idle,
-            }),
-            changed: watch::Sender::new(0),
-            wanted: AtomicUsize::new(0),
-            demand: Arc::new(Notify::new()),
-        });
-        jobs.push((job.to_string(), j.clone()));
-        j
+        job_entry(&self.jobs, &self.read.total, job)
+    }
+
+    /// Declares this connection's live operand queue and starts consuming it. Returns the loop
+    /// that puts its blocks into the caches, to be run for as long as the connection lives.
+    pub async fn start_live(
+        &self,
+        conn: &Connection,
+        tag: &str,
+    ) -> Result<impl std::future::Future<Output = ()> + use<>, String> {
+        let err = |e: &dyn std::fmt::Display| format!("starting the live operand queue: {e}");
+        let ch = conn.create_channel().await.map_err(|e| err(&e))?;
+        ch.basic_qos(LIVE_PREFETCH, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| err(&e))?;
+        let queue = self
+            .topo
+            .declare_live_operands(&ch)
+            .await
+            .map_err(|e| err(&e))?;
+        let mut feed = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| err(&e))?;
+        tracing::debug!(%queue, "consuming the live operand queue");
+        let (ctx, jobs, live) = (self.read.clone(), self.jobs.clone(), self.live.clone());
+        let done = self.done.clone();
+        live.store(true, Ordering::Relaxed);
+        Ok(async move {
+            // Whatever ends the loop, tasks stop waiting for the live queue.
+            struct Down(Arc<AtomicBool>);
+            impl Drop for Down {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Relaxed);
+                }
+            }
+            let _down = Down(live);
+            while let Some(Ok(d)) = feed.next().await {
+                let acker = d.acker.clone();
+                accept_live(&ctx, &jobs, &done, d);
+                if acker.ack(BasicAckOptions::default()).await.is_err() {
+                    break;
+                }
+            }
+            tracing::debug!("the live operand queue stopped; blocks come from the streams");
+            let _ = ch.close(200, "live operand queue done".into()).await;
+        })
     }
 
     /// The block, from the cache, or once the background reader has reached it.
@@ -231,14 +284,31 @@ impl Operands {
         id: BlockId,
         dtype: DType,
     ) -> Result<Arc<Block>, FetchError> {
+        if self
+            .done
+            .lock()
+            .expect("never poisoned")
+            .iter()
+            .any(|d| d == job)
+        {
+            return Err(FetchError::JobGone);
+        }
         let j = self.job(job);
-        let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
+        let start = tokio::time::Instant::now();
+        let deadline = start + BLOCK_TIMEOUT;
         let mut changed = j.changed.subscribe();
         loop {
             // What to do, decided under the lock; the awaits come after it is released.
-            let evicted_at = {
+            let (evicted_at, reading) = {
                 let mut st = j.state.lock().expect("never poisoned");
                 if let Some(m) = st.cache.get(&id) {
+                    let has = m.view().dtype();
+                    if has != dtype {
+                        return Err(format!(
+                            "block {id} of job {job} holds {has} numbers but the task is {dtype}"
+                        )
+                        .into());
+                    }
                     return Ok(m);
                 }
                 if let ReaderState::Failed(e) = &st.reader {
@@ -246,8 +316,16 @@ impl Operands {
                     st.reader = ReaderState::Idle;
                     return Err(e);
                 }
-                st.offsets.get(&id).copied()
+                (st.offsets.get(&id).copied(), st.reader.is_running())
             };
+            let live_may_bring_it = !reading
+                && self.live.load(Ordering::Relaxed)
+                && !j.live_missed.load(Ordering::Relaxed);
+            if evicted_at.is_none() && live_may_bring_it && start.elapsed() < LIVE_GRACE {
+                let until = (start + LIVE_GRACE).min(deadline);
+                let _ = tokio::time::timeout_at(until, changed.changed()).await;
+                continue;
+            }
             if let Some(offset) = evicted_at {
                 // Seen before, evicted since: read just that one.
                 self.read
@@ -429,15 +507,7 @@ fn accept(
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-    let frame = match message::decode(&d.data, ctx.limit) {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(job = %j.job, error = %e, "unreadable block on the operand stream skipped");
-            return Ok(None);
-        }
-    };
-    let Header::Operand(h) = frame.header else {
-        tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
+    let Some((h, start)) = decode_block(ctx, &j.job, &d.data, "operand stream") else {
         return Ok(None);
     };
     if h.job != j.job || h.dtype != dtype {
@@ -448,17 +518,113 @@ fn accept(
         // A one-off read may start a little before its block (the stream's chunk).
         return Ok(None);
     }
-    let (rows, cols) = (h.rows as usize, h.cols as usize);
-    // The payload is the body's tail: keep the body and view the numbers in it.
-    let start = d.data.len() - frame.payload.len();
-    let m = match Block::from_body(d.data, start, rows, cols, dtype) {
-        Ok(m) => Arc::new(m),
+    Ok(store(ctx, j, &h, d.data, start, offset).map(|m| (h.block, m)))
+}
+
+/// A block from the live queue: cached if there is room (made by dropping the caches of other,
+/// less recently used jobs first); otherwise its job reads the stream for it.
+fn accept_live(ctx: &ReadCtx, jobs: &Jobs, done: &Mutex<VecDeque<String>>, d: Delivery) {
+    // The collector's word that a job is done: its blocks can go (decode checked the job id).
+    if let Ok(f) = message::decode(&d.data, ctx.limit)
+        && let Header::JobDone(notice) = f.header
+    {
+        let mut finished = done.lock().expect("never poisoned");
+        if !finished.contains(&notice.job) {
+            if finished.len() >= MAX_DONE {
+                finished.pop_front();
+            }
+            finished.push_back(notice.job.clone());
+        }
+        drop(finished);
+        let mut jobs = jobs.lock().expect("never poisoned");
+        if let Some(pos) = jobs.iter().position(|(j, _)| *j == notice.job) {
+            let (_, j) = jobs.remove(pos);
+            let mut st = j.state.lock().expect("never poisoned");
+            let mib = st.cache.bytes as f64 / (1u64 << 20) as f64;
+            st.cache.clear();
+            tracing::info!(job = %notice.job, cached_mib = %format!("{mib:.1}"), "job done; its cached operand blocks dropped");
+        }
+        return;
+    }
+    ctx.stats
+        .operand_bytes
+        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+    ctx.stats
+        .operand_live_bytes
+        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+    let Some((h, start)) = decode_block(ctx, "?", &d.data, "live operand queue") else {
+        return;
+    };
+    // Blocks of a job once said to be done: the same job id published again.
+    done.lock().expect("never poisoned").retain(|d| *d != h.job);
+    let j = job_entry(jobs, &ctx.total, &h.job);
+    let size = d.data.len() as u64;
+    let fits = || ctx.total.load(Ordering::Relaxed) + size <= ctx.budget;
+    if !fits() {
+        let others: Vec<Arc<JobOperands>> = {
+            let jobs = jobs.lock().expect("never poisoned");
+            jobs.iter()
+                .filter(|(name, _)| *name != h.job)
+                .map(|(_, o)| o.clone())
+                .collect()
+        };
+        for other in others {
+            if fits() {
+                break;
+            }
+            other.state.lock().expect("never poisoned").cache.clear();
+        }
+    }
+    if !fits() {
+        j.live_missed.store(true, Ordering::Relaxed);
+        j.changed.send_modify(|n| *n += 1);
+        tracing::debug!(job = %h.job, block = %h.block, "no room for a live block; the stream will be read");
+        return;
+    }
+    store(ctx, &j, &h, d.data, start, None);
+}
+
+/// The header of a block message and where its numbers start; `None` (logged) if it is not one.
+fn decode_block(
+    ctx: &ReadCtx,
+    job: &str,
+    body: &[u8],
+    source: &str,
+) -> Option<(OperandHeader, usize)> {
+    let frame = match message::decode(body, ctx.limit) {
+        Ok(f) => f,
         Err(e) => {
-            tracing::warn!(job = %j.job, block = %h.block, error = %e, "a malformed block on the operand stream skipped");
-            return Ok(None);
+            tracing::warn!(%job, error = %e, "unreadable block on the {source} skipped");
+            return None;
         }
     };
-    tracing::debug!(job = %j.job, block = %h.block, "operand block read");
+    let Header::Operand(h) = frame.header else {
+        tracing::warn!(%job, "a message that is not a block on the {source} skipped");
+        return None;
+    };
+    // The payload is the body's tail: keep the body and view the numbers in it.
+    Some((h, body.len() - frame.payload.len()))
+}
+
+/// Puts a decoded block into its job's cache (remembering its stream offset, if it came from
+/// the stream) and wakes the tasks waiting for blocks.
+fn store(
+    ctx: &ReadCtx,
+    j: &JobOperands,
+    h: &OperandHeader,
+    body: Vec<u8>,
+    start: usize,
+    offset: Option<i64>,
+) -> Option<Arc<Block>> {
+    let (rows, cols) = (h.rows as usize, h.cols as usize);
+    let m = match Block::from_body(body, start, rows, cols, h.dtype) {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::warn!(job = %j.job, block = %h.block, error = %e, "a malformed operand block skipped");
+            return None;
+        }
+    };
+    tracing::debug!(job = %j.job, block = %h.block, live = offset.is_none(), "operand block received");
     {
         let mut st = j.state.lock().expect("never poisoned");
         if let Some(o) = offset {
@@ -467,7 +633,40 @@ fn accept(
         st.cache.insert(h.block, m.clone(), ctx.budget);
     }
     j.changed.send_modify(|n| *n += 1);
-    Ok(Some((h.block, m)))
+    Some(m)
+}
+
+/// The job's entry, made if it is new (dropping the least recently used job beyond MAX_JOBS).
+fn job_entry(jobs: &Jobs, total: &Arc<AtomicU64>, job: &str) -> Arc<JobOperands> {
+    let mut jobs = jobs.lock().expect("never poisoned");
+    if let Some(pos) = jobs.iter().position(|(j, _)| j == job) {
+        let entry = jobs.remove(pos);
+        let found = entry.1.clone();
+        jobs.push(entry);
+        return found;
+    }
+    if jobs.len() >= MAX_JOBS {
+        jobs.remove(0);
+    }
+    let j = Arc::new(JobOperands {
+        job: job.to_string(),
+        state: Mutex::new(State {
+            cache: Cache {
+                blocks: HashMap::new(),
+                bytes: 0,
+                clock: 0,
+                total: total.clone(),
+            },
+            offsets: HashMap::new(),
+            reader: ReaderState::Idle,
+        }),
+        changed: watch::Sender::new(0),
+        wanted: AtomicUsize::new(0),
+        demand: Arc::new(Notify::new()),
+        live_missed: AtomicBool::new(false),
+    });
+    jobs.push((job.to_string(), j.clone()));
+    j
 }
 
 fn close_quietly(ch: Channel, tag: lapin::types::ShortString) {

@@ -107,6 +107,135 @@ async fn a_worker_whose_operand_cache_is_too_small_rereads_blocks_at_their_offse
     env.cleanup(&["tinycache"]).await;
 }
 
+/// Waits until `n` live operand queues are bound to the namespace's operands exchange: the
+/// workers are then sure to see every block published from now on.
+async fn wait_for_live_queues(env: &Env, n: usize) {
+    let path = format!(
+        "/exchanges/%2f/{}/bindings/source",
+        env.topology().operands_exchange()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bound = common::try_mgmt(&path)
+            .and_then(|v| v.as_array().cloned())
+            .map_or(0, |b| {
+                b.iter()
+                    .filter(|b| b["routing_key"] == "#" && b["destination_type"] == "queue")
+                    .count()
+            });
+        if bound >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{bound} of {n} live queues bound within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_workers_get_each_block_on_their_live_queue_and_never_read_the_stream() {
+    let mut env = Env::new("live");
+    env.spawn_consumer(env.consumer("w1"));
+    env.spawn_consumer(env.consumer("w2"));
+    wait_for_live_queues(&env, 2).await;
+    let shape = (128, 64, 128);
+    let mut p = env.producer("live", shape, 32);
+    p.operands = Operands::Stream;
+    let (receipt, summary) = run_job_with(&env, p, env.collector("live")).await;
+
+    assert_eq!(receipt.tasks, 16);
+    assert_eq!(summary.status, Status::Complete);
+    let err = common::max_error_against_local_product(&env, "live", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    // 4 blocks of A and 4 of B, 16 KiB each, with their headers.
+    let stats = env.stop_consumers().await;
+    for (w, s) in stats.iter().enumerate() {
+        let (all, live) = (
+            s.operand_bytes.load(Ordering::Relaxed),
+            s.operand_live_bytes.load(Ordering::Relaxed),
+        );
+        assert!(all >= 8 * 16 * 1024, "worker {w} got {all} bytes of blocks");
+        assert_eq!(
+            live,
+            all,
+            "worker {w} read {} bytes from the stream",
+            all - live
+        );
+        assert_eq!(s.operand_rereads.load(Ordering::Relaxed), 0);
+    }
+    env.cleanup(&["live"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_a_job_is_done_running_workers_drop_its_cached_blocks() {
+    let env = Env::new("jobdone");
+    let mut w = env.spawn(
+        "gemmq-consumer",
+        "jobdone-w1",
+        &["--worker-id", "jobdone-w1"],
+    );
+    w.wait_for("consuming tasks", 1, Duration::from_secs(30))
+        .await;
+    wait_for_live_queues(&env, 1).await;
+    let mut p = env.producer("jobdone", (128, 64, 128), 32);
+    p.operands = Operands::Stream;
+    let (_, summary) = run_job_with(&env, p, env.collector("jobdone")).await;
+    assert_eq!(summary.status, Status::Complete);
+    // The collector's notice comes after the job's queues are deleted.
+    w.wait_for(
+        "job done; its cached operand blocks dropped",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        w.log().contains("cached_mib=0.1"),
+        "8 blocks of 16 KiB: {}",
+        w.log()
+    );
+    w.signal("TERM");
+    assert_eq!(w.wait(Duration::from_secs(10)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_after_the_blocks_were_published_reads_them_from_the_stream() {
+    let mut env = Env::new("late");
+    let shape = (128, 64, 128);
+    let mut p = env.producer("late", shape, 32);
+    p.operands = Operands::Stream;
+    let stop = env.stop.clone();
+    let c = env.collector("late");
+    let collector = tokio::spawn(async move { gemmq_collector::run(&c, stop).await });
+    // Every block and task is on the broker before any worker exists.
+    let receipt = gemmq_producer::run(&p)
+        .await
+        .expect("the producer publishes");
+    assert_eq!(receipt.tasks, 16);
+    env.spawn_consumer(env.consumer("late-w1"));
+    let summary = tokio::time::timeout(Duration::from_secs(60), collector)
+        .await
+        .expect("the job finishes within a minute")
+        .expect("collector task")
+        .expect("the collector runs cleanly");
+
+    assert_eq!(summary.status, Status::Complete);
+    let err = common::max_error_against_local_product(&env, "late", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    let (all, live) = (
+        stats[0].operand_bytes.load(Ordering::Relaxed),
+        stats[0].operand_live_bytes.load(Ordering::Relaxed),
+    );
+    assert_eq!(live, 0, "no block was published while the worker ran");
+    assert!(
+        all >= 8 * 16 * 1024,
+        "the blocks came from the stream ({all} bytes)"
+    );
+    env.cleanup(&["late"]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_k_split_job_sums_each_partial_product_once_with_either_operand_transport() {
     // 64 KiB messages cannot hold a 64-row and a 64-column block of depth 200 (200 KiB): k is

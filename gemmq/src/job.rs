@@ -12,7 +12,7 @@ use lapin::Channel;
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 
 use crate::broker::{PublishError, persistent, publish_confirmed};
-use crate::message::{Manifest, MessageError, kind};
+use crate::message::{Header, JobDone, Manifest, MessageError, kind};
 use crate::topology::{Topology, TopologyError};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,4 +108,20 @@ pub async fn peek_manifest(
         }
     }
     Ok(None)
+}
+
+/// Tells the running workers (their live operand queues) that a finished job's blocks can go.
+/// Best effort: unconfirmed and not mandatory, since no worker may be running; a worker that
+/// misses it drops the blocks when its cache needs the room.
+pub async fn announce_done(ch: &Channel, topo: &Topology, job: &str) -> Result<(), JobError> {
+    let body = crate::message::encode(&Header::JobDone(JobDone { job: job.into() }), &[]);
+    ch.basic_publish(
+        topo.operands_exchange().as_str().into(),
+        job.into(),
+        lapin::options::BasicPublishOptions::default(),
+        &body,
+        lapin::BasicProperties::default().with_type(kind::JOB_DONE.into()),
+    )
+    .await?;
+    Ok(())
 }

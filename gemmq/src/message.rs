@@ -33,6 +33,7 @@ pub mod kind {
     pub const PARKED: &str = "gemmq.parked";
     pub const FAILED: &str = "gemmq.failed";
     pub const OPERAND: &str = "gemmq.operand";
+    pub const JOB_DONE: &str = "gemmq.job_done";
     pub const MANIFEST: &str = "gemmq.manifest";
 }
 
@@ -144,6 +145,14 @@ impl fmt::Display for BlockId {
             Side::B => write!(f, "B[k{},{}]", self.part, self.index),
         }
     }
+}
+
+/// A finished job, announced by its collector on the operands exchange once the job's queues are
+/// deleted: workers drop the blocks they cached for it. No payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDone {
+    pub job: String,
 }
 
 /// One block of A or B on the job's operand stream.
@@ -275,6 +284,7 @@ pub enum Header {
     TaskRef(TaskHeader),
     Operand(OperandHeader),
     Results(ResultBatch),
+    JobDone(JobDone),
 }
 
 impl Header {
@@ -287,6 +297,7 @@ impl Header {
             Header::TaskRef(_) => "task reference",
             Header::Operand(_) => "operand block",
             Header::Results(_) => "result batch",
+            Header::JobDone(_) => "job done",
         }
     }
 
@@ -299,6 +310,7 @@ impl Header {
             Header::TaskRef(h) => &h.job,
             Header::Operand(h) => &h.job,
             Header::Results(h) => &h.job,
+            Header::JobDone(h) => &h.job,
         }
     }
 
@@ -358,7 +370,7 @@ impl Header {
                 }
                 return Ok(0);
             }
-            Header::Parked(_) | Header::Failed(_) => return Ok(0),
+            Header::Parked(_) | Header::Failed(_) | Header::JobDone(_) => return Ok(0),
             Header::Results(b) => {
                 if b.tiles.is_empty() {
                     return Err(MessageError::Dimensions(

@@ -15,8 +15,10 @@
 //!                                           consumer: one collector assembles, others stand by
 //!                                           {ns}.job.<id>.manifest classic queue holding the
 //!                                           job's manifest, read without being consumed
-//!                                           {ns}.job.<id>.operands stream: each block of A and B
-//!                                           once, read (not consumed) by every worker that needs it
+//! {ns}.operands exchange (topic) ─job id─▶ {ns}.job.<id>.operands stream: each block of A and B
+//!                     │                      once, the record every worker can read from any offset
+//!                     └──"#"──▶ one live queue per worker (exclusive, classic, in memory, bounded):
+//!                                each block as it is published, straight from memory
 //! ```
 //!
 //! Declarations are idempotent, so every program declares everything it touches and start order
@@ -31,6 +33,13 @@
 //!   requeue, not through the retry path): once reached the broker dead-letters it to the retry
 //!   queue, where it counts as an attempt. RabbitMQ 4 defaults it to 20; we set it explicitly so
 //!   3.x and 4.x behave the same.
+//! * Operand blocks reach running workers through their live queues, not by reading the stream:
+//!   RabbitMQ reads a stream from disk and checks the CRC32 of every chunk on every read
+//!   (osiris), which cost the broker more than any other part of a job (BENCHMARKS.md). The
+//!   stream stays the record: a worker that starts late, reconnects or evicted a block reads it
+//!   there. A live queue is bounded (`x-max-length-bytes`, oldest dropped first), so a worker that
+//!   falls behind costs the broker a bounded amount of memory and reads what it lost from the
+//!   stream.
 
 use std::time::Duration;
 
@@ -46,6 +55,9 @@ use crate::config::ConfigError;
 pub const TASK_KEY: &str = "task";
 /// How many crash-loop redeliveries a task gets before the broker counts it as a failed attempt.
 pub const DELIVERY_LIMIT: i64 = 10;
+/// The most a worker's live operand queue holds on the broker (in memory) before the oldest
+/// block is dropped; the worker then reads that block from the job's stream.
+pub const LIVE_OPERANDS_MAX_BYTES: i64 = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -157,6 +169,10 @@ impl Topology {
     pub fn operands_queue(&self, job: &str) -> String {
         format!("{}.job.{job}.operands", self.ns)
     }
+    /// Where producers publish operand blocks, with the job id as routing key.
+    pub fn operands_exchange(&self) -> String {
+        format!("{}.operands", self.ns)
+    }
 
     /// Declares the shared part: task, retry, parking-lot and job-announcement queues.
     pub async fn declare(&self, ch: &Channel) -> Result<(), TopologyError> {
@@ -164,6 +180,7 @@ impl Topology {
         exchange(ch, &self.retry_exchange(), ExchangeKind::Fanout).await?;
         exchange(ch, &self.results_exchange(), ExchangeKind::Direct).await?;
         exchange(ch, &self.events_exchange(), ExchangeKind::Fanout).await?;
+        exchange(ch, &self.operands_exchange(), ExchangeKind::Topic).await?;
 
         let mut tasks = quorum_args();
         tasks.insert(
@@ -212,7 +229,37 @@ impl Topology {
         let mut operands = FieldTable::default();
         operands.insert("x-queue-type".into(), text("stream"));
         queue(ch, &self.operands_queue(job), operands).await?;
+        bind(
+            ch,
+            &self.operands_queue(job),
+            &self.operands_exchange(),
+            job,
+        )
+        .await?;
         Ok(())
+    }
+
+    /// Declares this connection's live operand queue, bound to every job's blocks, and returns
+    /// its (server-chosen) name. Exclusive and auto-deleted: it lives as long as the connection.
+    pub async fn declare_live_operands(&self, ch: &Channel) -> Result<String, TopologyError> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(LIVE_OPERANDS_MAX_BYTES),
+        );
+        args.insert("x-overflow".into(), text("drop-head"));
+        let opts = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let q = ch
+            .queue_declare("".into(), opts, args)
+            .await
+            .map_err(|e| map_err("queue", "(live operands)", e))?;
+        let name = q.name().to_string();
+        bind(ch, &name, &self.operands_exchange(), "#").await?;
+        Ok(name)
     }
 
     /// Removes a finished job's queues.
@@ -244,6 +291,7 @@ impl Topology {
             self.retry_exchange(),
             self.results_exchange(),
             self.events_exchange(),
+            self.operands_exchange(),
         ] {
             ch.exchange_delete(e.as_str().into(), Default::default())
                 .await?;

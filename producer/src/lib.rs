@@ -423,7 +423,9 @@ async fn publish_tasks<T: Element>(
         }
         items.push(Item::Task(tile));
     }
-    let operands_queue = topo.operands_queue(job);
+    // Through the operands exchange: into the job's stream (its record) and at once to the live
+    // queue of every running worker (see gemmq::topology).
+    let operands_exchange = topo.operands_exchange();
     let exchange = topo.tasks_exchange();
     for item in items.into_iter().skip(skip as usize) {
         match item {
@@ -449,7 +451,13 @@ async fn publish_tasks<T: Element>(
                 *bytes += body.len() as u64;
                 let props = persistent(kind::OPERAND, format!("{job}/{block}"));
                 window
-                    .publish("", &operands_queue, &body, props, format!("block {block}"))
+                    .publish(
+                        &operands_exchange,
+                        job,
+                        &body,
+                        props,
+                        format!("block {block}"),
+                    )
                     .await
                     .with_context(|| format!("publishing block {block} of job {job}"))?;
                 info!(%job, %block, bytes = body.len(), "operand block published");
