@@ -382,7 +382,7 @@ async fn serve(
     // Operand blocks as they are published; without it (logged) they come from the streams.
     match ctx
         .operands
-        .start_live(&ctx.conn, &format!("{tag}:operands"))
+        .start_live(&ctx.conn, &s.worker_id, &format!("{tag}:operands"))
         .await
     {
         Ok(feed) => {

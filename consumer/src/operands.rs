@@ -230,6 +230,7 @@ impl Operands {
     pub async fn start_live(
         &self,
         conn: &Connection,
+        worker: &str,
         tag: &str,
     ) -> Result<impl std::future::Future<Output = ()> + use<>, String> {
         let err = |e: &dyn std::fmt::Display| format!("starting the live operand queue: {e}");
@@ -239,7 +240,7 @@ impl Operands {
             .map_err(|e| err(&e))?;
         let queue = self
             .topo
-            .declare_live_operands(&ch)
+            .declare_live_operands(&ch, worker)
             .await
             .map_err(|e| err(&e))?;
         let mut feed = ch

@@ -17,7 +17,8 @@
 //!                                           job's manifest, read without being consumed
 //! {ns}.operands exchange (topic) ─job id─▶ {ns}.job.<id>.operands stream: each block of A and B
 //!                     │                      once, the record every worker can read from any offset
-//!                     └──"#"──▶ one live queue per worker (exclusive, classic, in memory, bounded):
+//!                     └──"#"──▶ {ns}.live.<worker>.<random>: one per worker (exclusive, classic,
+//!                                in memory, bounded):
 //!                                each block as it is published, straight from memory
 //! ```
 //!
@@ -239,9 +240,19 @@ impl Topology {
         Ok(())
     }
 
-    /// Declares this connection's live operand queue, bound to every job's blocks, and returns
-    /// its (server-chosen) name. Exclusive and auto-deleted: it lives as long as the connection.
-    pub async fn declare_live_operands(&self, ch: &Channel) -> Result<String, TopologyError> {
+    /// The name of a worker's live operand queue: in the namespace (so the permissions that
+    /// cover gemmq's other names cover it), and unique even if two workers share an id.
+    pub fn live_operands_queue(&self, worker: &str) -> String {
+        format!("{}.live.{worker}.{:08x}", self.ns, rand::random::<u32>())
+    }
+
+    /// Declares a worker's live operand queue, bound to every job's blocks, and returns its
+    /// name. Exclusive and auto-deleted: it lives as long as the connection.
+    pub async fn declare_live_operands(
+        &self,
+        ch: &Channel,
+        worker: &str,
+    ) -> Result<String, TopologyError> {
         let mut args = FieldTable::default();
         args.insert(
             "x-max-length-bytes".into(),
@@ -253,11 +264,10 @@ impl Topology {
             auto_delete: true,
             ..Default::default()
         };
-        let q = ch
-            .queue_declare("".into(), opts, args)
+        let name = self.live_operands_queue(worker);
+        ch.queue_declare(name.as_str().into(), opts, args)
             .await
-            .map_err(|e| map_err("queue", "(live operands)", e))?;
-        let name = q.name().to_string();
+            .map_err(|e| map_err("queue", &name, e))?;
         bind(ch, &name, &self.operands_exchange(), "#").await?;
         Ok(name)
     }
