@@ -379,16 +379,24 @@ async fn serve(
         ),
         lost: CancellationToken::new(),
     });
-    // Operand blocks as they are published; without it (logged) they come from the streams.
-    match ctx
-        .operands
-        .start_live(&ctx.conn, &s.worker_id, &format!("{tag}:operands"))
-        .await
-    {
-        Ok(feed) => {
-            ticker.spawn(feed.in_current_span());
+    // Operand blocks as they are published; without it (logged) they come from the streams. A
+    // cache smaller than one message could keep none of them: it reads the streams on demand.
+    if s.operand_cache < s.broker.max_message_bytes {
+        info!(
+            operand_cache = s.operand_cache,
+            "the operand cache is smaller than a message: blocks are read from the job streams only"
+        );
+    } else {
+        match ctx
+            .operands
+            .start_live(&ctx.conn, &s.worker_id, &format!("{tag}:operands"))
+            .await
+        {
+            Ok(feed) => {
+                ticker.spawn(feed.in_current_span());
+            }
+            Err(e) => warn!(error = %e, "operand blocks will be read from the job streams only"),
         }
-        Err(e) => warn!(error = %e, "operand blocks will be read from the job streams only"),
     }
     let mut handlers = JoinSet::new();
     loop {
@@ -582,10 +590,13 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Block>, Arc<B
         index: t.col,
         part: t.part,
     };
-    let get = |id| ctx.operands.get(&ctx.conn, &task.job, id, task.dtype);
-    let a = get(a_id).await.map_err(Failure::from)?;
-    let b = get(b_id).await.map_err(Failure::from)?;
     let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
+    let get = |id, shape| {
+        ctx.operands
+            .get(&ctx.conn, &task.job, id, task.dtype, shape)
+    };
+    let a = get(a_id, (r, d)).await.map_err(Failure::from)?;
+    let b = get(b_id, (d, c)).await.map_err(Failure::from)?;
     let (a_shape, b_shape) = (a.view().shape(), b.view().shape());
     if a_shape != (r, d) || b_shape != (d, c) {
         return Err(Failure::Permanent(format!(

@@ -18,7 +18,7 @@
 //! block was published, or whose connection was replaced), when the live queue dropped a block
 //! the cache had no room for, or when the live queue is not up at all.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,8 +36,9 @@ use tokio::sync::{Notify, watch};
 /// How long a worker waits for a block to appear on the stream before it gives up on the task
 /// (which is then retried): the producer publishes blocks before the tasks that name them.
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);
-/// Jobs whose readers a worker keeps open at once.
-const MAX_JOBS: usize = 4;
+/// Jobs a worker keeps blocks (and stream readers) of at once; their memory is bounded by the
+/// cache budget, not by this.
+const MAX_JOBS: usize = 16;
 /// How long a task waits for its block on the live queue before it reads the stream. The
 /// producer publishes a block before the tasks that need it, so on a running worker the block
 /// is at most one message transfer behind the task; this only delays workers that missed it.
@@ -95,6 +96,9 @@ struct State {
     cache: Cache,
     /// Where every block seen so far is on the stream.
     offsets: HashMap<BlockId, i64>,
+    /// Blocks that came on the live queue: one that is missing now was evicted, and will not
+    /// come again live.
+    seen_live: HashSet<BlockId>,
     reader: ReaderState,
 }
 
@@ -162,6 +166,13 @@ impl Cache {
             *used = clock;
             m.clone()
         })
+    }
+
+    fn remove(&mut self, id: &BlockId) {
+        if let Some((old, _)) = self.blocks.remove(id) {
+            self.bytes -= old.memory();
+            self.total.fetch_sub(old.memory(), Ordering::Relaxed);
+        }
     }
 
     /// Drops every block, giving their bytes back to the shared budget.
@@ -240,7 +251,7 @@ impl Operands {
             .map_err(|e| err(&e))?;
         let queue = self
             .topo
-            .declare_live_operands(&ch, worker)
+            .declare_live_operands(&ch, worker, self.read.budget)
             .await
             .map_err(|e| err(&e))?;
         let mut feed = ch
@@ -258,13 +269,18 @@ impl Operands {
         live.store(true, Ordering::Relaxed);
         Ok(async move {
             // Whatever ends the loop, tasks stop waiting for the live queue.
-            struct Down(Arc<AtomicBool>);
+            struct Down(Arc<AtomicBool>, Arc<Jobs>);
             impl Drop for Down {
                 fn drop(&mut self) {
                     self.0.store(false, Ordering::Relaxed);
+                    if let Ok(jobs) = self.1.lock() {
+                        for (_, j) in jobs.iter() {
+                            j.changed.send_modify(|n| *n += 1);
+                        }
+                    }
                 }
             }
-            let _down = Down(live);
+            let _down = Down(live, jobs.clone());
             while let Some(Ok(d)) = feed.next().await {
                 let acker = d.acker.clone();
                 accept_live(&ctx, &jobs, &done, d);
@@ -277,23 +293,25 @@ impl Operands {
         })
     }
 
-    /// The block, from the cache, or once the background reader has reached it.
+    /// The block, from the cache, or once the live queue or the stream reader has brought it.
+    /// `shape` is what the task expects: a cached block that came live with another shape or
+    /// dtype is stale (a job id used again) and is read from the stream instead.
     pub async fn get(
         &self,
         conn: &Connection,
         job: &str,
         id: BlockId,
         dtype: DType,
+        shape: (usize, usize),
     ) -> Result<Arc<Block>, FetchError> {
-        if self
+        // A job said to be done has nothing more coming live; its stream tells whether it is
+        // gone (the task is dropped) or back (the same job id published again).
+        let mut stream_only = self
             .done
             .lock()
             .expect("never poisoned")
             .iter()
-            .any(|d| d == job)
-        {
-            return Err(FetchError::JobGone);
-        }
+            .any(|d| d == job);
         let j = self.job(job);
         let start = tokio::time::Instant::now();
         let deadline = start + BLOCK_TIMEOUT;
@@ -303,14 +321,19 @@ impl Operands {
             let (evicted_at, reading) = {
                 let mut st = j.state.lock().expect("never poisoned");
                 if let Some(m) = st.cache.get(&id) {
-                    let has = m.view().dtype();
-                    if has != dtype {
-                        return Err(format!(
-                            "block {id} of job {job} holds {has} numbers but the task is {dtype}"
-                        )
-                        .into());
+                    let fits = m.view().dtype() == dtype && m.view().shape() == shape;
+                    if fits || st.offsets.contains_key(&id) {
+                        // From the stream it is what the job has: a wrong one is the task's
+                        // problem, reported by the caller.
+                        return Ok(m);
                     }
-                    return Ok(m);
+                    tracing::warn!(%job, block = %id, "a cached block does not fit its task (stale: the job id was used again?); reading the stream");
+                    st.cache.remove(&id);
+                    stream_only = true;
+                }
+                if st.seen_live.contains(&id) {
+                    // It came live and was evicted: it will not come live again.
+                    stream_only = true;
                 }
                 if let ReaderState::Failed(e) = &st.reader {
                     let e = e.clone();
@@ -320,6 +343,7 @@ impl Operands {
                 (st.offsets.get(&id).copied(), st.reader.is_running())
             };
             let live_may_bring_it = !reading
+                && !stream_only
                 && self.live.load(Ordering::Relaxed)
                 && !j.live_missed.load(Ordering::Relaxed);
             if evicted_at.is_none() && live_may_bring_it && start.elapsed() < LIVE_GRACE {
@@ -543,6 +567,10 @@ fn accept_live(ctx: &ReadCtx, jobs: &Jobs, done: &Mutex<VecDeque<String>>, d: De
             let mut st = j.state.lock().expect("never poisoned");
             let mib = st.cache.bytes as f64 / (1u64 << 20) as f64;
             st.cache.clear();
+            drop(st);
+            // Tasks waiting for its blocks stop waiting for the live queue.
+            j.live_missed.store(true, Ordering::Relaxed);
+            j.changed.send_modify(|n| *n += 1);
             tracing::info!(job = %notice.job, cached_mib = %format!("{mib:.1}"), "job done; its cached operand blocks dropped");
         }
         return;
@@ -628,9 +656,10 @@ fn store(
     tracing::debug!(job = %j.job, block = %h.block, live = offset.is_none(), "operand block received");
     {
         let mut st = j.state.lock().expect("never poisoned");
-        if let Some(o) = offset {
-            st.offsets.insert(h.block, o);
-        }
+        match offset {
+            Some(o) => st.offsets.insert(h.block, o).map(|_| ()),
+            None => st.seen_live.insert(h.block).then_some(()),
+        };
         st.cache.insert(h.block, m.clone(), ctx.budget);
     }
     j.changed.send_modify(|n| *n += 1);
@@ -659,6 +688,7 @@ fn job_entry(jobs: &Jobs, total: &Arc<AtomicU64>, job: &str) -> Arc<JobOperands>
                 total: total.clone(),
             },
             offsets: HashMap::new(),
+            seen_live: HashSet::new(),
             reader: ReaderState::Idle,
         }),
         changed: watch::Sender::new(0),

@@ -247,17 +247,18 @@ impl Topology {
     }
 
     /// Declares a worker's live operand queue, bound to every job's blocks, and returns its
-    /// name. Exclusive and auto-deleted: it lives as long as the connection.
+    /// name. Exclusive and auto-deleted: it lives as long as the connection. It holds at most
+    /// the worker's cache budget, and never more than [`LIVE_OPERANDS_MAX_BYTES`].
     pub async fn declare_live_operands(
         &self,
         ch: &Channel,
         worker: &str,
+        cache_budget: u64,
     ) -> Result<String, TopologyError> {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-max-length-bytes".into(),
-            AMQPValue::LongLongInt(LIVE_OPERANDS_MAX_BYTES),
-        );
+        let cap = i64::try_from(cache_budget)
+            .map_or(LIVE_OPERANDS_MAX_BYTES, |b| b.min(LIVE_OPERANDS_MAX_BYTES));
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
         args.insert("x-overflow".into(), text("drop-head"));
         let opts = QueueDeclareOptions {
             exclusive: true,

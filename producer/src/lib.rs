@@ -449,6 +449,23 @@ async fn publish_tasks<T: Element>(
                 let mut body = message::encode_header(&header, data.len() * size_of::<T>());
                 matrix::extend_le(data, &mut body);
                 *bytes += body.len() as u64;
+                // Every running worker's live queue takes blocks, so `mandatory` no longer
+                // tells that the job's stream (the record late workers read) is missing: ask.
+                // A 404 fails this try; the next one declares the job's queues again.
+                window
+                    .channel()
+                    .queue_declare(
+                        topo.operands_queue(job).as_str().into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await
+                    .with_context(|| {
+                        format!("the operand stream of job {job} vanished while publishing")
+                    })?;
                 let props = persistent(kind::OPERAND, format!("{job}/{block}"));
                 window
                     .publish(
