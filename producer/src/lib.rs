@@ -379,6 +379,9 @@ fn log_announced(manifest: &Manifest, announced: Announced) {
     }
 }
 
+/// How often, at most, the producer checks that the job's operand stream still exists.
+const STREAM_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// One message the producer publishes.
 enum Item {
     Block(BlockId),
@@ -426,6 +429,7 @@ async fn publish_tasks<T: Element>(
     // Through the operands exchange: into the job's stream (its record) and at once to the live
     // queue of every running worker (see gemmq::topology).
     let operands_exchange = topo.operands_exchange();
+    let mut stream_checked: Option<std::time::Instant> = None;
     let exchange = topo.tasks_exchange();
     for item in items.into_iter().skip(skip as usize) {
         match item {
@@ -450,22 +454,26 @@ async fn publish_tasks<T: Element>(
                 matrix::extend_le(data, &mut body);
                 *bytes += body.len() as u64;
                 // Every running worker's live queue takes blocks, so `mandatory` no longer
-                // tells that the job's stream (the record late workers read) is missing: ask.
+                // tells that the job's stream (the record late workers read) is missing: ask,
+                // at most every STREAM_CHECK (a round trip per block would slow tiny tiles).
                 // A 404 fails this try; the next one declares the job's queues again.
-                window
-                    .channel()
-                    .queue_declare(
-                        topo.operands_queue(job).as_str().into(),
-                        lapin::options::QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        Default::default(),
-                    )
-                    .await
-                    .with_context(|| {
-                        format!("the operand stream of job {job} vanished while publishing")
-                    })?;
+                if stream_checked.is_none_or(|t| t.elapsed() >= STREAM_CHECK) {
+                    stream_checked = Some(std::time::Instant::now());
+                    window
+                        .channel()
+                        .queue_declare(
+                            topo.operands_queue(job).as_str().into(),
+                            lapin::options::QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            Default::default(),
+                        )
+                        .await
+                        .with_context(|| {
+                            format!("the operand stream of job {job} vanished while publishing")
+                        })?;
+                }
                 let props = persistent(kind::OPERAND, format!("{job}/{block}"));
                 window
                     .publish(
