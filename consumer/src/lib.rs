@@ -87,7 +87,7 @@ pub struct ConsumerOptions {
     /// worker on a many-core machine [default: 1]
     #[arg(long, env = "GEMMQ_THREADS")]
     pub threads: Option<usize>,
-    /// Memory for operand blocks read from streamed jobs; beyond it the least recently used
+    /// Memory for the operand blocks of streamed jobs; beyond it the least recently used
     /// block is dropped and read again when needed [default: 1GiB]
     #[arg(long, env = "GEMMQ_OPERAND_CACHE", value_name = "SIZE")]
     pub operand_cache: Option<bytesize::ByteSize>,
@@ -202,7 +202,7 @@ pub struct Stats {
     pub flops: AtomicU64,
     /// Messages that carried results: fewer than `done` when results were sent together.
     pub result_messages: AtomicU64,
-    /// Bytes of operand blocks read from streams, and blocks read again after the cache
+    /// Bytes of operand blocks received (live or from streams), and blocks read again after the cache
     /// dropped them.
     pub operand_bytes: AtomicU64,
     pub operand_rereads: AtomicU64,

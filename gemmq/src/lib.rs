@@ -9,12 +9,14 @@
 //!                                {ns}.retry (TTL)                       {ns}.parked (attempts exhausted)   C.npy + summary.json
 //! ```
 //!
-//! * The **producer** cuts C into tiles ([`tiling`]), encodes one task per tile with the blocks of
-//!   A and B it needs as raw little-endian bytes ([`message`]), and publishes them with publisher
-//!   confirms ([`broker::ConfirmWindow`]) after announcing the job's [`message::Manifest`].
-//! * A **consumer** takes tasks with a prefetch equal to its queue size, multiplies, publishes the
-//!   result and only then acks. A failure is a `nack` without requeue: the broker dead-letters the
-//!   task into the retry queue, whose TTL sends it back. The attempt number is read from the
+//! * The **producer** cuts C into tiles ([`tiling`]), publishes each block of A and B once as raw
+//!   little-endian bytes ([`message`]) — into the job's operand stream, its record, and to every
+//!   running worker's live queue ([`topology`]) — and one task per tile naming its blocks, with
+//!   publisher confirms ([`broker::ConfirmWindow`]), after announcing the job's
+//!   [`message::Manifest`].
+//! * A **consumer** takes tasks with a prefetch equal to its queue size, multiplies ([`kernel`]),
+//!   publishes the result and only then acks. A failure is a `nack` without requeue: the broker
+//!   dead-letters the task into the retry queue, whose TTL sends it back. The attempt number is read from the
 //!   broker's own `x-death` bookkeeping ([`topology::prior_attempts`]).
 //! * The **collector** reads the manifest, assembles every tile exactly once whatever duplicates
 //!   arrive ([`assembly`]), writes C as `.npy` and checks it against A and B ([`verify`]).

@@ -62,8 +62,9 @@ pub struct ProducerOptions {
     /// Also write the inputs as DIR/A.npy and DIR/B.npy
     #[arg(long, env = "GEMMQ_SAVE_INPUTS", value_name = "DIR")]
     pub save_inputs: Option<PathBuf>,
-    /// How A and B reach the workers: `stream` publishes each block once to the job's operand
-    /// stream and workers cache what they fetch; `inline` puts the blocks in every task
+    /// How A and B reach the workers: `stream` publishes each block once, into the job's operand
+    /// stream and to every running worker's live queue, and workers cache them; `inline` puts
+    /// the blocks in every task
     /// [default: stream]
     #[arg(long, env = "GEMMQ_OPERANDS")]
     pub operands: Option<Operands>,
