@@ -164,6 +164,16 @@ fn purpose(ns: &str, name: &str) -> String {
             "manifest of job {}",
             r.trim_start_matches("job.").trim_end_matches(".manifest")
         ),
+        r if r.starts_with("job.") && r.ends_with(".operands") => format!(
+            "blocks of A and B of job {} (the record late workers read)",
+            r.trim_start_matches("job.").trim_end_matches(".operands")
+        ),
+        r if r.starts_with("live.") => format!(
+            "blocks of A and B on their way to worker {}",
+            r.trim_start_matches("live.")
+                .rsplit_once('.')
+                .map_or(r, |(worker, _)| worker)
+        ),
         _ => String::new(),
     }
 }
@@ -326,6 +336,11 @@ mod tests {
         assert_eq!(
             purpose("gemmq", "gemmq.job.j1.results"),
             "results of job j1"
+        );
+        assert!(purpose("gemmq", "gemmq.job.j1.operands").contains("of job j1"));
+        assert_eq!(
+            purpose("gemmq", "gemmq.live.host.example-42.0a1b2c3d"),
+            "blocks of A and B on their way to worker host.example-42"
         );
     }
 }
