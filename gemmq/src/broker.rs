@@ -285,11 +285,6 @@ impl ConfirmWindow {
         }
     }
 
-    /// The channel it publishes on.
-    pub fn channel(&self) -> &Channel {
-        &self.ch
-    }
-
     /// Publishes; waits for the oldest confirm first when the window is full.
     pub async fn publish(
         &mut self,

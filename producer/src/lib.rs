@@ -273,12 +273,20 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 log_announced(&manifest, first);
             }
             let mut window = ConfirmWindow::new(ch.clone(), s.confirm_window);
+            // Its own channel: on the publishing one, each check would wait behind every block
+            // still in flight, draining the pipeline.
+            let check = broker.channel().await.context("connecting to RabbitMQ")?;
+            let out = Out {
+                window: &mut window,
+                check: &check,
+                bytes: &mut bytes,
+            };
             let r = match (&a, &b) {
                 (Matrix::F32(a), Matrix::F32(b)) => {
-                    publish_tasks(&mut window, &topo, &manifest, a, b, confirmed, &mut bytes).await
+                    publish_tasks(out, &topo, &manifest, a, b, confirmed).await
                 }
                 (Matrix::F64(a), Matrix::F64(b)) => {
-                    publish_tasks(&mut window, &topo, &manifest, a, b, confirmed, &mut bytes).await
+                    publish_tasks(out, &topo, &manifest, a, b, confirmed).await
                 }
                 _ => Err(anyhow::anyhow!("A and B have different dtypes")),
             };
@@ -290,6 +298,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 Err(e) => Err(e),
             };
             confirmed += window.confirmed();
+            let _ = check.close(200, "done".into()).await;
             let _ = ch.close(200, "done".into()).await;
             r
         };
@@ -389,15 +398,27 @@ enum Item {
     Task(gemmq::TileId),
 }
 
+/// Where the producer's messages go: the confirm window, the channel that checks the job's
+/// stream, and the count of bytes published.
+struct Out<'a> {
+    window: &'a mut ConfirmWindow,
+    check: &'a lapin::Channel,
+    bytes: &'a mut u64,
+}
+
 async fn publish_tasks<T: Element>(
-    window: &mut ConfirmWindow,
+    out: Out<'_>,
     topo: &topology::Topology,
     manifest: &Manifest,
     a: &Array2<T>,
     b: &Array2<T>,
     skip: u64,
-    bytes: &mut u64,
 ) -> Result<()> {
+    let Out {
+        window,
+        check,
+        bytes,
+    } = out;
     let plan = &manifest.plan;
     let job = &manifest.job;
     // One deterministic sequence of messages — when streamed, each task right after the blocks
@@ -460,8 +481,7 @@ async fn publish_tasks<T: Element>(
                 // A 404 fails this try; the next one declares the job's queues again.
                 if stream_checked.is_none_or(|t| t.elapsed() >= STREAM_CHECK) {
                     stream_checked = Some(std::time::Instant::now());
-                    window
-                        .channel()
+                    check
                         .queue_declare(
                             topo.operands_queue(job).as_str().into(),
                             lapin::options::QueueDeclareOptions {
