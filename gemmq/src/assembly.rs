@@ -33,7 +33,7 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
 use ndarray_npy::{ViewMutNpyExt, ViewNpyExt};
 use serde::Serialize;
 
-use crate::matrix::{Element, MatrixView, from_le};
+use crate::matrix::{Element, MatrixView, from_le, with_le};
 use crate::message::{DType, FailureNotice, ParkedNotice, ResultHeader};
 use crate::verify::RunningProduct;
 use crate::{Plan, TileId};
@@ -471,13 +471,16 @@ impl Assembly {
             payload: &[u8],
             running: Option<&mut RunningProduct>,
         ) -> Result<(), String> {
-            let block = from_le::<T>(payload, rows.len(), cols.len());
             let numbers = bytemuck::try_cast_slice_mut::<u8, T>(data).map_err(|e| e.to_string())?;
             let mut c = ArrayViewMut2::from_shape(shape, numbers).map_err(|e| e.to_string())?;
-            if let Some(r) = running {
-                r.add(rows.start, cols.start, block.view());
-            }
-            c.slice_mut(s![rows, cols]).assign(&block);
+            let (r0, c0, h, w) = (rows.start, cols.start, rows.len(), cols.len());
+            // The tile straight from the message body when it is aligned: no copy of its own.
+            with_le::<T, _>(payload, h, w, |block| {
+                if let Some(r) = running {
+                    r.add(r0, c0, block);
+                }
+                c.slice_mut(s![rows, cols]).assign(&block);
+            });
             Ok(())
         }
         let shape = (self.plan.m as usize, self.plan.n as usize);

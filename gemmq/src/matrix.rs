@@ -294,10 +294,36 @@ impl SeededRows {
 pub fn extend_le<T: Element>(block: ArrayView2<'_, T>, out: &mut Vec<u8>) {
     out.reserve(block.len() * size_of::<T>());
     for row in block.rows() {
-        for &v in row {
-            v.extend_le(out);
+        match row.as_slice() {
+            // A contiguous row on a little-endian machine is already its bytes: one copy.
+            Some(slice) if cfg!(target_endian = "little") => {
+                out.extend_from_slice(bytemuck::cast_slice(slice));
+            }
+            _ => {
+                for &v in row {
+                    v.extend_le(out);
+                }
+            }
         }
     }
+}
+
+/// Calls `f` with a row-major little-endian block: viewed where it lies when it can be (a
+/// little-endian machine and aligned bytes), decoded into an array otherwise. `bytes.len()` must
+/// be rows × cols × size.
+pub fn with_le<T: Element, R>(
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    f: impl FnOnce(ArrayView2<'_, T>) -> R,
+) -> R {
+    if cfg!(target_endian = "little")
+        && let Ok(numbers) = bytemuck::try_cast_slice::<u8, T>(bytes)
+        && let Ok(view) = ArrayView2::from_shape((rows, cols), numbers)
+    {
+        return f(view);
+    }
+    f(from_le(bytes, rows, cols).view())
 }
 
 /// Reads a row-major little-endian block; `bytes.len()` must be rows × cols × size.
@@ -496,6 +522,27 @@ mod tests {
         assert_ne!(a1, a3);
         assert_eq!(a1.shape(), (5, 4));
         assert_eq!(b1.shape(), (4, 3));
+    }
+
+    #[test]
+    fn blocks_round_trip_through_their_bytes_strided_or_not_aligned_or_not() {
+        let (Matrix::F64(a), _) = generate(9, 7, 1, DType::F64, 3) else {
+            unreachable!()
+        };
+        for block in [a.view(), a.slice(s![1..8, 2..6]), a.t()] {
+            let mut bytes = Vec::new();
+            extend_le(block, &mut bytes);
+            assert_eq!(from_le::<f64>(&bytes, block.nrows(), block.ncols()), block);
+            with_le::<f64, _>(&bytes, block.nrows(), block.ncols(), |v| {
+                assert_eq!(v, block)
+            });
+            // Shifted by one byte: not aligned for f64, so decoded instead of viewed.
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&bytes);
+            with_le::<f64, _>(&shifted[1..], block.nrows(), block.ncols(), |v| {
+                assert_eq!(v, block)
+            });
+        }
     }
 
     #[test]
