@@ -831,14 +831,7 @@ async fn job_exists(broker: &Broker, topo: &Topology, job: &str) -> bool {
     let Ok(ch) = broker.channel().await else {
         return true;
     };
-    let q = topo.manifest_queue(job);
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let found = ch
-        .queue_declare(q.as_str().into(), passive, FieldTable::default())
-        .await;
+    let found = gemmq::topology::check_exists(&ch, &topo.manifest_queue(job)).await;
     let _ = ch.close(200, "checked".into()).await;
     match found {
         Ok(_) => true,

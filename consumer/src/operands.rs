@@ -532,7 +532,11 @@ fn accept(
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-    let Some((h, start)) = decode_block(ctx, &j.job, &d.data, "operand stream") else {
+    let Some((header, start)) = decode_frame(ctx, &j.job, &d.data, "operand stream") else {
+        return Ok(None);
+    };
+    let Header::Operand(h) = header else {
+        tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
         return Ok(None);
     };
     if h.job != j.job || h.dtype != dtype {
@@ -549,41 +553,26 @@ fn accept(
 /// A block from the live queue: cached if there is room (made by dropping the caches of other,
 /// less recently used jobs first); otherwise its job reads the stream for it.
 fn accept_live(ctx: &ReadCtx, jobs: &Jobs, done: &Mutex<VecDeque<String>>, d: Delivery) {
-    // The collector's word that a job is done: its blocks can go (decode checked the job id).
-    if let Ok(f) = message::decode(&d.data, ctx.limit)
-        && let Header::JobDone(notice) = f.header
-    {
-        let mut finished = done.lock().expect("never poisoned");
-        if !finished.contains(&notice.job) {
-            if finished.len() >= MAX_DONE {
-                finished.pop_front();
-            }
-            finished.push_back(notice.job.clone());
-        }
-        drop(finished);
-        let mut jobs = jobs.lock().expect("never poisoned");
-        if let Some(pos) = jobs.iter().position(|(j, _)| *j == notice.job) {
-            let (_, j) = jobs.remove(pos);
-            let mut st = j.state.lock().expect("never poisoned");
-            let mib = st.cache.bytes as f64 / (1u64 << 20) as f64;
-            st.cache.clear();
-            drop(st);
-            // Tasks waiting for its blocks stop waiting for the live queue.
-            j.live_missed.store(true, Ordering::Relaxed);
-            j.changed.send_modify(|n| *n += 1);
-            tracing::info!(job = %notice.job, cached_mib = %format!("{mib:.1}"), "job done; its cached operand blocks dropped");
-        }
+    let Some((header, start)) = decode_frame(ctx, "?", &d.data, "live operand queue") else {
         return;
-    }
+    };
+    let h = match header {
+        Header::Operand(h) => h,
+        // The collector's word that a job is done (decode checked the job id).
+        Header::JobDone(notice) => return forget_job(jobs, done, &notice.job),
+        _ => {
+            tracing::warn!(
+                "a message that is neither a block nor a job notice on the live operand queue skipped"
+            );
+            return;
+        }
+    };
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
     ctx.stats
         .operand_live_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-    let Some((h, start)) = decode_block(ctx, "?", &d.data, "live operand queue") else {
-        return;
-    };
     // Blocks of a job once said to be done: the same job id published again.
     done.lock().expect("never poisoned").retain(|d| *d != h.job);
     let j = job_entry(jobs, &ctx.total, &h.job);
@@ -613,26 +602,43 @@ fn accept_live(ctx: &ReadCtx, jobs: &Jobs, done: &Mutex<VecDeque<String>>, d: De
     store(ctx, &j, &h, d.data, start, None);
 }
 
-/// The header of a block message and where its numbers start; `None` (logged) if it is not one.
-fn decode_block(
-    ctx: &ReadCtx,
-    job: &str,
-    body: &[u8],
-    source: &str,
-) -> Option<(OperandHeader, usize)> {
-    let frame = match message::decode(body, ctx.limit) {
-        Ok(f) => f,
+/// The header of a message and where its payload starts; `None` (logged) if it is unreadable.
+fn decode_frame(ctx: &ReadCtx, job: &str, body: &[u8], source: &str) -> Option<(Header, usize)> {
+    match message::decode(body, ctx.limit) {
+        // The payload is the body's tail: keep the body and view the numbers in it.
+        Ok(f) => Some((f.header, body.len() - f.payload.len())),
         Err(e) => {
-            tracing::warn!(%job, error = %e, "unreadable block on the {source} skipped");
-            return None;
+            tracing::warn!(%job, error = %e, "unreadable message on the {source} skipped");
+            None
         }
-    };
-    let Header::Operand(h) = frame.header else {
-        tracing::warn!(%job, "a message that is not a block on the {source} skipped");
-        return None;
-    };
-    // The payload is the body's tail: keep the body and view the numbers in it.
-    Some((h, body.len() - frame.payload.len()))
+    }
+}
+
+/// A job its collector said is done: its blocks go, its waiting tasks stop waiting for the live
+/// queue, and later tasks of it skip that wait (the stream then says whether it is gone).
+fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, job: &str) {
+    {
+        let mut finished = done.lock().expect("never poisoned");
+        if !finished.iter().any(|d| d == job) {
+            if finished.len() >= MAX_DONE {
+                finished.pop_front();
+            }
+            finished.push_back(job.to_string());
+        }
+    }
+    let mut jobs = jobs.lock().expect("never poisoned");
+    if let Some(pos) = jobs.iter().position(|(j, _)| j == job) {
+        let (_, j) = jobs.remove(pos);
+        let mib = {
+            let mut st = j.state.lock().expect("never poisoned");
+            let mib = st.cache.bytes as f64 / (1u64 << 20) as f64;
+            st.cache.clear();
+            mib
+        };
+        j.live_missed.store(true, Ordering::Relaxed);
+        j.changed.send_modify(|n| *n += 1);
+        tracing::info!(%job, cached_mib = %format!("{mib:.1}"), "job done; its cached operand blocks dropped");
+    }
 }
 
 /// Puts a decoded block into its job's cache (remembering its stream offset, if it came from

@@ -413,6 +413,18 @@ fn map_err(what: &'static str, name: &str, e: lapin::Error) -> TopologyError {
     }
 }
 
+/// Whether `queue` exists, asked without declaring it (a passive declare). A missing queue is a
+/// 404 ([`is_queue_missing`]), which closes the channel it was asked on: use one that may go.
+pub async fn check_exists(ch: &Channel, queue: &str) -> Result<(), lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|_| ())
+}
+
 async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), TopologyError> {
     let opts = ExchangeDeclareOptions {
         durable: true,

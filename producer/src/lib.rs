@@ -481,15 +481,7 @@ async fn publish_tasks<T: Element>(
                 // A 404 fails this try; the next one declares the job's queues again.
                 if stream_checked.is_none_or(|t| t.elapsed() >= STREAM_CHECK) {
                     stream_checked = Some(std::time::Instant::now());
-                    check
-                        .queue_declare(
-                            topo.operands_queue(job).as_str().into(),
-                            lapin::options::QueueDeclareOptions {
-                                passive: true,
-                                ..Default::default()
-                            },
-                            Default::default(),
-                        )
+                    topology::check_exists(check, &topo.operands_queue(job))
                         .await
                         .with_context(|| {
                             format!("the operand stream of job {job} vanished while publishing")
