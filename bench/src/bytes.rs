@@ -49,6 +49,8 @@ fn frame_len(h: &Header, payload: u64) -> u64 {
 pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
     let size = plan.dtype.size() as u64;
     let (mut produced, mut results) = (0u64, 0u64);
+    // Runs are random but always 16 hex digits: any one has the programs' header size.
+    let run = gemmq::message::new_run();
     if plan.operands == Operands::Stream {
         for block in plan.operand_ids() {
             let (rows, cols) = match block.side {
@@ -57,6 +59,7 @@ pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
             };
             let h = Header::Operand(OperandHeader {
                 job: job.into(),
+                run: run.clone(),
                 block,
                 dtype: plan.dtype,
                 rows: rows as u32,
@@ -71,6 +74,7 @@ pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
         let depth = plan.depth(tile.part).len() as u32;
         let task = TaskHeader {
             job: job.into(),
+            run: run.clone(),
             tile,
             dtype: plan.dtype,
             rows,

@@ -679,7 +679,9 @@ async fn finish(
         match deleted.await as Result<_, gemmq::broker::BrokerError> {
             // After the stream is gone, so the notice reaches only the workers' live queues.
             Ok(ch) => {
-                if let Err(e) = gemmq::job::announce_done(&ch, topo, &manifest.job).await {
+                if let Err(e) =
+                    gemmq::job::announce_done(&ch, topo, &manifest.job, &manifest.run).await
+                {
                     warn!(error = %e, "could not tell the workers that the job is done; they drop its blocks when they need the room");
                 }
             }
@@ -821,6 +823,7 @@ fn finished_here(s: &Settings, job: &str) -> Option<Manifest> {
         plan,
         inputs: Inputs::Seed(0),
         created_ms: 0,
+        run: String::new(),
         check: None,
     })
 }

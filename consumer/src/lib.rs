@@ -593,7 +593,7 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Block>, Arc<B
     let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
     let get = |id, shape| {
         ctx.operands
-            .get(&ctx.conn, &task.job, id, task.dtype, shape)
+            .get(&ctx.conn, &task.job, &task.run, id, task.dtype, shape)
     };
     let a = get(a_id, (r, d)).await.map_err(Failure::from)?;
     let b = get(b_id, (d, c)).await.map_err(Failure::from)?;

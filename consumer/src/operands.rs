@@ -78,9 +78,12 @@ pub struct Operands {
 /// The jobs with a cache, the most recently used last.
 type Jobs = Mutex<Vec<(String, Arc<JobOperands>)>>;
 
-/// One job's blocks and the background reader that fills them in.
+/// One run of a job: its blocks and the background reader that fills them in.
 struct JobOperands {
     job: String,
+    /// Blocks cached for another run of the job (the same id used again after its queues were
+    /// deleted) would be the wrong numbers under the right names: a new run gets a new entry.
+    run: String,
     state: Mutex<State>,
     /// Bumped whenever the state changes (a block arrived, the reader stopped): waiters re-look.
     changed: watch::Sender<u64>,
@@ -232,8 +235,8 @@ impl Operands {
         }
     }
 
-    fn job(&self, job: &str) -> Arc<JobOperands> {
-        job_entry(&self.jobs, &self.read.total, job)
+    fn job(&self, job: &str, run: &str) -> Arc<JobOperands> {
+        job_entry(&self.jobs, &self.read.total, job, run)
     }
 
     /// Declares this connection's live operand queue and starts consuming it. Returns the loop
@@ -293,13 +296,15 @@ impl Operands {
         })
     }
 
-    /// The block, from the cache, or once the live queue or the stream reader has brought it.
-    /// `shape` is what the task expects: a cached block that came live with another shape or
-    /// dtype is stale (a job id used again) and is read from the stream instead.
+    /// The block of this run of the job, from the cache, or once the live queue or the stream
+    /// reader has brought it. `shape` is what the task expects: a cached block that came live
+    /// with another shape or dtype is stale (from a producer that names no run) and is read from
+    /// the stream instead.
     pub async fn get(
         &self,
         conn: &Connection,
         job: &str,
+        run: &str,
         id: BlockId,
         dtype: DType,
         shape: (usize, usize),
@@ -312,7 +317,7 @@ impl Operands {
             .expect("never poisoned")
             .iter()
             .any(|d| d == job);
-        let j = self.job(job);
+        let j = self.job(job, run);
         let start = tokio::time::Instant::now();
         let deadline = start + BLOCK_TIMEOUT;
         let mut changed = j.changed.subscribe();
@@ -539,8 +544,8 @@ fn accept(
         tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
         return Ok(None);
     };
-    if h.job != j.job || h.dtype != dtype {
-        tracing::warn!(job = %j.job, block = %h.block, "a block of another job or dtype skipped");
+    if h.job != j.job || h.run != j.run || h.dtype != dtype {
+        tracing::warn!(job = %j.job, block = %h.block, "a block of another job, run or dtype skipped");
         return Ok(None);
     }
     if want.is_some_and(|w| w != h.block) {
@@ -559,7 +564,7 @@ fn accept_live(ctx: &ReadCtx, jobs: &Jobs, done: &Mutex<VecDeque<String>>, d: De
     let h = match header {
         Header::Operand(h) => h,
         // The collector's word that a job is done (decode checked the job id).
-        Header::JobDone(notice) => return forget_job(jobs, done, &notice.job),
+        Header::JobDone(notice) => return forget_job(jobs, done, &notice),
         _ => {
             tracing::warn!(
                 "a message that is neither a block nor a job notice on the live operand queue skipped"
@@ -575,7 +580,7 @@ fn accept_live(ctx: &ReadCtx, jobs: &Jobs, done: &Mutex<VecDeque<String>>, d: De
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
     // Blocks of a job once said to be done: the same job id published again.
     done.lock().expect("never poisoned").retain(|d| *d != h.job);
-    let j = job_entry(jobs, &ctx.total, &h.job);
+    let j = job_entry(jobs, &ctx.total, &h.job, &h.run);
     let size = d.data.len() as u64;
     let fits = || ctx.total.load(Ordering::Relaxed) + size <= ctx.budget;
     if !fits() {
@@ -616,7 +621,8 @@ fn decode_frame(ctx: &ReadCtx, job: &str, body: &[u8], source: &str) -> Option<(
 
 /// A job its collector said is done: its blocks go, its waiting tasks stop waiting for the live
 /// queue, and later tasks of it skip that wait (the stream then says whether it is gone).
-fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, job: &str) {
+fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, notice: &message::JobDone) {
+    let job = notice.job.as_str();
     {
         let mut finished = done.lock().expect("never poisoned");
         if !finished.iter().any(|d| d == job) {
@@ -627,7 +633,9 @@ fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, job: &str) {
         }
     }
     let mut jobs = jobs.lock().expect("never poisoned");
-    if let Some(pos) = jobs.iter().position(|(j, _)| j == job) {
+    // A notice without a run (an older collector) is for whatever run is cached.
+    let this_run = |j: &JobOperands| notice.run.is_empty() || j.run == notice.run;
+    if let Some(pos) = jobs.iter().position(|(name, j)| name == job && this_run(j)) {
         let (_, j) = jobs.remove(pos);
         let mib = {
             let mut st = j.state.lock().expect("never poisoned");
@@ -672,20 +680,29 @@ fn store(
     Some(m)
 }
 
-/// The job's entry, made if it is new (dropping the least recently used job beyond MAX_JOBS).
-fn job_entry(jobs: &Jobs, total: &Arc<AtomicU64>, job: &str) -> Arc<JobOperands> {
+/// The entry of this run of the job, made if it is new (dropping the least recently used job
+/// beyond MAX_JOBS, and any other run of the same job).
+fn job_entry(jobs: &Jobs, total: &Arc<AtomicU64>, job: &str, run: &str) -> Arc<JobOperands> {
     let mut jobs = jobs.lock().expect("never poisoned");
     if let Some(pos) = jobs.iter().position(|(j, _)| j == job) {
         let entry = jobs.remove(pos);
-        let found = entry.1.clone();
-        jobs.push(entry);
-        return found;
+        if entry.1.run == run {
+            let found = entry.1.clone();
+            jobs.push(entry);
+            return found;
+        }
+        let cached = entry.1.state.lock().expect("never poisoned").cache.bytes;
+        tracing::info!(%job, old_run = %entry.1.run, %run, cached_mib = %format!("{:.1}", cached as f64 / (1u64 << 20) as f64), "job id used again; the blocks cached for its earlier run dropped");
+        // Tasks of the old run still waiting hold it; wake them to look again.
+        entry.1.live_missed.store(true, Ordering::Relaxed);
+        entry.1.changed.send_modify(|n| *n += 1);
     }
     if jobs.len() >= MAX_JOBS {
         jobs.remove(0);
     }
     let j = Arc::new(JobOperands {
         job: job.to_string(),
+        run: run.to_string(),
         state: Mutex::new(State {
             cache: Cache {
                 blocks: HashMap::new(),

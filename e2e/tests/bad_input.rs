@@ -17,6 +17,7 @@ use lapin::types::FieldTable;
 fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
     Header::Task(TaskHeader {
         job: job.into(),
+        run: String::new(),
         tile: TileId {
             row: 0,
             col: 0,

@@ -228,6 +228,80 @@ async fn a_worker_started_after_the_blocks_were_published_reads_them_from_the_st
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_not_the_cached_old_ones()
+ {
+    let mut env = Env::new("rerun");
+    // One task at a time: one result per message, so the results queue counts tiles.
+    let mut w = env.consumer("rerun-w1");
+    w.queue_size = 1;
+    env.spawn_consumer(w);
+    wait_for_live_queues(&env, 1).await;
+    let shape = (128, 64, 128);
+    let run = |seed| {
+        let mut p = env.producer("rerun", shape, 32);
+        p.operands = Operands::Stream;
+        p.source = gemmq_producer::Source::Seed {
+            m: shape.0,
+            k: shape.1,
+            n: shape.2,
+            dtype: gemmq::DType::F64,
+            seed,
+        };
+        p
+    };
+    // The first run is computed (the worker caches its blocks) but never collected: its queues
+    // are deleted by hand, so the worker hears no "job done" and keeps the blocks.
+    gemmq_producer::run(&run(7))
+        .await
+        .expect("the first run publishes");
+    let ch = env.channel().await;
+    let results = env.topology().results_queue("rerun");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = ch
+            .queue_declare(
+                results.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("the results queue exists");
+        if q.message_count() == 16 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first run computed in 30 s ({} results)",
+            q.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.topology()
+        .delete_job(&ch, "rerun")
+        .await
+        .expect("the first run's queues are deleted");
+    // The second run, other inputs of the same shapes under the same job id, reaches the worker
+    // through its tasks and the stream only, as if its live queue had dropped the new blocks:
+    // the worker's cache still holds the old blocks under the same names. (Its live queue is
+    // exclusive to its connection; deleting the exchange is what unbinds it from here.)
+    ch.exchange_delete(
+        env.topology().operands_exchange().as_str().into(),
+        Default::default(),
+    )
+    .await
+    .expect("the operands exchange is deleted");
+    let (_, summary) = run_job_with(&env, run(8), env.collector("rerun")).await;
+
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    let err = common::max_error_against_seed(&env, "rerun", shape, 8);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    env.cleanup(&["rerun"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_k_split_job_sums_each_partial_product_once_with_either_operand_transport() {
     // 64 KiB messages cannot hold a 64-row and a 64-column block of depth 200 (200 KiB): k is
     // split into parts whose partial products the collector adds up.

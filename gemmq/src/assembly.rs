@@ -827,6 +827,7 @@ mod tests {
             .map(|tile| {
                 let task = TaskHeader {
                     job: "j".into(),
+                    run: String::new(),
                     tile,
                     dtype: DType::F64,
                     rows: plan.rows(tile.row).len() as u32,

@@ -38,15 +38,17 @@ pub enum Announced {
     AlreadyThere,
 }
 
-/// Declares the job's queues and publishes its manifest, unless the same one is already there.
+/// Declares the job's queues and publishes its manifest, unless the same one is already there:
+/// then `manifest` takes that one's run, so a resumed job keeps the run its workers know.
 pub async fn announce(
     ch: &Channel,
     topo: &Topology,
-    manifest: &Manifest,
+    manifest: &mut Manifest,
 ) -> Result<Announced, JobError> {
     topo.declare_job(ch, &manifest.job).await?;
     if let Some(existing) = peek_manifest(ch, topo, &manifest.job).await? {
         return if existing.plan == manifest.plan && existing.inputs == manifest.inputs {
+            manifest.run = existing.run;
             Ok(Announced::AlreadyThere)
         } else {
             Err(JobError::Conflict(manifest.job.clone()))
@@ -113,8 +115,17 @@ pub async fn peek_manifest(
 /// Tells the running workers (their live operand queues) that a finished job's blocks can go.
 /// Best effort: unconfirmed and not mandatory, since no worker may be running; a worker that
 /// misses it drops the blocks when its cache needs the room.
-pub async fn announce_done(ch: &Channel, topo: &Topology, job: &str) -> Result<(), JobError> {
-    let body = crate::message::encode(&Header::JobDone(JobDone { job: job.into() }), &[]);
+pub async fn announce_done(
+    ch: &Channel,
+    topo: &Topology,
+    job: &str,
+    run: &str,
+) -> Result<(), JobError> {
+    let done = JobDone {
+        job: job.into(),
+        run: run.into(),
+    };
+    let body = crate::message::encode(&Header::JobDone(done), &[]);
     ch.basic_publish(
         topo.operands_exchange().as_str().into(),
         job.into(),

@@ -558,6 +558,7 @@ mod tests {
         }; // the ragged corner: 6x1
         let header = TaskHeader {
             job: "j".into(),
+            run: String::new(),
             tile: id,
             dtype: DType::F64,
             rows: plan.rows(id.row).len() as u32,

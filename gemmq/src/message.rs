@@ -153,6 +153,9 @@ impl fmt::Display for BlockId {
 #[serde(deny_unknown_fields)]
 pub struct JobDone {
     pub job: String,
+    /// The run that is done ([`Manifest::run`]): a later run under the same id keeps its blocks.
+    #[serde(default)]
+    pub run: String,
 }
 
 /// One block of A or B on the job's operand stream.
@@ -160,6 +163,9 @@ pub struct JobDone {
 #[serde(deny_unknown_fields)]
 pub struct OperandHeader {
     pub job: String,
+    /// The job's run ([`Manifest::run`]): a cached block of another run is not this one.
+    #[serde(default)]
+    pub run: String,
     pub block: BlockId,
     pub dtype: DType,
     pub rows: u32,
@@ -171,6 +177,10 @@ pub struct OperandHeader {
 #[serde(deny_unknown_fields)]
 pub struct TaskHeader {
     pub job: String,
+    /// The job's run ([`Manifest::run`]), so that a worker never computes it with blocks it
+    /// cached for an earlier job under the same id.
+    #[serde(default)]
+    pub run: String,
     pub tile: TileId,
     pub dtype: DType,
     /// Rows of the A block and of the C tile.
@@ -523,6 +533,11 @@ pub enum Inputs {
     Files { a: String, b: String },
 }
 
+/// A new [`Manifest::run`]: 16 hex digits (fixed width, so the bench can count header bytes).
+pub fn new_run() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// Everything the collector needs to know about a job, published before its first task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -533,6 +548,11 @@ pub struct Manifest {
     pub inputs: Inputs,
     /// Milliseconds since the Unix epoch when the producer started publishing.
     pub created_ms: u64,
+    /// Tells this job from an earlier one that used the same id (and whose queues are gone):
+    /// random, made when the job is first announced, kept when a producer resumes it. Workers
+    /// key their cached operand blocks by it.
+    #[serde(default)]
+    pub run: String,
     /// What C·x must be for Freivalds' check, from the producer, which holds A and B anyway;
     /// absent for very tall C (the collector then rebuilds it from the seed or the files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -581,6 +601,7 @@ mod tests {
     fn task(rows: u32, cols: u32, depth: u32) -> Header {
         Header::Task(TaskHeader {
             job: "j".into(),
+            run: String::new(),
             tile: TileId {
                 row: 1,
                 col: 2,
@@ -600,6 +621,22 @@ mod tests {
         let frame = decode(&body, 1 << 20).unwrap();
         assert_eq!(frame.header, task(2, 4, 3));
         assert_eq!(frame.payload, &payload[..]);
+    }
+
+    #[test]
+    fn runs_are_random_16_hex_digits_and_messages_that_name_none_still_decode() {
+        let (one, two) = (new_run(), new_run());
+        assert_ne!(one, two);
+        for r in [&one, &two] {
+            assert_eq!(r.len(), 16, "{r}");
+            assert!(r.chars().all(|c| c.is_ascii_hexdigit()), "{r}");
+        }
+        // As an earlier gemmq wrote them: the run is then empty, which matches only itself.
+        let old = br#"{"job":"j","tile":{"row":0,"col":1,"part":0},"dtype":"f64","rows":2,"cols":2,"depth":2}"#;
+        let t: TaskHeader = serde_json::from_slice(old).expect("an older task decodes");
+        assert_eq!(t.run, "");
+        let done: JobDone = serde_json::from_slice(br#"{"job":"j"}"#).expect("decodes");
+        assert_eq!(done.run, "");
     }
 
     #[test]

@@ -243,12 +243,13 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     .context("computing the verification vectors")?;
     let check = check.context("computing the verification vectors")?;
 
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         version: message::VERSION,
         job: s.job_id.clone(),
         plan,
         inputs,
         created_ms: unix_ms(),
+        run: message::new_run(),
         check,
     };
     let broker = Broker::new(&s.broker, &format!("gemmq-producer {}", s.job_id))?;
@@ -267,7 +268,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 .await
                 .context("connecting to RabbitMQ")?;
             topo.declare(&ch).await?;
-            let first = job::announce(&ch, &topo, &manifest).await?;
+            let first = job::announce(&ch, &topo, &mut manifest).await?;
             if announced.is_none() {
                 announced = Some(first);
                 log_announced(&manifest, first);
@@ -466,6 +467,7 @@ async fn publish_tasks<T: Element>(
                 };
                 let header = Header::Operand(OperandHeader {
                     job: job.clone(),
+                    run: manifest.run.clone(),
                     block,
                     dtype: plan.dtype,
                     rows: rows.len() as u32,
@@ -503,6 +505,7 @@ async fn publish_tasks<T: Element>(
             Item::Task(tile) => {
                 let task = TaskHeader {
                     job: job.clone(),
+                    run: manifest.run.clone(),
                     tile,
                     dtype: plan.dtype,
                     rows: plan.rows(tile.row).len() as u32,

@@ -228,8 +228,13 @@ pub fn mgmt(path: &str) -> serde_json::Value {
 }
 
 /// The largest |C − A·B| over the product computed here.
-pub fn max_error_against_local_product(env: &Env, job: &str, (m, k, n): (u64, u64, u64)) -> f64 {
-    let (a, b) = gemmq::matrix::generate(m as usize, k as usize, n as usize, DType::F64, 7);
+pub fn max_error_against_local_product(env: &Env, job: &str, shape: (u64, u64, u64)) -> f64 {
+    max_error_against_seed(env, job, shape, 7)
+}
+
+/// The largest |C − A·B| for A and B generated from `seed`.
+pub fn max_error_against_seed(env: &Env, job: &str, (m, k, n): (u64, u64, u64), seed: u64) -> f64 {
+    let (a, b) = gemmq::matrix::generate(m as usize, k as usize, n as usize, DType::F64, seed);
     let want = a.dot(&b).unwrap();
     let got = gemmq::matrix::Matrix::read_npy(&env.dir.path().join(job).join("C.npy"))
         .expect("C.npy is readable");
