@@ -107,6 +107,43 @@ async fn a_worker_whose_operand_cache_is_too_small_rereads_blocks_at_their_offse
     env.cleanup(&["tinycache"]).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_block_the_cache_has_no_room_for_is_read_from_the_stream_instead() {
+    // Messages of at most 64 KiB (the least allowed), and a cache of as much: the worker has a
+    // live queue (its cache can hold a message) but room for one 40 KiB block only. The blocks
+    // that do not fit, or that the live queue's 64 KiB bound drops, come from the job's stream.
+    let opts = BrokerOptions {
+        max_message_bytes: Some(bytesize_kib(64)),
+        ..Default::default()
+    };
+    let mut env = Env::with_broker("liveroom", opts);
+    let mut s = env.consumer("w1");
+    s.operand_cache = 64 * 1024;
+    env.spawn_consumer(s);
+    wait_for_live_queues(&env, 1).await;
+    // Blocks of 32 rows/columns × depth 160: 40 KiB.
+    let shape = (256, 160, 256);
+    let mut p = env.producer("liveroom", shape, 32);
+    p.operands = Operands::Stream;
+    let (receipt, summary) = run_job_with(&env, p, env.collector("liveroom")).await;
+
+    assert_eq!(receipt.tasks, 64);
+    assert_eq!(summary.status, Status::Complete);
+    let err = common::max_error_against_local_product(&env, "liveroom", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    let (all, live) = (
+        stats[0].operand_bytes.load(Ordering::Relaxed),
+        stats[0].operand_live_bytes.load(Ordering::Relaxed),
+    );
+    assert!(live > 0, "no block came live");
+    assert!(
+        all > live,
+        "every block came live ({live} bytes): the stream was never read"
+    );
+    env.cleanup(&["liveroom"]).await;
+}
+
 /// Waits until `n` live operand queues are bound to the namespace's operands exchange: the
 /// workers are then sure to see every block published from now on.
 async fn wait_for_live_queues(env: &Env, n: usize) {
