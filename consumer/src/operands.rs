@@ -623,6 +623,13 @@ fn decode_frame(ctx: &ReadCtx, job: &str, body: &[u8], source: &str) -> Option<(
 /// queue, and later tasks of it skip that wait (the stream then says whether it is gone).
 fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, notice: &message::JobDone) {
     let job = notice.job.as_str();
+    // A notice without a run (an older collector) is for whatever run is cached.
+    let this_run = |j: &JobOperands| notice.run.is_empty() || j.run == notice.run;
+    let mut jobs = jobs.lock().expect("never poisoned");
+    if jobs.iter().any(|(name, j)| name == job && !this_run(j)) {
+        // An earlier run of a job id that is running again here: the running one is not done.
+        return;
+    }
     {
         let mut finished = done.lock().expect("never poisoned");
         if !finished.iter().any(|d| d == job) {
@@ -632,9 +639,6 @@ fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, notice: &message::Job
             finished.push_back(job.to_string());
         }
     }
-    let mut jobs = jobs.lock().expect("never poisoned");
-    // A notice without a run (an older collector) is for whatever run is cached.
-    let this_run = |j: &JobOperands| notice.run.is_empty() || j.run == notice.run;
     if let Some(pos) = jobs.iter().position(|(name, j)| name == job && this_run(j)) {
         let (_, j) = jobs.remove(pos);
         let mib = {

@@ -211,6 +211,17 @@ async fn a_producer_killed_mid_publish_and_run_again_completes_the_job_once() {
             .log()
             .contains("job already announced with the same plan")
     );
+    // It carries on the run the first one announced, so that workers keep the blocks they have.
+    let manifest = gemmq::job::peek_manifest(&ch, &env.topology(), job)
+        .await
+        .expect("the manifest is readable")
+        .expect("the job has its manifest");
+    assert_eq!(manifest.run.len(), 16);
+    assert!(
+        second.log().contains(&format!("run={}", manifest.run)),
+        "{}",
+        second.log()
+    );
     for id in ["w1", "w2"] {
         env.spawn_consumer(env.consumer(id));
     }

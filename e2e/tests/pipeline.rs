@@ -306,7 +306,8 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
             )
             .await
             .expect("the results queue exists");
-        if q.message_count() == 16 {
+        // (More if a result went twice: a redelivered task.)
+        if q.message_count() >= 16 {
             break;
         }
         assert!(

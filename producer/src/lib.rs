@@ -379,12 +379,12 @@ fn log_announced(manifest: &Manifest, announced: Announced) {
     let p = &manifest.plan;
     match announced {
         Announced::New => info!(
-            job = %manifest.job, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,
+            job = %manifest.job, run = %manifest.run, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,
             tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(),
             "job announced"
         ),
         Announced::AlreadyThere => info!(
-            job = %manifest.job,
+            job = %manifest.job, run = %manifest.run,
             "job already announced with the same plan; publishing its tasks again (the collector keeps one result per tile)"
         ),
     }
