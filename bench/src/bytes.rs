@@ -49,8 +49,8 @@ fn frame_len(h: &Header, payload: u64) -> u64 {
 pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
     let size = plan.dtype.size() as u64;
     let (mut produced, mut results) = (0u64, 0u64);
-    // Runs are random but always 16 hex digits: any one has the programs' header size.
-    let run = gemmq::message::new_run();
+    // Runs are always 16 hex digits: any one has the programs' header size.
+    let run = gemmq::message::run_of(&[job.as_bytes()]);
     if plan.operands == Operands::Stream {
         for block in plan.operand_ids() {
             let (rows, cols) = match block.side {
@@ -88,6 +88,7 @@ pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
         };
         let result = Header::Result(ResultHeader {
             job: job.into(),
+            run: run.clone(),
             tile,
             dtype: plan.dtype,
             rows,

@@ -523,6 +523,14 @@ fn apply(
         warn!(job = %frame.header.job(), expected = %manifest.job, "message for another job on this job's results queue dropped");
         return Ok(1);
     }
+    // A task left over from an earlier job under the same id (a duplicate still queued when
+    // that job's queues were deleted) was computed from that job's inputs. An empty run is a
+    // gemmq that named none: taken as before.
+    let run = frame.header.run();
+    if !run.is_empty() && !manifest.run.is_empty() && run != manifest.run {
+        warn!(job = %manifest.job, %run, expected = %manifest.run, "message of another run of this job id (a task left over from an earlier job) dropped");
+        return Ok(1);
+    }
     match &frame.header {
         Header::Result(h) => apply_result(asm, h, frame.payload),
         Header::Results(batch) => {

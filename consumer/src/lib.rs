@@ -524,7 +524,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
         Err(Failure::Permanent(reason)) => park(ctx, &delivery, Some(&task), attempt, reason).await,
         Err(Failure::JobGone) => {
-            warn!(job = %task.job, %tile, "job has no operand stream (finished or deleted); dropping its task");
+            warn!(job = %task.job, %tile, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
             ack(&delivery, Some(tile)).await;
         }
         Err(Failure::Transient(reason)) => {
@@ -676,6 +676,7 @@ async fn send_result(
     let tile = task.tile;
     let header = ResultHeader {
         job: task.job.clone(),
+        run: task.run.clone(),
         tile,
         dtype: task.dtype,
         rows: task.rows,
@@ -712,6 +713,7 @@ async fn send_result(
 async fn notify_failure(ctx: &Ctx, task: &TaskHeader, attempt: u32, reason: &str) {
     let notice = Header::Failed(message::FailureNotice {
         job: task.job.clone(),
+        run: task.run.clone(),
         tile: task.tile,
         reason: reason.to_string(),
         attempt,
@@ -777,6 +779,7 @@ async fn park(
     if let Some(t) = task {
         let notice = Header::Parked(ParkedNotice {
             job: t.job.clone(),
+            run: t.run.clone(),
             tile: t.tile,
             reason: reason.clone(),
             attempts,

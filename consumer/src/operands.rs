@@ -51,7 +51,8 @@ const MAX_DONE: usize = 64;
 /// Why a block could not be had.
 #[derive(Debug, Clone)]
 pub enum FetchError {
-    /// The job's operand stream does not exist: the job is finished.
+    /// The job's operand stream does not exist (the job is finished), or holds another run of
+    /// the job id (the task is left over from an earlier job).
     JobGone,
     Other(String),
 }
@@ -544,6 +545,11 @@ fn accept(
         tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
         return Ok(None);
     };
+    if h.job == j.job && h.run != j.run && !h.run.is_empty() && !j.run.is_empty() {
+        // Runs are derived from the job's inputs: the stream holds another job under this id,
+        // and the task is left over from the earlier one. Its data is gone.
+        return Err(FetchError::JobGone);
+    }
     if h.job != j.job || h.run != j.run || h.dtype != dtype {
         tracing::warn!(job = %j.job, block = %h.block, "a block of another job, run or dtype skipped");
         return Ok(None);

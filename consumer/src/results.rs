@@ -102,6 +102,7 @@ async fn publish_loop(
         while batch.len() < BATCH_TILES && bytes < max_bytes {
             let Ok(next) = rx.try_recv() else { break };
             let fits = next.header.job == batch[0].header.job
+                && next.header.run == batch[0].header.run
                 && next.header.dtype == batch[0].header.dtype
                 && bytes + next.bytes.len() <= max_bytes;
             if !fits {
@@ -154,6 +155,7 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
         .collect();
     let header = Header::Results(ResultBatch {
         job: first.job.clone(),
+        run: first.run.clone(),
         dtype: first.dtype,
         worker: first.worker.clone(),
         tiles,
@@ -192,6 +194,7 @@ mod tests {
         let header = ResultHeader {
             // The longest names there can be, and large numbers: the worst case for the header.
             job: "j".repeat(64),
+            run: "f".repeat(16),
             tile: TileId {
                 row,
                 col: u32::MAX,

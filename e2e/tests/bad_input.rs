@@ -173,6 +173,7 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
     let result = |job: &str, row: u32, rows: u32| {
         Header::Result(ResultHeader {
             job: job.into(),
+            run: String::new(),
             tile: TileId {
                 row,
                 col: 0,
@@ -186,8 +187,15 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
             compute_micros: 0,
         })
     };
+    // A tile that fits, from a task of an earlier job under the same id (another run): its zeros
+    // would be taken for tile (0, 0) and fail the check.
+    let mut stale = result(job, 0, 32);
+    if let Header::Result(h) = &mut stale {
+        h.run = "0123456789abcdef".into();
+    }
     let junk = [
         b"garbage".to_vec(),
+        message::encode(&stale, &[&vec![0u8; 32 * 32 * 8]]),
         message::encode(&result(job, 7, 32), &[&vec![0u8; 32 * 32 * 8]]), // no row 7 in a 2x2 grid
         message::encode(&result(job, 0, 31), &[&vec![0u8; 31 * 32 * 8]]), // tile 0 has 32 rows
         message::encode(&result("some-other-job", 0, 32), &[&vec![0u8; 32 * 32 * 8]]),
@@ -198,7 +206,7 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
     env.spawn_consumer(env.consumer("w1"));
     let (_, summary) = run_job(&env, job, (64, 32, 64), 32).await;
     assert_eq!(summary.status, Status::Complete);
-    assert_eq!(summary.rejected_messages, 4);
+    assert_eq!(summary.rejected_messages, 5);
     assert!(
         summary.verification.unwrap().passed,
         "no junk made it into C"

@@ -544,6 +544,7 @@ async fn a_result_delivered_twice_is_assembled_once() {
             .unwrap();
         let header = Header::Result(ResultHeader {
             job: task.job.clone(),
+            run: String::new(),
             tile: task.tile,
             dtype: task.dtype,
             rows: task.rows,

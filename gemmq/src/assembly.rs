@@ -805,6 +805,7 @@ impl Record {
                 let reason = f.next().unwrap_or("").to_string();
                 Some(Record::Parked(ParkedNotice {
                     job: String::new(),
+                    run: String::new(),
                     tile,
                     reason,
                     attempts,
@@ -842,6 +843,7 @@ mod tests {
                 .unwrap();
                 let h = ResultHeader {
                     job: "j".into(),
+                    run: String::new(),
                     tile,
                     dtype: DType::F64,
                     rows: task.rows,
@@ -1028,6 +1030,7 @@ mod tests {
         }
         let notice = ParkedNotice {
             job: "j".into(),
+            run: String::new(),
             tile: rs[0].0.tile,
             reason: "boom: twice".into(),
             attempts: 3,
@@ -1057,6 +1060,7 @@ mod tests {
         let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
         let mut h = ResultHeader {
             job: "j".into(),
+            run: String::new(),
             tile: TileId {
                 row: 5,
                 col: 0,

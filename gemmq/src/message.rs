@@ -196,6 +196,9 @@ pub struct TaskHeader {
 #[serde(deny_unknown_fields)]
 pub struct ResultHeader {
     pub job: String,
+    /// The job's run ([`Manifest::run`]): the collector drops results of another run.
+    #[serde(default)]
+    pub run: String,
     pub tile: TileId,
     pub dtype: DType,
     pub rows: u32,
@@ -216,6 +219,9 @@ pub struct ResultHeader {
 #[serde(deny_unknown_fields)]
 pub struct ResultBatch {
     pub job: String,
+    /// The job's run ([`Manifest::run`]): the collector drops results of another run.
+    #[serde(default)]
+    pub run: String,
     pub dtype: DType,
     pub worker: String,
     pub tiles: Vec<BatchedTile>,
@@ -246,6 +252,7 @@ impl ResultBatch {
             rest = tail;
             let h = ResultHeader {
                 job: self.job.clone(),
+                run: self.run.clone(),
                 tile: t.tile,
                 dtype: self.dtype,
                 rows: t.rows,
@@ -264,6 +271,9 @@ impl ResultBatch {
 #[serde(deny_unknown_fields)]
 pub struct ParkedNotice {
     pub job: String,
+    /// The job's run ([`Manifest::run`]): the collector drops results of another run.
+    #[serde(default)]
+    pub run: String,
     pub tile: TileId,
     pub reason: String,
     pub attempts: u32,
@@ -276,6 +286,9 @@ pub struct ParkedNotice {
 #[serde(deny_unknown_fields)]
 pub struct FailureNotice {
     pub job: String,
+    /// The job's run ([`Manifest::run`]): the collector drops results of another run.
+    #[serde(default)]
+    pub run: String,
     pub tile: TileId,
     pub reason: String,
     pub attempt: u32,
@@ -308,6 +321,19 @@ impl Header {
             Header::Operand(_) => "operand block",
             Header::Results(_) => "result batch",
             Header::JobDone(_) => "job done",
+        }
+    }
+
+    /// The run of the job the message belongs to; empty from a gemmq that named none.
+    pub fn run(&self) -> &str {
+        match self {
+            Header::Task(h) | Header::TaskRef(h) => &h.run,
+            Header::Result(h) => &h.run,
+            Header::Parked(h) => &h.run,
+            Header::Failed(h) => &h.run,
+            Header::Operand(h) => &h.run,
+            Header::Results(h) => &h.run,
+            Header::JobDone(h) => &h.run,
         }
     }
 
@@ -533,9 +559,20 @@ pub enum Inputs {
     Files { a: String, b: String },
 }
 
-/// A new [`Manifest::run`]: 16 hex digits (fixed width, so the bench can count header bytes).
-pub fn new_run() -> String {
-    format!("{:016x}", rand::random::<u64>())
+/// A [`Manifest::run`]: a digest of what makes the job this job (its id, plan and inputs, given
+/// as byte strings), 16 hex digits. Derived, not random, so that two producers announcing the
+/// same job at once (or one run again) name the same run, and a job id used again for other
+/// inputs names another. FNV-1a, written out here because the digest must never change between
+/// builds (std's hashers may).
+pub fn run_of(parts: &[&[u8]]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in part.iter().chain(&[0xff]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 /// Everything the collector needs to know about a job, published before its first task.
@@ -549,8 +586,9 @@ pub struct Manifest {
     /// Milliseconds since the Unix epoch when the producer started publishing.
     pub created_ms: u64,
     /// Tells this job from an earlier one that used the same id (and whose queues are gone):
-    /// random, made when the job is first announced, kept when a producer resumes it. Workers
-    /// key their cached operand blocks by it.
+    /// derived from the job id, plan and inputs ([`run_of`]), and kept when a producer resumes
+    /// the job. Workers key their cached operand blocks by it; the collector drops results of
+    /// another run.
     #[serde(default)]
     pub run: String,
     /// What C·x must be for Freivalds' check, from the producer, which holds A and B anyway;
@@ -624,9 +662,15 @@ mod tests {
     }
 
     #[test]
-    fn runs_are_random_16_hex_digits_and_messages_that_name_none_still_decode() {
-        let (one, two) = (new_run(), new_run());
+    fn runs_are_16_hex_digits_the_same_for_the_same_job_and_messages_that_name_none_decode() {
+        let (one, two) = (run_of(&[b"job", b"seed 7"]), run_of(&[b"job", b"seed 8"]));
         assert_ne!(one, two);
+        assert_eq!(one, run_of(&[b"job", b"seed 7"]));
+        assert_ne!(
+            run_of(&[b"ab", b"c"]),
+            run_of(&[b"a", b"bc"]),
+            "parts are delimited"
+        );
         for r in [&one, &two] {
             assert_eq!(r.len(), 16, "{r}");
             assert!(r.chars().all(|c| c.is_ascii_hexdigit()), "{r}");
@@ -706,6 +750,7 @@ mod tests {
     fn batch(shapes: &[(u32, u32)]) -> ResultBatch {
         ResultBatch {
             job: "j".into(),
+            run: String::new(),
             dtype: DType::F64,
             worker: "w".into(),
             tiles: shapes
@@ -777,6 +822,7 @@ mod tests {
     fn a_result_is_not_a_task() {
         let h = Header::Parked(ParkedNotice {
             job: "j".into(),
+            run: String::new(),
             tile: TileId {
                 row: 0,
                 col: 0,

@@ -188,6 +188,9 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         Plan::with_operands(m, k, n, dtype, tile, s.broker.max_message_bytes, s.operands)
             .map_err(|e| ConfigError::invalid("tile", e.to_string()))
     };
+    // What, besides the job id, plan and inputs, tells this job's data from another's: for
+    // files, their sizes and modification times (same paths, new contents: another run).
+    let mut stamp = String::new();
     let (a, b, inputs, plan) = match s.source.clone() {
         Source::Seed {
             m,
@@ -213,6 +216,15 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             })?;
             let ((m, k), (_, n)) = (ma.shape(), mb.shape());
             let plan = plan_for(m as u64, k as u64, n as u64, ma.dtype())?;
+            for path in [&a, &b] {
+                let meta = std::fs::metadata(path).ok();
+                let len = meta.as_ref().map_or(0, |m| m.len());
+                let modified = meta
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                stamp.push_str(&format!("{len}:{modified};"));
+            }
             let inputs = Inputs::Files {
                 a: a.display().to_string(),
                 b: b.display().to_string(),
@@ -243,13 +255,19 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     .context("computing the verification vectors")?;
     let check = check.context("computing the verification vectors")?;
 
+    let run = message::run_of(&[
+        s.job_id.as_bytes(),
+        &serde_json::to_vec(&plan).context("describing the plan")?,
+        &serde_json::to_vec(&inputs).context("describing the inputs")?,
+        stamp.as_bytes(),
+    ]);
     let mut manifest = Manifest {
         version: message::VERSION,
         job: s.job_id.clone(),
         plan,
         inputs,
         created_ms: unix_ms(),
-        run: message::new_run(),
+        run,
         check,
     };
     let broker = Broker::new(&s.broker, &format!("gemmq-producer {}", s.job_id))?;
