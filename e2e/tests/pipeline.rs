@@ -108,6 +108,87 @@ async fn a_worker_whose_operand_cache_is_too_small_rereads_blocks_at_their_offse
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_computed() {
+    let mut env = Env::new("leftover");
+    let shape = (128, 64, 128);
+    let mut p = env.producer("leftover", shape, 32);
+    p.operands = Operands::Stream;
+    let stop = env.stop.clone();
+    let c = env.collector("leftover");
+    let collector = tokio::spawn(async move { gemmq_collector::run(&c, stop).await });
+    let receipt = gemmq_producer::run(&p)
+        .await
+        .expect("the producer publishes");
+    // A duplicate of a task of an earlier job that used this id (another run), still queued.
+    let ch = env.channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    let stale = Header::TaskRef(message::TaskHeader {
+        job: "leftover".into(),
+        run: "0123456789abcdef".into(),
+        tile: gemmq::TileId {
+            row: 0,
+            col: 0,
+            part: 0,
+        },
+        dtype: gemmq::DType::F64,
+        rows: 32,
+        cols: 32,
+        depth: 64,
+    });
+    ch.basic_publish(
+        env.topology().tasks_exchange().as_str().into(),
+        topology::TASK_KEY.into(),
+        BasicPublishOptions::default(),
+        &message::encode(&stale, &[]),
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    env.spawn_consumer(env.consumer("leftover-w1"));
+    let summary = tokio::time::timeout(Duration::from_secs(60), collector)
+        .await
+        .expect("the job finishes within a minute")
+        .expect("collector task")
+        .expect("the collector runs cleanly");
+
+    assert_eq!(receipt.tasks, 16);
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(
+        summary.rejected_messages, 0,
+        "no result of the old run came"
+    );
+    let err = common::max_error_against_local_product(&env, "leftover", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    // The leftover is dropped when the stream shows this job's run, not computed, not parked.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stats = loop {
+        let q = ch
+            .queue_declare(
+                env.topology().tasks_queue().as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("the tasks queue exists");
+        if q.message_count() == 0 {
+            // Ready count 0; the leftover may still be held: stopping waits for it.
+            break env.stop_consumers().await;
+        }
+        assert!(Instant::now() < deadline, "the leftover task was settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stats[0].done.load(Ordering::Relaxed), 16);
+    assert_eq!(stats[0].parked.load(Ordering::Relaxed), 0);
+    assert_eq!(stats[0].received.load(Ordering::Relaxed), 17);
+    env.cleanup(&["leftover"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_block_the_cache_has_no_room_for_is_read_from_the_stream_instead() {
     // Messages of at most 64 KiB (the least allowed), and a cache of as much: the worker has a
     // live queue (its cache can hold a message) but room for one 40 KiB block only. The blocks
