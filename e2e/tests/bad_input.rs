@@ -11,8 +11,7 @@ use gemmq::TileId;
 use gemmq::message::{self, Header, ResultHeader, TaskHeader};
 use gemmq::topology::{TASK_KEY, header_str};
 use gemmq_collector::Status;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 
 fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
     Header::Task(TaskHeader {
@@ -42,20 +41,6 @@ async fn publish(ch: &lapin::Channel, exchange: &str, key: &str, body: &[u8]) {
     .unwrap()
     .await
     .unwrap();
-}
-
-async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::durable()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -138,8 +123,8 @@ async fn a_task_for_a_job_that_no_longer_exists_is_dropped_not_retried_forever()
     env.spawn_consumer(env.consumer("w1"));
 
     let started = Instant::now();
-    while message_count(&ch, &topo.tasks_queue()).await
-        + message_count(&ch, &topo.retry_queue()).await
+    while common::message_count(&ch, &topo.tasks_queue()).await
+        + common::message_count(&ch, &topo.retry_queue()).await
         > 0
     {
         assert!(
@@ -157,7 +142,7 @@ async fn a_task_for_a_job_that_no_longer_exists_is_dropped_not_retried_forever()
         stats[0].retried.load(std::sync::atomic::Ordering::Relaxed),
         0
     );
-    assert_eq!(message_count(&ch, &topo.tasks_queue()).await, 0);
+    assert_eq!(common::message_count(&ch, &topo.tasks_queue()).await, 0);
     env.cleanup(&[]).await;
 }
 

@@ -164,18 +164,7 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
     // The leftover is dropped when the stream shows this job's run, not computed, not parked.
     let deadline = Instant::now() + Duration::from_secs(30);
     let stats = loop {
-        let q = ch
-            .queue_declare(
-                env.topology().tasks_queue().as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .expect("the tasks queue exists");
-        if q.message_count() == 0 {
+        if common::message_count(&ch, &env.topology().tasks_queue()).await == 0 {
             // Ready count 0; the leftover may still be held: stopping waits for it.
             break env.stop_consumers().await;
         }
@@ -376,25 +365,14 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
     let results = env.topology().results_queue("rerun");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let q = ch
-            .queue_declare(
-                results.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .expect("the results queue exists");
+        let count = common::message_count(&ch, &results).await;
         // (More if a result went twice: a redelivered task.)
-        if q.message_count() >= 16 {
+        if count >= 16 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the first run computed in 30 s ({} results)",
-            q.message_count()
+            "the first run computed in 30 s ({count} results)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -324,30 +324,27 @@ impl Header {
         }
     }
 
-    /// The run of the job the message belongs to; empty from a gemmq that named none.
-    pub fn run(&self) -> &str {
-        match self {
-            Header::Task(h) | Header::TaskRef(h) => &h.run,
-            Header::Result(h) => &h.run,
-            Header::Parked(h) => &h.run,
-            Header::Failed(h) => &h.run,
-            Header::Operand(h) => &h.run,
-            Header::Results(h) => &h.run,
-            Header::JobDone(h) => &h.run,
-        }
+    /// The job the message belongs to, and its run (empty from a gemmq that named none).
+    fn job_and_run(&self) -> (&str, &str) {
+        let (job, run) = match self {
+            Header::Task(h) | Header::TaskRef(h) => (&h.job, &h.run),
+            Header::Result(h) => (&h.job, &h.run),
+            Header::Parked(h) => (&h.job, &h.run),
+            Header::Failed(h) => (&h.job, &h.run),
+            Header::Operand(h) => (&h.job, &h.run),
+            Header::Results(h) => (&h.job, &h.run),
+            Header::JobDone(h) => (&h.job, &h.run),
+        };
+        (job, run)
     }
 
     pub fn job(&self) -> &str {
-        match self {
-            Header::Task(h) => &h.job,
-            Header::Result(h) => &h.job,
-            Header::Parked(h) => &h.job,
-            Header::Failed(h) => &h.job,
-            Header::TaskRef(h) => &h.job,
-            Header::Operand(h) => &h.job,
-            Header::Results(h) => &h.job,
-            Header::JobDone(h) => &h.job,
-        }
+        self.job_and_run().0
+    }
+
+    /// The run of the job the message belongs to; empty from a gemmq that named none.
+    pub fn run(&self) -> &str {
+        self.job_and_run().1
     }
 
     /// Names end up in queue names, logs and the collector's journal: only plain ones pass.

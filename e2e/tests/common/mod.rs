@@ -227,6 +227,21 @@ pub fn mgmt(path: &str) -> serde_json::Value {
         .expect("management API returns JSON")
 }
 
+/// Messages ready in a queue (not those delivered and unacked), by a passive declare.
+pub async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::durable()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"))
+    .message_count()
+}
+
 /// The largest |C − A·B| over the product computed here.
 pub fn max_error_against_local_product(env: &Env, job: &str, shape: (u64, u64, u64)) -> f64 {
     max_error_against_seed(env, job, shape, 7)
