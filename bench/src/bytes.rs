@@ -12,7 +12,7 @@
 //! worker reads the stream.
 
 use gemmq::Plan;
-use gemmq::message::{self, Header, OperandHeader, ResultHeader, Side, TaskHeader};
+use gemmq::message::{self, Header, OperandHeader, ResultHeader, Side, TaskGroup, TaskHeader};
 use gemmq::tiling::Operands;
 use serde::Serialize;
 
@@ -46,7 +46,8 @@ fn frame_len(h: &Header, payload: u64) -> u64 {
     message::encode(h, &[]).len() as u64 + payload
 }
 
-pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
+/// The bytes of `plan`'s job when the producer puts `group` tasks in a message.
+pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerBytes {
     let size = plan.dtype.size() as u64;
     let (mut produced, mut results) = (0u64, 0u64);
     // Runs are always 16 hex digits: any one has the programs' header size.
@@ -68,24 +69,36 @@ pub fn from_plan(plan: &Plan, job: &str, worker: &str) -> BrokerBytes {
             produced += frame_len(&h, (rows * cols) as u64 * size);
         }
     }
+    let tiles: Vec<_> = plan.task_ids().collect();
+    for chunk in tiles.chunks(group.max(1) as usize) {
+        let tasks: Vec<TaskHeader> = chunk
+            .iter()
+            .map(|&tile| TaskHeader {
+                job: job.into(),
+                run: run.clone(),
+                tile,
+                dtype: plan.dtype,
+                rows: plan.rows(tile.row).len() as u32,
+                cols: plan.cols(tile.col).len() as u32,
+                depth: plan.depth(tile.part).len() as u32,
+            })
+            .collect();
+        produced += match (plan.operands, tasks.as_slice()) {
+            (Operands::Inline, [task]) => {
+                let (r, c, d) = (task.rows as u64, task.cols as u64, task.depth as u64);
+                frame_len(&Header::Task(task.clone()), (r * d + d * c) * size)
+            }
+            (_, [task]) => frame_len(&Header::TaskRef(task.clone()), 0),
+            _ => frame_len(
+                &Header::Tasks(TaskGroup::of(&tasks).expect("chunks are never empty")),
+                0,
+            ),
+        };
+    }
     for tile in plan.task_ids() {
         let rows = plan.rows(tile.row).len() as u32;
         let cols = plan.cols(tile.col).len() as u32;
-        let depth = plan.depth(tile.part).len() as u32;
-        let task = TaskHeader {
-            job: job.into(),
-            run: run.clone(),
-            tile,
-            dtype: plan.dtype,
-            rows,
-            cols,
-            depth,
-        };
-        let (r, c, d) = (rows as u64, cols as u64, depth as u64);
-        produced += match plan.operands {
-            Operands::Inline => frame_len(&Header::Task(task), (r * d + d * c) * size),
-            Operands::Stream => frame_len(&Header::TaskRef(task), 0),
-        };
+        let (r, c) = (rows as u64, cols as u64);
         let result = Header::Result(ResultHeader {
             job: job.into(),
             run: run.clone(),
@@ -134,7 +147,7 @@ mod tests {
     #[test]
     fn one_tile_without_split_moves_a_b_and_c_once_plus_headers() {
         for op in [Operands::Inline, Operands::Stream] {
-            let b = from_plan(&plan(64, DType::F64, 64, op), "j", "w");
+            let b = from_plan(&plan(64, DType::F64, 64, op), 1, "j", "w");
             assert_eq!(b.minimum_bytes, 3 * 64 * 64 * 8);
             assert!(b.total_bytes > b.minimum_bytes && b.total_bytes < b.minimum_bytes + 2048);
         }
@@ -143,13 +156,25 @@ mod tests {
     #[test]
     fn inline_tasks_resend_blocks_and_streamed_ones_do_not() {
         // 4×4 tiles: inline, every block-row of A goes to 4 tasks, every block-column of B to 4.
-        let inline = from_plan(&plan(256, DType::F32, 64, Operands::Inline), "j", "w");
+        let inline = from_plan(&plan(256, DType::F32, 64, Operands::Inline), 1, "j", "w");
         let elems = 256 * 256;
         assert!(inline.producer_bytes >= (4 * elems + 4 * elems) * 4);
         assert!(inline.ratio_to_minimum > 3.0);
-        let stream = from_plan(&plan(256, DType::F32, 64, Operands::Stream), "j", "w");
+        let stream = from_plan(&plan(256, DType::F32, 64, Operands::Stream), 1, "j", "w");
         assert!(stream.producer_bytes >= 2 * elems * 4);
         assert!(stream.ratio_to_minimum < 1.1, "{stream:?}");
+    }
+
+    #[test]
+    fn grouped_tasks_take_fewer_bytes_than_one_message_each() {
+        let plan = plan(256, DType::F64, 16, Operands::Stream);
+        let single = from_plan(&plan, 1, "j", "w");
+        let grouped = from_plan(&plan, 16, "j", "w");
+        assert!(
+            grouped.producer_bytes < single.producer_bytes,
+            "{grouped:?}"
+        );
+        assert_eq!(grouped.result_bytes, single.result_bytes);
     }
 
     #[test]

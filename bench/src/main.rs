@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gemmq::config::{DEFAULT_AMQP_URL, DEFAULT_MAX_MESSAGE_BYTES};
-use gemmq::tiling::Operands;
+use gemmq::tiling::{GroupSize, Operands};
 use gemmq::{DType, Plan, Topology};
 use serde::Serialize;
 
@@ -62,6 +62,11 @@ struct Cli {
     /// when a task takes microseconds
     #[arg(long, value_delimiter = ',', default_value = "10,100,250")]
     small_queue_sizes: Vec<u16>,
+    /// Tasks per message of the small-task runs, one run each: 1 (every tile a message of its
+    /// own, the broker's per-message cost in full) and auto (the producer's default, which
+    /// groups tiny tiles)
+    #[arg(long, value_delimiter = ',', default_value = "1,auto")]
+    small_groups: Vec<GroupSize>,
     /// Skip the small-task run
     #[arg(long)]
     no_small: bool,
@@ -137,6 +142,8 @@ struct Spec {
     small_tasks: bool,
     /// GEMMQ_QUEUE_SIZE for the consumers [default: theirs].
     queue_size: Option<u16>,
+    /// GEMMQ_GROUP for the producer [default: its own, auto].
+    task_group: Option<GroupSize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,6 +167,8 @@ struct Run {
     small_tasks: bool,
     /// The consumers' queue size (prefetch) when the run set one.
     queue_size: Option<u16>,
+    /// Tasks per task message (the producer's group size, resolved as it does).
+    tasks_per_message: Option<u64>,
     ok: bool,
     error: Option<String>,
     /// Whether the consumers had served one job before this one (--warm); their CPU figures
@@ -423,6 +432,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             tile: cli.tile,
             small_tasks: false,
             queue_size: None,
+            task_group: None,
         });
     }
     if !cli.quick
@@ -437,19 +447,23 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             tile: cli.tile,
             small_tasks: false,
             queue_size: None,
+            task_group: None,
         });
     }
     if !cli.no_small {
         for &q in &cli.small_queue_sizes {
-            specs.push(Spec {
-                label: format!("n{}-f64-tile{}-q{q}", cli.small_n, cli.small_tile),
-                group: String::new(),
-                n: cli.small_n,
-                dtype: DType::F64,
-                tile: Some(cli.small_tile),
-                small_tasks: true,
-                queue_size: Some(q),
-            });
+            for &g in &cli.small_groups {
+                specs.push(Spec {
+                    label: format!("n{}-f64-tile{}-q{q}-g{g}", cli.small_n, cli.small_tile),
+                    group: String::new(),
+                    n: cli.small_n,
+                    dtype: DType::F64,
+                    tile: Some(cli.small_tile),
+                    small_tasks: true,
+                    queue_size: Some(q),
+                    task_group: Some(g),
+                });
+            }
         }
     }
 
@@ -603,6 +617,7 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         dtype: spec.dtype,
         small_tasks: spec.small_tasks,
         queue_size: spec.queue_size,
+        tasks_per_message: None,
         ok: false,
         error: None,
         warm: cli.warm,
@@ -739,6 +754,9 @@ fn job(
     ];
     if let Some(t) = spec.tile {
         producer_env.push(("GEMMQ_TILE", t.to_string()));
+    }
+    if let Some(g) = spec.task_group {
+        producer_env.push(("GEMMQ_GROUP", g.to_string()));
     }
     let ready = Duration::from_secs(60);
     let mut consumers = Vec::new();
@@ -970,7 +988,12 @@ fn job(
         run.ratio_wall_to_reference = run.reference.as_ref().map(|r| wall / r.best_seconds);
     }
 
-    let mut broker = bytes::from_plan(&plan, &spec.label, &consumers[0].name);
+    let per_message = match spec.task_group.unwrap_or_default() {
+        GroupSize::Auto => gemmq::tiling::auto_group(&plan),
+        GroupSize::Fixed(g) => g,
+    };
+    run.tasks_per_message = Some(per_message);
+    let mut broker = bytes::from_plan(&plan, per_message, &spec.label, &consumers[0].name);
     if let Some((received, sent)) = traffic {
         broker.consumers_received_bytes = Some(received);
         broker.consumers_sent_bytes = Some(sent);
@@ -986,7 +1009,7 @@ fn job(
     }
     run.broker = Some(broker);
     eprintln!(
-        "   tile {tile}: {tasks} tasks ({k_parts} k-part{}), e2e {} s (from the first publish), {e2e:.2} s from the producer's start",
+        "   tile {tile}: {tasks} tasks ({k_parts} k-part{}, {per_message} to a message), e2e {} s (from the first publish), {e2e:.2} s from the producer's start",
         if k_parts == 1 { "" } else { "s" },
         opt(run.summary_wall_seconds, 2),
     );

@@ -559,7 +559,11 @@ fn apply(
             asm.apply_failure(n);
             Ok(0)
         }
-        Header::Task(_) | Header::TaskRef(_) | Header::Operand(_) | Header::JobDone(_) => {
+        Header::Task(_)
+        | Header::TaskRef(_)
+        | Header::Tasks(_)
+        | Header::Operand(_)
+        | Header::JobDone(_) => {
             warn!("a task, operand block or job notice on the results queue dropped");
             Ok(1)
         }

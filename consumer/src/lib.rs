@@ -12,6 +12,9 @@
 //! * **Parking.** After the last attempt, or at once for a task that can never succeed
 //!   (malformed), the task is copied to the parking-lot queue with its reason in headers, the
 //!   collector is told, and the task is acked.
+//! * **Groups.** Tiny tiles arrive several to a message (see `gemmq::message::TaskGroup`): the
+//!   group is fetched, computed, retried, parked and acked as one, and acked only once every one
+//!   of its results is confirmed.
 //! * **Graceful shutdown.** On SIGTERM the consumer stops taking tasks, lets the ones being
 //!   computed finish (up to a timeout), returns the ones not started, and closes.
 
@@ -32,7 +35,9 @@ use gemmq::events::WorkerState;
 use gemmq::kernel::Threads;
 use gemmq::matrix;
 use gemmq::matrix::Block;
-use gemmq::message::{self, BlockId, Header, ParkedNotice, ResultHeader, Side, TaskHeader, kind};
+use gemmq::message::{
+    self, BlockId, Header, ParkedNotice, ResultHeader, Side, TaskHeader, Tiles, Work, kind,
+};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
 use lapin::message::Delivery;
@@ -451,33 +456,33 @@ async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
     ctx.stats.held.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Takes one delivery to its end: result published and acked, retried, or parked.
+/// Takes one delivery to its end: results published and acked, retried, or parked. A message
+/// holds one task or, for tiny tiles, a group of them; a group is received, retried, parked
+/// and acked as one, and each of its tiles has its own result.
 async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     let attempt =
         topology::prior_attempts(&delivery.properties, &ctx.tasks_queue).saturating_add(1);
     let limit = ctx.settings.broker.max_message_bytes;
-    // Inline tasks carry their blocks after the header; streamed ones name them.
-    let decoded = message::decode(&delivery.data, limit).and_then(|f| {
-        let streamed = matches!(f.header, Header::TaskRef(_));
-        f.into_task()
-            .map(|(task, payload)| (task, payload.len(), streamed))
-    });
     // decode() has checked the job id too: it names queues and journal lines.
-    let (task, offset, streamed) = match decoded {
-        Ok((task, payload_len, streamed)) => (task, delivery.data.len() - payload_len, streamed),
+    let body_len = delivery.data.len();
+    let decoded = message::decode(&delivery.data, limit)
+        .and_then(|f| f.into_work())
+        .map(|work| match work {
+            // Inline tasks carry their blocks after the header; streamed ones name them.
+            Work::Inline(task, payload) => (vec![task], Some(body_len - payload.len())),
+            Work::Streamed(tasks) => (tasks, None),
+        });
+    let (tasks, inline_at) = match decoded {
+        Ok(d) => d,
         Err(e) => {
-            return park(
-                ctx,
-                &delivery,
-                None,
-                attempt,
-                format!("malformed task: {e}"),
-            )
-            .await;
+            let reason = format!("malformed task: {e}");
+            return park(ctx, &delivery, &[], attempt, reason).await;
         }
     };
-    let tile = task.tile;
-    info!(job = %task.job, %tile, attempt, "task received");
+    // decode() refuses an empty group.
+    let job = tasks[0].job.clone();
+    let tiles = Tiles(&tasks);
+    info!(%job, %tiles, attempt, "task received");
     if attempt > ctx.settings.max_attempts {
         // Only a task that kept killing its workers (and so was dead-lettered by the broker's
         // delivery limit, not by us) gets here: do not run it again.
@@ -485,17 +490,13 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
             "redelivered past the attempt limit ({} of {}): it crashed or stalled its workers",
             attempt, ctx.settings.max_attempts
         );
-        return park(ctx, &delivery, Some(&task), attempt, reason).await;
+        return park(ctx, &delivery, &tasks, attempt, reason).await;
     }
 
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
-    let inputs = if streamed {
-        match fetch_blocks(ctx, &task).await {
-            Ok((a, b)) => Ok(Inputs::Blocks(a, b)),
-            Err(f) => Err(f),
-        }
-    } else {
-        Ok(Inputs::Inline(offset))
+    let inputs = match inline_at {
+        Some(offset) => Ok(Inputs::Inline(offset)),
+        None => fetch_blocks(ctx, &tasks).await.map(Inputs::Blocks),
     };
     let permit = tokio::select! {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
@@ -509,7 +510,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     let outcome = match inputs {
         Ok(inputs) => {
             let data = std::mem::take(&mut delivery.data);
-            let (outcome, data) = work(ctx, &task, data, inputs).await;
+            let (outcome, data) = work(ctx, &tasks, data, inputs).await;
             delivery.data = data;
             outcome
         }
@@ -518,14 +519,14 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     drop(permit);
 
     match outcome {
-        Ok(tile_bytes) => {
+        Ok(products) => {
             let micros = started.elapsed().as_micros() as u64;
-            send_result(ctx, &delivery, &task, attempt, tile_bytes, micros).await
+            send_results(ctx, &delivery, &tasks, attempt, products, micros).await
         }
-        Err(Failure::Permanent(reason)) => park(ctx, &delivery, Some(&task), attempt, reason).await,
+        Err(Failure::Permanent(reason)) => park(ctx, &delivery, &tasks, attempt, reason).await,
         Err(Failure::JobGone) => {
-            warn!(job = %task.job, %tile, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
-            ack(&delivery, Some(tile)).await;
+            warn!(%job, %tiles, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
+            ack(&delivery, &tiles).await;
         }
         Err(Failure::Transient(reason)) => {
             Stats::bump(&ctx.stats.failed);
@@ -534,14 +535,14 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
                     "{reason} (attempt {attempt} of {})",
                     ctx.settings.max_attempts
                 );
-                return park(ctx, &delivery, Some(&task), attempt, reason).await;
+                return park(ctx, &delivery, &tasks, attempt, reason).await;
             }
             warn!(
-                job = %task.job, %tile, attempt, max_attempts = ctx.settings.max_attempts,
+                %job, %tiles, attempt, max_attempts = ctx.settings.max_attempts,
                 retry_in = ?ctx.topo.retry_delay(), %reason,
                 "task failed; retrying through the retry queue"
             );
-            notify_failure(ctx, &task, attempt, &reason).await;
+            notify_failure(ctx, &tasks[0], attempt, &reason).await;
             // requeue = false dead-letters it to the retry queue; the broker records the attempt.
             match delivery
                 .acker
@@ -553,7 +554,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
             {
                 Ok(_) => Stats::bump(&ctx.stats.retried),
                 Err(e) => {
-                    warn!(%tile, error = %e, "nack failed; the broker will redeliver the task")
+                    warn!(%tiles, error = %e, "nack failed; the broker will redeliver the task")
                 }
             }
         }
@@ -573,12 +574,23 @@ impl From<operands::FetchError> for Failure {
 enum Inputs {
     /// In the task's own body, from this offset.
     Inline(usize),
-    /// Fetched from the job's operand stream.
-    Blocks(Arc<Block>, Arc<Block>),
+    /// Fetched from the job's operand stream: the A and B blocks of each task, in order.
+    Blocks(Vec<(Arc<Block>, Arc<Block>)>),
 }
 
-/// The A and B blocks a streamed task names, checked against the task's shape.
-async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Block>, Arc<Block>), Failure> {
+type BlockPair = (Arc<Block>, Arc<Block>);
+
+/// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
+/// a group share most of their blocks; the cache holds them.
+async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>, Failure> {
+    let mut pairs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        pairs.push(fetch_pair(ctx, task).await?);
+    }
+    Ok(pairs)
+}
+
+async fn fetch_pair(ctx: &Ctx, task: &TaskHeader) -> Result<BlockPair, Failure> {
     let t = task.tile;
     let a_id = BlockId {
         side: Side::A,
@@ -600,7 +612,7 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Block>, Arc<B
     let (a_shape, b_shape) = (a.view().shape(), b.view().shape());
     if a_shape != (r, d) || b_shape != (d, c) {
         return Err(Failure::Permanent(format!(
-            "the task is {r}x{d} · {d}x{c} but its blocks are {a_shape:?} and {b_shape:?}"
+            "the task {t} is {r}x{d} · {d}x{c} but its blocks are {a_shape:?} and {b_shape:?}"
         )));
     }
     Ok((a, b))
@@ -609,14 +621,19 @@ async fn fetch_blocks(ctx: &Ctx, task: &TaskHeader) -> Result<(Arc<Block>, Arc<B
 /// Tiles up to this many flops (~20 µs of work) are multiplied on the async thread.
 const TINY_FLOPS: u64 = 1 << 20;
 
-/// Simulated delay and failure, then the multiplication on the blocking pool. Returns the body
-/// so the caller can still park it.
+fn flops(task: &TaskHeader) -> u64 {
+    2 * task.rows as u64 * task.cols as u64 * task.depth as u64
+}
+
+/// Simulated delay and failure (once per message: a group fails as one), then the
+/// multiplications on the blocking pool. Returns each task's product, and the body so the
+/// caller can still park it.
 async fn work(
     ctx: &Ctx,
-    task: &TaskHeader,
+    tasks: &[TaskHeader],
     data: Vec<u8>,
     inputs: Inputs,
-) -> (Result<Vec<u8>, Failure>, Vec<u8>) {
+) -> (Result<Vec<Vec<u8>>, Failure>, Vec<u8>) {
     let (delay, fail) = {
         let mut rng = rand::rng();
         let d = &ctx.settings.delay;
@@ -638,20 +655,24 @@ async fn work(
             data,
         );
     }
-    let flops = 2 * task.rows as u64 * task.cols as u64 * task.depth as u64;
-    let task = task.clone();
+    let total: u64 = tasks.iter().map(flops).sum();
+    let first = tasks[0].clone();
     let threads = Threads::Exactly(ctx.settings.threads);
     let compute = move || {
         let r = match inputs {
-            Inputs::Inline(offset) => matrix::compute_tile(&task, &data[offset..], threads)
+            Inputs::Inline(offset) => matrix::compute_tile(&first, &data[offset..], threads)
+                .map(|product| vec![product])
                 .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
-            Inputs::Blocks(a, b) => matrix::multiply_blocks(a.view(), b.view(), threads)
+            Inputs::Blocks(pairs) => pairs
+                .iter()
+                .map(|(a, b)| matrix::multiply_blocks(a.view(), b.view(), threads))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
         };
         (r, data)
     };
     // A tiny tile is cheaper to multiply than to hand to another thread.
-    if flops <= TINY_FLOPS {
+    if total <= TINY_FLOPS {
         return compute();
     }
     let joined = tokio::task::spawn_blocking(compute).await;
@@ -665,47 +686,60 @@ async fn work(
     }
 }
 
-async fn send_result(
+/// Publishes each task's result, then acks the message: only once every result is confirmed.
+async fn send_results(
     ctx: &Ctx,
     delivery: &Delivery,
-    task: &TaskHeader,
+    tasks: &[TaskHeader],
     attempt: u32,
-    bytes: Vec<u8>,
+    products: Vec<Vec<u8>>,
     micros: u64,
 ) {
-    let tile = task.tile;
-    let header = ResultHeader {
-        job: task.job.clone(),
-        run: task.run.clone(),
-        tile,
-        dtype: task.dtype,
-        rows: task.rows,
-        cols: task.cols,
-        worker: ctx.settings.worker_id.clone(),
-        attempt,
-        compute_micros: micros,
-    };
-    let published = ctx.results.send(header, bytes).await;
-    match published {
-        results::Sent::Confirmed => {
-            ack(delivery, Some(tile)).await;
-            Stats::bump(&ctx.stats.done);
-            let flops = 2 * task.rows as u64 * task.cols as u64 * task.depth as u64;
-            ctx.stats.flops.fetch_add(flops, Ordering::Relaxed);
-            info!(job = %task.job, %tile, attempt, ms = micros / 1000, "task done");
-        }
-        results::Sent::Unroutable => {
-            // No results queue: the job was finished and retired, or never announced.
-            warn!(job = %task.job, %tile, "job has no results queue (finished or deleted); dropping its task");
-            ack(delivery, Some(tile)).await;
-        }
-        results::Sent::Failed(e) => {
-            // Not acked: the task comes back (now, or when the channel closes) and is redone.
-            warn!(job = %task.job, %tile, error = %e, "result not confirmed; returning the task to the queue");
-            ctx.publisher_failed();
-            requeue(delivery).await;
-        }
+    let each = micros / tasks.len() as u64;
+    let results = tasks
+        .iter()
+        .zip(products)
+        .map(|(task, bytes)| {
+            let header = ResultHeader {
+                job: task.job.clone(),
+                run: task.run.clone(),
+                tile: task.tile,
+                dtype: task.dtype,
+                rows: task.rows,
+                cols: task.cols,
+                worker: ctx.settings.worker_id.clone(),
+                attempt,
+                compute_micros: each,
+            };
+            (header, bytes)
+        })
+        .collect();
+    let sent = ctx.results.send(results).await;
+    let (job, tiles) = (&tasks[0].job, Tiles(tasks));
+    let failed = sent.iter().find_map(|s| match s {
+        results::Sent::Failed(e) => Some(e),
+        _ => None,
+    });
+    if let Some(e) = failed {
+        // Not acked: the task comes back (now, or when the channel closes) and is redone; the
+        // collector drops the results of it that did get through the second time.
+        warn!(%job, %tiles, error = %e, "result not confirmed; returning the task to the queue");
+        ctx.publisher_failed();
+        requeue(delivery).await;
+        return;
     }
+    ack(delivery, &tiles).await;
+    if sent.iter().any(|s| matches!(s, results::Sent::Unroutable)) {
+        // No results queue: the job was finished and retired, or never announced.
+        warn!(%job, %tiles, "job has no results queue (finished or deleted); dropping its task");
+        return;
+    }
+    ctx.stats
+        .done
+        .fetch_add(tasks.len() as u64, Ordering::Relaxed);
+    let flops: u64 = tasks.iter().map(flops).sum();
+    ctx.stats.flops.fetch_add(flops, Ordering::Relaxed);
+    info!(%job, %tiles, attempt, ms = micros / 1000, "task done");
 }
 
 /// Tells the collector which worker failed, for its report. Not waited for: the report is not
@@ -743,21 +777,16 @@ async fn notify_failure(ctx: &Ctx, task: &TaskHeader, attempt: u32, reason: &str
 }
 
 /// Copies the task to the parking lot with its reason, tells the collector, then acks.
-async fn park(
-    ctx: &Ctx,
-    delivery: &Delivery,
-    task: Option<&TaskHeader>,
-    attempts: u32,
-    reason: String,
-) {
+async fn park(ctx: &Ctx, delivery: &Delivery, tasks: &[TaskHeader], attempts: u32, reason: String) {
     let worker = &ctx.settings.worker_id;
+    let tiles = Tiles(tasks);
     let mut headers = vec![
         ("x-gemmq-reason", reason.clone()),
         ("x-gemmq-worker", worker.clone()),
     ];
-    if let Some(t) = task {
+    if let Some(t) = tasks.first() {
         headers.push(("x-gemmq-job", t.job.clone()));
-        headers.push(("x-gemmq-tile", t.tile.to_string()));
+        headers.push(("x-gemmq-tile", tiles.to_string()));
     }
     let props = broker::with_headers(delivery.properties.clone(), &headers);
     let props = broker::with_int_header(props, "x-gemmq-attempts", attempts as i64);
@@ -776,7 +805,8 @@ async fn park(
         requeue(delivery).await;
         return;
     }
-    if let Some(t) = task {
+    // One notice per tile: the collector counts tiles, whatever message carried them.
+    for t in tasks {
         let notice = Header::Parked(ParkedNotice {
             job: t.job.clone(),
             run: t.run.clone(),
@@ -802,7 +832,7 @@ async fn park(
         match told {
             Ok(()) => {}
             // No results queue: nobody is waiting for this job any more.
-            Err(e) if e.is_unroutable() => {}
+            Err(e) if e.is_unroutable() => break,
             Err(e) => {
                 // Acking now would leave the collector waiting for this tile forever. Hand the
                 // task back: it is parked again (one more copy in the parking lot) and the
@@ -814,11 +844,11 @@ async fn park(
             }
         }
     }
-    ack(delivery, task.map(|t| t.tile)).await;
+    ack(delivery, &tiles).await;
     Stats::bump(&ctx.stats.parked);
-    match task {
+    match tasks.first() {
         Some(t) => {
-            error!(job = %t.job, tile = %t.tile, attempts, %reason, queue = %ctx.topo.parked_queue(), "task parked")
+            error!(job = %t.job, %tiles, attempts, %reason, queue = %ctx.topo.parked_queue(), "task parked")
         }
         None => {
             error!(attempts, %reason, queue = %ctx.topo.parked_queue(), "unreadable task parked")
@@ -837,10 +867,10 @@ async fn requeue(delivery: &Delivery) {
         .await;
 }
 
-async fn ack(delivery: &Delivery, tile: Option<gemmq::TileId>) {
+async fn ack(delivery: &Delivery, tiles: &Tiles<'_>) {
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         // The channel died after the result was confirmed: the task will be redone and its
         // result arrive twice, which the collector handles.
-        warn!(?tile, error = %e, "ack failed; the task will be redelivered");
+        warn!(%tiles, error = %e, "ack failed; the task will be redelivered");
     }
 }

@@ -64,20 +64,28 @@ impl Results {
         Results { queue }
     }
 
-    /// Publishes one tile's result and waits for the broker's confirm.
-    pub async fn send(&self, header: ResultHeader, bytes: Vec<u8>) -> Sent {
-        let (done, outcome) = oneshot::channel();
-        let pending = Pending {
-            header,
-            bytes,
-            done,
-        };
-        if self.queue.send(pending).is_err() {
-            return Sent::Failed("the result publisher has stopped".into());
+    /// Publishes the results of one task message (one tile, or a group's) and waits for the
+    /// broker's confirms: what became of each, in order. Queued together, a group's results
+    /// go in as few messages as the batch limits allow.
+    pub async fn send(&self, results: Vec<(ResultHeader, Vec<u8>)>) -> Vec<Sent> {
+        let stopped = || Sent::Failed("the result publisher has stopped".into());
+        let mut outcomes = Vec::with_capacity(results.len());
+        for (header, bytes) in results {
+            let (done, outcome) = oneshot::channel();
+            let pending = Pending {
+                header,
+                bytes,
+                done,
+            };
+            // A send error drops `done`, so its outcome reads as "stopped" below.
+            let _ = self.queue.send(pending);
+            outcomes.push(outcome);
         }
-        outcome
-            .await
-            .unwrap_or_else(|_| Sent::Failed("the result publisher has stopped".into()))
+        let mut sent = Vec::with_capacity(outcomes.len());
+        for outcome in outcomes {
+            sent.push(outcome.await.unwrap_or_else(|_| stopped()));
+        }
+        sent
     }
 }
 

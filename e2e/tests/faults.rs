@@ -174,6 +174,10 @@ async fn a_producer_killed_mid_publish_and_run_again_completes_the_job_once() {
         "7",
         "--confirm-window",
         "1",
+        // 256 messages of 4 tasks (auto would make 16 of 64): many to kill the producer amid,
+        // and a re-run that must publish the same groups again.
+        "--group",
+        "4",
     ];
     let mut first = env.spawn("gemmq-producer", "producer-1", &args);
     let ch = env.channel().await;

@@ -38,28 +38,35 @@ pub enum TilingError {
     Inconsistent(String),
 }
 
-/// The side of a tile: a number, or `auto` to pick one from the shapes and the message limit.
+/// A setting that is a number, or `auto` to let gemmq pick one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TileSize {
+pub enum AutoOr {
     #[default]
     Auto,
     Fixed(u64),
 }
 
-impl std::str::FromStr for TileSize {
+/// The side of a tile: a number, or `auto` to pick one from the shapes and the message limit.
+pub type TileSize = AutoOr;
+
+/// Tasks per task message: a number, or `auto` to pick one from the work in a tile
+/// ([`auto_group`]).
+pub type GroupSize = AutoOr;
+
+impl std::str::FromStr for AutoOr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "auto" => Ok(TileSize::Auto),
+            "auto" => Ok(AutoOr::Auto),
             n => n
                 .parse()
-                .map(TileSize::Fixed)
-                .map_err(|_| format!("{n:?} is not a tile size: use a number or \"auto\"")),
+                .map(AutoOr::Fixed)
+                .map_err(|_| format!("{n:?} is neither a number nor \"auto\"")),
         }
     }
 }
 
-impl<'de> Deserialize<'de> for TileSize {
+impl<'de> Deserialize<'de> for AutoOr {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -68,17 +75,17 @@ impl<'de> Deserialize<'de> for TileSize {
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(TileSize::Fixed(n)),
+            Raw::N(n) => Ok(AutoOr::Fixed(n)),
             Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
 }
 
-impl std::fmt::Display for TileSize {
+impl std::fmt::Display for AutoOr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TileSize::Auto => f.write_str("auto"),
-            TileSize::Fixed(n) => write!(f, "{n}"),
+            AutoOr::Auto => f.write_str("auto"),
+            AutoOr::Fixed(n) => write!(f, "{n}"),
         }
     }
 }
@@ -109,6 +116,24 @@ pub fn auto_tile(
         }
     }
     tile.max(64).min(m.max(n))
+}
+
+/// Work below which a task shares its message with others: ~8 MFLOP, a quarter of a
+/// millisecond of one core, about what the broker spends on a message through a quorum queue.
+pub const GROUP_FLOPS: u64 = 8 << 20;
+
+/// Tasks per message `auto` picks: enough that a message carries [`GROUP_FLOPS`] of work,
+/// so the broker's cost per message stops dominating tiny tiles; one for any tile that is work
+/// enough on its own (every tile the auto tile size picks), and one when operands are inline,
+/// since those tasks carry their blocks.
+pub fn auto_group(plan: &Plan) -> u64 {
+    if plan.operands == Operands::Inline {
+        return 1;
+    }
+    let (rows, cols) = (plan.tile.min(plan.m), plan.tile.min(plan.n));
+    let depth = plan.depth(0).len() as u64;
+    let flops = (2 * rows * cols * depth).max(1);
+    (GROUP_FLOPS / flops).clamp(1, crate::message::MAX_GROUP as u64)
 }
 
 /// How the blocks of A and B reach the workers.
@@ -332,8 +357,32 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::MAX_GROUP;
 
     const MIB16: u64 = 16 << 20;
+
+    #[test]
+    fn only_tiny_streamed_tiles_are_grouped_and_never_more_than_a_group_may_hold() {
+        let stream = |n, tile| {
+            Plan::with_operands(n, n, n, DType::F64, tile, MIB16, Operands::Stream).unwrap()
+        };
+        // 2·16·16·1024 flops = 0.5 MFLOP a tile: 16 of them make the 8 MFLOP a message is worth.
+        assert_eq!(auto_group(&stream(1024, 16)), 16);
+        assert_eq!(auto_group(&stream(64, 8)), MAX_GROUP as u64);
+        assert_eq!(auto_group(&stream(4096, 448)), 1);
+        let auto = auto_tile(2048, 2048, 2048, DType::F64, MIB16, Operands::Stream);
+        assert_eq!(
+            auto_group(&stream(2048, auto)),
+            1,
+            "auto tiles are never grouped"
+        );
+        let inline = Plan::new(1024, 1024, 1024, DType::F64, 16, MIB16).unwrap();
+        assert_eq!(
+            auto_group(&inline),
+            1,
+            "inline tasks carry blocks: one to a message"
+        );
+    }
 
     #[test]
     fn edge_tiles_cover_shapes_that_are_not_multiples_of_the_tile() {

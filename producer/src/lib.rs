@@ -15,9 +15,10 @@ use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job::{self, Announced};
 use gemmq::matrix::{self, Element, Matrix};
 use gemmq::message::{
-    self, BlockId, Header, Inputs, Manifest, OperandHeader, Side, TaskHeader, kind,
+    self, BlockId, Header, Inputs, MAX_GROUP, Manifest, OperandHeader, Side, TaskGroup, TaskHeader,
+    Tiles, kind,
 };
-use gemmq::tiling::Operands;
+use gemmq::tiling::{GroupSize, Operands};
 use gemmq::topology::{self, TASK_KEY};
 use gemmq::verify;
 use gemmq::{DType, Plan, TileSize};
@@ -68,6 +69,12 @@ pub struct ProducerOptions {
     /// [default: stream]
     #[arg(long, env = "GEMMQ_OPERANDS")]
     pub operands: Option<Operands>,
+    /// Tasks per task message, or `auto`: tiles too small to be worth a message of their own
+    /// (under ~8 MFLOP, e.g. 16×16 tiles) travel several to a message, up to 64, which workers
+    /// take, retry and acknowledge together; each tile still has its own result. Streamed
+    /// operands only [default: auto]
+    #[arg(long, env = "GEMMQ_GROUP")]
+    pub group: Option<GroupSize>,
     /// Publisher confirms outstanding at once [default: 256]
     #[arg(long, env = "GEMMQ_CONFIRM_WINDOW")]
     pub confirm_window: Option<usize>,
@@ -85,6 +92,7 @@ gemmq::layered!(ProducerOptions {
     b,
     save_inputs,
     operands,
+    group,
     confirm_window
 });
 
@@ -112,6 +120,7 @@ pub struct Settings {
     pub job_id: String,
     pub save_inputs: Option<PathBuf>,
     pub operands: Operands,
+    pub group: GroupSize,
     pub confirm_window: usize,
 }
 
@@ -145,13 +154,32 @@ impl Settings {
         if confirm_window == 0 {
             return Err(ConfigError::invalid("confirm-window", "must be at least 1"));
         }
+        let operands = o.operands.unwrap_or_default();
+        let group = o.group.unwrap_or_default();
+        match group {
+            GroupSize::Fixed(0) => return Err(ConfigError::invalid("group", "must be at least 1")),
+            GroupSize::Fixed(g) if g > MAX_GROUP as u64 => {
+                return Err(ConfigError::invalid(
+                    "group",
+                    format!("{g} is over the {MAX_GROUP} tasks a message may hold"),
+                ));
+            }
+            GroupSize::Fixed(g) if g > 1 && operands == Operands::Inline => {
+                return Err(ConfigError::invalid(
+                    "group",
+                    "inline tasks carry their blocks and travel one to a message: use --operands stream, or --group 1",
+                ));
+            }
+            _ => {}
+        }
         Ok(Settings {
             broker,
             source,
             tile: o.tile.unwrap_or_default(),
             job_id,
             save_inputs: o.save_inputs,
-            operands: o.operands.unwrap_or_default(),
+            operands,
+            group,
             confirm_window,
         })
     }
@@ -172,6 +200,8 @@ fn new_job_id() -> String {
 pub struct Receipt {
     pub manifest: Manifest,
     pub tasks: u64,
+    /// Task messages: fewer than tasks when tiny tiles travel in groups.
+    pub messages: u64,
     pub bytes: u64,
     pub announced: Announced,
 }
@@ -270,6 +300,11 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         run,
         check,
     };
+    let group = match s.group {
+        GroupSize::Auto => gemmq::tiling::auto_group(&manifest.plan),
+        GroupSize::Fixed(g) => g,
+    } as usize;
+    let messages = manifest.plan.tasks().div_ceil(group as u64);
     let broker = Broker::new(&s.broker, &format!("gemmq-producer {}", s.job_id))?;
     let topo = s.broker.topology();
     let started = Instant::now();
@@ -289,7 +324,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             let first = job::announce(&ch, &topo, &mut manifest).await?;
             if announced.is_none() {
                 announced = Some(first);
-                log_announced(&manifest, first);
+                log_announced(&manifest, first, group, messages);
             }
             let mut window = ConfirmWindow::new(ch.clone(), s.confirm_window);
             // Its own channel: on the publishing one, each check would wait behind every block
@@ -302,10 +337,10 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             };
             let r = match (&a, &b) {
                 (Matrix::F32(a), Matrix::F32(b)) => {
-                    publish_tasks(out, &topo, &manifest, a, b, confirmed).await
+                    publish_tasks(out, &topo, &manifest, a, b, group, confirmed).await
                 }
                 (Matrix::F64(a), Matrix::F64(b)) => {
-                    publish_tasks(out, &topo, &manifest, a, b, confirmed).await
+                    publish_tasks(out, &topo, &manifest, a, b, group, confirmed).await
                 }
                 _ => Err(anyhow::anyhow!("A and B have different dtypes")),
             };
@@ -352,6 +387,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     info!(
         job = %manifest.job,
         tasks = p.tasks(),
+        messages,
         mib = bytes as f64 / (1 << 20) as f64,
         seconds = secs,
         mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
@@ -359,6 +395,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     );
     Ok(Receipt {
         tasks: p.tasks(),
+        messages,
         bytes,
         announced: announced.unwrap_or(Announced::New),
         manifest,
@@ -393,12 +430,12 @@ fn is_fatal(e: &anyhow::Error) -> bool {
     })
 }
 
-fn log_announced(manifest: &Manifest, announced: Announced) {
+fn log_announced(manifest: &Manifest, announced: Announced, group: usize, messages: u64) {
     let p = &manifest.plan;
     match announced {
         Announced::New => info!(
             job = %manifest.job, run = %manifest.run, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,
-            tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(),
+            tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(), group, messages,
             "job announced"
         ),
         Announced::AlreadyThere => info!(
@@ -414,7 +451,8 @@ const STREAM_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 /// One message the producer publishes.
 enum Item {
     Block(BlockId),
-    Task(gemmq::TileId),
+    /// One task, or a group of them when tiles are tiny.
+    Tasks(Vec<gemmq::TileId>),
 }
 
 /// Where the producer's messages go: the confirm window, the channel that checks the job's
@@ -431,6 +469,7 @@ async fn publish_tasks<T: Element>(
     manifest: &Manifest,
     a: &Array2<T>,
     b: &Array2<T>,
+    group: usize,
     skip: u64,
 ) -> Result<()> {
     let Out {
@@ -446,26 +485,29 @@ async fn publish_tasks<T: Element>(
     let streamed = plan.operands == Operands::Stream;
     let mut published = std::collections::HashSet::new();
     let mut items = Vec::new();
-    for tile in plan.task_ids() {
+    let tiles: Vec<_> = plan.task_ids().collect();
+    for tiles in tiles.chunks(group.max(1)) {
         if streamed {
-            for block in [
-                BlockId {
-                    side: Side::A,
-                    index: tile.row,
-                    part: tile.part,
-                },
-                BlockId {
-                    side: Side::B,
-                    index: tile.col,
-                    part: tile.part,
-                },
-            ] {
-                if published.insert(block) {
-                    items.push(Item::Block(block));
+            for tile in tiles {
+                for block in [
+                    BlockId {
+                        side: Side::A,
+                        index: tile.row,
+                        part: tile.part,
+                    },
+                    BlockId {
+                        side: Side::B,
+                        index: tile.col,
+                        part: tile.part,
+                    },
+                ] {
+                    if published.insert(block) {
+                        items.push(Item::Block(block));
+                    }
                 }
             }
         }
-        items.push(Item::Task(tile));
+        items.push(Item::Tasks(tiles.to_vec()));
     }
     // Through the operands exchange: into the job's stream (its record) and at once to the live
     // queue of every running worker (see gemmq::topology).
@@ -520,39 +562,85 @@ async fn publish_tasks<T: Element>(
                     .with_context(|| format!("publishing block {block} of job {job}"))?;
                 info!(%job, %block, bytes = body.len(), "operand block published");
             }
-            Item::Task(tile) => {
-                let task = TaskHeader {
-                    job: job.clone(),
-                    run: manifest.run.clone(),
-                    tile,
-                    dtype: plan.dtype,
-                    rows: plan.rows(tile.row).len() as u32,
-                    cols: plan.cols(tile.col).len() as u32,
-                    depth: plan.depth(tile.part).len() as u32,
-                };
-                let body = if streamed {
-                    message::encode(&Header::TaskRef(task), &[])
-                } else {
-                    message::encode(
-                        &Header::Task(task),
-                        &[&matrix::task_payload(a, b, plan, tile)],
-                    )
+            Item::Tasks(tiles) => {
+                let tasks: Vec<TaskHeader> = tiles
+                    .iter()
+                    .map(|&tile| TaskHeader {
+                        job: job.clone(),
+                        run: manifest.run.clone(),
+                        tile,
+                        dtype: plan.dtype,
+                        rows: plan.rows(tile.row).len() as u32,
+                        cols: plan.cols(tile.col).len() as u32,
+                        depth: plan.depth(tile.part).len() as u32,
+                    })
+                    .collect();
+                let first = tiles[0];
+                let body = match (streamed, tasks.as_slice()) {
+                    (false, [task]) => message::encode(
+                        &Header::Task(task.clone()),
+                        &[&matrix::task_payload(a, b, plan, first)],
+                    ),
+                    (true, [task]) => message::encode(&Header::TaskRef(task.clone()), &[]),
+                    _ => {
+                        let group = TaskGroup::of(&tasks).context("an empty task group")?;
+                        message::encode(&Header::Tasks(group), &[])
+                    }
                 };
                 *bytes += body.len() as u64;
-                let id = format!("{job}/{}/{}/{}", tile.row, tile.col, tile.part);
+                let tiles = Tiles(&tasks);
+                let mut id = format!("{job}/{}/{}/{}", first.row, first.col, first.part);
+                if tasks.len() > 1 {
+                    id.push_str(&format!("+{}", tasks.len() - 1));
+                }
                 window
                     .publish(
                         &exchange,
                         TASK_KEY,
                         &body,
                         persistent(kind::TASK, id),
-                        format!("task {tile}"),
+                        format!("task {tiles}"),
                     )
                     .await
-                    .with_context(|| format!("publishing task {tile} of job {job}"))?;
-                info!(%job, %tile, bytes = body.len(), "task published");
+                    .with_context(|| format!("publishing task {tiles} of job {job}"))?;
+                info!(%job, %tiles, bytes = body.len(), "task published");
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gemmq::config::BrokerOptions;
+
+    fn resolve(group: &str, operands: Operands) -> Result<Settings, ConfigError> {
+        let flags = ProducerOptions {
+            group: Some(group.parse().expect("a number or auto")),
+            operands: Some(operands),
+            ..Default::default()
+        };
+        let broker = BrokerOptions::default().resolve().expect("default broker");
+        Settings::resolve(flags, &ConfigFile::default(), broker)
+    }
+
+    #[test]
+    fn group_sizes_that_cannot_work_are_refused_with_what_to_do_instead() {
+        let refused = |group, operands, says: &str| {
+            let err = resolve(group, operands).unwrap_err().to_string();
+            assert!(err.contains("group") && err.contains(says), "{err}");
+        };
+        refused("0", Operands::Stream, "at least 1");
+        refused("65", Operands::Stream, "64 tasks");
+        refused("8", Operands::Inline, "--operands stream");
+        for ok in ["auto", "1", "64"] {
+            assert!(resolve(ok, Operands::Stream).is_ok(), "{ok}");
+        }
+        assert!(resolve("1", Operands::Inline).is_ok());
+        assert!(
+            resolve("auto", Operands::Inline).is_ok(),
+            "auto never groups inline tasks"
+        );
+    }
 }

@@ -110,6 +110,10 @@ impl Env {
             job_id: job.into(),
             save_inputs: None,
             operands: Default::default(),
+            // One tile to a message, as the tests' tiny tiles would otherwise be grouped (auto)
+            // and a test of failures or dispatch would watch a handful of messages. The tests
+            // of groups set it.
+            group: gemmq::tiling::GroupSize::Fixed(1),
             confirm_window: 16,
         }
     }

@@ -1,0 +1,130 @@
+//! Tiny tiles, several to a task message, against the real RabbitMQ: a group is delivered,
+//! retried, parked and acknowledged as one message, and each of its tiles is still assembled
+//! exactly once.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::{Env, run_job_with};
+use gemmq::tiling::GroupSize;
+use gemmq::topology;
+use gemmq_collector::Status;
+use lapin::options::BasicGetOptions;
+
+/// As in pipeline.rs: far above rounding, far below any wrong or missing term.
+const TOLERANCE: f64 = 1e-10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tiny_tiles_travel_several_to_a_message_and_c_is_still_exactly_a_times_b() {
+    let mut env = Env::new("grouped");
+    for id in ["w1", "w2"] {
+        env.spawn_consumer(env.consumer(id));
+    }
+    let shape = (96, 40, 96);
+    let mut producer = env.producer("grouped", shape, 8);
+    producer.group = GroupSize::Fixed(10);
+    let (receipt, summary) = run_job_with(&env, producer, env.collector("grouped")).await;
+
+    assert_eq!(receipt.tasks, 144, "12 × 12 tiles of 8");
+    assert_eq!(
+        receipt.messages, 15,
+        "14 groups of 10 and one of the last 4"
+    );
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 144);
+    assert_eq!(summary.duplicates_dropped, 0);
+    assert!(summary.verification.as_ref().unwrap().passed);
+    let err = common::max_error_against_local_product(&env, "grouped", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let per_worker: u64 = summary.workers.values().map(|w| w.tasks).sum();
+    assert_eq!(per_worker, 144, "workers are credited per tile");
+    let stats = env.stop_consumers().await;
+    let received: u64 = stats
+        .iter()
+        .map(|s| s.received.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(received, 15, "the workers took 15 messages for 144 tiles");
+    env.cleanup(&["grouped"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_group_is_retried_whole_and_its_tiles_share_their_attempt_number() {
+    let mut env = Env::new("grpretry");
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.failure_rate = 0.5;
+        s.max_attempts = 50; // parking: 16 groups × 0.5⁵⁰, never
+        env.spawn_consumer(s);
+    }
+    let mut producer = env.producer("grpretry", (128, 64, 128), 16);
+    producer.group = GroupSize::Fixed(4);
+    let (receipt, summary) = run_job_with(&env, producer, env.collector("grpretry")).await;
+
+    assert_eq!(receipt.messages, 16);
+    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.tasks_done, 64);
+    assert!(summary.verification.as_ref().unwrap().passed);
+    assert!(
+        summary.attempts.keys().any(|&a| a >= 2),
+        "16 groups at 50% failure: some were retried ({:?})",
+        summary.attempts
+    );
+    for (attempt, tiles) in &summary.attempts {
+        assert_eq!(
+            tiles % 4,
+            0,
+            "the 4 tiles of a group fail and come back together, so {tiles} tiles on attempt {attempt} must be whole groups ({:?})",
+            summary.attempts
+        );
+    }
+    env.stop_consumers().await;
+    env.cleanup(&["grpretry"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_whose_attempts_run_out_is_parked_once_and_each_of_its_tiles_reported() {
+    let mut env = Env::new("grppark");
+    for id in ["w1", "w2"] {
+        let mut s = env.consumer(id);
+        s.failure_rate = 1.0;
+        s.max_attempts = 2;
+        env.spawn_consumer(s);
+    }
+    let mut producer = env.producer("grppark", (32, 8, 32), 8);
+    producer.group = GroupSize::Fixed(4);
+    let mut collector = env.collector("grppark");
+    collector.idle_timeout = None; // it must end because of the notices, not a timeout
+    let (receipt, summary) = run_job_with(&env, producer, collector).await;
+
+    assert_eq!(receipt.messages, 4, "16 tiles in groups of 4");
+    assert_eq!(summary.status, Status::Incomplete);
+    assert_eq!(
+        summary.parked.len(),
+        16,
+        "every tile of every group is reported"
+    );
+    for p in &summary.parked {
+        assert_eq!(p.attempts, 2);
+        assert!(p.reason.contains("simulated failure"), "{}", p.reason);
+    }
+    let ch = env.channel().await;
+    let parked_queue = env.topology().parked_queue();
+    assert_eq!(
+        common::message_count(&ch, &parked_queue).await,
+        4,
+        "the parking lot holds each group once, as it was sent"
+    );
+    let parked = ch
+        .basic_get(
+            parked_queue.as_str().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("a parked group");
+    let tiles = topology::header_str(&parked.delivery.properties, "x-gemmq-tile").unwrap();
+    assert!(tiles.ends_with("(4 tiles)"), "{tiles}");
+    env.stop_consumers().await;
+    env.cleanup(&["grppark"]).await;
+}
