@@ -329,7 +329,7 @@ async fn open_checkpoint(
     let dir = checkpoint_dir(&s.out, &manifest.job);
     let mut said = false;
     loop {
-        match Assembly::open(&manifest.plan, &manifest.job, &dir) {
+        match Assembly::open(&manifest.plan, &manifest.job, &manifest.run, &dir) {
             Ok(asm) => return Ok(Opened::Assembly(Box::new(asm))),
             Err(AssemblyError::AlreadyFinished { output }) => return Ok(Opened::Finished(output)),
             Err(e) if Assembly::is_locked(&e) => {
@@ -829,13 +829,15 @@ fn finished_here(s: &Settings, job: &str) -> Option<Manifest> {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("plan.json")).ok()?).ok()?;
     let plan: gemmq::Plan = serde_json::from_value(v.get("plan")?.clone()).ok()?;
+    // The run the checkpoint was of, so that opening it finds it finished (none before runs).
+    let run = v.get("run").and_then(|r| r.as_str()).unwrap_or_default();
     Some(Manifest {
         version: message::VERSION,
         job: job.to_string(),
         plan,
         inputs: Inputs::Seed(0),
         created_ms: 0,
-        run: String::new(),
+        run: run.to_string(),
         check: None,
     })
 }

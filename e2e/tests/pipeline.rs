@@ -663,6 +663,48 @@ async fn a_result_delivered_twice_is_assembled_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_job_id_used_again_for_other_inputs_is_collected_again_into_the_same_out() {
+    let mut env = Env::new("reuse");
+    env.spawn_consumer(env.consumer("w1"));
+    let shape = (32, 16, 32);
+    let seeded = |seed| {
+        let mut p = env.producer("reuse", shape, 16);
+        p.source = gemmq_producer::Source::Seed {
+            m: shape.0,
+            k: shape.1,
+            n: shape.2,
+            dtype: gemmq::DType::F64,
+            seed,
+        };
+        p
+    };
+    let (first, _) = run_job_with(&env, seeded(7), env.collector("reuse")).await;
+    // Same id, same plan, other inputs: another run, which the finished checkpoint of the
+    // first must not be taken for ("already collected"). Announced before the collector starts:
+    // a collector that finds no job on the broker and a finished one in its --out reports that.
+    let second = gemmq_producer::run(&seeded(8))
+        .await
+        .expect("the second run publishes");
+    let summary = gemmq_collector::run(&env.collector("reuse"), env.stop.clone())
+        .await
+        .expect("the collector runs cleanly");
+
+    assert_ne!(first.manifest.run, second.manifest.run);
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(
+        summary.tasks_done, 4,
+        "the second run's tiles were collected"
+    );
+    let err = common::max_error_against_seed(&env, "reuse", shape, 8);
+    assert!(
+        err <= TOLERANCE,
+        "max |C - A·B| = {err:e} against the second run's inputs"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&["reuse"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_collector_run_again_on_a_finished_job_reports_it_and_resurrects_nothing() {
     let mut env = Env::new("again");
     env.spawn_consumer(env.consumer("w1"));

@@ -149,10 +149,12 @@ const PARTS: &str = "parts";
 const DONE: &str = "done";
 
 impl Assembly {
-    /// Opens the checkpoint in `dir` for `plan`, creating it or resuming it. Fails with
-    /// `WouldBlock` (as [`AssemblyError::Io`]) when another collector holds it: see
-    /// [`Assembly::is_locked`].
-    pub fn open(plan: &Plan, job: &str, dir: &Path) -> Result<Self, AssemblyError> {
+    /// Opens the checkpoint in `dir` for `plan` of `job`'s `run` ([`crate::Manifest::run`]),
+    /// creating it or resuming it. A checkpoint of a finished earlier run of the same job id is
+    /// started over (the job id was used again for other inputs); one of another job or plan
+    /// still in progress is refused. Fails with `WouldBlock` (as [`AssemblyError::Io`]) when
+    /// another collector holds it: see [`Assembly::is_locked`].
+    pub fn open(plan: &Plan, job: &str, run: &str, dir: &Path) -> Result<Self, AssemblyError> {
         fs::create_dir_all(dir.join(PARTS)).map_err(io(dir))?;
         let lock_path = dir.join(LOCK);
         let lock = OpenOptions::new()
@@ -172,13 +174,17 @@ impl Assembly {
             },
         })?;
 
-        let identity = serde_json::json!({ "job": job, "plan": plan });
+        let legacy = serde_json::json!({ "job": job, "plan": plan });
+        let identity = serde_json::json!({ "job": job, "plan": plan, "run": run });
         let plan_path = dir.join(PLAN_FILE);
         let c_path = dir.join(C_FILE);
         let existing: Option<serde_json::Value> = fs::read(&plan_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let same = existing.as_ref() == Some(&identity);
+        // Checkpoints written before runs existed name none: they match any run of their plan.
+        let same = existing
+            .as_ref()
+            .is_some_and(|e| *e == identity || (e.get("run").is_none() && *e == legacy));
         if same && dir.join(DONE).exists() {
             // Finished, by us before a crash or by a collector we stood by for.
             let dest = PathBuf::from(fs::read_to_string(dir.join(DONE)).map_err(io(dir))?);
@@ -195,8 +201,15 @@ impl Assembly {
                 });
             }
             _ => {
-                // A fresh checkpoint: C first, the identity last, so a crash in between just
-                // starts over.
+                // A fresh checkpoint (the first, or after a finished one of another run or plan,
+                // whose C was moved to its output): no "done" mark first, then C, the identity
+                // last, so a crash in between just starts over.
+                match fs::remove_file(dir.join(DONE)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io(dir)(e));
+                    }
+                    _ => {}
+                }
                 let f = File::create(&c_path).map_err(io(&c_path))?;
                 let shape = (plan.m as usize, plan.n as usize);
                 let zeroed = match plan.dtype {
@@ -885,7 +898,7 @@ mod tests {
         let (a, b) = inputs(20, 90, 13);
         let plan = split_plan(20, 90, 13);
         assert!(plan.parts() > 1);
-        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
         let rs = results(&plan, &a, &b);
         for (h, p) in rs.iter().rev().chain(rs.iter()) {
             asm.apply_result(h, p).unwrap();
@@ -905,7 +918,7 @@ mod tests {
         let expected = crate::verify::expect(av, bv, 2, 7).unwrap();
         let rs = results(&plan, &a, &b);
         {
-            let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+            let mut asm = Assembly::open(&plan, "j", "r1", &dir.path().join("ck")).unwrap();
             assert!(asm.track_product(2, 7));
             // Every result twice, k-split parts included: each tile is summed once.
             for (h, p) in rs.iter().rev().chain(rs.iter()) {
@@ -917,7 +930,7 @@ mod tests {
             assert!(v.passed, "{v:?}");
         }
         // Reopened, its tiles were written by an earlier run: nothing to sum from.
-        let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", &dir.path().join("ck")).unwrap();
         assert!(!asm.track_product(2, 7));
         assert!(asm.running_product().is_none());
     }
@@ -930,7 +943,7 @@ mod tests {
         let rs = results(&plan, &a, &b);
         let half = rs.len() / 2;
         {
-            let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+            let mut asm = Assembly::open(&plan, "j", "r1", &dir.path().join("ck")).unwrap();
             for (h, p) in &rs[..half] {
                 asm.apply_result(h, p).unwrap();
             }
@@ -939,7 +952,7 @@ mod tests {
             asm.apply_result(&rs[half].0, &rs[half].1).unwrap();
             // The process dies here: no commit, no finish.
         }
-        let mut asm = Assembly::open(&plan, "j", &dir.path().join("ck")).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", &dir.path().join("ck")).unwrap();
         assert_eq!(asm.resumed, half as u64);
         // The broker redelivers what was not acked — and, being at-least-once, maybe more.
         for (h, p) in &rs[half - 3..] {
@@ -961,7 +974,7 @@ mod tests {
         let plan = Plan::new(16, 8, 16, DType::F64, 8, 16 << 20).unwrap();
         let rs = results(&plan, &a, &b);
         {
-            let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+            let mut asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
             asm.apply_result(&rs[0].0, &rs[0].1).unwrap();
             asm.commit().unwrap();
         }
@@ -973,12 +986,12 @@ mod tests {
         j.write_all(b"T 1 1 0 1 5 wor").unwrap();
         drop(j);
         {
-            let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+            let mut asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
             assert_eq!(asm.resumed, 1);
             asm.apply_result(&rs[1].0, &rs[1].1).unwrap();
             asm.commit().unwrap();
         }
-        let asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+        let asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
         assert_eq!(asm.resumed, 2, "the record after the torn one survived");
         assert_eq!(asm.tiles_complete(), 2);
     }
@@ -989,13 +1002,13 @@ mod tests {
         let (a, b) = inputs(8, 8, 8);
         let plan = Plan::new(8, 8, 8, DType::F64, 8, 16 << 20).unwrap();
         let ck = dir.path().join("ck");
-        let mut asm = Assembly::open(&plan, "j", &ck).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", &ck).unwrap();
         for (h, p) in results(&plan, &a, &b) {
             asm.apply_result(&h, &p).unwrap();
         }
         let out = dir.path().join("C.npy");
         asm.finish(&out).unwrap();
-        match Assembly::open(&plan, "j", &ck) {
+        match Assembly::open(&plan, "j", "r1", &ck) {
             Err(AssemblyError::AlreadyFinished { output }) => assert_eq!(output, out),
             other => panic!("{:?}", other.err()),
         }
@@ -1003,17 +1016,48 @@ mod tests {
     }
 
     #[test]
+    fn a_finished_checkpoint_of_an_earlier_run_is_started_over_for_the_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = inputs(8, 8, 8);
+        let plan = Plan::new(8, 8, 8, DType::F64, 8, 16 << 20).unwrap();
+        let ck = dir.path().join("ck");
+        let mut asm = Assembly::open(&plan, "j", "r1", &ck).unwrap();
+        for (h, p) in results(&plan, &a, &b) {
+            asm.apply_result(&h, &p).unwrap();
+        }
+        asm.finish(&dir.path().join("C.npy")).unwrap();
+
+        // The same job id and plan, other inputs: a new run, collected afresh.
+        let asm = Assembly::open(&plan, "j", "r2", &ck).expect("a fresh checkpoint");
+        assert_eq!(asm.resumed, 0);
+        drop(asm);
+        // ... and once it is under way, it is resumed, not taken for the finished r1.
+        assert!(Assembly::open(&plan, "j", "r2", &ck).is_ok());
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_runs_existed_is_resumed_by_any_run_of_its_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
+        drop(Assembly::open(&plan, "j", "", dir.path()).unwrap());
+        let legacy = serde_json::json!({ "job": "j", "plan": plan });
+        fs::write(dir.path().join(PLAN_FILE), legacy.to_string()).unwrap();
+        let asm = Assembly::open(&plan, "j", "r1", dir.path());
+        assert!(asm.is_ok(), "{:?}", asm.err());
+    }
+
+    #[test]
     fn a_second_collector_on_the_same_checkpoint_waits_for_the_lock() {
         let dir = tempfile::tempdir().unwrap();
         let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
-        let first = Assembly::open(&plan, "j", dir.path()).unwrap();
-        let err = Assembly::open(&plan, "j", dir.path()).err().unwrap();
+        let first = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
+        let err = Assembly::open(&plan, "j", "r1", dir.path()).err().unwrap();
         assert!(Assembly::is_locked(&err), "{err}");
         drop(first);
-        assert!(Assembly::open(&plan, "j", dir.path()).is_ok());
+        assert!(Assembly::open(&plan, "j", "r1", dir.path()).is_ok());
         let other = Plan::new(8, 8, 9, DType::F64, 4, 16 << 20).unwrap();
         assert!(matches!(
-            Assembly::open(&other, "j", dir.path()),
+            Assembly::open(&other, "j", "r1", dir.path()),
             Err(AssemblyError::Mismatch { .. })
         ));
     }
@@ -1023,7 +1067,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
         let (a, b) = inputs(8, 8, 8);
-        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
         let rs = results(&plan, &a, &b);
         for (h, p) in &rs[1..] {
             asm.apply_result(h, p).unwrap();
@@ -1041,7 +1085,7 @@ mod tests {
         asm.commit().unwrap();
         assert!(asm.is_finished() && !asm.is_complete());
         drop(asm);
-        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
         assert_eq!(
             asm.parked().next().map(|p| p.reason.as_str()),
             Some("boom: twice")
@@ -1057,7 +1101,7 @@ mod tests {
     fn results_that_do_not_fit_the_plan_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let plan = Plan::new(8, 8, 8, DType::F64, 4, 16 << 20).unwrap();
-        let mut asm = Assembly::open(&plan, "j", dir.path()).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", dir.path()).unwrap();
         let mut h = ResultHeader {
             job: "j".into(),
             run: String::new(),
