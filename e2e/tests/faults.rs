@@ -296,3 +296,52 @@ async fn sigterm_stops_a_worker_and_a_collector_gracefully_and_nothing_is_lost()
     env.stop_consumers().await;
     env.cleanup(&[job]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_block() {
+    let mut env = Env::new("streamgone");
+    let job = "streamgone";
+    let shape = (512, 64, 512);
+    // 64 blocks among 1,024 tasks, one confirm at a time: the stream goes while blocks are
+    // still to come.
+    let mut p = env.producer(job, shape, 16);
+    p.confirm_window = 1;
+    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+    let ch = env.channel().await;
+    env.topology().declare(&ch).await.unwrap();
+    let tasks = env.topology().tasks_queue();
+    let started = Instant::now();
+    while common::message_count(&ch, &tasks).await < 100 {
+        assert!(started.elapsed() < MINUTE, "the producer published nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ch.queue_delete(
+        env.topology().operands_queue(job).as_str().into(),
+        Default::default(),
+    )
+    .await
+    .expect("the operand stream is deleted");
+    let receipt = tokio::time::timeout(MINUTE, producer)
+        .await
+        .expect("the producer finishes")
+        .unwrap()
+        .expect("the producer recovers from the lost stream");
+    assert_eq!(receipt.tasks, 1024);
+
+    // A worker started now saw no block go by: it reads every one from the stream, which must
+    // hold those published before it was deleted too.
+    env.spawn_consumer(env.consumer("late"));
+    let mut collector = env.collector(job);
+    collector.idle_timeout = Some(Duration::from_secs(30));
+    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
+        .await
+        .expect("the job finishes within a minute")
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, 1024);
+    assert!(summary.parked.is_empty());
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}

@@ -311,7 +311,10 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     // Tasks are published in plan order and confirmed in order, so after a lost connection the
     // publishing resumes at the first task not confirmed. Tasks published twice are harmless:
     // the collector keeps one result per tile.
+    let items = items(&manifest.plan, group);
     let (mut confirmed, mut bytes, mut failures) = (0u64, 0u64, 0u32);
+    // Set when the job's operand stream vanished: the blocks it held must go out again.
+    let mut blocks_lost = false;
     let (mut retries, mut confirmed_before) = (gemmq::broker::retry_pauses(), 0u64);
     let mut announced = None;
     loop {
@@ -321,6 +324,18 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 .await
                 .context("connecting to RabbitMQ")?;
             topo.declare(&ch).await?;
+            // After an interrupted try, before the job's queues are declared again: a stream
+            // that is gone took the blocks published so far with it (deleted, or unroutable
+            // blocks were what failed the try), and they go out again.
+            if confirmed > 0 && manifest.plan.operands == Operands::Stream {
+                let probe = broker.channel().await.context("connecting to RabbitMQ")?;
+                let gone = check_stream(&probe, &topo, &manifest.job).await;
+                if gone.is_err_and(|e| e.is::<StreamVanished>()) {
+                    warn!(job = %manifest.job, "the job's operand stream is gone; declaring it again and publishing every block again");
+                    blocks_lost = true;
+                }
+                let _ = probe.close(200, "checked".into()).await;
+            }
             let first = job::announce(&ch, &topo, &mut manifest).await?;
             if announced.is_none() {
                 announced = Some(first);
@@ -335,12 +350,26 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 check: &check,
                 bytes: &mut bytes,
             };
+            // Published again first, when the stream was lost: not counted as progress.
+            let again = if blocks_lost {
+                let before = &items[..confirmed as usize];
+                before
+                    .iter()
+                    .filter(|i| matches!(i, Item::Block(_)))
+                    .count() as u64
+            } else {
+                0
+            };
+            let from = Resume {
+                skip: confirmed,
+                blocks_again: blocks_lost,
+            };
             let r = match (&a, &b) {
                 (Matrix::F32(a), Matrix::F32(b)) => {
-                    publish_tasks(out, &topo, &manifest, a, b, group, confirmed).await
+                    publish_tasks(out, &topo, &manifest, a, b, &items, from).await
                 }
                 (Matrix::F64(a), Matrix::F64(b)) => {
-                    publish_tasks(out, &topo, &manifest, a, b, group, confirmed).await
+                    publish_tasks(out, &topo, &manifest, a, b, &items, from).await
                 }
                 _ => Err(anyhow::anyhow!("A and B have different dtypes")),
             };
@@ -351,7 +380,11 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                     .context("waiting for the last confirms"),
                 Err(e) => Err(e),
             };
-            confirmed += window.confirmed();
+            // Confirms come in publishing order: the blocks published again come first.
+            if window.confirmed() >= again {
+                blocks_lost = false;
+            }
+            confirmed += window.confirmed().saturating_sub(again);
             let _ = check.close(200, "done".into()).await;
             let _ = ch.close(200, "done".into()).await;
             r
@@ -401,6 +434,13 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         manifest,
     })
 }
+
+/// The job's operand stream was deleted while its blocks were being published: the blocks it
+/// held are gone with it, and are published again (into the stream the next try declares)
+/// before publishing carries on.
+#[derive(Debug, thiserror::Error)]
+#[error("the operand stream of job {0} vanished while publishing")]
+struct StreamVanished(String);
 
 /// Errors that reconnecting cannot fix.
 fn is_fatal(e: &anyhow::Error) -> bool {
@@ -463,25 +503,18 @@ struct Out<'a> {
     bytes: &'a mut u64,
 }
 
-async fn publish_tasks<T: Element>(
-    out: Out<'_>,
-    topo: &topology::Topology,
-    manifest: &Manifest,
-    a: &Array2<T>,
-    b: &Array2<T>,
-    group: usize,
+/// Where a try starts publishing: at the first item not confirmed, after the blocks before it
+/// when the stream that held them was lost.
+struct Resume {
     skip: u64,
-) -> Result<()> {
-    let Out {
-        window,
-        check,
-        bytes,
-    } = out;
-    let plan = &manifest.plan;
-    let job = &manifest.job;
-    // One deterministic sequence of messages — when streamed, each task right after the blocks
-    // it is the first to need — so that workers start while the rest is still being published,
-    // and resuming after a lost connection is "skip what was confirmed".
+    blocks_again: bool,
+}
+
+/// The messages of a job, in the order they are published: one deterministic sequence — when
+/// streamed, each task right after the blocks it is the first to need — so that workers start
+/// while the rest is still being published, and resuming after a lost connection is "skip what
+/// was confirmed".
+fn items(plan: &Plan, group: usize) -> Vec<Item> {
     let streamed = plan.operands == Operands::Stream;
     let mut published = std::collections::HashSet::new();
     let mut items = Vec::new();
@@ -509,12 +542,41 @@ async fn publish_tasks<T: Element>(
         }
         items.push(Item::Tasks(tiles.to_vec()));
     }
+    items
+}
+
+async fn publish_tasks<T: Element>(
+    out: Out<'_>,
+    topo: &topology::Topology,
+    manifest: &Manifest,
+    a: &Array2<T>,
+    b: &Array2<T>,
+    items: &[Item],
+    from: Resume,
+) -> Result<()> {
+    let Out {
+        window,
+        check,
+        bytes,
+    } = out;
+    let plan = &manifest.plan;
+    let job = &manifest.job;
+    let streamed = plan.operands == Operands::Stream;
     // Through the operands exchange: into the job's stream (its record) and at once to the live
     // queue of every running worker (see gemmq::topology).
     let operands_exchange = topo.operands_exchange();
     let mut stream_checked: Option<std::time::Instant> = None;
     let exchange = topo.tasks_exchange();
-    for item in items.into_iter().skip(skip as usize) {
+    // What a try publishes: everything from the first item not confirmed, and when the stream
+    // was lost, the blocks before it too (first, so the confirmed count stays in order: see
+    // `run`).
+    let skip = from.skip as usize;
+    let again = items
+        .iter()
+        .take(skip)
+        .filter(|item| from.blocks_again && matches!(item, Item::Block(_)));
+    let todo: Vec<&Item> = again.chain(items.iter().skip(skip)).collect();
+    for item in todo {
         match item {
             Item::Block(block) => {
                 let (rows, cols) = match block.side {
@@ -528,7 +590,7 @@ async fn publish_tasks<T: Element>(
                 let header = Header::Operand(OperandHeader {
                     job: job.clone(),
                     run: manifest.run.clone(),
-                    block,
+                    block: *block,
                     dtype: plan.dtype,
                     rows: rows.len() as u32,
                     cols: cols.len() as u32,
@@ -543,11 +605,7 @@ async fn publish_tasks<T: Element>(
                 // A 404 fails this try; the next one declares the job's queues again.
                 if stream_checked.is_none_or(|t| t.elapsed() >= STREAM_CHECK) {
                     stream_checked = Some(std::time::Instant::now());
-                    topology::check_exists(check, &topo.operands_queue(job))
-                        .await
-                        .with_context(|| {
-                            format!("the operand stream of job {job} vanished while publishing")
-                        })?;
+                    check_stream(check, topo, job).await?;
                 }
                 let props = persistent(kind::OPERAND, format!("{job}/{block}"));
                 window
@@ -607,7 +665,25 @@ async fn publish_tasks<T: Element>(
             }
         }
     }
+    if streamed {
+        // Blocks are checked for at most every STREAM_CHECK: a stream deleted after the last
+        // check would take blocks with it unnoticed. Once all is confirmed, look once more.
+        window
+            .flush()
+            .await
+            .context("waiting for the last confirms")?;
+        check_stream(check, topo, job).await?;
+    }
     Ok(())
+}
+
+/// Fails with [`StreamVanished`] when the job's operand stream is gone.
+async fn check_stream(check: &lapin::Channel, topo: &topology::Topology, job: &str) -> Result<()> {
+    match topology::check_exists(check, &topo.operands_queue(job)).await {
+        Ok(()) => Ok(()),
+        Err(e) if topology::is_queue_missing(&e) => Err(StreamVanished(job.to_string()).into()),
+        Err(e) => Err(e).context("checking that the job's operand stream exists"),
+    }
 }
 
 #[cfg(test)]
