@@ -57,6 +57,11 @@ cleanup() {
   for q in tasks retry parked jobs; do
     rabbitmqctl -q delete_queue "$GEMMQ_NAMESPACE.$q" >/dev/null 2>&1 || true
   done
+  # rabbitmqctl cannot delete exchanges; the management API can, when the plugin is on.
+  for x in tasks retry results operands events; do
+    curl -fsS -o /dev/null -u guest:guest -X DELETE \
+      "http://127.0.0.1:15672/api/exchanges/%2F/$GEMMQ_NAMESPACE.$x" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 
