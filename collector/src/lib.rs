@@ -856,6 +856,23 @@ async fn job_exists(broker: &Broker, topo: &Topology, job: &str) -> bool {
     }
 }
 
+/// Whether the job's queues now hold another run than the one `announced` (the announcement of
+/// a finished run, left on the jobs queue by a collector started with --job-id, and the id used
+/// again): that run has its own announcement. When the manifest cannot be read, not: the
+/// collector then goes by the announcement, as before runs existed.
+async fn superseded(broker: &Broker, topo: &Topology, announced: &Manifest) -> bool {
+    // A failed peek may close its channel: use a throwaway one.
+    let Ok(ch) = broker.channel().await else {
+        return false;
+    };
+    let current = job::peek_manifest(&ch, topo, &announced.job).await;
+    let _ = ch.close(200, "peeked".into()).await;
+    match current {
+        Ok(Some(m)) => !m.run.is_empty() && !announced.run.is_empty() && m.run != announced.run,
+        _ => false,
+    }
+}
+
 /// Takes the next job announced on the jobs queue; the announcement is acked by the caller once
 /// it consumes the job's results.
 async fn next_job(
@@ -883,14 +900,18 @@ async fn next_job(
             },
         };
         match Manifest::from_json(&d.data) {
-            Ok(m) if job_exists(broker, topo, &m.job).await => {
+            Ok(m)
+                if job_exists(broker, topo, &m.job).await
+                    && !superseded(broker, topo, &m).await =>
+            {
                 // Stop receiving announcements, but keep the channel: this one is still unacked.
                 let _ = ch.basic_cancel(jobs.tag(), Default::default()).await;
                 return Ok((m, d, ch));
             }
             Ok(m) => {
-                // A collector started with --job-id finished it and removed its queues.
-                info!(job = %m.job, "skipping the announcement of a job that is already finished");
+                // A collector started with --job-id finished it and removed its queues; or it
+                // did, and the id is running again for other inputs, announced further on.
+                info!(job = %m.job, run = %m.run, "skipping the announcement of a job that is already finished");
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
             Err(e) => {

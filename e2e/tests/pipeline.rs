@@ -732,6 +732,51 @@ async fn a_collector_run_again_on_a_finished_job_reports_it_and_resurrects_nothi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_without_a_job_id_skips_the_announcement_of_an_earlier_run_of_the_same_id() {
+    let mut env = Env::new("stalerun");
+    env.spawn_consumer(env.consumer("w1"));
+    let shape = (32, 16, 32);
+    let seeded = |seed| {
+        let mut p = env.producer("again", shape, 16);
+        p.source = gemmq_producer::Source::Seed {
+            m: shape.0,
+            k: shape.1,
+            n: shape.2,
+            dtype: gemmq::DType::F64,
+            seed,
+        };
+        p
+    };
+    // The first run is collected by id: its announcement stays on the jobs queue. Then the id
+    // runs again for other inputs, announced behind it.
+    run_job_with(&env, seeded(7), env.collector("again")).await;
+    let second = gemmq_producer::run(&seeded(8)).await.unwrap();
+    let mut any = env.collector("again");
+    any.job_id = None;
+    let summary = tokio::time::timeout(
+        Duration::from_secs(60),
+        gemmq_collector::run(&any, env.stop.clone()),
+    )
+    .await
+    .expect("it neither waits on nor re-reports the finished run")
+    .unwrap();
+
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(
+        summary.rejected_messages, 0,
+        "no result was taken for another run's"
+    );
+    let err = common::max_error_against_seed(&env, "again", shape, 8);
+    assert!(
+        err <= TOLERANCE,
+        "max |C - A·B| = {err:e} against run {}'s inputs",
+        second.manifest.run
+    );
+    env.stop_consumers().await;
+    env.cleanup(&["again"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_collector_without_a_job_id_takes_the_next_unfinished_job() {
     let mut env = Env::new("nextjob");
     env.spawn_consumer(env.consumer("w1"));
