@@ -989,7 +989,7 @@ fn job(
     }
 
     let per_message = match spec.task_group.unwrap_or_default() {
-        GroupSize::Auto => gemmq::tiling::auto_group(&plan),
+        GroupSize::Auto => gemmq::tiling::auto_group(&plan, max_message_bytes),
         GroupSize::Fixed(g) => g,
     };
     run.tasks_per_message = Some(per_message);

@@ -412,7 +412,38 @@ impl Operands {
         Ok(())
     }
 
+    /// Opens the job's stream at `offset`. A missing stream means the job is gone (finished or
+    /// deleted) only when its results queue is gone too: a stream deleted under a running job
+    /// is declared again by its producer, which publishes every block again, so its tasks are
+    /// retried, not dropped.
     async fn open(
+        &self,
+        conn: &Connection,
+        job: &str,
+        offset: AMQPValue,
+    ) -> Result<(Channel, Consumer), FetchError> {
+        match self.open_stream(conn, job, offset).await {
+            Err(FetchError::JobGone) => {
+                let Ok(ch) = conn.create_channel().await else {
+                    return Err(FetchError::Other(format!(
+                        "the operand stream of job {job} is missing, and the broker cannot be asked whether the job is"
+                    )));
+                };
+                let results = self.topo.results_queue(job);
+                let found = gemmq::topology::check_exists(&ch, &results).await;
+                let _ = ch.close(200, "checked".into()).await;
+                match found {
+                    Err(e) if gemmq::topology::is_queue_missing(&e) => Err(FetchError::JobGone),
+                    _ => Err(FetchError::Other(format!(
+                        "the operand stream of running job {job} is missing (deleted?); its producer declares it again and publishes the blocks again"
+                    ))),
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn open_stream(
         &self,
         conn: &Connection,
         job: &str,

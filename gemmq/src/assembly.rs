@@ -55,7 +55,7 @@ pub enum AssemblyError {
         dtype: DType,
     },
     #[error(
-        "checkpoint {dir} belongs to a different job or plan; move it away, or collect into another --out"
+        "checkpoint {dir} belongs to a different job, plan or run (the job id used again for other inputs) that is not finished; move it away, or collect into another --out"
     )]
     Mismatch { dir: PathBuf },
     #[error("checkpoint {path}: {source}")]
@@ -202,14 +202,17 @@ impl Assembly {
             }
             _ => {
                 // A fresh checkpoint (the first, or after a finished one of another run or plan,
-                // whose C was moved to its output): no "done" mark first, then C, the identity
-                // last, so a crash in between just starts over.
-                match fs::remove_file(dir.join(DONE)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(io(dir)(e));
+                // whose C was moved to its output): the old identity and "done" mark go first,
+                // then C, the new identity last, so a crash in between just starts over.
+                for old in [PLAN_FILE, DONE] {
+                    match fs::remove_file(dir.join(old)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(io(dir)(e));
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
+                sync_dir(dir)?;
                 let f = File::create(&c_path).map_err(io(&c_path))?;
                 let shape = (plan.m as usize, plan.n as usize);
                 let zeroed = match plan.dtype {

@@ -480,8 +480,18 @@ impl Header {
                         format!("a task group holds 1 to {MAX_GROUP}"),
                     ));
                 }
+                let mut results = 0u64;
                 for t in &g.tasks {
                     check_task_ref(t.rows, t.cols, t.depth, g.dtype, limit)?;
+                    results += t.rows as u64 * t.cols as u64 * g.dtype.size() as u64;
+                }
+                // What a worker holds for one group: its results fit one message, as one big
+                // task's would (u32² × 8 × 64 fits in u64).
+                if results > limit.saturating_sub(crate::tiling::HEADER_BUDGET) {
+                    return Err(MessageError::Dimensions(
+                        format!("{} tasks", g.tasks.len()),
+                        format!("their results would exceed {limit} bytes"),
+                    ));
                 }
                 return Ok(0);
             }
@@ -893,6 +903,14 @@ mod tests {
         let body = encode(&group(MAX_GROUP), &[]);
         assert!(body.len() < MAX_HEADER_BYTES / 4, "{} bytes", body.len());
         assert!(decode(&body, 1 << 20).is_ok());
+        // Each 16×16 f32 result is 1 KiB; the group's 8 KiB of results must fit one message too.
+        let limit = crate::tiling::HEADER_BUDGET + 4096;
+        let err = decode(&encode(&group(8), &[]), limit).unwrap_err();
+        assert!(
+            matches!(&err, MessageError::Dimensions(d, why) if d == "8 tasks" && why.contains("results")),
+            "{err}"
+        );
+        assert!(decode(&encode(&group(4), &[]), limit).is_ok());
     }
 
     #[test]

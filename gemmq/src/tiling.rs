@@ -122,18 +122,33 @@ pub fn auto_tile(
 /// millisecond of one core, about what the broker spends on a message through a quorum queue.
 pub const GROUP_FLOPS: u64 = 8 << 20;
 
-/// Tasks per message `auto` picks: enough that a message carries [`GROUP_FLOPS`] of work,
-/// so the broker's cost per message stops dominating tiny tiles; one for any tile that is work
-/// enough on its own (every tile the auto tile size picks), and one when operands are inline,
-/// since those tasks carry their blocks.
-pub fn auto_group(plan: &Plan) -> u64 {
+/// The most tasks of `plan` one message may hold: a group's results must fit one message (so a
+/// worker holds no more for a group than for one big task), and never more than
+/// [`MAX_GROUP`](crate::message::MAX_GROUP).
+pub fn max_group(plan: &Plan, max_message_bytes: u64) -> u64 {
+    let (rows, cols) = (plan.tile.min(plan.m), plan.tile.min(plan.n));
+    let result = (rows * cols * plan.dtype.size() as u64).max(1);
+    (max_message_bytes.saturating_sub(HEADER_BUDGET) / result)
+        .clamp(1, crate::message::MAX_GROUP as u64)
+}
+
+/// Tasks per message `auto` picks: enough that a message carries [`GROUP_FLOPS`] of work, so
+/// the broker's cost per message stops dominating tiny tiles, within [`max_group`], and leaving
+/// at least 16 messages to spread over the workers (as the auto tile size leaves 16 tiles). One
+/// for any tile that is work enough on its own, and when operands are inline, since those
+/// tasks carry their blocks.
+pub fn auto_group(plan: &Plan, max_message_bytes: u64) -> u64 {
     if plan.operands == Operands::Inline {
         return 1;
     }
     let (rows, cols) = (plan.tile.min(plan.m), plan.tile.min(plan.n));
     let depth = plan.depth(0).len() as u64;
     let flops = (2 * rows * cols * depth).max(1);
-    (GROUP_FLOPS / flops).clamp(1, crate::message::MAX_GROUP as u64)
+    let spread = plan.tasks() / 16;
+    (GROUP_FLOPS / flops)
+        .min(spread)
+        .min(max_group(plan, max_message_bytes))
+        .max(1)
 }
 
 /// How the blocks of A and B reach the workers.
@@ -367,21 +382,32 @@ mod tests {
             Plan::with_operands(n, n, n, DType::F64, tile, MIB16, Operands::Stream).unwrap()
         };
         // 2·16·16·1024 flops = 0.5 MFLOP a tile: 16 of them make the 8 MFLOP a message is worth.
-        assert_eq!(auto_group(&stream(1024, 16)), 16);
-        assert_eq!(auto_group(&stream(64, 8)), MAX_GROUP as u64);
-        assert_eq!(auto_group(&stream(4096, 448)), 1);
-        let auto = auto_tile(2048, 2048, 2048, DType::F64, MIB16, Operands::Stream);
+        assert_eq!(auto_group(&stream(1024, 16), MIB16), 16);
+        assert_eq!(auto_group(&stream(512, 8), MIB16), MAX_GROUP as u64);
+        assert_eq!(auto_group(&stream(4096, 448), MIB16), 1);
+        for n in [256, 1024, 2048] {
+            let auto = auto_tile(n, n, n, DType::F64, MIB16, Operands::Stream);
+            let p = stream(n, auto);
+            let messages = p.tasks().div_ceil(auto_group(&p, MIB16));
+            assert!(
+                messages >= 16,
+                "{n}: {messages} messages, fewer than the 16 tiles auto leaves"
+            );
+        }
         assert_eq!(
-            auto_group(&stream(2048, auto)),
-            1,
-            "auto tiles are never grouped"
+            auto_group(&stream(64, 8), MIB16),
+            4,
+            "64 tiles: 16 messages of 4"
         );
         let inline = Plan::new(1024, 1024, 1024, DType::F64, 16, MIB16).unwrap();
         assert_eq!(
-            auto_group(&inline),
+            auto_group(&inline, MIB16),
             1,
             "inline tasks carry blocks: one to a message"
         );
+        // A group's results fit one message: 448² f64 results are 1.6 MB, 10 to 16 MiB.
+        assert_eq!(max_group(&stream(4096, 448), MIB16), 10);
+        assert_eq!(max_group(&stream(1024, 16), HEADER_BUDGET + 2048 * 4), 4);
     }
 
     #[test]

@@ -70,9 +70,10 @@ pub struct ProducerOptions {
     #[arg(long, env = "GEMMQ_OPERANDS")]
     pub operands: Option<Operands>,
     /// Tasks per task message, or `auto`: tiles too small to be worth a message of their own
-    /// (under ~8 MFLOP, e.g. 16×16 tiles) travel several to a message, up to 64, which workers
-    /// take, retry and acknowledge together; each tile still has its own result. Streamed
-    /// operands only [default: auto]
+    /// (under ~8 MFLOP, e.g. 16×16 tiles) travel several to a message, up to 64 and leaving at
+    /// least 16 messages, which workers take, retry and acknowledge together; each tile still
+    /// has its own result, and a group's results must fit one message. Streamed operands only
+    /// [default: auto]
     #[arg(long, env = "GEMMQ_GROUP")]
     pub group: Option<GroupSize>,
     /// Publisher confirms outstanding at once [default: 256]
@@ -300,8 +301,18 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         run,
         check,
     };
+    let max_bytes = s.broker.max_message_bytes;
     let group = match s.group {
-        GroupSize::Auto => gemmq::tiling::auto_group(&manifest.plan),
+        GroupSize::Auto => gemmq::tiling::auto_group(&manifest.plan, max_bytes),
+        GroupSize::Fixed(g) if g > gemmq::tiling::max_group(&manifest.plan, max_bytes) => {
+            let most = gemmq::tiling::max_group(&manifest.plan, max_bytes);
+            let tile = manifest.plan.tile;
+            return Err(ConfigError::invalid(
+                "group",
+                format!("the results of {g} tiles of {tile}x{tile} would not fit one {max_bytes}-byte message, as a group's must: use --group {most} or less"),
+            )
+            .into());
+        }
         GroupSize::Fixed(g) => g,
     } as usize;
     let messages = manifest.plan.tasks().div_ceil(group as u64);
@@ -325,16 +336,21 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 .context("connecting to RabbitMQ")?;
             topo.declare(&ch).await?;
             // After an interrupted try, before the job's queues are declared again: a stream
-            // that is gone took the blocks published so far with it (deleted, or unroutable
-            // blocks were what failed the try), and they go out again.
+            // that is gone took the blocks published so far with it, and they go out again;
+            // unless the job was finished and retired meanwhile (a collector deletes its queues
+            // as soon as it has every tile): declaring them again would bring it back.
             if confirmed > 0 && manifest.plan.operands == Operands::Stream {
-                let probe = broker.channel().await.context("connecting to RabbitMQ")?;
-                let gone = check_stream(&probe, &topo, &manifest.job).await;
-                if gone.is_err_and(|e| e.is::<StreamVanished>()) {
-                    warn!(job = %manifest.job, "the job's operand stream is gone; declaring it again and publishing every block again");
-                    blocks_lost = true;
+                match job_queues(&broker, &topo, &manifest.job).await? {
+                    JobQueues::There => {}
+                    JobQueues::Retired if confirmed == items.len() as u64 => {
+                        info!(job = %manifest.job, "the job was finished and retired while its last confirms came in; nothing left to publish");
+                        return Ok(());
+                    }
+                    JobQueues::StreamGone | JobQueues::Retired => {
+                        warn!(job = %manifest.job, "the job's operand stream is gone; declaring it again and publishing every block again");
+                        blocks_lost = true;
+                    }
                 }
-                let _ = probe.close(200, "checked".into()).await;
             }
             let first = job::announce(&ch, &topo, &mut manifest).await?;
             if announced.is_none() {
@@ -385,6 +401,11 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                 blocks_lost = false;
             }
             confirmed += window.confirmed().saturating_sub(again);
+            // The stream may be there again by the next try (a collector that reconnects
+            // declares the job's queues), but empty: what failed this one says it was lost.
+            if r.as_ref().is_err_and(stream_lost) {
+                blocks_lost = true;
+            }
             let _ = check.close(200, "done".into()).await;
             let _ = ch.close(200, "done".into()).await;
             r
@@ -408,8 +429,8 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
                     );
                 };
                 warn!(
-                    error = %format!("{e:#}"), confirmed, total = manifest.plan.tasks(), retry_in = ?pause,
-                    "publishing interrupted; reconnecting to publish the unconfirmed tasks again"
+                    error = %format!("{e:#}"), confirmed, messages = items.len(), retry_in = ?pause,
+                    "publishing interrupted; reconnecting to publish the unconfirmed messages again"
                 );
                 tokio::time::sleep(pause).await;
             }
@@ -441,6 +462,50 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
 #[derive(Debug, thiserror::Error)]
 #[error("the operand stream of job {0} vanished while publishing")]
 struct StreamVanished(String);
+
+/// Whether a try failed because the job's stream was gone: it was found missing, or a block
+/// went unroutable (no stream, and no worker's live queue, took it).
+fn stream_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<StreamVanished>()
+            || matches!(
+                c.downcast_ref::<gemmq::broker::PublishError>(),
+                Some(gemmq::broker::PublishError::Unroutable { what, .. }) if what.starts_with("block ")
+            )
+    })
+}
+
+/// What is left of a job's queues on the broker.
+enum JobQueues {
+    There,
+    /// The operand stream is missing, the results queue is there.
+    StreamGone,
+    /// Both are missing: a collector finished the job and deleted them, or someone deleted
+    /// the job by hand.
+    Retired,
+}
+
+async fn job_queues(broker: &Broker, topo: &topology::Topology, job: &str) -> Result<JobQueues> {
+    // A missing queue closes the channel it was asked on: one throwaway channel per question.
+    let exists = |queue: String| async move {
+        let ch = broker.channel().await.context("connecting to RabbitMQ")?;
+        let found = topology::check_exists(&ch, &queue).await;
+        let _ = ch.close(200, "checked".into()).await;
+        match found {
+            Ok(()) => Ok(true),
+            Err(e) if topology::is_queue_missing(&e) => Ok(false),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("checking that {queue} exists"))),
+        }
+    };
+    if exists(topo.operands_queue(job)).await? {
+        return Ok(JobQueues::There);
+    }
+    Ok(if exists(topo.results_queue(job)).await? {
+        JobQueues::StreamGone
+    } else {
+        JobQueues::Retired
+    })
+}
 
 /// Errors that reconnecting cannot fix.
 fn is_fatal(e: &anyhow::Error) -> bool {
