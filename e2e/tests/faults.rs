@@ -345,3 +345,69 @@ async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_bloc
     env.stop_consumers().await;
     env.cleanup(&[job]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_that_finds_a_running_jobs_stream_missing_retries_its_tasks_instead_of_dropping_them()
+ {
+    let mut env = Env::new("nostream");
+    let job = "nostream";
+    let shape = (64, 32, 64);
+    // Published with no worker running, then the stream is deleted: the job is still running
+    // (its results queue is there), only its record of blocks is gone.
+    let receipt = gemmq_producer::run(&env.producer(job, shape, 16))
+        .await
+        .expect("the job is published");
+    let ch = env.channel().await;
+    ch.queue_delete(
+        env.topology().operands_queue(job).as_str().into(),
+        Default::default(),
+    )
+    .await
+    .expect("the operand stream is deleted");
+    let mut w = env.consumer("w1");
+    w.max_attempts = 100; // retried every 200 ms until the blocks are back
+    env.spawn_consumer(w);
+    let tasks = env.topology().tasks_queue();
+    let retry = env.topology().retry_queue();
+    let started = Instant::now();
+    // The worker's tasks go round the retry queue while the stream is missing.
+    loop {
+        let waiting = common::message_count(&ch, &retry).await;
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < MINUTE,
+            "no task was retried ({} still queued)",
+            common::message_count(&ch, &tasks).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Running the producer again declares the stream and publishes the blocks (and the tasks)
+    // again; the retried tasks then find their blocks.
+    gemmq_producer::run(&env.producer(job, shape, 16))
+        .await
+        .expect("the job is published again");
+    let summary = tokio::time::timeout(
+        MINUTE,
+        gemmq_collector::run(&env.collector(job), env.stop.clone()),
+    )
+    .await
+    .expect("the job finishes within a minute")
+    .unwrap();
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, receipt.tasks);
+    assert!(summary.parked.is_empty());
+    let stats = env.stop_consumers().await;
+    let retried: u64 = stats
+        .iter()
+        .map(|s| s.retried.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert!(
+        retried > 0,
+        "the tasks were retried, not dropped as if the job were gone"
+    );
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.cleanup(&[job]).await;
+}
