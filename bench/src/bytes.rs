@@ -71,18 +71,7 @@ pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerByte
     }
     let tiles: Vec<_> = plan.task_ids().collect();
     for chunk in tiles.chunks(group.max(1) as usize) {
-        let tasks: Vec<TaskHeader> = chunk
-            .iter()
-            .map(|&tile| TaskHeader {
-                job: job.into(),
-                run: run.clone(),
-                tile,
-                dtype: plan.dtype,
-                rows: plan.rows(tile.row).len() as u32,
-                cols: plan.cols(tile.col).len() as u32,
-                depth: plan.depth(tile.part).len() as u32,
-            })
-            .collect();
+        let tasks: Vec<TaskHeader> = chunk.iter().map(|&t| plan.task(job, &run, t)).collect();
         produced += match (plan.operands, tasks.as_slice()) {
             (Operands::Inline, [task]) => {
                 let (r, c, d) = (task.rows as u64, task.cols as u64, task.depth as u64);

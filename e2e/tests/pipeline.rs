@@ -345,15 +345,8 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
     wait_for_live_queues(&env, 1).await;
     let shape = (128, 64, 128);
     let run = |seed| {
-        let mut p = env.producer("rerun", shape, 32);
+        let mut p = env.seeded_producer("rerun", shape, 32, seed);
         p.operands = Operands::Stream;
-        p.source = gemmq_producer::Source::Seed {
-            m: shape.0,
-            k: shape.1,
-            n: shape.2,
-            dtype: gemmq::DType::F64,
-            seed,
-        };
         p
     };
     // The first run is computed (the worker caches its blocks) but never collected: its queues
@@ -667,17 +660,7 @@ async fn a_finished_job_id_used_again_for_other_inputs_is_collected_again_into_t
     let mut env = Env::new("reuse");
     env.spawn_consumer(env.consumer("w1"));
     let shape = (32, 16, 32);
-    let seeded = |seed| {
-        let mut p = env.producer("reuse", shape, 16);
-        p.source = gemmq_producer::Source::Seed {
-            m: shape.0,
-            k: shape.1,
-            n: shape.2,
-            dtype: gemmq::DType::F64,
-            seed,
-        };
-        p
-    };
+    let seeded = |seed| env.seeded_producer("reuse", shape, 16, seed);
     let (first, _) = run_job_with(&env, seeded(7), env.collector("reuse")).await;
     // Same id, same plan, other inputs: another run, which the finished checkpoint of the
     // first must not be taken for ("already collected"). Announced before the collector starts:
@@ -736,17 +719,7 @@ async fn a_collector_without_a_job_id_skips_the_announcement_of_an_earlier_run_o
     let mut env = Env::new("stalerun");
     env.spawn_consumer(env.consumer("w1"));
     let shape = (32, 16, 32);
-    let seeded = |seed| {
-        let mut p = env.producer("again", shape, 16);
-        p.source = gemmq_producer::Source::Seed {
-            m: shape.0,
-            k: shape.1,
-            n: shape.2,
-            dtype: gemmq::DType::F64,
-            seed,
-        };
-        p
-    };
+    let seeded = |seed| env.seeded_producer("again", shape, 16, seed);
     // The first run is collected by id: its announcement stays on the jobs queue. Then the id
     // runs again for other inputs, announced behind it.
     run_job_with(&env, seeded(7), env.collector("again")).await;

@@ -837,20 +837,11 @@ impl Record {
 mod tests {
     use super::*;
     use crate::matrix::{Matrix, compute_tile, generate, task_payload};
-    use crate::message::TaskHeader;
 
     fn results(plan: &Plan, a: &Array2<f64>, b: &Array2<f64>) -> Vec<(ResultHeader, Vec<u8>)> {
         plan.task_ids()
             .map(|tile| {
-                let task = TaskHeader {
-                    job: "j".into(),
-                    run: String::new(),
-                    tile,
-                    dtype: DType::F64,
-                    rows: plan.rows(tile.row).len() as u32,
-                    cols: plan.cols(tile.col).len() as u32,
-                    depth: plan.depth(tile.part).len() as u32,
-                };
+                let task = plan.task("j", "", tile);
                 let bytes = compute_tile(
                     &task,
                     &task_payload(a, b, plan, tile),

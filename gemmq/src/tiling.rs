@@ -321,6 +321,19 @@ impl Plan {
         self.k_splits[p] as usize..self.k_splits[p + 1] as usize
     }
 
+    /// The task that computes `tile` of this plan's job `job`, run `run`.
+    pub fn task(&self, job: &str, run: &str, tile: TileId) -> crate::message::TaskHeader {
+        crate::message::TaskHeader {
+            job: job.to_string(),
+            run: run.to_string(),
+            tile,
+            dtype: self.dtype,
+            rows: self.rows(tile.row).len() as u32,
+            cols: self.cols(tile.col).len() as u32,
+            depth: self.depth(tile.part).len() as u32,
+        }
+    }
+
     /// Whether `id` names a task of this plan.
     pub fn contains(&self, id: TileId) -> bool {
         id.row < self.row_blocks() && id.col < self.col_blocks() && id.part < self.parts()

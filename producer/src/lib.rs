@@ -688,15 +688,7 @@ async fn publish_tasks<T: Element>(
             Item::Tasks(tiles) => {
                 let tasks: Vec<TaskHeader> = tiles
                     .iter()
-                    .map(|&tile| TaskHeader {
-                        job: job.clone(),
-                        run: manifest.run.clone(),
-                        tile,
-                        dtype: plan.dtype,
-                        rows: plan.rows(tile.row).len() as u32,
-                        cols: plan.cols(tile.col).len() as u32,
-                        depth: plan.depth(tile.part).len() as u32,
-                    })
+                    .map(|&tile| plan.task(job, &manifest.run, tile))
                     .collect();
                 let first = tiles[0];
                 let body = match (streamed, tasks.as_slice()) {

@@ -118,6 +118,26 @@ impl Env {
         }
     }
 
+    /// Like [`Env::producer`], with A and B from another seed: the same job id and plan with
+    /// other inputs is another run of the job.
+    pub fn seeded_producer(
+        &self,
+        job: &str,
+        (m, k, n): (u64, u64, u64),
+        tile: u64,
+        seed: u64,
+    ) -> gemmq_producer::Settings {
+        let mut p = self.producer(job, (m, k, n), tile);
+        p.source = gemmq_producer::Source::Seed {
+            m,
+            k,
+            n,
+            dtype: DType::F64,
+            seed,
+        };
+        p
+    }
+
     pub fn consumer(&self, id: &str) -> gemmq_consumer::Settings {
         let opts = gemmq_consumer::ConsumerOptions {
             worker_id: Some(id.into()),
