@@ -848,12 +848,10 @@ async fn job_exists(broker: &Broker, topo: &Topology, job: &str) -> bool {
     let Ok(ch) = broker.channel().await else {
         return true;
     };
-    let found = gemmq::topology::check_exists(&ch, &topo.manifest_queue(job)).await;
+    let found = gemmq::topology::queue_exists(&ch, &topo.manifest_queue(job)).await;
     let _ = ch.close(200, "checked".into()).await;
-    match found {
-        Ok(_) => true,
-        Err(e) => !gemmq::topology::is_queue_missing(&e),
-    }
+    // In doubt (the broker did not answer), it exists.
+    found.unwrap_or(true)
 }
 
 /// Whether the job's queues now hold another run than the one `announced` (the announcement of

@@ -480,7 +480,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
     };
     // decode() refuses an empty group.
-    let job = tasks[0].job.clone();
+    let job = &tasks[0].job;
     let tiles = Tiles(&tasks);
     info!(%job, %tiles, attempt, "task received");
     if attempt > ctx.settings.max_attempts {

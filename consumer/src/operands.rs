@@ -430,10 +430,10 @@ impl Operands {
                     )));
                 };
                 let results = self.topo.results_queue(job);
-                let found = gemmq::topology::check_exists(&ch, &results).await;
+                let found = gemmq::topology::queue_exists(&ch, &results).await;
                 let _ = ch.close(200, "checked".into()).await;
                 match found {
-                    Err(e) if gemmq::topology::is_queue_missing(&e) => Err(FetchError::JobGone),
+                    Ok(false) => Err(FetchError::JobGone),
                     _ => Err(FetchError::Other(format!(
                         "the operand stream of running job {job} is missing (deleted?); its producer declares it again and publishes the blocks again"
                     ))),

@@ -990,18 +990,23 @@ mod tests {
         assert_eq!(asm.tiles_complete(), 2);
     }
 
-    #[test]
-    fn a_finished_checkpoint_says_so_instead_of_starting_over() {
-        let dir = tempfile::tempdir().unwrap();
+    /// An 8×8 job of run r1 collected in full into `ck`, its C written to `out`.
+    fn finished_r1(ck: &Path, out: &Path) -> Plan {
         let (a, b) = inputs(8, 8, 8);
         let plan = Plan::new(8, 8, 8, DType::F64, 8, 16 << 20).unwrap();
-        let ck = dir.path().join("ck");
-        let mut asm = Assembly::open(&plan, "j", "r1", &ck).unwrap();
+        let mut asm = Assembly::open(&plan, "j", "r1", ck).unwrap();
         for (h, p) in results(&plan, &a, &b) {
             asm.apply_result(&h, &p).unwrap();
         }
-        let out = dir.path().join("C.npy");
-        asm.finish(&out).unwrap();
+        asm.finish(out).unwrap();
+        plan
+    }
+
+    #[test]
+    fn a_finished_checkpoint_says_so_instead_of_starting_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ck, out) = (dir.path().join("ck"), dir.path().join("C.npy"));
+        let plan = finished_r1(&ck, &out);
         match Assembly::open(&plan, "j", "r1", &ck) {
             Err(AssemblyError::AlreadyFinished { output }) => assert_eq!(output, out),
             other => panic!("{:?}", other.err()),
@@ -1012,14 +1017,8 @@ mod tests {
     #[test]
     fn a_finished_checkpoint_of_an_earlier_run_is_started_over_for_the_later_one() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = inputs(8, 8, 8);
-        let plan = Plan::new(8, 8, 8, DType::F64, 8, 16 << 20).unwrap();
         let ck = dir.path().join("ck");
-        let mut asm = Assembly::open(&plan, "j", "r1", &ck).unwrap();
-        for (h, p) in results(&plan, &a, &b) {
-            asm.apply_result(&h, &p).unwrap();
-        }
-        asm.finish(&dir.path().join("C.npy")).unwrap();
+        let plan = finished_r1(&ck, &dir.path().join("C.npy"));
 
         // The same job id and plan, other inputs: a new run, collected afresh.
         let asm = Assembly::open(&plan, "j", "r2", &ck).expect("a fresh checkpoint");

@@ -413,16 +413,22 @@ fn map_err(what: &'static str, name: &str, e: lapin::Error) -> TopologyError {
     }
 }
 
-/// Whether `queue` exists, asked without declaring it (a passive declare). A missing queue is a
-/// 404 ([`is_queue_missing`]), which closes the channel it was asked on: use one that may go.
-pub async fn check_exists(ch: &Channel, queue: &str) -> Result<(), lapin::Error> {
+/// Whether `queue` exists, asked without declaring it (a passive declare). The broker answers a
+/// missing queue with a 404 ([`is_queue_missing`]), which closes the channel it was asked on:
+/// use one that may go. Other errors (the connection, a queue still starting) are errors.
+pub async fn queue_exists(ch: &Channel, queue: &str) -> Result<bool, lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    ch.queue_declare(queue.into(), passive, FieldTable::default())
+    match ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
         .await
-        .map(|_| ())
+    {
+        Ok(_) => Ok(true),
+        Err(e) if is_queue_missing(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 async fn exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<(), TopologyError> {

@@ -489,13 +489,9 @@ async fn job_queues(broker: &Broker, topo: &topology::Topology, job: &str) -> Re
     // A missing queue closes the channel it was asked on: one throwaway channel per question.
     let exists = |queue: String| async move {
         let ch = broker.channel().await.context("connecting to RabbitMQ")?;
-        let found = topology::check_exists(&ch, &queue).await;
+        let found = topology::queue_exists(&ch, &queue).await;
         let _ = ch.close(200, "checked".into()).await;
-        match found {
-            Ok(()) => Ok(true),
-            Err(e) if topology::is_queue_missing(&e) => Ok(false),
-            Err(e) => Err(anyhow::Error::new(e).context(format!("checking that {queue} exists"))),
-        }
+        found.with_context(|| format!("checking that {queue} exists"))
     };
     if exists(topo.operands_queue(job)).await? {
         return Ok(JobQueues::There);
@@ -736,11 +732,14 @@ async fn publish_tasks<T: Element>(
 
 /// Fails with [`StreamVanished`] when the job's operand stream is gone.
 async fn check_stream(check: &lapin::Channel, topo: &topology::Topology, job: &str) -> Result<()> {
-    match topology::check_exists(check, &topo.operands_queue(job)).await {
-        Ok(()) => Ok(()),
-        Err(e) if topology::is_queue_missing(&e) => Err(StreamVanished(job.to_string()).into()),
-        Err(e) => Err(e).context("checking that the job's operand stream exists"),
+    let queue = topo.operands_queue(job);
+    let exists = topology::queue_exists(check, &queue)
+        .await
+        .with_context(|| format!("checking that {queue} exists"))?;
+    if !exists {
+        return Err(StreamVanished(job.to_string()).into());
     }
+    Ok(())
 }
 
 #[cfg(test)]
