@@ -52,9 +52,14 @@ pub enum PublishError {
     Amqp { what: String, source: lapin::Error },
     #[error("the broker refused {what} (nack): a queue is full or unavailable")]
     Nacked { what: String },
-    #[error("{what} could not be routed ({code} {text}): its queue does not exist")]
+    #[error(
+        "{what} could not be routed by exchange {exchange:?} ({code} {text}): its queue does not exist"
+    )]
     Unroutable {
         what: String,
+        /// The exchange that found no queue for it: tells what kind of message was lost
+        /// without parsing `what`.
+        exchange: String,
         code: u16,
         text: String,
     },
@@ -245,6 +250,7 @@ async fn settle(confirm: PublisherConfirm, what: String) -> Result<(), PublishEr
         Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
             Err(PublishError::Unroutable {
                 what,
+                exchange: returned.delivery.exchange.to_string(),
                 code: returned.reply_code,
                 text: returned.reply_text.to_string(),
             })

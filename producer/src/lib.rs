@@ -403,7 +403,9 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             confirmed += window.confirmed().saturating_sub(again);
             // The stream may be there again by the next try (a collector that reconnects
             // declares the job's queues), but empty: what failed this one says it was lost.
-            if r.as_ref().is_err_and(stream_lost) {
+            if r.as_ref()
+                .is_err_and(|e| stream_lost(e, &topo.operands_exchange()))
+            {
                 blocks_lost = true;
             }
             let _ = check.close(200, "done".into()).await;
@@ -464,13 +466,15 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
 struct StreamVanished(String);
 
 /// Whether a try failed because the job's stream was gone: it was found missing, or a block
-/// went unroutable (no stream, and no worker's live queue, took it).
-fn stream_lost(e: &anyhow::Error) -> bool {
+/// went unroutable (the operands exchange found no stream, and no worker's live queue, for it).
+/// An unroutable task says nothing about the stream: it is published again like any
+/// unconfirmed message.
+fn stream_lost(e: &anyhow::Error, operands_exchange: &str) -> bool {
     e.chain().any(|c| {
         c.is::<StreamVanished>()
             || matches!(
                 c.downcast_ref::<gemmq::broker::PublishError>(),
-                Some(gemmq::broker::PublishError::Unroutable { what, .. }) if what.starts_with("block ")
+                Some(gemmq::broker::PublishError::Unroutable { exchange, .. }) if exchange == operands_exchange
             )
     })
 }
@@ -746,6 +750,29 @@ async fn check_stream(check: &lapin::Channel, topo: &topology::Topology, job: &s
 mod tests {
     use super::*;
     use gemmq::config::BrokerOptions;
+
+    #[test]
+    fn only_a_vanished_stream_or_an_unroutable_block_means_the_blocks_are_lost() {
+        let unroutable = |exchange: &str| {
+            anyhow::Error::new(gemmq::broker::PublishError::Unroutable {
+                what: "something".into(),
+                exchange: exchange.into(),
+                code: 312,
+                text: "NO_ROUTE".into(),
+            })
+            .context("publishing")
+        };
+        let topo = topology::Topology::new("t", std::time::Duration::from_secs(1));
+        let operands = topo.operands_exchange();
+        assert!(stream_lost(&unroutable(&operands), &operands));
+        assert!(!stream_lost(&unroutable(&topo.tasks_exchange()), &operands));
+        let vanished = anyhow::Error::new(StreamVanished("j".into())).context("publishing");
+        assert!(stream_lost(&vanished, &operands));
+        assert!(!stream_lost(
+            &anyhow::anyhow!("connection reset"),
+            &operands
+        ));
+    }
 
     fn resolve(group: &str, operands: Operands) -> Result<Settings, ConfigError> {
         let flags = ProducerOptions {
