@@ -347,6 +347,63 @@ async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_bloc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unroutable_task_is_published_again_without_publishing_the_blocks_again() {
+    let mut env = Env::new("taskroute");
+    let job = "taskroute";
+    let shape = (512, 64, 512);
+    let mut p = env.producer(job, shape, 16);
+    p.confirm_window = 1;
+    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+    let ch = env.channel().await;
+    let topo = env.topology();
+    topo.declare(&ch).await.unwrap();
+    let tasks = topo.tasks_queue();
+    let started = Instant::now();
+    while common::message_count(&ch, &tasks).await < 100 {
+        assert!(started.elapsed() < MINUTE, "the producer published nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The next task finds no queue: it comes back unroutable and fails the producer's try,
+    // whose next one declares the binding again.
+    ch.queue_unbind(
+        tasks.as_str().into(),
+        topo.tasks_exchange().as_str().into(),
+        gemmq::topology::TASK_KEY.into(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("the tasks queue is unbound");
+    let receipt = tokio::time::timeout(MINUTE, producer)
+        .await
+        .expect("the producer finishes")
+        .unwrap()
+        .expect("the producer recovers from the unroutable task");
+    assert_eq!(receipt.tasks, 1024);
+    // 32 blocks of A and 32 of B, each once: a task that found no queue says nothing about
+    // the stream.
+    let mut blocks =
+        common::stream_message_ids(&env.channel().await, &topo.operands_queue(job)).await;
+    assert_eq!(blocks.len(), 64, "{blocks:?}");
+    blocks.sort();
+    blocks.dedup();
+    assert_eq!(blocks.len(), 64, "every block once");
+
+    env.spawn_consumer(env.consumer("w1"));
+    let mut collector = env.collector(job);
+    collector.idle_timeout = Some(Duration::from_secs(30));
+    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
+        .await
+        .expect("the job finishes within a minute")
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, 1024);
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_that_finds_a_running_jobs_stream_missing_retries_its_tasks_instead_of_dropping_them()
  {
     let mut env = Env::new("nostream");

@@ -267,6 +267,32 @@ pub async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
 }
 
 /// The largest |C − A·B| over the product computed here.
+/// The message ids in a stream, front to back: read until nothing more comes for half a
+/// second (a stream's declare-ok always counts 0 messages).
+#[allow(dead_code)]
+pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str) -> Vec<String> {
+    use futures_util::StreamExt;
+    ch.basic_qos(100, Default::default()).await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-stream-offset".into(), gemmq::topology::text("first"));
+    let mut feed = ch
+        .basic_consume(stream.into(), "".into(), Default::default(), args)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream} can be read: {e}"));
+    let mut ids = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await
+    {
+        ids.push(
+            d.properties
+                .message_id()
+                .as_ref()
+                .map_or(String::new(), |i| i.to_string()),
+        );
+        d.acker.ack(Default::default()).await.unwrap();
+    }
+    ids
+}
+
 pub fn max_error_against_local_product(env: &Env, job: &str, shape: (u64, u64, u64)) -> f64 {
     max_error_against_seed(env, job, shape, 7)
 }
