@@ -1033,6 +1033,204 @@ mod tests {
         ));
     }
 
+    /// Valid messages of every kind a program decodes, with their payloads.
+    fn every_kind_of_message() -> Vec<Vec<u8>> {
+        let Header::Task(one) = task(2, 3, 4) else {
+            unreachable!()
+        };
+        let group = TaskGroup::of(&[one.clone(), one.clone(), one.clone()]).expect("3 tasks");
+        let operand = Header::Operand(OperandHeader {
+            job: "j".into(),
+            run: "0123456789abcdef".into(),
+            block: BlockId {
+                side: Side::B,
+                index: 1,
+                part: 0,
+            },
+            dtype: DType::F64,
+            rows: 4,
+            cols: 3,
+        });
+        let parked = Header::Parked(ParkedNotice {
+            job: "j".into(),
+            run: String::new(),
+            tile: one.tile,
+            reason: "r".into(),
+            attempts: 5,
+            worker: "w".into(),
+        });
+        vec![
+            encode(&task(2, 3, 4), &[&[1u8; (2 * 4 + 4 * 3) * 8]]),
+            encode(&Header::TaskRef(one), &[]),
+            encode(&Header::Tasks(group), &[]),
+            encode(&operand, &[&[2u8; 4 * 3 * 8]]),
+            encode(&Header::Results(batch(&[(1, 2), (2, 1)])), &[&[3u8; 4 * 8]]),
+            encode(&parked, &[]),
+        ]
+    }
+
+    /// One random change a broken or hostile sender could make.
+    fn mutate(body: &mut Vec<u8>, rng: &mut impl rand::Rng) {
+        use rand::RngExt;
+        const NUMBERS: [&[u8]; 7] = [
+            b"0",
+            b"-1",
+            b"4294967295",
+            b"4294967296",
+            b"2147483648",
+            b"18446744073709551615",
+            b"1e300",
+        ];
+        if body.is_empty() {
+            body.push(rng.random());
+            return;
+        }
+        match rng.random_range(0..6) {
+            0 => {
+                let i = rng.random_range(0..body.len());
+                body[i] ^= rng.random_range(1..=255u8);
+            }
+            1 => body.truncate(rng.random_range(0..body.len())),
+            2 => {
+                let extra: Vec<u8> = (0..rng.random_range(1..64)).map(|_| rng.random()).collect();
+                let at = rng.random_range(0..=body.len());
+                body.splice(at..at, extra);
+            }
+            3 => {
+                // A number in the JSON header replaced by an extreme one.
+                let digits: Vec<usize> = (0..body.len().min(PREFIX + 512))
+                    .filter(|&i| body[i].is_ascii_digit())
+                    .collect();
+                if let Some(&i) = digits.get(rng.random_range(0..digits.len().max(1))) {
+                    let end = (i..body.len())
+                        .find(|&j| !body[j].is_ascii_digit())
+                        .unwrap_or(body.len());
+                    let n = NUMBERS[rng.random_range(0..NUMBERS.len())];
+                    body.splice(i..end, n.iter().copied());
+                }
+            }
+            4 if body.len() >= PREFIX => {
+                // The header length field.
+                let len: u32 = match rng.random_range(0..3) {
+                    0 => rng.random(),
+                    1 => u32::MAX,
+                    _ => rng.random_range(0..(body.len() as u32 + 16)),
+                };
+                body[4..8].copy_from_slice(&len.to_le_bytes());
+            }
+            _ => {
+                // A job id no queue may be named after.
+                let bad: &[u8] = match rng.random_range(0..3) {
+                    0 => b"../../etc",
+                    1 => b"",
+                    _ => b"a b\\u0000c",
+                };
+                if let Some(i) = body.windows(3).position(|w| w == b"\"j\"") {
+                    body.splice(i + 1..i + 2, bad.iter().copied());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_mutation_of_a_valid_message_makes_decoding_panic_or_oversize() {
+        use rand::{RngExt, SeedableRng};
+        let limit = 1 << 20;
+        let seeds = every_kind_of_message();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let (mut refused, mut accepted) = (0u32, 0u32);
+        for round in 0..30_000 {
+            let mut body = seeds[round % seeds.len()].clone();
+            for _ in 0..rng.random_range(1..4) {
+                mutate(&mut body, &mut rng);
+            }
+            match decode(&body, limit) {
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    refused += 1;
+                }
+                Ok(frame) => {
+                    accepted += 1;
+                    // What the programs do next with an accepted message must hold too.
+                    assert!(frame.payload.len() as u64 <= limit);
+                    let _ = (frame.header.job(), frame.header.run());
+                    match &frame.header {
+                        Header::Results(b) => {
+                            let bytes: usize = b.results(frame.payload).map(|(_, p)| p.len()).sum();
+                            assert_eq!(bytes, frame.payload.len());
+                        }
+                        Header::Operand(h) => {
+                            let shape = (h.rows as usize, h.cols as usize);
+                            let start = body.len() - frame.payload.len();
+                            let block = crate::matrix::Block::from_body(
+                                body.clone(),
+                                start,
+                                shape.0,
+                                shape.1,
+                                h.dtype,
+                            )
+                            .expect("decode checked the payload's length");
+                            assert_eq!(block.view().shape(), shape);
+                        }
+                        _ => {}
+                    }
+                    if let Ok(work) = frame.into_work() {
+                        assert!(!work.tasks().is_empty() && work.tasks().len() <= MAX_GROUP);
+                    }
+                }
+            }
+        }
+        // The mutations must reach past the first check, or this tests nothing.
+        assert!(
+            refused > 10_000 && accepted > 200,
+            "{refused} refused, {accepted} accepted"
+        );
+    }
+
+    #[test]
+    fn no_mutation_of_a_valid_manifest_makes_reading_it_panic() {
+        use rand::{RngExt, SeedableRng};
+        let plan = crate::Plan::new(8, 4, 6, DType::F64, 4, 1 << 20).expect("a small plan");
+        let check = crate::verify::expect_seeded(8, 4, 6, DType::F64, 1, 2, 7).to_check(7);
+        let manifest = Manifest {
+            version: VERSION,
+            job: "j".into(),
+            plan,
+            inputs: Inputs::Seed(1),
+            created_ms: 1,
+            run: "0123456789abcdef".into(),
+            check: Some(check),
+        };
+        let json = manifest.to_json();
+        assert_eq!(Manifest::from_json(&json).expect("valid"), manifest);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut accepted = 0;
+        for _ in 0..5_000 {
+            let mut body = json.clone();
+            for _ in 0..rng.random_range(1..3) {
+                mutate(&mut body, &mut rng);
+            }
+            let Ok(m) = Manifest::from_json(&body) else {
+                continue;
+            };
+            accepted += 1;
+            let p = &m.plan;
+            let _ = (p.tiles(), p.tasks(), p.task_ids().take(1_000).count());
+            // The collector sizes C (and so the check's vectors) only up to --max-output-bytes.
+            let small = p.m.saturating_mul(p.n) <= 1 << 20;
+            if let (Some(c), true) = (&m.check, small) {
+                let _ = crate::verify::Expected::from_check(
+                    c,
+                    p.m as usize,
+                    p.k as usize,
+                    p.n as usize,
+                    p.dtype,
+                );
+            }
+        }
+        assert!(accepted > 100, "{accepted} accepted");
+    }
+
     #[test]
     fn a_result_is_not_a_task() {
         let h = Header::Parked(ParkedNotice {
