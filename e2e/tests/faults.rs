@@ -347,6 +347,68 @@ async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_bloc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_deleted_while_blocks_still_reach_a_live_worker_is_noticed_and_refilled() {
+    let mut env = Env::new("livecheck");
+    let job = "livecheck";
+    let shape = (512, 64, 512);
+    // A running worker's live queue takes every block, so with the stream gone the blocks are
+    // still routable: only the producer asking whether the stream exists can tell.
+    env.spawn_consumer(env.consumer("live"));
+    common::wait_for_live_queues(&env, 1).await;
+    let topo = env.topology();
+    let started = Instant::now();
+    let mut p = env.producer(job, shape, 16);
+    p.confirm_window = 1;
+    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+    let ch = env.channel().await;
+    // No collector yet: results pile up, showing how far the job is.
+    let results = topo.results_queue(job);
+    while !producer.is_finished() {
+        let announced = gemmq::topology::queue_exists(&env.channel().await, &results)
+            .await
+            .unwrap();
+        if announced && common::message_count(&ch, &results).await >= 20 {
+            break;
+        }
+        assert!(started.elapsed() < MINUTE, "no results came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !producer.is_finished(),
+        "the producer finished before the stream could be deleted"
+    );
+    ch.queue_delete(topo.operands_queue(job).as_str().into(), Default::default())
+        .await
+        .expect("the operand stream is deleted");
+    let receipt = tokio::time::timeout(MINUTE, producer)
+        .await
+        .expect("the producer finishes")
+        .unwrap()
+        .expect("the producer recovers from the lost stream");
+    assert_eq!(receipt.tasks, 1024);
+    // Late workers read the stream: it must hold every block again, including those published
+    // before it was deleted.
+    let mut blocks =
+        common::stream_message_ids(&env.channel().await, &topo.operands_queue(job)).await;
+    blocks.sort();
+    blocks.dedup();
+    assert_eq!(blocks.len(), 64, "{blocks:?}");
+
+    let mut collector = env.collector(job);
+    collector.idle_timeout = Some(Duration::from_secs(30));
+    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
+        .await
+        .expect("the job finishes within a minute")
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, 1024);
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unroutable_task_is_published_again_without_publishing_the_blocks_again() {
     let mut env = Env::new("taskroute");
     let job = "taskroute";

@@ -190,7 +190,7 @@ async fn a_live_block_the_cache_has_no_room_for_is_read_from_the_stream_instead(
     let mut s = env.consumer("w1");
     s.operand_cache = 64 * 1024;
     env.spawn_consumer(s);
-    wait_for_live_queues(&env, 1).await;
+    common::wait_for_live_queues(&env, 1).await;
     // Blocks of 32 rows/columns × depth 160: 40 KiB.
     let shape = (256, 160, 256);
     let mut p = env.producer("liveroom", shape, 32);
@@ -214,39 +214,12 @@ async fn a_live_block_the_cache_has_no_room_for_is_read_from_the_stream_instead(
     env.cleanup(&["liveroom"]).await;
 }
 
-/// Waits until `n` live operand queues are bound to the namespace's operands exchange: the
-/// workers are then sure to see every block published from now on.
-async fn wait_for_live_queues(env: &Env, n: usize) {
-    let path = format!(
-        "/exchanges/%2f/{}/bindings/source",
-        env.topology().operands_exchange()
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let bound = common::try_mgmt(&path)
-            .and_then(|v| v.as_array().cloned())
-            .map_or(0, |b| {
-                b.iter()
-                    .filter(|b| b["routing_key"] == "#" && b["destination_type"] == "queue")
-                    .count()
-            });
-        if bound >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{bound} of {n} live queues bound within 20 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn running_workers_get_each_block_on_their_live_queue_and_never_read_the_stream() {
     let mut env = Env::new("live");
     env.spawn_consumer(env.consumer("w1"));
     env.spawn_consumer(env.consumer("w2"));
-    wait_for_live_queues(&env, 2).await;
+    common::wait_for_live_queues(&env, 2).await;
     let shape = (128, 64, 128);
     let mut p = env.producer("live", shape, 32);
     p.operands = Operands::Stream;
@@ -281,7 +254,7 @@ async fn when_a_job_is_done_running_workers_drop_its_cached_blocks() {
     );
     w.wait_for("consuming tasks", 1, Duration::from_secs(30))
         .await;
-    wait_for_live_queues(&env, 1).await;
+    common::wait_for_live_queues(&env, 1).await;
     let mut p = env.producer("jobdone", (128, 64, 128), 32);
     p.operands = Operands::Stream;
     let (_, summary) = run_job_with(&env, p, env.collector("jobdone")).await;
@@ -342,7 +315,7 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
     let mut w = env.consumer("rerun-w1");
     w.queue_size = 1;
     env.spawn_consumer(w);
-    wait_for_live_queues(&env, 1).await;
+    common::wait_for_live_queues(&env, 1).await;
     let shape = (128, 64, 128);
     let run = |seed| {
         let mut p = env.seeded_producer("rerun", shape, 32, seed);

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gemmq::broker::Broker;
 use gemmq::config::{BrokerOptions, BrokerSettings, ConfigFile};
@@ -249,6 +249,34 @@ pub fn mgmt(path: &str) -> serde_json::Value {
     resp.into_body()
         .read_json()
         .expect("management API returns JSON")
+}
+
+/// Waits until `n` live operand queues are bound to the namespace's operands exchange: the
+/// workers are then sure to see every block published from now on.
+#[allow(dead_code)]
+pub async fn wait_for_live_queues(env: &Env, n: usize) {
+    let path = format!(
+        "/exchanges/%2f/{}/bindings/source",
+        env.topology().operands_exchange()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let bound = try_mgmt(&path)
+            .and_then(|v| v.as_array().cloned())
+            .map_or(0, |b| {
+                b.iter()
+                    .filter(|b| b["routing_key"] == "#" && b["destination_type"] == "queue")
+                    .count()
+            });
+        if bound >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{bound} of {n} live queues bound within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Messages ready in a queue (not those delivered and unacked), by a passive declare.
