@@ -213,6 +213,9 @@ pub struct Stats {
     pub operand_rereads: AtomicU64,
     /// Of `operand_bytes`, those that came on the live queue rather than from a stream.
     pub operand_live_bytes: AtomicU64,
+    /// Blocks waited for on the live queue in vain (for its grace of a few seconds) before the
+    /// stream was read: a worker that started after they were published and could not tell.
+    pub live_waits: AtomicU64,
 }
 
 impl Stats {
@@ -258,6 +261,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         operand_mib = stats.operand_bytes.load(Ordering::Relaxed) >> 20,
         operand_live_mib = stats.operand_live_bytes.load(Ordering::Relaxed) >> 20,
         operand_rereads = stats.operand_rereads.load(Ordering::Relaxed),
+        live_waits = stats.live_waits.load(Ordering::Relaxed),
         "worker stopped"
     );
     Ok(stats)
@@ -496,7 +500,12 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
     let inputs = match inline_at {
         Some(offset) => Ok(Inputs::Inline(offset)),
-        None => fetch_blocks(ctx, &tasks).await.map(Inputs::Blocks),
+        None => {
+            let published = delivery.properties.timestamp().as_ref().copied();
+            fetch_blocks(ctx, &tasks, published)
+                .await
+                .map(Inputs::Blocks)
+        }
     };
     let permit = tokio::select! {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
@@ -582,15 +591,24 @@ type BlockPair = (Arc<Block>, Arc<Block>);
 
 /// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
 /// a group share most of their blocks; the cache holds them.
-async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>, Failure> {
+/// `published`: the task message's timestamp (seconds), if its producer set one.
+async fn fetch_blocks(
+    ctx: &Ctx,
+    tasks: &[TaskHeader],
+    published: Option<u64>,
+) -> Result<Vec<BlockPair>, Failure> {
     let mut pairs = Vec::with_capacity(tasks.len());
     for task in tasks {
-        pairs.push(fetch_pair(ctx, task).await?);
+        pairs.push(fetch_pair(ctx, task, published).await?);
     }
     Ok(pairs)
 }
 
-async fn fetch_pair(ctx: &Ctx, task: &TaskHeader) -> Result<BlockPair, Failure> {
+async fn fetch_pair(
+    ctx: &Ctx,
+    task: &TaskHeader,
+    published: Option<u64>,
+) -> Result<BlockPair, Failure> {
     let t = task.tile;
     let a_id = BlockId {
         side: Side::A,
@@ -604,8 +622,17 @@ async fn fetch_pair(ctx: &Ctx, task: &TaskHeader) -> Result<BlockPair, Failure> 
     };
     let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
     let get = |id, shape| {
-        ctx.operands
-            .get(&ctx.conn, &task.job, &task.run, id, task.dtype, shape)
+        ctx.operands.get(
+            &ctx.conn,
+            operands::Wanted {
+                job: &task.job,
+                run: &task.run,
+                id,
+                dtype: task.dtype,
+                shape,
+                published,
+            },
+        )
     };
     let a = get(a_id, (r, d)).await.map_err(Failure::from)?;
     let b = get(b_id, (d, c)).await.map_err(Failure::from)?;

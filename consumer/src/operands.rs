@@ -63,6 +63,18 @@ impl From<String> for FetchError {
     }
 }
 
+/// A block a task needs, and what is known of it.
+pub struct Wanted<'a> {
+    pub job: &'a str,
+    pub run: &'a str,
+    pub id: BlockId,
+    pub dtype: DType,
+    /// The shape the task expects.
+    pub shape: (usize, usize),
+    /// When the task was published (its message's timestamp, Unix seconds), if known.
+    pub published: Option<u64>,
+}
+
 /// The operand blocks of all jobs this worker serves, on one connection.
 pub struct Operands {
     topo: Topology,
@@ -74,6 +86,9 @@ pub struct Operands {
     read: ReadCtx,
     /// Whether the live queue is being consumed: only then is a missing block waited for.
     live: Arc<AtomicBool>,
+    /// When the live queue started being consumed (Unix seconds): blocks published before
+    /// then never come on it.
+    live_since: Arc<AtomicU64>,
 }
 
 /// The jobs with a cache, the most recently used last.
@@ -233,6 +248,7 @@ impl Operands {
                 stats,
             },
             live: Arc::new(AtomicBool::new(false)),
+            live_since: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -270,6 +286,10 @@ impl Operands {
         tracing::debug!(%queue, "consuming the live operand queue");
         let (ctx, jobs, live) = (self.read.clone(), self.jobs.clone(), self.live.clone());
         let done = self.done.clone();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.live_since.store(now, Ordering::Relaxed);
         live.store(true, Ordering::Relaxed);
         Ok(async move {
             // Whatever ends the loop, tasks stop waiting for the live queue.
@@ -301,27 +321,33 @@ impl Operands {
     /// reader has brought it. `shape` is what the task expects: a cached block that came live
     /// with another shape or dtype is stale (from a producer that names no run) and is read from
     /// the stream instead.
-    pub async fn get(
-        &self,
-        conn: &Connection,
-        job: &str,
-        run: &str,
-        id: BlockId,
-        dtype: DType,
-        shape: (usize, usize),
-    ) -> Result<Arc<Block>, FetchError> {
+    pub async fn get(&self, conn: &Connection, want: Wanted<'_>) -> Result<Arc<Block>, FetchError> {
+        let Wanted {
+            job,
+            run,
+            id,
+            dtype,
+            shape,
+            published,
+        } = want;
         // A job said to be done has nothing more coming live; its stream tells whether it is
-        // gone (the task is dropped) or back (the same job id published again).
-        let mut stream_only = self
-            .done
-            .lock()
-            .expect("never poisoned")
-            .iter()
-            .any(|d| d == job);
+        // gone (the task is dropped) or back (the same job id published again). A task published
+        // well before the live queue started names blocks published before it too: they will
+        // not come live (a second of margin for the timestamps' rounding and clock skew).
+        let live_since = self.live_since.load(Ordering::Relaxed);
+        let before_live = published.is_some_and(|p| p.saturating_add(1) < live_since);
+        let mut stream_only = before_live
+            || self
+                .done
+                .lock()
+                .expect("never poisoned")
+                .iter()
+                .any(|d| d == job);
         let j = self.job(job, run);
         let start = tokio::time::Instant::now();
         let deadline = start + BLOCK_TIMEOUT;
         let mut changed = j.changed.subscribe();
+        let mut waited_live = false;
         loop {
             // What to do, decided under the lock; the awaits come after it is released.
             let (evicted_at, reading) = {
@@ -355,7 +381,11 @@ impl Operands {
             if evicted_at.is_none() && live_may_bring_it && start.elapsed() < LIVE_GRACE {
                 let until = (start + LIVE_GRACE).min(deadline);
                 let _ = tokio::time::timeout_at(until, changed.changed()).await;
+                waited_live = true;
                 continue;
+            }
+            if std::mem::take(&mut waited_live) && evicted_at.is_none() {
+                self.read.stats.live_waits.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(offset) = evicted_at {
                 // Seen before, evicted since: read just that one.

@@ -245,6 +245,31 @@ async fn running_workers_get_each_block_on_their_live_queue_and_never_read_the_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_started_after_a_job_was_published_reads_its_blocks_from_the_stream_at_once() {
+    let mut env = Env::new("late");
+    let shape = (128, 64, 128);
+    let mut p = env.producer("late", shape, 32);
+    p.operands = Operands::Stream;
+    let receipt = gemmq_producer::run(&p).await.expect("the job is published");
+    assert_eq!(receipt.tasks, 16);
+    // Task timestamps are whole seconds, and a second of margin is allowed for clock skew: a
+    // worker started over two seconds later knows its tasks' blocks are older than its live
+    // queue, and does not wait for them to come on it.
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    env.spawn_consumer(env.consumer("late"));
+    let summary = gemmq_collector::run(&env.collector("late"), env.stop.clone())
+        .await
+        .expect("the collector runs cleanly");
+    assert_eq!(summary.status, Status::Complete);
+    let err = common::max_error_against_local_product(&env, "late", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    assert_eq!(stats[0].live_waits.load(Ordering::Relaxed), 0);
+    assert_eq!(stats[0].operand_live_bytes.load(Ordering::Relaxed), 0);
+    env.cleanup(&["late"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_a_job_is_done_running_workers_drop_its_cached_blocks() {
     let env = Env::new("jobdone");
     let mut w = env.spawn(

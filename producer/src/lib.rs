@@ -708,14 +708,12 @@ async fn publish_tasks<T: Element>(
                 if tasks.len() > 1 {
                     id.push_str(&format!("+{}", tasks.len() - 1));
                 }
+                // When it was published, which a worker that came later compares with when its
+                // live queue started: the task's blocks were published before the task, so
+                // they will not come live and are read from the stream at once.
+                let props = persistent(kind::TASK, id).with_timestamp(unix_ms() / 1000);
                 window
-                    .publish(
-                        &exchange,
-                        TASK_KEY,
-                        &body,
-                        persistent(kind::TASK, id),
-                        format!("task {tiles}"),
-                    )
+                    .publish(&exchange, TASK_KEY, &body, props, format!("task {tiles}"))
                     .await
                     .with_context(|| format!("publishing task {tiles} of job {job}"))?;
                 info!(%job, %tiles, bytes = body.len(), "task published");
