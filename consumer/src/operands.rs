@@ -45,6 +45,9 @@ const MAX_JOBS: usize = 16;
 pub const LIVE_GRACE: Duration = Duration::from_secs(3);
 /// Blocks in flight on the live queue (the broker holds the rest, bounded by the queue's size).
 const LIVE_PREFETCH: u16 = 2;
+/// How long opening a job's stream is tried again (the broker may not serve it yet) before the
+/// task fails and is retried through the retry queue.
+const OPEN_PATIENCE: Duration = Duration::from_secs(5);
 /// Finished jobs remembered, to drop their late tasks at once.
 const MAX_DONE: usize = 64;
 
@@ -447,6 +450,31 @@ impl Operands {
     /// is declared again by its producer, which publishes every block again, so its tasks are
     /// retried, not dropped.
     async fn open(
+        &self,
+        conn: &Connection,
+        job: &str,
+        offset: AMQPValue,
+    ) -> Result<(Channel, Consumer), FetchError> {
+        // For a few seconds after the broker restarts, a stream cannot be read ("home node ...
+        // is down or inaccessible"), while workers that reconnect already have their tasks
+        // back: try again for a while rather than spend one of each task's attempts on it.
+        let start = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.open_once(conn, job, offset.clone()).await {
+                Err(FetchError::Other(e))
+                    if start.elapsed() + pause < OPEN_PATIENCE && conn.status().connected() =>
+                {
+                    tracing::debug!(%job, error = %e, "the operand stream cannot be read yet; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn open_once(
         &self,
         conn: &Connection,
         job: &str,

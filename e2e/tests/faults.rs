@@ -35,6 +35,59 @@ async fn wait_for_journal(env: &Env, job: &str, lines: usize) {
     }
 }
 
+/// Waits for the producer to be done publishing (after whatever the test broke), and for its
+/// receipt.
+async fn publishing_ends(
+    producer: tokio::task::JoinHandle<anyhow::Result<gemmq_producer::Receipt>>,
+) -> gemmq_producer::Receipt {
+    tokio::time::timeout(MINUTE, producer)
+        .await
+        .expect("the producer finishes")
+        .unwrap()
+        .expect("the producer recovers")
+}
+
+/// Waits until the tasks queue holds `n` tasks (no worker is running); returns the channel it
+/// asked on.
+async fn tasks_queued(env: &Env, n: u32) -> lapin::Channel {
+    let ch = env.channel().await;
+    env.topology().declare(&ch).await.unwrap();
+    let tasks = env.topology().tasks_queue();
+    let started = Instant::now();
+    while common::message_count(&ch, &tasks).await < n {
+        assert!(started.elapsed() < MINUTE, "the producer published nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ch
+}
+
+/// The blocks in the job's operand stream: how many, and how many different ones.
+async fn blocks_in_stream(env: &Env, job: &str) -> (usize, usize) {
+    let stream = env.topology().operands_queue(job);
+    let mut ids = common::stream_message_ids(&env.channel().await, &stream).await;
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    (all, ids.len())
+}
+
+/// Collects a 1,024-tile job to its end and checks C: every tile once, none parked, C = A·B.
+async fn collect_all_1024_tiles_once(mut env: Env, job: &str, shape: (u64, u64, u64)) {
+    let mut collector = env.collector(job);
+    collector.idle_timeout = Some(Duration::from_secs(30));
+    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
+        .await
+        .expect("the job finishes within a minute")
+        .unwrap();
+    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.tasks_done, 1024);
+    assert!(summary.parked.is_empty());
+    let err = common::max_error_against_local_product(&env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
+
 fn collector_proc(env: &Env, job: &str, name: &str) -> Proc {
     env.spawn(
         "gemmq-collector",
@@ -307,43 +360,20 @@ async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_bloc
     let mut p = env.producer(job, shape, 16);
     p.confirm_window = 1;
     let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
-    let ch = env.channel().await;
-    env.topology().declare(&ch).await.unwrap();
-    let tasks = env.topology().tasks_queue();
-    let started = Instant::now();
-    while common::message_count(&ch, &tasks).await < 100 {
-        assert!(started.elapsed() < MINUTE, "the producer published nothing");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let ch = tasks_queued(&env, 100).await;
     ch.queue_delete(
         env.topology().operands_queue(job).as_str().into(),
         Default::default(),
     )
     .await
     .expect("the operand stream is deleted");
-    let receipt = tokio::time::timeout(MINUTE, producer)
-        .await
-        .expect("the producer finishes")
-        .unwrap()
-        .expect("the producer recovers from the lost stream");
+    let receipt = publishing_ends(producer).await;
     assert_eq!(receipt.tasks, 1024);
 
     // A worker started now saw no block go by: it reads every one from the stream, which must
     // hold those published before it was deleted too.
     env.spawn_consumer(env.consumer("late"));
-    let mut collector = env.collector(job);
-    collector.idle_timeout = Some(Duration::from_secs(30));
-    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
-        .await
-        .expect("the job finishes within a minute")
-        .unwrap();
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
-    assert_eq!(summary.tasks_done, 1024);
-    assert!(summary.parked.is_empty());
-    let err = common::max_error_against_local_product(&env, job, shape);
-    assert!(err <= TOLERANCE, "{err:e}");
-    env.stop_consumers().await;
-    env.cleanup(&[job]).await;
+    collect_all_1024_tiles_once(env, job, shape).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -380,32 +410,14 @@ async fn a_stream_deleted_while_blocks_still_reach_a_live_worker_is_noticed_and_
     ch.queue_delete(topo.operands_queue(job).as_str().into(), Default::default())
         .await
         .expect("the operand stream is deleted");
-    let receipt = tokio::time::timeout(MINUTE, producer)
-        .await
-        .expect("the producer finishes")
-        .unwrap()
-        .expect("the producer recovers from the lost stream");
+    let receipt = publishing_ends(producer).await;
     assert_eq!(receipt.tasks, 1024);
     // Late workers read the stream: it must hold every block again, including those published
     // before it was deleted.
-    let mut blocks =
-        common::stream_message_ids(&env.channel().await, &topo.operands_queue(job)).await;
-    blocks.sort();
-    blocks.dedup();
-    assert_eq!(blocks.len(), 64, "{blocks:?}");
+    let (_, distinct) = blocks_in_stream(&env, job).await;
+    assert_eq!(distinct, 64);
 
-    let mut collector = env.collector(job);
-    collector.idle_timeout = Some(Duration::from_secs(30));
-    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
-        .await
-        .expect("the job finishes within a minute")
-        .unwrap();
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
-    assert_eq!(summary.tasks_done, 1024);
-    let err = common::max_error_against_local_product(&env, job, shape);
-    assert!(err <= TOLERANCE, "{err:e}");
-    env.stop_consumers().await;
-    env.cleanup(&[job]).await;
+    collect_all_1024_tiles_once(env, job, shape).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -416,15 +428,9 @@ async fn an_unroutable_task_is_published_again_without_publishing_the_blocks_aga
     let mut p = env.producer(job, shape, 16);
     p.confirm_window = 1;
     let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
-    let ch = env.channel().await;
+    let ch = tasks_queued(&env, 100).await;
     let topo = env.topology();
-    topo.declare(&ch).await.unwrap();
     let tasks = topo.tasks_queue();
-    let started = Instant::now();
-    while common::message_count(&ch, &tasks).await < 100 {
-        assert!(started.elapsed() < MINUTE, "the producer published nothing");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     // The next task finds no queue: it comes back unroutable and fails the producer's try,
     // whose next one declares the binding again.
     ch.queue_unbind(
@@ -435,34 +441,18 @@ async fn an_unroutable_task_is_published_again_without_publishing_the_blocks_aga
     )
     .await
     .expect("the tasks queue is unbound");
-    let receipt = tokio::time::timeout(MINUTE, producer)
-        .await
-        .expect("the producer finishes")
-        .unwrap()
-        .expect("the producer recovers from the unroutable task");
+    let receipt = publishing_ends(producer).await;
     assert_eq!(receipt.tasks, 1024);
     // 32 blocks of A and 32 of B, each once: a task that found no queue says nothing about
     // the stream.
-    let mut blocks =
-        common::stream_message_ids(&env.channel().await, &topo.operands_queue(job)).await;
-    assert_eq!(blocks.len(), 64, "{blocks:?}");
-    blocks.sort();
-    blocks.dedup();
-    assert_eq!(blocks.len(), 64, "every block once");
+    assert_eq!(
+        blocks_in_stream(&env, job).await,
+        (64, 64),
+        "every block once"
+    );
 
     env.spawn_consumer(env.consumer("w1"));
-    let mut collector = env.collector(job);
-    collector.idle_timeout = Some(Duration::from_secs(30));
-    let summary = tokio::time::timeout(MINUTE, gemmq_collector::run(&collector, env.stop.clone()))
-        .await
-        .expect("the job finishes within a minute")
-        .unwrap();
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
-    assert_eq!(summary.tasks_done, 1024);
-    let err = common::max_error_against_local_product(&env, job, shape);
-    assert!(err <= TOLERANCE, "{err:e}");
-    env.stop_consumers().await;
-    env.cleanup(&[job]).await;
+    collect_all_1024_tiles_once(env, job, shape).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
