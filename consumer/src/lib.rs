@@ -353,17 +353,6 @@ async fn serve(
     let mut ticker = JoinSet::new();
     ticker.spawn(beat.clone().tick());
     let tag = format!("gemmq-consumer:{}", s.worker_id);
-    let mut consumer = ch
-        .basic_consume(
-            topo.tasks_queue().as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lost("starting to consume"))?;
-    Stats::bump(&stats.connections);
-    info!(queue = %topo.tasks_queue(), prefetch = s.queue_size, "consuming tasks");
 
     let ctx = Arc::new(Ctx {
         settings: s.clone(),
@@ -407,6 +396,19 @@ async fn serve(
             Err(e) => warn!(error = %e, "operand blocks will be read from the job streams only"),
         }
     }
+    // Tasks only once the live queue is bound: a task taken before would wait out the live
+    // grace for blocks published in between.
+    let mut consumer = ch
+        .basic_consume(
+            topo.tasks_queue().as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(lost("starting to consume"))?;
+    Stats::bump(&stats.connections);
+    info!(queue = %topo.tasks_queue(), prefetch = s.queue_size, "consuming tasks");
     let mut handlers = JoinSet::new();
     loop {
         tokio::select! {
