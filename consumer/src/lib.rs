@@ -213,8 +213,9 @@ pub struct Stats {
     pub operand_rereads: AtomicU64,
     /// Of `operand_bytes`, those that came on the live queue rather than from a stream.
     pub operand_live_bytes: AtomicU64,
-    /// Blocks waited for on the live queue in vain (for its grace of a few seconds) before the
-    /// stream was read: a worker that started after they were published and could not tell.
+    /// Waits for a block on the live queue that ran their whole grace (a few seconds) in vain:
+    /// the block was published before this worker's live queue started, and its task's
+    /// timestamp could not tell.
     pub live_waits: AtomicU64,
 }
 
@@ -576,7 +577,9 @@ impl From<operands::FetchError> for Failure {
     fn from(e: operands::FetchError) -> Self {
         match e {
             operands::FetchError::JobGone => Failure::JobGone,
-            operands::FetchError::Other(reason) => Failure::Transient(reason),
+            operands::FetchError::Unavailable(reason) | operands::FetchError::Other(reason) => {
+                Failure::Transient(reason)
+            }
         }
     }
 }

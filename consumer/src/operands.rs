@@ -16,7 +16,9 @@
 //! once per worker. So a task whose block is not cached first waits for the live queue (up to
 //! [`LIVE_GRACE`]); the stream is read when that wait runs out (a worker that started after the
 //! block was published, or whose connection was replaced), when the live queue dropped a block
-//! the cache had no room for, or when the live queue is not up at all.
+//! the cache had no room for, or when the live queue is not up at all — and at once when the
+//! task itself was published before the live queue started (its message's timestamp): its blocks
+//! are older still. Once a job's stream reader runs, no task of that job waits for the live queue.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -57,6 +59,9 @@ pub enum FetchError {
     /// The job's operand stream does not exist (the job is finished), or holds another run of
     /// the job id (the task is left over from an earlier job).
     JobGone,
+    /// The broker cannot serve the job's stream for now (it is starting it after a restart, or
+    /// the stream was deleted under a running job and its producer is declaring it again).
+    Unavailable(String),
     Other(String),
 }
 
@@ -387,7 +392,7 @@ impl Operands {
                 waited_live = true;
                 continue;
             }
-            if std::mem::take(&mut waited_live) && evicted_at.is_none() {
+            if std::mem::take(&mut waited_live) && start.elapsed() >= LIVE_GRACE {
                 self.read.stats.live_waits.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(offset) = evicted_at {
@@ -462,7 +467,7 @@ impl Operands {
         let mut pause = Duration::from_millis(100);
         loop {
             match self.open_once(conn, job, offset.clone()).await {
-                Err(FetchError::Other(e))
+                Err(FetchError::Unavailable(e))
                     if start.elapsed() + pause < OPEN_PATIENCE && conn.status().connected() =>
                 {
                     tracing::debug!(%job, error = %e, "the operand stream cannot be read yet; trying again");
@@ -492,7 +497,7 @@ impl Operands {
                 let _ = ch.close(200, "checked".into()).await;
                 match found {
                     Ok(false) => Err(FetchError::JobGone),
-                    _ => Err(FetchError::Other(format!(
+                    _ => Err(FetchError::Unavailable(format!(
                         "the operand stream of running job {job} is missing (deleted?); its producer declares it again and publishes the blocks again"
                     ))),
                 }
@@ -508,10 +513,13 @@ impl Operands {
         offset: AMQPValue,
     ) -> Result<(Channel, Consumer), FetchError> {
         let err = |e: lapin::Error| {
+            let what = format!("reading the operand stream of job {job}: {e}");
             if gemmq::topology::is_queue_missing(&e) {
                 FetchError::JobGone
+            } else if gemmq::topology::is_refused(&e) {
+                FetchError::Other(what)
             } else {
-                FetchError::Other(format!("reading the operand stream of job {job}: {e}"))
+                FetchError::Unavailable(what)
             }
         };
         let ch = conn.create_channel().await.map_err(err)?;

@@ -61,10 +61,11 @@ async fn tasks_queued(env: &Env, n: u32) -> lapin::Channel {
     ch
 }
 
-/// The blocks in the job's operand stream: how many, and how many different ones.
-async fn blocks_in_stream(env: &Env, job: &str) -> (usize, usize) {
+/// The blocks in the job's operand stream (`expected` of them, or more): how many, and how
+/// many different ones.
+async fn blocks_in_stream(env: &Env, job: &str, expected: usize) -> (usize, usize) {
     let stream = env.topology().operands_queue(job);
-    let mut ids = common::stream_message_ids(&env.channel().await, &stream).await;
+    let mut ids = common::stream_message_ids(&env.channel().await, &stream, expected).await;
     let all = ids.len();
     ids.sort();
     ids.dedup();
@@ -369,6 +370,7 @@ async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_bloc
     .expect("the operand stream is deleted");
     let receipt = publishing_ends(producer).await;
     assert_eq!(receipt.tasks, 1024);
+    assert!(receipt.tries >= 2, "publishing was never interrupted");
 
     // A worker started now saw no block go by: it reads every one from the stream, which must
     // hold those published before it was deleted too.
@@ -412,9 +414,10 @@ async fn a_stream_deleted_while_blocks_still_reach_a_live_worker_is_noticed_and_
         .expect("the operand stream is deleted");
     let receipt = publishing_ends(producer).await;
     assert_eq!(receipt.tasks, 1024);
+    assert!(receipt.tries >= 2, "publishing was never interrupted");
     // Late workers read the stream: it must hold every block again, including those published
     // before it was deleted.
-    let (_, distinct) = blocks_in_stream(&env, job).await;
+    let (_, distinct) = blocks_in_stream(&env, job, 64).await;
     assert_eq!(distinct, 64);
 
     collect_all_1024_tiles_once(env, job, shape).await;
@@ -443,10 +446,11 @@ async fn an_unroutable_task_is_published_again_without_publishing_the_blocks_aga
     .expect("the tasks queue is unbound");
     let receipt = publishing_ends(producer).await;
     assert_eq!(receipt.tasks, 1024);
+    assert!(receipt.tries >= 2, "publishing was never interrupted");
     // 32 blocks of A and 32 of B, each once: a task that found no queue says nothing about
     // the stream.
     assert_eq!(
-        blocks_in_stream(&env, job).await,
+        blocks_in_stream(&env, job, 64).await,
         (64, 64),
         "every block once"
     );

@@ -205,6 +205,9 @@ pub struct Receipt {
     pub messages: u64,
     pub bytes: u64,
     pub announced: Announced,
+    /// Tries it took: 1, plus one per interruption (a lost connection, an unroutable message,
+    /// the job's stream gone) after which publishing went on.
+    pub tries: u32,
 }
 
 /// Loads or generates the inputs, announces the job and publishes every task.
@@ -323,7 +326,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
     // publishing resumes at the first task not confirmed. Tasks published twice are harmless:
     // the collector keeps one result per tile.
     let items = items(&manifest.plan, group);
-    let (mut confirmed, mut bytes, mut failures) = (0u64, 0u64, 0u32);
+    let (mut confirmed, mut bytes, mut failures, mut tries) = (0u64, 0u64, 0u32, 0u32);
     // Set when the job's operand stream vanished: the blocks it held must go out again.
     let mut blocks_lost = false;
     let (mut retries, mut confirmed_before) = (gemmq::broker::retry_pauses(), 0u64);
@@ -412,6 +415,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             let _ = ch.close(200, "done".into()).await;
             r
         };
+        tries += 1;
         match attempt.await {
             Ok(()) => break,
             Err(e) if is_fatal(&e) => return Err(e),
@@ -447,6 +451,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         mib = bytes as f64 / (1 << 20) as f64,
         seconds = secs,
         mib_per_s = bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+        tries,
         "all tasks published and confirmed"
     );
     Ok(Receipt {
@@ -455,6 +460,7 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
         bytes,
         announced: announced.unwrap_or(Announced::New),
         manifest,
+        tries,
     })
 }
 

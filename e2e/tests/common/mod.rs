@@ -294,11 +294,10 @@ pub async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
-/// The largest |C − A·B| over the product computed here.
-/// The message ids in a stream, front to back: read until nothing more comes for half a
-/// second (a stream's declare-ok always counts 0 messages).
+/// The message ids in a stream, front to back: read until `expected` have come (a stream's
+/// declare-ok always counts 0 messages), then for half a second more, to see any beyond them.
 #[allow(dead_code)]
-pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str) -> Vec<String> {
+pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str, expected: usize) -> Vec<String> {
     use futures_util::StreamExt;
     ch.basic_qos(100, Default::default()).await.unwrap();
     let mut args = lapin::types::FieldTable::default();
@@ -308,8 +307,16 @@ pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str) -> Vec<String
         .await
         .unwrap_or_else(|e| panic!("stream {stream} can be read: {e}"));
     let mut ids = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await
-    {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let wait = if ids.len() < expected {
+            deadline.saturating_duration_since(Instant::now())
+        } else {
+            Duration::from_millis(500)
+        };
+        let Ok(Some(Ok(d))) = tokio::time::timeout(wait, feed.next()).await else {
+            break;
+        };
         ids.push(
             d.properties
                 .message_id()
@@ -321,6 +328,7 @@ pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str) -> Vec<String
     ids
 }
 
+/// The largest |C − A·B| over the product computed here.
 pub fn max_error_against_local_product(env: &Env, job: &str, shape: (u64, u64, u64)) -> f64 {
     max_error_against_seed(env, job, shape, 7)
 }
