@@ -343,13 +343,14 @@ pub async fn run(s: &Settings) -> Result<Receipt> {
             // unless the job was finished and retired meanwhile (a collector deletes its queues
             // as soon as it has every tile): declaring them again would bring it back.
             if confirmed > 0 && manifest.plan.operands == Operands::Stream {
-                match job_queues(&broker, &topo, &manifest.job).await? {
-                    JobQueues::There => {}
-                    JobQueues::Retired if confirmed == items.len() as u64 => {
+                let queues = job_queues(&broker, &topo, &manifest.job).await?;
+                match resume_after(queues, confirmed, items.len() as u64) {
+                    Resuming::AsBefore => {}
+                    Resuming::Done => {
                         info!(job = %manifest.job, "the job was finished and retired while its last confirms came in; nothing left to publish");
                         return Ok(());
                     }
-                    JobQueues::StreamGone | JobQueues::Retired => {
+                    Resuming::WithEveryBlock => {
                         warn!(job = %manifest.job, "the job's operand stream is gone; declaring it again and publishing every block again");
                         blocks_lost = true;
                     }
@@ -483,6 +484,26 @@ fn stream_lost(e: &anyhow::Error, operands_exchange: &str) -> bool {
                 Some(gemmq::broker::PublishError::Unroutable { exchange, .. }) if exchange == operands_exchange
             )
     })
+}
+
+/// How a try goes on after an interrupted one.
+#[derive(Debug, PartialEq)]
+enum Resuming {
+    /// The job's queues are there: publish what was not confirmed.
+    AsBefore,
+    /// Everything was confirmed and a collector has finished the job and deleted its queues:
+    /// declaring them again would bring a finished job back.
+    Done,
+    /// The stream is gone, and the blocks with it: declare it again and publish every block.
+    WithEveryBlock,
+}
+
+fn resume_after(queues: JobQueues, confirmed: u64, messages: u64) -> Resuming {
+    match queues {
+        JobQueues::There => Resuming::AsBefore,
+        JobQueues::Retired if confirmed == messages => Resuming::Done,
+        JobQueues::StreamGone | JobQueues::Retired => Resuming::WithEveryBlock,
+    }
 }
 
 /// What is left of a job's queues on the broker.
@@ -754,6 +775,18 @@ async fn check_stream(check: &lapin::Channel, topo: &topology::Topology, job: &s
 mod tests {
     use super::*;
     use gemmq::config::BrokerOptions;
+
+    #[test]
+    fn a_retired_job_is_not_brought_back_and_a_lost_stream_gets_every_block_again() {
+        use JobQueues::*;
+        assert_eq!(resume_after(There, 10, 100), Resuming::AsBefore);
+        // All confirmed, and the collector already deleted the job's queues: it is finished.
+        assert_eq!(resume_after(Retired, 100, 100), Resuming::Done);
+        // Not all confirmed: someone deleted a running job's queues; it is declared again.
+        assert_eq!(resume_after(Retired, 99, 100), Resuming::WithEveryBlock);
+        assert_eq!(resume_after(StreamGone, 100, 100), Resuming::WithEveryBlock);
+        assert_eq!(resume_after(StreamGone, 5, 100), Resuming::WithEveryBlock);
+    }
 
     #[test]
     fn only_a_vanished_stream_or_an_unroutable_block_means_the_blocks_are_lost() {
