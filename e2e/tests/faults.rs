@@ -35,6 +35,20 @@ async fn wait_for_journal(env: &Env, job: &str, lines: usize) {
     }
 }
 
+/// A job of 1,024 tiles of 16 (64 blocks) over 512×64·64×512, whose producer waits for each
+/// confirm before the next message: still publishing for a second or more, time for a test to
+/// break something under it.
+const SLOW_JOB: (u64, u64, u64) = (512, 64, 512);
+
+fn publish_slowly(
+    env: &Env,
+    job: &str,
+) -> tokio::task::JoinHandle<anyhow::Result<gemmq_producer::Receipt>> {
+    let mut p = env.producer(job, SLOW_JOB, 16);
+    p.confirm_window = 1;
+    tokio::spawn(async move { gemmq_producer::run(&p).await })
+}
+
 /// Waits for the producer to be done publishing (after whatever the test broke), and for its
 /// receipt.
 async fn publishing_ends(
@@ -355,12 +369,9 @@ async fn sigterm_stops_a_worker_and_a_collector_gracefully_and_nothing_is_lost()
 async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_block() {
     let mut env = Env::new("streamgone");
     let job = "streamgone";
-    let shape = (512, 64, 512);
-    // 64 blocks among 1,024 tasks, one confirm at a time: the stream goes while blocks are
-    // still to come.
-    let mut p = env.producer(job, shape, 16);
-    p.confirm_window = 1;
-    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+    let shape = SLOW_JOB;
+    // One confirm at a time: the stream goes while blocks are still to come.
+    let producer = publish_slowly(&env, job);
     let ch = tasks_queued(&env, 100).await;
     ch.queue_delete(
         env.topology().operands_queue(job).as_str().into(),
@@ -382,16 +393,14 @@ async fn an_operand_stream_deleted_mid_publish_is_declared_again_with_every_bloc
 async fn a_stream_deleted_while_blocks_still_reach_a_live_worker_is_noticed_and_refilled() {
     let mut env = Env::new("livecheck");
     let job = "livecheck";
-    let shape = (512, 64, 512);
+    let shape = SLOW_JOB;
     // A running worker's live queue takes every block, so with the stream gone the blocks are
     // still routable: only the producer asking whether the stream exists can tell.
     env.spawn_consumer(env.consumer("live"));
     common::wait_for_live_queues(&env, 1).await;
     let topo = env.topology();
     let started = Instant::now();
-    let mut p = env.producer(job, shape, 16);
-    p.confirm_window = 1;
-    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+    let producer = publish_slowly(&env, job);
     let ch = env.channel().await;
     // No collector yet: results pile up, showing how far the job is.
     let results = topo.results_queue(job);
@@ -427,10 +436,8 @@ async fn a_stream_deleted_while_blocks_still_reach_a_live_worker_is_noticed_and_
 async fn an_unroutable_task_is_published_again_without_publishing_the_blocks_again() {
     let mut env = Env::new("taskroute");
     let job = "taskroute";
-    let shape = (512, 64, 512);
-    let mut p = env.producer(job, shape, 16);
-    p.confirm_window = 1;
-    let producer = tokio::spawn(async move { gemmq_producer::run(&p).await });
+    let shape = SLOW_JOB;
+    let producer = publish_slowly(&env, job);
     let ch = tasks_queued(&env, 100).await;
     let topo = env.topology();
     let tasks = topo.tasks_queue();

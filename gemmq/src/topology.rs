@@ -368,7 +368,8 @@ pub fn is_access_refused(e: &lapin::Error) -> bool {
 /// Whether the broker refused the operation for good: 403 ACCESS_REFUSED, or 406
 /// PRECONDITION_FAILED (the queue exists with other arguments). Asking again will not help.
 pub fn is_refused(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.get_id(), 403 | 406))
+    is_access_refused(e)
+        || matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 406)
 }
 
 fn missing_queue_reply(code: u16, text: &str) -> bool {
