@@ -12,6 +12,7 @@
 //! logs and summary.json stay in `target/bench/<namespace>/`.
 
 mod bytes;
+mod floor;
 mod machine;
 mod procs;
 mod reference;
@@ -70,6 +71,11 @@ struct Cli {
     /// Skip the small-task run
     #[arg(long)]
     no_small: bool,
+    /// Skip the broker's floor: before each large job (streamed operands) the bench sends the
+    /// job's bytes through the broker with nothing computed, the least time any job on this
+    /// topology can take
+    #[arg(long)]
+    no_floor: bool,
     /// Run every job this many times (each after its own reference) and report the median and
     /// best of each figure too: on a shared machine one run can be disturbed
     #[arg(long, default_value_t = 1)]
@@ -190,6 +196,11 @@ struct Run {
     /// Tasks / summary_wall_seconds.
     tasks_per_second: Option<f64>,
     reference: Option<reference::Reference>,
+    /// The job's bytes through the broker alone, nothing computed (large jobs with streamed
+    /// operands, unless --no-floor).
+    floor: Option<floor::Floor>,
+    /// floor / reference best: the smallest e2e / reference this machine allows.
+    ratio_floor_to_reference: Option<f64>,
     /// summary_wall_seconds / reference best.
     ratio_wall_to_reference: Option<f64>,
     /// e2e_seconds / reference best.
@@ -242,8 +253,10 @@ struct Report {
 }
 
 fn main() -> std::process::ExitCode {
-    if std::env::args().nth(1).as_deref() == Some(reference::SUBCOMMAND) {
-        return reference::child_main();
+    match std::env::args().nth(1).as_deref() {
+        Some(reference::SUBCOMMAND) => return reference::child_main(),
+        Some(floor::SUBCOMMAND) => return floor::child_main(),
+        _ => {}
     }
     let user_matmul_threads = std::env::var("MATMUL_NUM_THREADS").ok();
     let cli = Cli::parse();
@@ -632,6 +645,8 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         ratio_wall_to_reference: None,
         tasks_per_second: None,
         reference: None,
+        floor: None,
+        ratio_floor_to_reference: None,
         ratio_e2e_to_reference: None,
         broker: None,
         producer_publish_seconds: None,
@@ -729,6 +744,43 @@ fn job(
         reference.cpu_per_wall,
         reference.machine_busy_cores
     );
+    let operands = cli.operands.unwrap_or_default();
+    if !spec.small_tasks && !cli.no_floor && operands == Operands::Stream {
+        let tile = spec.tile.unwrap_or_else(|| {
+            gemmq::tiling::auto_tile(
+                spec.n,
+                spec.n,
+                spec.n,
+                spec.dtype,
+                max_message_bytes,
+                operands,
+            )
+        });
+        eprintln!(
+            "   floor: the job's bytes through the broker alone (tile {tile}, {} live queues), nothing computed",
+            cli.consumers
+        );
+        let f = floor::measure(&floor::Spec {
+            amqp_url: cli.amqp_url.clone(),
+            namespace: format!("{ns}-floor"),
+            n: spec.n,
+            dtype: spec.dtype,
+            tile,
+            max_message_bytes,
+            readers: cli.consumers,
+        })?;
+        eprintln!(
+            "   floor: {:.2} s = {:.2}× the reference (blocks confirmed after {:.2} s; RabbitMQ {} core-s, clients {:.2})",
+            f.seconds,
+            f.seconds / reference.best_seconds,
+            f.publish_seconds,
+            f.broker_cpu_seconds
+                .map_or("?".into(), |c| format!("{c:.2}")),
+            f.clients_cpu_seconds
+        );
+        run.ratio_floor_to_reference = Some(f.seconds / reference.best_seconds);
+        run.floor = Some(f);
+    }
     run.reference = Some(reference);
     eprintln!(
         "   bench's own peak RSS {:.0} MiB (a floor under the children's ru_maxrss)",
@@ -736,7 +788,6 @@ fn job(
     );
     run.bench_peak_rss_mib = procs::own_peak_rss_mib();
 
-    let operands = cli.operands.unwrap_or_default();
     let mut producer_env = vec![
         (
             "GEMMQ_OPERANDS",
@@ -1176,8 +1227,11 @@ fn print_table(r: &Report) {
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "{:<18} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
         "run",
+        "floor s",
+        "fl/ref",
+        "fl rmq",
         "start s",
         "publish s",
         "compute s",
@@ -1195,8 +1249,11 @@ fn print_table(r: &Report) {
         let cons: f64 = run.consumers.iter().map(|c| c.cpu_seconds).sum();
         let _ = writeln!(
             out,
-            "{:<18} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "{:<18} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
             run.label,
+            opt(run.floor.as_ref().map(|f| f.seconds), 2),
+            opt(run.ratio_floor_to_reference, 2),
+            opt(run.floor.as_ref().and_then(|f| f.broker_cpu_seconds), 2),
             opt(run.e2e_seconds, 2),
             opt(run.producer_publish_seconds, 2),
             opt(run.consumers_compute_seconds, 2),
@@ -1216,7 +1273,7 @@ fn print_table(r: &Report) {
     }
     let _ = writeln!(
         out,
-        "publish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
+        "floor s: the job's bytes through the broker alone, nothing computed (the least time any job on this topology can take), fl/ref: floor / reference (the smallest e2e/ref this machine allows), fl rmq: RabbitMQ's CPU during the floor\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
     );
     let _ = writeln!(
         out,
@@ -1238,8 +1295,8 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>16}",
-        "job", "runs", "e2e s", "e2e/ref", "start s", "start/ref", "tasks/s"
+        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "job", "runs", "e2e s", "e2e/ref", "floor/ref", "start s", "start/ref", "tasks/s"
     );
     for base in labels {
         let runs: Vec<&Run> = r
@@ -1267,11 +1324,12 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>16}",
+            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
             base,
             runs.len(),
             pick(&|r| r.summary_wall_seconds, false),
             pick(&|r| r.ratio_wall_to_reference, false),
+            pick(&|r| r.ratio_floor_to_reference, false),
             pick(&|r| r.e2e_seconds, false),
             pick(&|r| r.ratio_e2e_to_reference, false),
             pick(&|r| r.tasks_per_second, true),

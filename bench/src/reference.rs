@@ -52,7 +52,7 @@ pub struct KernelRuns {
     pub best_seconds: f64,
 }
 
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills in a plain struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: RUSAGE_SELF on a valid pointer.
