@@ -199,8 +199,14 @@ struct Run {
     /// The job's bytes through the broker alone, nothing computed (large jobs with streamed
     /// operands, unless --no-floor).
     floor: Option<floor::Floor>,
-    /// floor / reference best: the smallest e2e / reference this machine allows.
+    /// floor / reference best: the smallest e2e / reference this topology allows.
     ratio_floor_to_reference: Option<f64>,
+    /// The least e2e this machine allows with the floor's traffic and the reference's
+    /// multiplication sharing its cores: the floor's wall time, or the floor's CPU (broker and
+    /// clients) plus the reference's CPU spread perfectly over every core, whichever is longer.
+    bound_seconds: Option<f64>,
+    /// bound / reference best.
+    ratio_bound_to_reference: Option<f64>,
     /// summary_wall_seconds / reference best.
     ratio_wall_to_reference: Option<f64>,
     /// e2e_seconds / reference best.
@@ -647,6 +653,8 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         reference: None,
         floor: None,
         ratio_floor_to_reference: None,
+        bound_seconds: None,
+        ratio_bound_to_reference: None,
         ratio_e2e_to_reference: None,
         broker: None,
         producer_publish_seconds: None,
@@ -779,6 +787,18 @@ fn job(
             f.clients_cpu_seconds
         );
         run.ratio_floor_to_reference = Some(f.seconds / reference.best_seconds);
+        if let Some(broker) = f.broker_cpu_seconds {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let cpu =
+                broker + f.clients_cpu_seconds + reference.best_seconds * reference.cpu_per_wall;
+            let bound = f.seconds.max(cpu / cores);
+            eprintln!(
+                "   bound: {bound:.2} s = {:.2}× the reference (the floor's and the reference's CPU on {cores} cores)",
+                bound / reference.best_seconds
+            );
+            run.bound_seconds = Some(bound);
+            run.ratio_bound_to_reference = Some(bound / reference.best_seconds);
+        }
         run.floor = Some(f);
     }
     run.reference = Some(reference);
@@ -1227,11 +1247,12 @@ fn print_table(r: &Report) {
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "{:<18} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
         "run",
         "floor s",
         "fl/ref",
         "fl rmq",
+        "bnd/ref",
         "start s",
         "publish s",
         "compute s",
@@ -1249,11 +1270,12 @@ fn print_table(r: &Report) {
         let cons: f64 = run.consumers.iter().map(|c| c.cpu_seconds).sum();
         let _ = writeln!(
             out,
-            "{:<18} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "{:<18} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
             run.label,
             opt(run.floor.as_ref().map(|f| f.seconds), 2),
             opt(run.ratio_floor_to_reference, 2),
             opt(run.floor.as_ref().and_then(|f| f.broker_cpu_seconds), 2),
+            opt(run.ratio_bound_to_reference, 2),
             opt(run.e2e_seconds, 2),
             opt(run.producer_publish_seconds, 2),
             opt(run.consumers_compute_seconds, 2),
@@ -1273,7 +1295,7 @@ fn print_table(r: &Report) {
     }
     let _ = writeln!(
         out,
-        "floor s: the job's bytes through the broker alone, nothing computed (the least time any job on this topology can take), fl/ref: floor / reference (the smallest e2e/ref this machine allows), fl rmq: RabbitMQ's CPU during the floor\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
+        "floor s: the job's bytes through the broker alone, nothing computed (the least time any job on this topology can take), fl/ref: floor / reference (the smallest e2e/ref this machine allows), fl rmq: RabbitMQ's CPU during the floor; bnd/ref: the least e2e/ref this machine allows — the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
     );
     let _ = writeln!(
         out,
@@ -1295,8 +1317,16 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
-        "job", "runs", "e2e s", "e2e/ref", "floor/ref", "start s", "start/ref", "tasks/s"
+        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "job",
+        "runs",
+        "e2e s",
+        "e2e/ref",
+        "floor/ref",
+        "bound/ref",
+        "start s",
+        "start/ref",
+        "tasks/s"
     );
     for base in labels {
         let runs: Vec<&Run> = r
@@ -1324,12 +1354,13 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
             base,
             runs.len(),
             pick(&|r| r.summary_wall_seconds, false),
             pick(&|r| r.ratio_wall_to_reference, false),
             pick(&|r| r.ratio_floor_to_reference, false),
+            pick(&|r| r.ratio_bound_to_reference, false),
             pick(&|r| r.e2e_seconds, false),
             pick(&|r| r.ratio_e2e_to_reference, false),
             pick(&|r| r.tasks_per_second, true),
