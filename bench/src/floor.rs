@@ -1,44 +1,51 @@
 //! The broker's floor: how long RabbitMQ on this machine takes to move a job's bytes when
-//! nothing is computed.
+//! nothing is computed — an estimate of the least time a job on this topology takes.
 //!
-//! Just before each large job (after its reference) the bench sends the job's own traffic
-//! through the broker alone, on the job's own topology ([`gemmq::topology`], in a namespace of
-//! its own): every block of A and B, in the job's message sizes, published with confirms to the
-//! operand exchange, which writes it to the job's stream and copies it into one live queue per
-//! consumer; each "consumer" drains its live queue and meanwhile publishes its share of C, one
-//! result-sized message per tile, each confirmed before the next (as a worker confirms a result
-//! before it acks the task); a "collector" consumes the results queue. Every party has its own
-//! connection, as the programs do, and all run at once.
+//! Just before each large job (after its reference) the bench sends the job's own data through
+//! the broker alone, on the job's own topology ([`gemmq::topology`], in a namespace of its own):
+//! every block of A and B, in the job's message sizes, published with confirms (the producer's
+//! window) to the operand exchange, which writes it to the job's stream and copies it into one
+//! live queue per consumer; each "consumer" drains its live queue and meanwhile publishes its
+//! share of C, one result-sized message per tile, each confirmed before the next (as a worker
+//! confirms a result before it acks the task); a "collector" consumes the results queue. Every
+//! party has its own connection, as the programs do, the programs' prefetch, and all run at
+//! once, so that the stages overlap as well as they possibly can.
 //!
-//! That is a gemmq job with free multiplication and perfect overlap: no job on this topology
-//! moves fewer bytes, so none can end sooner. `floor / reference` is the smallest
-//! `e2e / reference` this machine allows, and `e2e − floor` is what computing and the
-//! programs' own work add. Only the headers are left out (a few hundred bytes a message).
+//! Left out, so that it stays under a real job: the task messages (through the tasks quorum
+//! queue, each delivered and acked), the manifest and its announcement, heartbeats, message
+//! headers, and the wait of a tile for its blocks. One thing is done as a job might not: tiles
+//! under 1 MiB are sent one to a message, where a worker batches the results of a task group.
+//! The bench's jobs with a floor have larger tiles.
 //!
-//! It runs in a child process (`gemmq-bench __floor ...`) for the reason the reference does:
-//! Linux carries a parent's peak RSS into the `ru_maxrss` of the children it spawns afterwards.
+//! It is a measurement, not a theorem: it varies from run to run as the job does, and a client
+//! leaner than lapin could move the same bytes with less CPU. It runs in a child process
+//! (`gemmq-bench __floor ...`) for the reason the reference does: Linux carries a parent's peak
+//! RSS into the `ru_maxrss` of the children it spawns afterwards.
 
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
+use gemmq::broker::{ConfirmWindow, DEFAULT_CONFIRM_WINDOW, publish_confirmed};
 use gemmq::message::Side;
-use gemmq::topology::Topology;
+use gemmq::topology::{LIVE_OPERANDS_MAX_BYTES, Topology};
 use gemmq::{DType, Plan};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
 
 /// The hidden first argument that makes the bench binary measure a floor and print it.
 pub const SUBCOMMAND: &str = "__floor";
 
-/// Unconfirmed block messages the publisher allows, as the producer's default confirm window.
-const CONFIRM_WINDOW: usize = 256;
+/// The prefetch of a worker's live operand queue (consumer/src/operands.rs).
+const LIVE_PREFETCH: u16 = 2;
+/// The collector's default prefetch.
+const COLLECTOR_PREFETCH: u16 = 64;
+/// The longest wait for any one message before the floor gives up.
+const PATIENCE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Floor {
@@ -72,6 +79,20 @@ pub struct Spec {
     pub readers: usize,
 }
 
+/// Why the floor is not measured for a job, if it is not.
+pub fn unmeasurable(plan: &Plan) -> Option<String> {
+    let bytes = block_sizes(plan).iter().sum::<u64>();
+    // A live queue drops its oldest block beyond this; a worker then reads it from the stream,
+    // which the floor's readers do not.
+    (bytes > LIVE_OPERANDS_MAX_BYTES as u64).then(|| {
+        format!(
+            "its blocks ({} MiB) exceed what a live queue holds ({} MiB)",
+            bytes >> 20,
+            LIVE_OPERANDS_MAX_BYTES >> 20
+        )
+    })
+}
+
 /// Measures the floor in a child process.
 pub fn measure(spec: &Spec) -> Result<Floor> {
     let exe = std::env::current_exe().context("finding the bench binary")?;
@@ -88,12 +109,19 @@ pub fn measure(spec: &Spec) -> Result<Floor> {
 
 /// `gemmq-bench __floor SPEC_JSON`: prints a [`Floor`] as JSON.
 pub fn child_main() -> ExitCode {
-    let Some(spec) = std::env::args()
+    let spec = match std::env::args()
         .nth(2)
-        .and_then(|s| serde_json::from_str::<Spec>(&s).ok())
-    else {
-        eprintln!("usage: gemmq-bench {SUBCOMMAND} SPEC_JSON");
-        return ExitCode::from(2);
+        .map(|s| serde_json::from_str::<Spec>(&s))
+    {
+        Some(Ok(spec)) => spec,
+        Some(Err(e)) => {
+            eprintln!("floor: the spec is not valid JSON: {e}");
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!("usage: gemmq-bench {SUBCOMMAND} SPEC_JSON");
+            return ExitCode::from(2);
+        }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -110,12 +138,16 @@ pub fn child_main() -> ExitCode {
     let topo = Topology::new(&spec.namespace, Duration::from_secs(2));
     let result = rt.block_on(async {
         let measured = tokio::time::timeout(Duration::from_secs(300), run(&spec, &topo, job)).await;
-        // Whatever happened, leave no queues behind.
-        if let Err(e) = cleanup(&spec.amqp_url, &topo, job).await {
-            eprintln!(
-                "floor: could not delete namespace {}: {e:#}",
+        // Whatever happened, leave no queues behind (the stream holds the job's A and B).
+        match tokio::time::timeout(Duration::from_secs(30), cleanup(&spec.amqp_url, &topo, job))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("floor: deleting namespace {}: {e:#}", spec.namespace),
+            Err(_) => eprintln!(
+                "floor: deleting namespace {} took over 30 s; delete its queues by hand",
                 spec.namespace
-            );
+            ),
         }
         measured.context("the floor took over 5 minutes")?
     });
@@ -142,10 +174,14 @@ async fn connect(url: &str) -> Result<Connection> {
 
 async fn cleanup(url: &str, topo: &Topology, job: &str) -> Result<()> {
     let conn = connect(url).await?;
-    let ch = conn.create_channel().await?;
-    let _ = topo.delete_job(&ch, job).await;
-    let ch = conn.create_channel().await?;
-    topo.delete_shared(&ch).await?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    topo.delete_job(&ch, job)
+        .await
+        .context("deleting the job's queues")?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    topo.delete_shared(&ch)
+        .await
+        .context("deleting the shared queues")?;
     let _ = conn.close(200, "floor: cleanup".into()).await;
     Ok(())
 }
@@ -155,9 +191,58 @@ fn persistent() -> BasicProperties {
 }
 
 async fn confirming(conn: &Connection) -> Result<Channel> {
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
     Ok(ch)
+}
+
+async fn consume(ch: &Channel, queue: &str, prefetch: u16) -> Result<Consumer> {
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .with_context(|| format!("setting the prefetch of {queue}"))?;
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .with_context(|| format!("consuming {queue}"))
+}
+
+/// Takes and acks `count` messages.
+async fn drain(mut consumer: Consumer, count: usize, what: &str) -> Result<()> {
+    for i in 0..count {
+        let d = tokio::time::timeout(PATIENCE, consumer.next())
+            .await
+            .with_context(|| {
+                format!("{what}: message {i} of {count} did not come within {PATIENCE:?}")
+            })?
+            .with_context(|| format!("{what}: the consumer was cancelled"))?
+            .with_context(|| format!("{what}: receiving"))?;
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .with_context(|| format!("{what}: acking"))?;
+    }
+    Ok(())
+}
+
+/// The bytes of each block of A and B, in publishing order.
+fn block_sizes(plan: &Plan) -> Vec<u64> {
+    let size = plan.dtype.size() as u64;
+    plan.operand_ids()
+        .into_iter()
+        .map(|b| {
+            let (rows, cols) = match b.side {
+                Side::A => (plan.rows(b.index).len(), plan.depth(b.part).len()),
+                Side::B => (plan.depth(b.part).len(), plan.cols(b.index).len()),
+            };
+            (rows * cols) as u64 * size
+        })
+        .collect()
 }
 
 async fn run(spec: &Spec, topo: &Topology, job: &str) -> Result<Floor> {
@@ -171,67 +256,44 @@ async fn run(spec: &Spec, topo: &Topology, job: &str) -> Result<Floor> {
         gemmq::tiling::Operands::Stream,
     )?;
     let size = plan.dtype.size() as u64;
-    let blocks: Vec<u64> = plan
-        .operand_ids()
-        .into_iter()
-        .map(|b| {
-            let (rows, cols) = match b.side {
-                Side::A => (plan.rows(b.index).len(), plan.depth(b.part).len()),
-                Side::B => (plan.depth(b.part).len(), plan.cols(b.index).len()),
-            };
-            (rows * cols) as u64 * size
-        })
-        .collect();
+    let blocks = block_sizes(&plan);
     let results: Vec<u64> = plan
         .task_ids()
         .map(|t| (plan.rows(t.row).len() * plan.cols(t.col).len()) as u64 * size)
         .collect();
     let largest = blocks.iter().chain(&results).copied().max().unwrap_or(0);
-    let body = vec![0x5au8; largest as usize];
+    let body = std::sync::Arc::new(vec![0x5au8; largest as usize]);
 
     let setup = connect(&spec.amqp_url).await?;
-    let ch = setup.create_channel().await?;
+    let ch = setup.create_channel().await.context("opening a channel")?;
     topo.declare(&ch).await?;
     topo.declare_job(&ch, job).await?;
 
-    // The readers first, so that every block reaches every live queue.
+    // Everyone connected and consuming before the clock starts; the live queues first, so that
+    // every block reaches every one of them.
     let mut readers = Vec::new();
     for r in 0..spec.readers {
         let conn = connect(&spec.amqp_url).await?;
-        let ch = conn.create_channel().await?;
+        let ch = conn.create_channel().await.context("opening a channel")?;
         let queue = topo
             .declare_live_operands(&ch, &format!("floor{r}"), u64::MAX)
             .await?;
-        ch.basic_qos(8, BasicQosOptions::default()).await?;
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let consumer = consume(&ch, &queue, LIVE_PREFETCH).await?;
+        let results_ch = confirming(&conn).await?;
         let share: Vec<u64> = results
             .iter()
             .skip(r)
             .step_by(spec.readers)
             .copied()
             .collect();
-        readers.push((conn, ch, consumer, share));
+        readers.push((conn, consumer, results_ch, share));
     }
     let collector_conn = connect(&spec.amqp_url).await?;
-    let collector_ch = collector_conn.create_channel().await?;
-    collector_ch
-        .basic_qos(16, BasicQosOptions::default())
-        .await?;
-    let mut collected = collector_ch
-        .basic_consume(
-            topo.results_queue(job).as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let collector_ch = collector_conn
+        .create_channel()
+        .await
+        .context("opening a channel")?;
+    let collected = consume(&collector_ch, &topo.results_queue(job), COLLECTOR_PREFETCH).await?;
     let producer_conn = connect(&spec.amqp_url).await?;
     let producer_ch = confirming(&producer_conn).await?;
 
@@ -239,87 +301,63 @@ async fn run(spec: &Spec, topo: &Topology, job: &str) -> Result<Floor> {
     let broker0 = crate::machine::broker_cpu_seconds();
     let t0 = Instant::now();
 
-    let publish = {
-        let (ch, body, blocks) = (producer_ch.clone(), body.clone(), blocks.clone());
+    // Every party at once; the first error ends the floor (dropping the set aborts the rest).
+    let mut parties: JoinSet<Result<Option<Duration>>> = JoinSet::new();
+    {
+        let (body, blocks) = (body.clone(), blocks.clone());
         let (exchange, key) = (topo.operands_exchange(), job.to_string());
-        tokio::spawn(async move {
-            let mut pending = std::collections::VecDeque::new();
-            for len in blocks {
-                let confirm = ch
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body[..len as usize],
-                        persistent(),
-                    )
+        parties.spawn(async move {
+            let mut window = ConfirmWindow::new(producer_ch, DEFAULT_CONFIRM_WINDOW);
+            for (i, len) in blocks.into_iter().enumerate() {
+                let block = &body[..len as usize];
+                window
+                    .publish(&exchange, &key, block, persistent(), format!("block {i}"))
                     .await?;
-                pending.push_back(confirm);
-                if pending.len() >= CONFIRM_WINDOW
-                    && let Some(c) = pending.pop_front()
-                {
-                    c.await?;
-                }
             }
-            for c in pending {
-                c.await?;
-            }
-            anyhow::Ok(t0.elapsed())
-        })
-    };
-    let mut tasks = Vec::new();
-    for (conn, ch, mut consumer, share) in readers {
-        let n_blocks = blocks.len();
+            window.flush().await?;
+            Ok(Some(t0.elapsed()))
+        });
+    }
+    let n_blocks = blocks.len();
+    let mut connections = vec![setup, collector_conn, producer_conn];
+    for (r, (conn, consumer, results_ch, share)) in readers.into_iter().enumerate() {
+        connections.push(conn);
+        parties.spawn(async move {
+            drain(consumer, n_blocks, &format!("reader {r}'s live queue")).await?;
+            Ok(None)
+        });
         let body = body.clone();
-        let results_ch = confirming(&conn).await?;
         let (exchange, key) = (topo.results_exchange(), job.to_string());
-        let drain = tokio::spawn(async move {
-            for _ in 0..n_blocks {
-                let d = consumer
-                    .next()
-                    .await
-                    .context("a live queue's consumer was cancelled")??;
-                d.acker.ack(BasicAckOptions::default()).await?;
+        parties.spawn(async move {
+            for (i, len) in share.into_iter().enumerate() {
+                let result = &body[..len as usize];
+                let what = format!("reader {r}'s result {i}");
+                publish_confirmed(&results_ch, &exchange, &key, result, persistent(), what).await?;
             }
-            drop(ch);
-            anyhow::Ok(())
+            Ok(None)
         });
-        let send = tokio::spawn(async move {
-            for len in share {
-                results_ch
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body[..len as usize],
-                        persistent(),
-                    )
-                    .await?
-                    .await?;
-            }
-            anyhow::Ok(())
-        });
-        tasks.push((conn, drain, send));
     }
-    for _ in 0..results.len() {
-        let d = tokio::time::timeout(Duration::from_secs(60), collected.next())
-            .await
-            .context("no result for a minute")?
-            .context("the results consumer was cancelled")??;
-        d.acker.ack(BasicAckOptions::default()).await?;
-    }
-    let publish_seconds = publish.await??.as_secs_f64();
-    for (_conn, drain, send) in tasks {
-        drain.await??;
-        send.await??;
+    let n_results = results.len();
+    parties.spawn(async move {
+        drain(collected, n_results, "the results queue").await?;
+        Ok(None)
+    });
+    let mut publish_seconds = None;
+    while let Some(joined) = parties.join_next().await {
+        if let Some(published) = joined.context("a party of the floor panicked")?? {
+            publish_seconds = Some(published.as_secs_f64());
+        }
     }
     let seconds = t0.elapsed().as_secs_f64();
+    for conn in connections {
+        let _ = conn.close(200, "floor: done".into()).await;
+    }
     let broker = crate::machine::broker_cpu_seconds()
         .zip(broker0)
         .map(|(b1, b0)| b1 - b0);
     Ok(Floor {
         seconds,
-        publish_seconds,
+        publish_seconds: publish_seconds.context("the publisher never finished")?,
         broker_cpu_seconds: broker,
         clients_cpu_seconds: crate::reference::cpu_seconds() - cpu0,
         blocks: blocks.len() as u64,
@@ -330,12 +368,56 @@ async fn run(spec: &Spec, topo: &Topology, job: &str) -> Result<Floor> {
     })
 }
 
+/// The least end-to-end time a machine with `cores` cores allows for a job whose floor is
+/// `floor` and whose in-process multiplication took `reference_cpu` core-seconds: the floor's
+/// wall time, or all of that CPU spread perfectly over the cores, whichever is longer.
+pub fn bound(floor: &Floor, reference_cpu: f64, cores: usize) -> Option<f64> {
+    let broker = floor.broker_cpu_seconds?;
+    let cpu = broker + floor.clients_cpu_seconds + reference_cpu;
+    Some(floor.seconds.max(cpu / cores.max(1) as f64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn url() -> String {
         std::env::var("AMQP_URL").unwrap_or_else(|_| gemmq::config::DEFAULT_AMQP_URL.into())
+    }
+
+    fn floor(seconds: f64, broker: Option<f64>, clients: f64) -> Floor {
+        Floor {
+            seconds,
+            publish_seconds: seconds,
+            broker_cpu_seconds: broker,
+            clients_cpu_seconds: clients,
+            blocks: 0,
+            block_bytes: 0,
+            readers: 2,
+            results: 0,
+            result_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn the_bound_is_the_floor_or_all_the_cpu_spread_over_the_cores_whichever_is_longer() {
+        // 1.0 + 0.5 + 1.5 core-seconds on 2 cores: 1.5 s, longer than the 0.9 s floor.
+        assert_eq!(bound(&floor(0.9, Some(1.0), 0.5), 1.5, 2), Some(1.5));
+        // On 8 cores the same CPU takes 0.375 s: the floor's own wall time bounds the job.
+        assert_eq!(bound(&floor(0.9, Some(1.0), 0.5), 1.5, 8), Some(0.9));
+        // Without the broker's CPU (no /proc, or a remote broker) there is no bound to give.
+        assert_eq!(bound(&floor(0.9, None, 0.5), 1.5, 2), None);
+    }
+
+    #[test]
+    fn a_job_whose_blocks_overflow_a_live_queue_gets_no_floor() {
+        use gemmq::tiling::Operands;
+        let plan = |n, tile| {
+            Plan::with_operands(n, n, n, DType::F64, tile, 16 << 20, Operands::Stream).unwrap()
+        };
+        // 4096² f64: A and B are exactly 256 MiB, what a live queue holds.
+        assert_eq!(unmeasurable(&plan(4096, 448)), None);
+        assert!(unmeasurable(&plan(4608, 256)).is_some_and(|why| why.contains("324 MiB")));
     }
 
     #[tokio::test]
@@ -358,7 +440,6 @@ mod tests {
         assert_eq!((floor.blocks, floor.results), (8, 16));
         assert_eq!(floor.block_bytes, 2 * 200 * 200 * 4);
         assert_eq!(floor.result_bytes, 200 * 200 * 4);
-        assert!(floor.publish_seconds <= floor.seconds);
 
         let conn = connect(&spec.amqp_url).await.unwrap();
         for q in [

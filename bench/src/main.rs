@@ -72,8 +72,8 @@ struct Cli {
     #[arg(long)]
     no_small: bool,
     /// Skip the broker's floor: before each large job (streamed operands) the bench sends the
-    /// job's bytes through the broker with nothing computed, the least time any job on this
-    /// topology can take
+    /// job's bytes through the broker with nothing computed, an estimate of the least time a job
+    /// on this topology takes
     #[arg(long)]
     no_floor: bool,
     /// Run every job this many times (each after its own reference) and report the median and
@@ -199,9 +199,9 @@ struct Run {
     /// The job's bytes through the broker alone, nothing computed (large jobs with streamed
     /// operands, unless --no-floor).
     floor: Option<floor::Floor>,
-    /// floor / reference best: the smallest e2e / reference this topology allows.
+    /// floor / reference best: an estimate of the smallest e2e / reference on this topology.
     ratio_floor_to_reference: Option<f64>,
-    /// The least e2e this machine allows with the floor's traffic and the reference's
+    /// An estimate of the least e2e this machine allows with the floor's traffic and the reference's
     /// multiplication sharing its cores: the floor's wall time, or the floor's CPU (broker and
     /// clients) plus the reference's CPU spread perfectly over every core, whichever is longer.
     bound_seconds: Option<f64>,
@@ -703,6 +703,89 @@ fn remove_outputs(out: &Path) {
     }
 }
 
+/// Measures the broker's floor for `spec` and the bound it implies, then waits for the machine
+/// to settle (the broker deletes the floor's stream, the kernel writes it back) before the job.
+/// A floor that cannot be measured is a warning: the job is still worth running.
+fn floor(
+    cli: &Cli,
+    spec: &Spec,
+    ns: &str,
+    max_message_bytes: u64,
+    reference: &reference::Reference,
+    run: &mut Run,
+) {
+    let operands = Operands::Stream;
+    let tile = spec.tile.unwrap_or_else(|| {
+        gemmq::tiling::auto_tile(
+            spec.n,
+            spec.n,
+            spec.n,
+            spec.dtype,
+            max_message_bytes,
+            operands,
+        )
+    });
+    let plan = Plan::with_operands(
+        spec.n,
+        spec.n,
+        spec.n,
+        spec.dtype,
+        tile,
+        max_message_bytes,
+        operands,
+    );
+    let why_not = match &plan {
+        Ok(plan) => floor::unmeasurable(plan),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = why_not {
+        eprintln!("   floor: not measured: {why}");
+        return;
+    }
+    eprintln!(
+        "   floor: the job's bytes through the broker alone (tile {tile}, {} live queues), nothing computed",
+        cli.consumers
+    );
+    let measured = floor::measure(&floor::Spec {
+        amqp_url: cli.amqp_url.clone(),
+        namespace: format!("{ns}-floor"),
+        n: spec.n,
+        dtype: spec.dtype,
+        tile,
+        max_message_bytes,
+        readers: cli.consumers,
+    });
+    let f = match measured {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("   floor: not measured: {e:#}");
+            return;
+        }
+    };
+    eprintln!(
+        "   floor: {:.2} s = {:.2}× the reference (blocks confirmed after {:.2} s; RabbitMQ {} core-s, clients {:.2})",
+        f.seconds,
+        f.seconds / reference.best_seconds,
+        f.publish_seconds,
+        f.broker_cpu_seconds
+            .map_or("?".into(), |c| format!("{c:.2}")),
+        f.clients_cpu_seconds
+    );
+    run.ratio_floor_to_reference = Some(f.seconds / reference.best_seconds);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let reference_cpu = reference.best_seconds * reference.cpu_per_wall;
+    if let Some(bound) = floor::bound(&f, reference_cpu, cores) {
+        eprintln!(
+            "   bound: {bound:.2} s = {:.2}× the reference (the floor's and the reference's CPU on {cores} cores)",
+            bound / reference.best_seconds
+        );
+        run.bound_seconds = Some(bound);
+        run.ratio_bound_to_reference = Some(bound / reference.best_seconds);
+    }
+    run.floor = Some(f);
+    machine::wait_idle(cli.wait_idle, IDLE_CORES);
+}
+
 fn job(
     cli: &Cli,
     spec: &Spec,
@@ -754,52 +837,7 @@ fn job(
     );
     let operands = cli.operands.unwrap_or_default();
     if !spec.small_tasks && !cli.no_floor && operands == Operands::Stream {
-        let tile = spec.tile.unwrap_or_else(|| {
-            gemmq::tiling::auto_tile(
-                spec.n,
-                spec.n,
-                spec.n,
-                spec.dtype,
-                max_message_bytes,
-                operands,
-            )
-        });
-        eprintln!(
-            "   floor: the job's bytes through the broker alone (tile {tile}, {} live queues), nothing computed",
-            cli.consumers
-        );
-        let f = floor::measure(&floor::Spec {
-            amqp_url: cli.amqp_url.clone(),
-            namespace: format!("{ns}-floor"),
-            n: spec.n,
-            dtype: spec.dtype,
-            tile,
-            max_message_bytes,
-            readers: cli.consumers,
-        })?;
-        eprintln!(
-            "   floor: {:.2} s = {:.2}× the reference (blocks confirmed after {:.2} s; RabbitMQ {} core-s, clients {:.2})",
-            f.seconds,
-            f.seconds / reference.best_seconds,
-            f.publish_seconds,
-            f.broker_cpu_seconds
-                .map_or("?".into(), |c| format!("{c:.2}")),
-            f.clients_cpu_seconds
-        );
-        run.ratio_floor_to_reference = Some(f.seconds / reference.best_seconds);
-        if let Some(broker) = f.broker_cpu_seconds {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-            let cpu =
-                broker + f.clients_cpu_seconds + reference.best_seconds * reference.cpu_per_wall;
-            let bound = f.seconds.max(cpu / cores);
-            eprintln!(
-                "   bound: {bound:.2} s = {:.2}× the reference (the floor's and the reference's CPU on {cores} cores)",
-                bound / reference.best_seconds
-            );
-            run.bound_seconds = Some(bound);
-            run.ratio_bound_to_reference = Some(bound / reference.best_seconds);
-        }
-        run.floor = Some(f);
+        floor(cli, spec, ns, max_message_bytes, &reference, run);
     }
     run.reference = Some(reference);
     eprintln!(
@@ -1295,7 +1333,7 @@ fn print_table(r: &Report) {
     }
     let _ = writeln!(
         out,
-        "floor s: the job's bytes through the broker alone, nothing computed (the least time any job on this topology can take), fl/ref: floor / reference (the smallest e2e/ref this machine allows), fl rmq: RabbitMQ's CPU during the floor; bnd/ref: the least e2e/ref this machine allows — the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
+        "floor s: the job's bytes through the broker alone, nothing computed (an estimate of the least time a job on this topology takes), fl/ref: floor / reference, fl rmq: RabbitMQ's CPU during the floor; bnd/ref: bound / reference, where the bound is the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer (an estimate of the least e2e the machine allows)\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
     );
     let _ = writeln!(
         out,

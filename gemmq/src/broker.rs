@@ -273,6 +273,10 @@ pub fn retry_pauses() -> impl Iterator<Item = Duration> {
         .build()
 }
 
+/// The producer's confirm window: enough unconfirmed messages to keep a local link busy while
+/// the broker writes them to disk.
+pub const DEFAULT_CONFIRM_WINDOW: usize = 256;
+
 /// Publishes with at most `limit` confirms outstanding.
 pub struct ConfirmWindow {
     ch: Channel,

@@ -151,7 +151,9 @@ impl Settings {
         };
         let job_id = o.job_id.unwrap_or_else(new_job_id);
         topology::check_name("job-id", &job_id)?;
-        let confirm_window = o.confirm_window.unwrap_or(256);
+        let confirm_window = o
+            .confirm_window
+            .unwrap_or(gemmq::broker::DEFAULT_CONFIRM_WINDOW);
         if confirm_window == 0 {
             return Err(ConfigError::invalid("confirm-window", "must be at least 1"));
         }
