@@ -703,6 +703,17 @@ fn remove_outputs(out: &Path) {
     }
 }
 
+/// The plan of `spec`'s square job as the producer cuts it, with tiles of side `tile`.
+fn square_plan(
+    spec: &Spec,
+    tile: u64,
+    max_message_bytes: u64,
+    operands: Operands,
+) -> Result<Plan, gemmq::tiling::TilingError> {
+    let n = spec.n;
+    Plan::with_operands(n, n, n, spec.dtype, tile, max_message_bytes, operands)
+}
+
 /// Measures the broker's floor for `spec` and the bound it implies, then waits for the machine
 /// to settle (the broker deletes the floor's stream, the kernel writes it back) before the job.
 /// A floor that cannot be measured is a warning: the job is still worth running.
@@ -725,15 +736,7 @@ fn floor(
             operands,
         )
     });
-    let plan = Plan::with_operands(
-        spec.n,
-        spec.n,
-        spec.n,
-        spec.dtype,
-        tile,
-        max_message_bytes,
-        operands,
-    );
+    let plan = square_plan(spec, tile, max_message_bytes, operands);
     let why_not = match &plan {
         Ok(plan) => floor::unmeasurable(plan),
         Err(e) => Some(e.to_string()),
@@ -1060,15 +1063,7 @@ fn job(
     let tile = get_u("tile")?;
     let k_parts = get_u("k_parts")? as u32;
     let tasks = get_u("tasks")?;
-    let plan = Plan::with_operands(
-        spec.n,
-        spec.n,
-        spec.n,
-        spec.dtype,
-        tile,
-        max_message_bytes,
-        operands,
-    )?;
+    let plan = square_plan(spec, tile, max_message_bytes, operands)?;
     if plan.parts() != k_parts || plan.tasks() != tasks {
         eprintln!(
             "warning: summary.json's plan ({tasks} tasks, {k_parts} k-parts) differs from the bench's ({} tasks, {} k-parts)",
