@@ -717,7 +717,7 @@ fn square_plan(
 /// Measures the broker's floor for `spec` and the bound it implies, then waits for the machine
 /// to settle (the broker deletes the floor's stream, the kernel writes it back) before the job.
 /// A floor that cannot be measured is a warning: the job is still worth running.
-fn floor(
+fn measure_floor(
     cli: &Cli,
     spec: &Spec,
     ns: &str,
@@ -840,7 +840,7 @@ fn job(
     );
     let operands = cli.operands.unwrap_or_default();
     if !spec.small_tasks && !cli.no_floor && operands == Operands::Stream {
-        floor(cli, spec, ns, max_message_bytes, &reference, run);
+        measure_floor(cli, spec, ns, max_message_bytes, &reference, run);
     }
     run.reference = Some(reference);
     eprintln!(
