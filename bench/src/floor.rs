@@ -20,13 +20,12 @@
 //!
 //! It is a measurement, not a theorem: it varies from run to run as the job does, and a client
 //! leaner than lapin could move the same bytes with less CPU. It runs in a child process
-//! (`gemmq-bench __floor ...`) for the reason the reference does: Linux carries a parent's peak
-//! RSS into the `ru_maxrss` of the children it spawns afterwards.
+//! (`gemmq-bench __floor ...`, see [`crate::child`]).
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use gemmq::broker::{ConfirmWindow, DEFAULT_CONFIRM_WINDOW, publish_confirmed};
 use gemmq::message::Side;
@@ -96,16 +95,8 @@ pub fn unmeasurable(plan: &Plan) -> Option<String> {
 
 /// Measures the floor in a child process.
 pub fn measure(spec: &Spec) -> Result<Floor> {
-    let exe = std::env::current_exe().context("finding the bench binary")?;
-    let out = Command::new(exe)
-        .args([SUBCOMMAND, &serde_json::to_string(spec)?])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running the floor")?;
-    if !out.status.success() {
-        bail!("the floor process failed ({})", out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("reading the floor's result")
+    let args = [SUBCOMMAND.to_string(), serde_json::to_string(spec)?];
+    crate::child::run("floor", &args, &[])
 }
 
 /// `gemmq-bench __floor SPEC_JSON`: prints a [`Floor`] as JSON.
@@ -140,8 +131,11 @@ pub fn child_main() -> ExitCode {
     let result = rt.block_on(async {
         let measured = tokio::time::timeout(Duration::from_secs(300), run(&spec, &topo, job)).await;
         // Whatever happened, leave no queues behind (the stream holds the job's A and B).
-        match tokio::time::timeout(Duration::from_secs(30), cleanup(&spec.amqp_url, &topo, job))
-            .await
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            crate::cleanup(&spec.amqp_url, &spec.namespace, job),
+        )
+        .await
         {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("floor: deleting namespace {}: {e:#}", spec.namespace),
@@ -171,20 +165,6 @@ async fn connect(url: &str) -> Result<Connection> {
     Connection::connect(url, ConnectionProperties::default())
         .await
         .context("connecting to RabbitMQ")
-}
-
-async fn cleanup(url: &str, topo: &Topology, job: &str) -> Result<()> {
-    let conn = connect(url).await?;
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    topo.delete_job(&ch, job)
-        .await
-        .context("deleting the job's queues")?;
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    topo.delete_shared(&ch)
-        .await
-        .context("deleting the shared queues")?;
-    let _ = conn.close(200, "floor: cleanup".into()).await;
-    Ok(())
 }
 
 fn persistent() -> BasicProperties {
@@ -435,7 +415,7 @@ mod tests {
         };
         let topo = Topology::new(&ns, Duration::from_secs(2));
         let floor = run(&spec, &topo, "floor").await.unwrap();
-        cleanup(&spec.amqp_url, &topo, "floor").await.unwrap();
+        crate::cleanup(&spec.amqp_url, &ns, "floor").await.unwrap();
 
         // 4 block-rows of A and 4 block-columns of B (200 = 3 × 64 + 8), one 200-deep block each.
         assert_eq!((floor.blocks, floor.results), (8, 16));

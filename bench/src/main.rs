@@ -12,6 +12,7 @@
 //! logs and summary.json stay in `target/bench/<namespace>/`.
 
 mod bytes;
+mod child;
 mod floor;
 mod machine;
 mod procs;

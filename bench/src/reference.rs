@@ -7,15 +7,13 @@
 //! AVX-512 machine gemm is about twice as fast; on an AVX2 one they are close. Reporting only the
 //! kernel the workers use would flatter gemmq wherever the other is faster.
 //!
-//! It runs in a child process of the bench (`gemmq-bench __reference ...`), for two reasons:
-//! matrixmultiply reads MATMUL_NUM_THREADS once per process, and Linux carries a parent's peak
-//! RSS into the `ru_maxrss` of the children it spawns afterwards, so the bench itself must never
-//! hold the large matrices.
+//! It runs in a child process of the bench (`gemmq-bench __reference ...`, see [`crate::child`]),
+//! also because matrixmultiply reads MATMUL_NUM_THREADS once per process.
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use gemmq::DType;
 use gemmq::kernel::{self, Threads};
 use gemmq::matrix::{self, Matrix};
@@ -63,24 +61,19 @@ pub(crate) fn cpu_seconds() -> f64 {
 
 /// Measures the reference in a child process with `threads` threads per kernel.
 pub fn measure(n: u64, dtype: DType, seed: u64, runs: usize, threads: usize) -> Result<Reference> {
-    let exe = std::env::current_exe().context("finding the bench binary")?;
-    let out = Command::new(exe)
-        .args([
-            SUBCOMMAND.to_string(),
-            n.to_string(),
-            dtype.to_string(),
-            seed.to_string(),
-            runs.to_string(),
-            threads.to_string(),
-        ])
-        .env("MATMUL_NUM_THREADS", threads.to_string())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running the reference")?;
-    if !out.status.success() {
-        bail!("the reference process failed ({})", out.status);
-    }
-    serde_json::from_slice(&out.stdout).context("reading the reference's result")
+    let args = [
+        SUBCOMMAND.to_string(),
+        n.to_string(),
+        dtype.to_string(),
+        seed.to_string(),
+        runs.to_string(),
+        threads.to_string(),
+    ];
+    crate::child::run(
+        "reference",
+        &args,
+        &[("MATMUL_NUM_THREADS", threads.to_string())],
+    )
 }
 
 /// `gemmq-bench __reference N DTYPE SEED RUNS THREADS`: prints a [`Reference`] as JSON.
