@@ -36,54 +36,7 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// GET a path of RabbitMQ's management API (`/api/...`) as JSON; None when it does not answer.
-pub fn management_get(
-    management_url: &str,
-    user: &str,
-    pass: &str,
-    path: &str,
-) -> Option<serde_json::Value> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into();
-    let auth = format!("Basic {}", base64(&format!("{user}:{pass}")));
-    agent
-        .get(&format!("{}{path}", management_url.trim_end_matches('/')))
-        .header("Authorization", &auth)
-        .call()
-        .ok()?
-        .into_body()
-        .read_json()
-        .ok()
-}
-
-/// RabbitMQ's version from the management API (`/api/overview`), if it answers.
-fn rabbitmq_version(management_url: &str, user: &str, pass: &str) -> Option<String> {
-    let v = management_get(management_url, user, pass, "/api/overview")?;
-    v["rabbitmq_version"].as_str().map(str::to_string)
-}
-
-fn base64(s: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = s.as_bytes();
-    let mut out = String::new();
-    for chunk in b.chunks(3) {
-        let n = (chunk[0] as u32) << 16
-            | (*chunk.get(1).unwrap_or(&0) as u32) << 8
-            | *chunk.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-pub fn describe(management_url: &str, user: &str, pass: &str) -> Machine {
+pub fn describe(management: &gemmq::management::Management) -> Machine {
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -108,8 +61,9 @@ pub fn describe(management_url: &str, user: &str, pass: &str) -> Machine {
         cpu_model,
         mem_total_gib: (mem_total_gib * 10.0).round() / 10.0,
         kernel: run("uname", &["-sr"]).unwrap_or_else(|| "unknown".into()),
-        rabbitmq_version: rabbitmq_version(management_url, user, pass)
-            .unwrap_or_else(|| "unknown (management API did not answer)".into()),
+        rabbitmq_version: management
+            .rabbitmq_version()
+            .unwrap_or_else(|e| format!("unknown ({e})")),
         rustc_version: run(&rustc, &["--version"]).unwrap_or_else(|| "unknown".into()),
         date_utc: run("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]).unwrap_or_else(|| "unknown".into()),
         git_commit: run("git", &["rev-parse", "--short", "HEAD"])
@@ -218,15 +172,5 @@ pub fn wait_idle(max: Duration, cores: f64) -> IdleWait {
                 idle,
             };
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_the_guest_header() {
-        assert_eq!(super::base64("guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
-        assert_eq!(super::base64("ab"), "YWI=");
-        assert_eq!(super::base64("abc"), "YWJj");
     }
 }

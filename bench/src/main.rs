@@ -105,9 +105,10 @@ struct Cli {
     /// The broker
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
     amqp_url: String,
-    /// RabbitMQ's management API, for its version only
-    #[arg(long, default_value = "http://127.0.0.1:15672")]
-    management_url: String,
+    /// RabbitMQ's management API, for its version and the bytes sent to the consumers
+    /// [default: http://<AMQP host>:15672, with the AMQP URL's account]
+    #[arg(long, env = "GEMMQ_MANAGEMENT_URL", value_name = "URL")]
+    management_url: Option<String>,
     /// Threads of the in-process reference (each kernel's: matrixmultiply's MATMUL_NUM_THREADS,
     /// at most 4, and gemm's rayon pool)
     #[arg(long, default_value_t = 2)]
@@ -280,28 +281,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
-fn credentials(url: &str) -> (String, String) {
-    let creds = url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.rsplit_once('@'))
-        .map(|(c, _)| c);
-    match creds.and_then(|c| c.split_once(':')) {
-        Some((u, p)) => (u.to_string(), p.to_string()),
-        None => ("guest".into(), "guest".into()),
-    }
-}
-
 /// Fails with advice when the broker does not answer.
 async fn check_broker(url: &str) -> Result<()> {
     let connect = lapin::Connection::connect(url, lapin::ConnectionProperties::default());
@@ -312,11 +291,11 @@ async fn check_broker(url: &str) -> Result<()> {
         }
         Ok(Err(e)) => bail!(
             "RabbitMQ is not reachable at {}: {e}. Start it (`rabbitmq-server -detached`, or `docker run -d -p 5672:5672 -p 15672:15672 rabbitmq:4-management`) or point --amqp-url / AMQP_URL at one",
-            redact(url)
+            gemmq::config::redact_url(url)
         ),
         Err(_) => bail!(
             "RabbitMQ at {} did not answer within 10 s; is it running?",
-            redact(url)
+            gemmq::config::redact_url(url)
         ),
     }
 }
@@ -507,13 +486,15 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             .collect();
     }
 
-    let (user, pass) = credentials(&cli.amqp_url);
+    let management =
+        gemmq::management::Management::new(&cli.amqp_url, cli.management_url.as_deref())
+            .context("--management-url")?;
     let mut report = Report {
         command: std::iter::once("cargo run --release -p gemmq-bench --".to_string())
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" "),
-        machine: machine::describe(&cli.management_url, &user, &pass),
+        machine: machine::describe(&management),
         consumers: cli.consumers,
         warm: cli.warm,
         reference_threads: cli.reference_threads,
@@ -1159,13 +1140,14 @@ const MANAGEMENT_REFRESH: Duration = Duration::from_secs(11);
 /// Bytes the broker sent to and received from these consumers' connections (management API
 /// `send_oct`, `recv_oct`), read once the figures have caught up with the finished job.
 fn consumer_traffic(cli: &Cli, consumers: &[Proc]) -> Option<(u64, u64)> {
-    let (user, pass) = credentials(&cli.amqp_url);
+    let management =
+        gemmq::management::Management::new(&cli.amqp_url, cli.management_url.as_deref()).ok()?;
     let names: Vec<String> = consumers
         .iter()
         .map(|c| format!("gemmq-consumer {}", c.name))
         .collect();
     let read = || -> Option<(u64, u64, usize)> {
-        let conns = machine::management_get(&cli.management_url, &user, &pass, "/api/connections")?;
+        let conns = management.get("/api/connections").ok()?;
         let (mut sent, mut recv, mut found) = (0, 0, 0);
         for c in conns.as_array()? {
             let name = c["client_properties"]["connection_name"]

@@ -10,11 +10,11 @@ use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use base64::prelude::{BASE64_STANDARD, Engine};
 use futures_util::StreamExt;
 use gemmq::broker::Broker;
 use gemmq::config::{BrokerSettings, CommonArgs};
 use gemmq::events::{self, WorkerStatus};
+use gemmq::management::Management;
 use gemmq::shutdown::CancellationToken;
 use lapin::Consumer;
 use serde::{Deserialize, Serialize};
@@ -120,32 +120,6 @@ impl Watcher {
     }
 }
 
-/// Where the management API is and how to log in, from the flags or the AMQP URL.
-fn management(
-    broker: &BrokerSettings,
-    url: Option<&str>,
-) -> Result<(String, String, String, String)> {
-    let uri: lapin::uri::AMQPUri = broker
-        .amqp_url
-        .parse()
-        .map_err(|e| anyhow::anyhow!("cannot parse AMQP_URL: {e}"))?;
-    let base = url
-        .map(|u| u.trim_end_matches('/').to_string())
-        .unwrap_or_else(|| format!("http://{}:15672", uri.authority.host));
-    let vhost = if uri.vhost.is_empty() {
-        "/".to_string()
-    } else {
-        uri.vhost.clone()
-    };
-    let info = uri.authority.userinfo;
-    Ok((
-        base,
-        info.username,
-        info.password,
-        vhost.replace('/', "%2F"),
-    ))
-}
-
 fn purpose(ns: &str, name: &str) -> String {
     let rest = name
         .strip_prefix(ns)
@@ -183,21 +157,13 @@ pub async fn queue_figures(
     broker: &BrokerSettings,
     url: Option<&str>,
 ) -> Result<Vec<QueueFigures>> {
-    let (base, user, pass, vhost) = management(broker, url)?;
+    let management = Management::new(&broker.amqp_url, url)?;
     let ns = broker.namespace.clone();
     tokio::task::spawn_blocking(move || -> Result<Vec<QueueFigures>> {
-        let url = format!("{base}/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers");
-        let auth = format!("Basic {}", BASE64_STANDARD.encode(format!("{user}:{pass}")));
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        let mut resp = agent
-            .get(&url)
-            .header("Authorization", &auth)
-            .call()
-            .with_context(|| format!("GET {base}/api/queues (is the management plugin enabled? `rabbitmq-plugins enable rabbitmq_management`)"))?;
-        let all: Vec<QueueFigures> = resp.body_mut().read_json().context("reading the management API's answer")?;
+        let all: Vec<QueueFigures> = management.get_as(&format!(
+            "/api/queues/{}?columns=name,messages_ready,messages_unacknowledged,consumers",
+            management.vhost()
+        ))?;
         let prefix = format!("{ns}.");
         Ok(all
             .into_iter()

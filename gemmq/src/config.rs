@@ -223,21 +223,21 @@ impl BrokerOptions {
     }
 }
 
+/// A URL (AMQP or HTTP) with its password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = url[scheme + 3..at].split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl BrokerSettings {
     /// The URL with its password replaced, for logs.
     pub fn redacted_url(&self) -> String {
-        match (self.amqp_url.find("://"), self.amqp_url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let userinfo = &self.amqp_url[scheme + 3..at];
-                let user = userinfo.split(':').next().unwrap_or("");
-                format!(
-                    "{}{user}:***{}",
-                    &self.amqp_url[..scheme + 3],
-                    &self.amqp_url[at..]
-                )
-            }
-            _ => self.amqp_url.clone(),
-        }
+        redact_url(&self.amqp_url)
     }
 
     pub fn topology(&self) -> crate::Topology {

@@ -31,6 +31,7 @@ pub mod config;
 pub mod events;
 pub mod job;
 pub mod kernel;
+pub mod management;
 pub mod matrix;
 pub mod message;
 pub mod shutdown;
