@@ -269,9 +269,7 @@ struct TempUser(&'static str);
 
 impl Drop for TempUser {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["delete_user", self.0])
-            .output();
+        let _ = common::broker::rabbitmqctl(&["delete_user", self.0]);
     }
 }
 
@@ -302,14 +300,7 @@ fn run_for(mut cmd: std::process::Command, limit: Duration) -> (Option<i32>, Str
 
 #[test]
 fn a_user_who_may_not_declare_the_topology_is_told_how_to_fix_it_and_nothing_retries_forever() {
-    let ctl = |args: &[&str]| {
-        std::process::Command::new("rabbitmqctl")
-            .args(args)
-            .output()
-            .expect("rabbitmqctl runs (RabbitMQ on this machine)")
-            .status
-            .success()
-    };
+    let ctl = common::broker::rabbitmqctl_ok;
     let user = TempUser("gemmq-test-no-configure");
     let _ = ctl(&["delete_user", user.0]);
     assert!(ctl(&["add_user", user.0, "pw"]));
@@ -323,7 +314,7 @@ fn a_user_who_may_not_declare_the_topology_is_told_how_to_fix_it_and_nothing_ret
         ".*",
         ".*"
     ]));
-    let url = format!("amqp://{}:pw@127.0.0.1:5672/%2f", user.0);
+    let url = common::broker::amqp_url_as(user.0, "pw");
     let ns = format!("t-perm-{}", std::process::id());
     for (program, args) in [
         ("gemmq-producer", &["--m", "8", "--k", "8", "--n", "8"][..]),

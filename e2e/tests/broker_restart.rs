@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Env;
@@ -12,11 +11,10 @@ use gemmq_collector::Status;
 const TOLERANCE: f64 = 1e-10;
 
 fn rabbitmqctl(args: &[&str]) {
-    let ok = Command::new("rabbitmqctl")
-        .args(args)
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "rabbitmqctl {args:?} failed");
+    assert!(
+        common::broker::rabbitmqctl_ok(args),
+        "rabbitmqctl {args:?} failed (GEMMQ_TEST_RABBITMQCTL names the command)"
+    );
 }
 
 /// Starts the broker again even if the test fails while it is stopped.
@@ -24,7 +22,7 @@ struct Restart;
 
 impl Drop for Restart {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").status();
+        let _ = common::broker::rabbitmqctl(&["start_app"]);
     }
 }
 

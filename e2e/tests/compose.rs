@@ -131,6 +131,24 @@ fn interpolations(text: &str) -> Vec<(String, String)> {
     out
 }
 
+/// A Compose string as it is with none of its variables set: `${NAME:-default}` becomes
+/// `default` (the other forms are left as they are).
+fn with_defaults(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        let end = after.find('}').expect("an interpolation is closed by }");
+        match after[..end].split_once(":-") {
+            Some((_, default)) => out.push_str(default),
+            None => out.push_str(&rest[at..at + 2 + end + 1]),
+        }
+        rest = &after[end + 1..];
+    }
+    out + rest
+}
+
 /// Every `GEMMQ_*` name and `AMQP_URL` in a text.
 fn variable_names(text: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
@@ -355,7 +373,7 @@ fn ports_are_published_on_localhost_only() {
             let host_ip = match port {
                 Value::Mapping(_) => port.get("host_ip").map(string).unwrap_or_default(),
                 other => {
-                    let s = string(other);
+                    let s = with_defaults(&string(other));
                     // host_ip:published:target; anything shorter binds every interface.
                     let parts: Vec<&str> = s.split(':').collect();
                     if parts.len() == 3 {
@@ -381,7 +399,7 @@ fn ports_are_published_on_localhost_only() {
         .and_then(Value::as_sequence)
         .unwrap()
         .iter()
-        .map(string)
+        .map(|p| with_defaults(&string(p)))
         .collect();
     assert!(ports.iter().any(|p| p.ends_with(":5672")), "{ports:?}");
     assert!(ports.iter().any(|p| p.ends_with(":15672")), "{ports:?}");
@@ -486,11 +504,11 @@ fn every_interpolated_variable_has_a_value() {
 #[test]
 fn the_broker_image_is_a_pinned_4x_management_tag() {
     let c = compose();
-    let image = string(
+    let image = with_defaults(&string(
         service(&c, "rabbitmq")
             .get("image")
             .expect("rabbitmq has an image"),
-    );
+    ));
     let tag = image
         .split('@')
         .next()

@@ -99,9 +99,13 @@ async fn a_killed_worker_drops_out_within_three_heartbeats_and_a_stopped_one_at_
     let _c = worker(&env, "newcomer", "10");
     watch.pump(Duration::from_secs(2)).await.unwrap();
     assert_eq!(names(&watch), ["newcomer"]);
-    let snap = status::snapshot(&env.broker, Duration::from_millis(800), None)
-        .await
-        .unwrap();
+    let snap = status::snapshot(
+        &env.broker,
+        Duration::from_millis(800),
+        common::broker::management_url().as_deref(),
+    )
+    .await
+    .unwrap();
     assert_eq!(snap.workers.len(), 1);
     env.cleanup(&[]).await;
 }

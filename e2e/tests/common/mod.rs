@@ -13,7 +13,7 @@ use gemmq::shutdown::CancellationToken;
 use gemmq::{DType, Topology};
 use tokio::task::JoinHandle;
 
-pub const MGMT: &str = "http://127.0.0.1:15672/api";
+pub mod broker;
 
 pub struct Env {
     pub ns: String,
@@ -30,35 +30,7 @@ impl Drop for Env {
     /// namespace goes here, through the management API, however the test ended.
     fn drop(&mut self) {
         self.stop.cancel();
-        let prefix = format!("{}.", self.ns);
-        let call = |method: &str, path: &str| {
-            let url = format!("{MGMT}{path}");
-            let auth = ("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=");
-            match method {
-                "DELETE" => ureq::delete(&url)
-                    .header(auth.0, auth.1)
-                    .call()
-                    .ok()
-                    .map(|_| serde_json::Value::Null),
-                _ => ureq::get(&url)
-                    .header(auth.0, auth.1)
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_body().read_json().ok()),
-            }
-        };
-        for kind in ["queues", "exchanges"] {
-            let Some(serde_json::Value::Array(items)) =
-                call("GET", &format!("/{kind}/%2F?columns=name"))
-            else {
-                continue;
-            };
-            for name in items.iter().filter_map(|q| q["name"].as_str()) {
-                if name.starts_with(&prefix) {
-                    let _ = call("DELETE", &format!("/{kind}/%2F/{name}"));
-                }
-            }
-        }
+        let _ = broker::management().delete_prefixed(&format!("{}.", self.ns));
     }
 }
 
@@ -229,26 +201,17 @@ pub async fn run_job_with(
     (receipt, summary)
 }
 
-/// GET from the management API as guest; `None` for an error (a 404 for what does not exist yet).
+/// GET `/api{path}` from the test broker's management API; `None` for an error (a 404 for
+/// what does not exist yet).
 pub fn try_mgmt(path: &str) -> Option<serde_json::Value> {
-    ureq::get(&format!("{MGMT}{path}"))
-        .header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
-        .call()
-        .ok()?
-        .into_body()
-        .read_json()
-        .ok()
+    broker::management().get(&format!("/api{path}")).ok()
 }
 
-/// GET from the management API as guest.
+/// GET `/api{path}` from the test broker's management API.
 pub fn mgmt(path: &str) -> serde_json::Value {
-    let resp = ureq::get(&format!("{MGMT}{path}"))
-        .header("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
-        .call()
-        .unwrap_or_else(|e| panic!("management API {path}: {e}; enable it with `rabbitmq-plugins enable rabbitmq_management`"));
-    resp.into_body()
-        .read_json()
-        .expect("management API returns JSON")
+    broker::management()
+        .get(&format!("/api{path}"))
+        .unwrap_or_else(|e| panic!("management API {path}: {e}"))
 }
 
 /// Waits until `n` live operand queues are bound to the namespace's operands exchange: the
