@@ -208,7 +208,8 @@ async fn declare_topology(broker: &Broker, topo: &Topology) -> Result<Channel> {
 
 /// Collects one job until it is finished (or `shutdown`), then writes and reports.
 pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
-    let broker = Broker::new(&s.broker, &format!("gemmq-collector {}", s.collector_id))?;
+    let broker = Broker::new(&s.broker, &format!("gemmq-collector {}", s.collector_id))?
+        .with_shutdown(shutdown.clone());
     let topo = s.broker.topology();
     let ch = declare_topology(&broker, &topo).await?;
 

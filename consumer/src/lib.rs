@@ -227,7 +227,8 @@ impl Stats {
 
 /// Serves tasks until `shutdown` is cancelled, reconnecting when the broker goes away.
 pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>> {
-    let broker = Broker::new(&s.broker, &format!("gemmq-consumer {}", s.worker_id))?;
+    let broker = Broker::new(&s.broker, &format!("gemmq-consumer {}", s.worker_id))?
+        .with_shutdown(shutdown.clone());
     let topo = s.broker.topology();
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
@@ -249,7 +250,10 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
                 warn!(parent: &span, error = %format!("{e:#}"), "lost the broker; reconnecting (unacked tasks return to the queue)");
                 // The pool backs off while the broker is down; this keeps a channel that fails
                 // right after connecting from spinning.
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.cancelled() => {}
+                }
             }
             Err(Stop::Lost(_)) => break,
         }
@@ -308,10 +312,12 @@ async fn serve(
     shutdown: &CancellationToken,
     started: Instant,
 ) -> Result<(), Stop> {
-    let conn = broker
-        .connection()
-        .await
-        .map_err(|e: BrokerError| Stop::Fatal(e.into()))?;
+    let conn = match broker.connection().await {
+        Ok(conn) => conn,
+        // Told to stop before the broker came back: nothing is held, nothing to hand back.
+        Err(BrokerError::Interrupted { .. }) => return Ok(()),
+        Err(e) => return Err(Stop::Fatal(e.into())),
+    };
     let topology_failed = |e: gemmq::topology::TopologyError| {
         if e.is_permanent() {
             Stop::Fatal(e.into())

@@ -1,6 +1,7 @@
 //! The consumer binary as a user meets it.
 
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 fn consumer(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gemmq-consumer"))
@@ -45,4 +46,60 @@ fn out_of_range_settings_exit_with_code_2_and_say_why() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// `docker compose down` after the broker has gone: the worker is retrying its connection and
+/// must stop on SIGTERM now, not when the connect timeout runs out (Docker would kill it first).
+#[test]
+fn sigterm_stops_a_worker_that_is_waiting_for_the_broker() {
+    // A port nothing listens on: every connection is refused and retried with backoff.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemmq-consumer"))
+        .env(
+            "AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )
+        .env("GEMMQ_CONNECT_TIMEOUT", "10m")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    // Long enough for several refused tries (the first backoff is 200 ms).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().expect("the child can be polled").is_none(),
+        "the worker keeps retrying an unreachable broker"
+    );
+    let signalled = Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the child can be polled") {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("the worker was still running 10 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = signalled.elapsed();
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    assert_eq!(status.code(), Some(0), "a clean stop:\n{err}");
+    assert!(
+        took < Duration::from_secs(2),
+        "stopped {took:?} after SIGTERM:\n{err}"
+    );
+    assert!(
+        err.contains("broker unreachable; retrying") && err.contains("worker stopped"),
+        "the log says it was retrying, then that it stopped:\n{err}"
+    );
 }

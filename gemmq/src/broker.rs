@@ -32,6 +32,8 @@ pub enum BrokerError {
         "RabbitMQ at {url} refused the credentials: {message}. Check the user and password in AMQP_URL"
     )]
     AccessRefused { url: String, message: String },
+    #[error("shutdown requested while connecting to RabbitMQ at {url}")]
+    Interrupted { url: String },
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
     #[error("AMQP error: {0}")]
@@ -91,6 +93,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Broker {
     pool: Pool,
     settings: BrokerSettings,
+    /// When cancelled, a connection still being retried gives up at once with
+    /// [`BrokerError::Interrupted`], instead of after the connect timeout: a program told to
+    /// stop while the broker is down stops now.
+    shutdown: Option<crate::shutdown::CancellationToken>,
 }
 
 impl Broker {
@@ -110,7 +116,14 @@ impl Broker {
         Ok(Broker {
             pool,
             settings: settings.clone(),
+            shutdown: None,
         })
+    }
+
+    /// Gives up connecting as soon as `shutdown` is cancelled (see [`BrokerError::Interrupted`]).
+    pub fn with_shutdown(mut self, shutdown: crate::shutdown::CancellationToken) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     pub fn settings(&self) -> &BrokerSettings {
@@ -140,13 +153,19 @@ impl Broker {
                 )),
             }
         };
-        let result = attempt
+        let retried = attempt
             .retry(backoff)
             .when(|e| !is_access_refused(e))
             .notify(|e, wait| {
                 warn!(broker = %url, error = %e, retry_in = ?wait, "broker unreachable; retrying")
-            })
-            .await;
+            });
+        let result = match &self.shutdown {
+            Some(shutdown) => tokio::select! {
+                r = retried => r,
+                _ = shutdown.cancelled() => return Err(BrokerError::Interrupted { url }),
+            },
+            None => retried.await,
+        };
         result.map_err(|message| {
             if is_access_refused(&message) {
                 BrokerError::AccessRefused { url, message }
