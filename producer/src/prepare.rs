@@ -1,0 +1,191 @@
+//! Before anything is published: A and B generated or loaded and checked, the plan, the
+//! verification vectors and the job's manifest. A tile or group that cannot work is refused
+//! here, before gigabytes are generated and before a byte reaches the broker.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use gemmq::config::ConfigError;
+use gemmq::matrix::{self, Matrix};
+use gemmq::message::{self, Inputs, Manifest};
+use gemmq::tiling::GroupSize;
+use gemmq::verify;
+use gemmq::{DType, Plan, TileSize};
+use tracing::info;
+
+use crate::{Settings, Source, unix_ms};
+
+/// A job ready to publish.
+pub(crate) struct Prepared {
+    pub a: Matrix,
+    pub b: Matrix,
+    pub manifest: Manifest,
+    /// Tasks per task message.
+    pub group: usize,
+    /// Task messages.
+    pub messages: u64,
+}
+
+pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
+    let Loaded {
+        a,
+        b,
+        plan,
+        inputs,
+        stamp,
+    } = load(s).await?;
+    if let Some(dir) = &s.save_inputs {
+        save_inputs(dir, &a, &b)?;
+    }
+    let (a, b, check) = verification(a, b).await?;
+    let run = message::run_of(&[
+        s.job_id.as_bytes(),
+        &serde_json::to_vec(&plan).context("describing the plan")?,
+        &serde_json::to_vec(&inputs).context("describing the inputs")?,
+        stamp.as_bytes(),
+    ]);
+    let manifest = Manifest {
+        version: message::VERSION,
+        job: s.job_id.clone(),
+        plan,
+        inputs,
+        created_ms: unix_ms(),
+        run,
+        check,
+    };
+    let group = group_size(s, &manifest.plan)?;
+    let messages = manifest.plan.tasks().div_ceil(group as u64);
+    Ok(Prepared {
+        a,
+        b,
+        manifest,
+        group,
+        messages,
+    })
+}
+
+/// A and B with their plan.
+struct Loaded {
+    a: Matrix,
+    b: Matrix,
+    plan: Plan,
+    inputs: Inputs,
+    /// What, besides the job id, plan and inputs, tells this job's data from another's: for
+    /// files, their sizes and modification times (same paths, new contents: another run).
+    stamp: String,
+}
+
+async fn load(s: &Settings) -> Result<Loaded> {
+    match s.source.clone() {
+        Source::Seed {
+            m,
+            k,
+            n,
+            dtype,
+            seed,
+        } => {
+            // Plan first: a bad tile is reported before gigabytes are generated.
+            let plan = plan_for(s, m, k, n, dtype)?;
+            let (a, b) = tokio::task::spawn_blocking(move || {
+                matrix::generate(m as usize, k as usize, n as usize, dtype, seed)
+            })
+            .await
+            .context("generating A and B")?;
+            Ok(Loaded {
+                a,
+                b,
+                plan,
+                inputs: Inputs::Seed(seed),
+                stamp: String::new(),
+            })
+        }
+        Source::Files { a, b } => {
+            let ma = Matrix::read_npy(&a).map_err(|e| ConfigError::invalid("a", e.to_string()))?;
+            let mb = Matrix::read_npy(&b).map_err(|e| ConfigError::invalid("b", e.to_string()))?;
+            matrix::check_operands(&ma, &mb).map_err(|e| {
+                ConfigError::invalid("inputs", format!("A·B cannot be computed: {e}"))
+            })?;
+            let ((m, k), (_, n)) = (ma.shape(), mb.shape());
+            let plan = plan_for(s, m as u64, k as u64, n as u64, ma.dtype())?;
+            Ok(Loaded {
+                a: ma,
+                b: mb,
+                plan,
+                stamp: file_stamp(&[&a, &b]),
+                inputs: Inputs::Files {
+                    a: a.display().to_string(),
+                    b: b.display().to_string(),
+                },
+            })
+        }
+    }
+}
+
+fn plan_for(s: &Settings, m: u64, k: u64, n: u64, dtype: DType) -> Result<Plan, ConfigError> {
+    let max_bytes = s.broker.max_message_bytes;
+    let tile = match s.tile {
+        TileSize::Fixed(t) => t,
+        TileSize::Auto => gemmq::tiling::auto_tile(m, k, n, dtype, max_bytes, s.operands),
+    };
+    Plan::with_operands(m, k, n, dtype, tile, max_bytes, s.operands)
+        .map_err(|e| ConfigError::invalid("tile", e.to_string()))
+}
+
+/// Each file's size and modification time.
+fn file_stamp(paths: &[&PathBuf]) -> String {
+    let mut stamp = String::new();
+    for path in paths {
+        let meta = std::fs::metadata(path).ok();
+        let len = meta.as_ref().map_or(0, |m| m.len());
+        let modified = meta
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        stamp.push_str(&format!("{len}:{modified};"));
+    }
+    stamp
+}
+
+fn save_inputs(dir: &Path, a: &Matrix, b: &Matrix) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    a.write_npy(&dir.join("A.npy"))?;
+    b.write_npy(&dir.join("B.npy"))?;
+    info!(dir = %dir.display(), "inputs saved as A.npy and B.npy");
+    Ok(())
+}
+
+/// Freivalds' expectation, while A and B are in memory: the collector then needs neither.
+async fn verification(a: Matrix, b: Matrix) -> Result<(Matrix, Matrix, Option<message::Check>)> {
+    let (a, b, check) = tokio::task::spawn_blocking(move || {
+        let tall = a.shape().0 * verify::ROUNDS as usize > verify::MAX_CHECK_VALUES;
+        let check = if tall {
+            Ok(None) // the collector works it out from the seed or the files
+        } else {
+            verify::expect(a.view(), b.view(), verify::ROUNDS, verify::VECTOR_SEED)
+                .map(|e| Some(e.to_check(verify::VECTOR_SEED)))
+        };
+        (a, b, check)
+    })
+    .await
+    .context("computing the verification vectors")?;
+    let check = check.context("computing the verification vectors")?;
+    Ok((a, b, check))
+}
+
+/// Tasks per message: `auto`, or a fixed size whose results fit one message.
+fn group_size(s: &Settings, plan: &Plan) -> Result<usize> {
+    let max_bytes = s.broker.max_message_bytes;
+    let most = gemmq::tiling::max_group(plan, max_bytes);
+    Ok(match s.group {
+        GroupSize::Auto => gemmq::tiling::auto_group(plan, max_bytes),
+        GroupSize::Fixed(g) if g > most => {
+            let tile = plan.tile;
+            return Err(ConfigError::invalid(
+                "group",
+                format!("the results of {g} tiles of {tile}x{tile} would not fit one {max_bytes}-byte message, as a group's must: use --group {most} or less"),
+            )
+            .into());
+        }
+        GroupSize::Fixed(g) => g,
+    } as usize)
+}

@@ -1,0 +1,236 @@
+//! Publishing a prepared job until every message is confirmed, over as many tries as lost
+//! connections, restarted brokers and vanished streams make necessary.
+//!
+//! Tasks are published in plan order and confirmed in order, so after a lost connection the
+//! next try resumes at the first message not confirmed. Tasks published twice are harmless:
+//! the collector keeps one result per tile.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use gemmq::broker::{Broker, ConfirmWindow};
+use gemmq::job::{self, Announced};
+use gemmq::matrix::Matrix;
+use gemmq::message::Manifest;
+use gemmq::tiling::Operands;
+use gemmq::topology::Topology;
+use tracing::{info, warn};
+
+use crate::Settings;
+use crate::order::{Item, items};
+use crate::prepare::Prepared;
+use crate::resume::{Resuming, is_fatal, job_queues, resume_after, stream_lost};
+use crate::send::{Out, Resume, publish_messages};
+
+/// A job's publishing, carried from one try to the next.
+pub(crate) struct Publisher<'a> {
+    settings: &'a Settings,
+    broker: Broker,
+    topo: Topology,
+    job: Prepared,
+    items: Vec<Item>,
+    /// Messages confirmed, in publishing order: where the next try starts.
+    pub confirmed: u64,
+    pub bytes: u64,
+    pub tries: u32,
+    /// Set when the job's operand stream vanished: the blocks it held must go out again.
+    blocks_lost: bool,
+    pub announced: Option<Announced>,
+}
+
+impl<'a> Publisher<'a> {
+    pub fn new(settings: &'a Settings, job: Prepared) -> Result<Self> {
+        let broker = Broker::new(
+            &settings.broker,
+            &format!("gemmq-producer {}", settings.job_id),
+        )?;
+        Ok(Publisher {
+            settings,
+            broker,
+            topo: settings.broker.topology(),
+            items: items(&job.manifest.plan, job.group),
+            job,
+            confirmed: 0,
+            bytes: 0,
+            tries: 0,
+            blocks_lost: false,
+            announced: None,
+        })
+    }
+
+    pub fn into_manifest(self) -> Manifest {
+        self.job.manifest
+    }
+
+    /// Tries until everything is confirmed. Tries in a row that confirm nothing new wait
+    /// longer each time and eventually give up: a broker that accepts connections but cannot
+    /// take the job's queues yet (for seconds after it restarts) must be waited for, not
+    /// hammered ten times in a few milliseconds.
+    pub async fn run(&mut self) -> Result<()> {
+        let (mut pauses, mut failures, mut confirmed_before) =
+            (gemmq::broker::retry_pauses(), 0u32, 0u64);
+        loop {
+            self.tries += 1;
+            let e = match self.try_once().await {
+                Ok(()) => return Ok(()),
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => e,
+            };
+            if self.confirmed > confirmed_before {
+                pauses = gemmq::broker::retry_pauses();
+                failures = 0;
+            }
+            confirmed_before = self.confirmed;
+            failures += 1;
+            let Some(pause) = pauses.next() else {
+                return Err(e.context(format!("giving up after {failures} tries without progress")));
+            };
+            warn!(
+                error = %format!("{e:#}"), confirmed = self.confirmed, messages = self.items.len(), retry_in = ?pause,
+                "publishing interrupted; reconnecting to publish the unconfirmed messages again"
+            );
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// One try: connect, declare, announce, publish from the first unconfirmed message.
+    async fn try_once(&mut self) -> Result<()> {
+        let ch = self
+            .broker
+            .confirm_channel()
+            .await
+            .context("connecting to RabbitMQ")?;
+        self.topo.declare(&ch).await?;
+        if self.confirmed > 0
+            && self.job.manifest.plan.operands == Operands::Stream
+            && self.resuming().await? == Resuming::Done
+        {
+            return Ok(());
+        }
+        let first = job::announce(&ch, &self.topo, &mut self.job.manifest).await?;
+        if self.announced.is_none() {
+            self.announced = Some(first);
+            log_announced(&self.job, first);
+        }
+        let mut window = ConfirmWindow::new(ch.clone(), self.settings.confirm_window);
+        // Its own channel: on the publishing one, each check would wait behind every block
+        // still in flight, draining the pipeline.
+        let checker = self
+            .broker
+            .channel()
+            .await
+            .context("connecting to RabbitMQ")?;
+        // Published again first, when the stream was lost: not counted as progress.
+        let again = if self.blocks_lost {
+            self.items[..self.confirmed as usize]
+                .iter()
+                .filter(|i| matches!(i, Item::Block(_)))
+                .count() as u64
+        } else {
+            0
+        };
+        let r = self.publish(&mut window, &checker).await;
+        let r = match r {
+            Ok(()) => window
+                .flush()
+                .await
+                .context("waiting for the last confirms"),
+            Err(e) => Err(e),
+        };
+        // Confirms come in publishing order: the blocks published again come first.
+        if window.confirmed() >= again {
+            self.blocks_lost = false;
+        }
+        self.confirmed += window.confirmed().saturating_sub(again);
+        // The stream may be there again by the next try (a collector that reconnects
+        // declares the job's queues), but empty: what failed this one says it was lost.
+        if r.as_ref()
+            .is_err_and(|e| stream_lost(e, &self.topo.operands_exchange()))
+        {
+            self.blocks_lost = true;
+        }
+        let _ = checker.close(200, "done".into()).await;
+        let _ = ch.close(200, "done".into()).await;
+        r
+    }
+
+    /// After an interrupted try, before the job's queues are declared again: a stream that is
+    /// gone took the blocks published so far with it, and they go out again; unless the job
+    /// was finished and retired meanwhile (a collector deletes its queues as soon as it has
+    /// every tile): declaring them again would bring it back.
+    async fn resuming(&mut self) -> Result<Resuming> {
+        let job = &self.job.manifest.job;
+        let queues = job_queues(&self.broker, &self.topo, job).await?;
+        let resuming = resume_after(queues, self.confirmed, self.items.len() as u64);
+        match resuming {
+            Resuming::AsBefore => {}
+            Resuming::Done => {
+                info!(%job, "the job was finished and retired while its last confirms came in; nothing left to publish");
+            }
+            Resuming::WithEveryBlock => {
+                warn!(%job, "the job's operand stream is gone; declaring it again and publishing every block again");
+                self.blocks_lost = true;
+            }
+        }
+        Ok(resuming)
+    }
+
+    async fn publish(
+        &mut self,
+        window: &mut ConfirmWindow,
+        checker: &lapin::Channel,
+    ) -> Result<()> {
+        let out = Out {
+            window,
+            checker,
+            bytes: &mut self.bytes,
+        };
+        let from = Resume {
+            skip: self.confirmed,
+            blocks_again: self.blocks_lost,
+        };
+        let (topo, manifest, items) = (&self.topo, &self.job.manifest, &self.items);
+        match (&self.job.a, &self.job.b) {
+            (Matrix::F32(a), Matrix::F32(b)) => {
+                publish_messages(out, topo, manifest, a, b, items, from).await
+            }
+            (Matrix::F64(a), Matrix::F64(b)) => {
+                publish_messages(out, topo, manifest, a, b, items, from).await
+            }
+            _ => Err(anyhow::anyhow!("A and B have different dtypes")),
+        }
+    }
+
+    /// Logs what it took, once everything is confirmed.
+    pub fn log_done(&self, started: Instant) {
+        let p = &self.job.manifest.plan;
+        let secs = started.elapsed().as_secs_f64();
+        let mib = self.bytes as f64 / (1 << 20) as f64;
+        info!(
+            job = %self.job.manifest.job,
+            tasks = p.tasks(),
+            messages = self.job.messages,
+            mib,
+            seconds = secs,
+            mib_per_s = mib / secs.max(1e-9),
+            tries = self.tries,
+            "all tasks published and confirmed"
+        );
+    }
+}
+
+fn log_announced(job: &Prepared, announced: Announced) {
+    let (manifest, group, messages) = (&job.manifest, job.group, job.messages);
+    let p = &manifest.plan;
+    match announced {
+        Announced::New => info!(
+            job = %manifest.job, run = %manifest.run, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,
+            tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(), group, messages,
+            "job announced"
+        ),
+        Announced::AlreadyThere => info!(
+            job = %manifest.job, run = %manifest.run,
+            "job already announced with the same plan; publishing its tasks again (the collector keeps one result per tile)"
+        ),
+    }
+}

@@ -1,0 +1,202 @@
+//! One try at publishing: the job's messages from where the last try's confirms ended, each
+//! through the confirm window, blocks to the operands exchange and tasks to the tasks exchange.
+
+use anyhow::{Context, Result};
+use gemmq::broker::{ConfirmWindow, persistent};
+use gemmq::matrix::{self, Element};
+use gemmq::message::{
+    self, BlockId, Header, Manifest, OperandHeader, Side, TaskGroup, TaskHeader, Tiles, kind,
+};
+use gemmq::tiling::Operands;
+use gemmq::topology::{self, TASK_KEY};
+use ndarray::{Array2, s};
+use tracing::info;
+
+use crate::order::Item;
+use crate::resume::StreamVanished;
+use crate::unix_ms;
+
+/// How often, at most, the producer checks that the job's operand stream still exists.
+const STREAM_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Where the producer's messages go: the confirm window, the channel that checks the job's
+/// stream, and the count of bytes published.
+pub(crate) struct Out<'a> {
+    pub window: &'a mut ConfirmWindow,
+    pub checker: &'a lapin::Channel,
+    pub bytes: &'a mut u64,
+}
+
+/// Where a try starts publishing: at the first item not confirmed, after the blocks before it
+/// when the stream that held them was lost.
+pub(crate) struct Resume {
+    pub skip: u64,
+    pub blocks_again: bool,
+}
+
+pub(crate) async fn publish_messages<T: Element>(
+    out: Out<'_>,
+    topo: &topology::Topology,
+    manifest: &Manifest,
+    a: &Array2<T>,
+    b: &Array2<T>,
+    items: &[Item],
+    from: Resume,
+) -> Result<()> {
+    let mut send = Sender {
+        out,
+        topo,
+        manifest,
+        a,
+        b,
+        stream_checked: None,
+    };
+    // What a try publishes: everything from the first item not confirmed, and when the stream
+    // was lost, the blocks before it too (first, so the confirmed count stays in order: see
+    // `Publisher::try_once`).
+    let skip = from.skip as usize;
+    let again = items
+        .iter()
+        .take(skip)
+        .filter(|item| from.blocks_again && matches!(item, Item::Block(_)));
+    for item in again.chain(items.iter().skip(skip)) {
+        match item {
+            Item::Block(block) => send.block(*block).await?,
+            Item::Tasks(tiles) => send.tasks(tiles).await?,
+        }
+    }
+    if manifest.plan.operands == Operands::Stream {
+        // Blocks are checked for at most every STREAM_CHECK: a stream deleted after the last
+        // check would take blocks with it unnoticed. Once all is confirmed, look once more.
+        send.out
+            .window
+            .flush()
+            .await
+            .context("waiting for the last confirms")?;
+        check_stream(send.out.checker, topo, &manifest.job).await?;
+    }
+    Ok(())
+}
+
+/// One try's messages on their way.
+struct Sender<'a, 'o, T> {
+    out: Out<'o>,
+    topo: &'a topology::Topology,
+    manifest: &'a Manifest,
+    a: &'a Array2<T>,
+    b: &'a Array2<T>,
+    stream_checked: Option<std::time::Instant>,
+}
+
+impl<T: Element> Sender<'_, '_, T> {
+    /// A block of A or B, through the operands exchange: into the job's stream (its record)
+    /// and at once to the live queue of every running worker (see gemmq::topology).
+    async fn block(&mut self, block: BlockId) -> Result<()> {
+        let (plan, job) = (&self.manifest.plan, &self.manifest.job);
+        let (rows, cols) = match block.side {
+            Side::A => (plan.rows(block.index), plan.depth(block.part)),
+            Side::B => (plan.depth(block.part), plan.cols(block.index)),
+        };
+        let data = match block.side {
+            Side::A => self.a.slice(s![rows.clone(), cols.clone()]),
+            Side::B => self.b.slice(s![rows.clone(), cols.clone()]),
+        };
+        let header = Header::Operand(OperandHeader {
+            job: job.clone(),
+            run: self.manifest.run.clone(),
+            block,
+            dtype: plan.dtype,
+            rows: rows.len() as u32,
+            cols: cols.len() as u32,
+        });
+        // Straight into the message: no separate payload buffer of 14 MiB to copy.
+        let mut body = message::encode_header(&header, data.len() * size_of::<T>());
+        matrix::extend_le(data, &mut body);
+        *self.out.bytes += body.len() as u64;
+        // Every running worker's live queue takes blocks, so `mandatory` no longer tells that
+        // the job's stream (the record late workers read) is missing: ask, at most every
+        // STREAM_CHECK (a round trip per block would slow tiny tiles). A 404 fails this try;
+        // the next one declares the job's queues again.
+        if self
+            .stream_checked
+            .is_none_or(|t| t.elapsed() >= STREAM_CHECK)
+        {
+            self.stream_checked = Some(std::time::Instant::now());
+            check_stream(self.out.checker, self.topo, job).await?;
+        }
+        let props = persistent(kind::OPERAND, format!("{job}/{block}"));
+        self.out
+            .window
+            .publish(
+                &self.topo.operands_exchange(),
+                job,
+                &body,
+                props,
+                format!("block {block}"),
+            )
+            .await
+            .with_context(|| format!("publishing block {block} of job {job}"))?;
+        info!(%job, %block, bytes = body.len(), "operand block published");
+        Ok(())
+    }
+
+    /// A task message: one task naming its blocks, one carrying them (inline), or a group.
+    async fn tasks(&mut self, tiles: &[gemmq::TileId]) -> Result<()> {
+        let (plan, job) = (&self.manifest.plan, &self.manifest.job);
+        let tasks: Vec<TaskHeader> = tiles
+            .iter()
+            .map(|&tile| plan.task(job, &self.manifest.run, tile))
+            .collect();
+        let first = tiles[0];
+        let body = match (plan.operands == Operands::Stream, tasks.as_slice()) {
+            (false, [task]) => message::encode(
+                &Header::Task(task.clone()),
+                &[&matrix::task_payload(self.a, self.b, plan, first)],
+            ),
+            (true, [task]) => message::encode(&Header::TaskRef(task.clone()), &[]),
+            _ => {
+                let group = TaskGroup::of(&tasks).context("an empty task group")?;
+                message::encode(&Header::Tasks(group), &[])
+            }
+        };
+        *self.out.bytes += body.len() as u64;
+        let tiles = Tiles(&tasks);
+        let mut id = format!("{job}/{}/{}/{}", first.row, first.col, first.part);
+        if tasks.len() > 1 {
+            id.push_str(&format!("+{}", tasks.len() - 1));
+        }
+        // When it was published, which a worker that came later compares with when its live
+        // queue started: the task's blocks were published before the task, so they will not
+        // come live and are read from the stream at once.
+        let props = persistent(kind::TASK, id).with_timestamp(unix_ms() / 1000);
+        self.out
+            .window
+            .publish(
+                &self.topo.tasks_exchange(),
+                TASK_KEY,
+                &body,
+                props,
+                format!("task {tiles}"),
+            )
+            .await
+            .with_context(|| format!("publishing task {tiles} of job {job}"))?;
+        info!(%job, %tiles, bytes = body.len(), "task published");
+        Ok(())
+    }
+}
+
+/// Fails with [`StreamVanished`] when the job's operand stream is gone.
+async fn check_stream(
+    checker: &lapin::Channel,
+    topo: &topology::Topology,
+    job: &str,
+) -> Result<()> {
+    let queue = topo.operands_queue(job);
+    let exists = topology::queue_exists(checker, &queue)
+        .await
+        .with_context(|| format!("checking that {queue} exists"))?;
+    if !exists {
+        return Err(StreamVanished(job.to_string()).into());
+    }
+    Ok(())
+}
