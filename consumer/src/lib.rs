@@ -22,16 +22,15 @@ mod heartbeat;
 pub mod memory;
 mod operands;
 mod results;
+mod session;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use futures_util::StreamExt;
-use gemmq::broker::{self, Broker, BrokerError, persistent, publish_confirmed};
+use gemmq::broker::{self, Broker, persistent, publish_confirmed};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, DurationRange, Layered};
-use gemmq::events::WorkerState;
 use gemmq::kernel::Threads;
 use gemmq::matrix;
 use gemmq::matrix::Block;
@@ -41,15 +40,11 @@ use gemmq::message::{
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{BasicProperties, Channel};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 /// How this worker behaves. Every flag also reads the environment variable shown and the
@@ -240,7 +235,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         "worker starting"
     );
     loop {
-        match serve(&broker, &topo, s, &stats, &shutdown, started)
+        match session::serve(&broker, &topo, s, &stats, &shutdown, started)
             .instrument(span.clone())
             .await
         {
@@ -300,153 +295,6 @@ impl Ctx {
     fn publisher_failed(&self) {
         if !self.publisher.status().connected() {
             self.lost.cancel();
-        }
-    }
-}
-
-async fn serve(
-    broker: &Broker,
-    topo: &Topology,
-    s: &Settings,
-    stats: &Arc<Stats>,
-    shutdown: &CancellationToken,
-    started: Instant,
-) -> Result<(), Stop> {
-    let conn = match broker.connection().await {
-        Ok(conn) => conn,
-        // Told to stop before the broker came back: nothing is held, nothing to hand back.
-        Err(BrokerError::Interrupted { .. }) => return Ok(()),
-        Err(e) => return Err(Stop::Fatal(e.into())),
-    };
-    let topology_failed = |e: gemmq::topology::TopologyError| {
-        if e.is_permanent() {
-            Stop::Fatal(e.into())
-        } else {
-            Stop::Lost(e.into())
-        }
-    };
-    let lost =
-        |what: &'static str| move |e: lapin::Error| Stop::Lost(anyhow::Error::new(e).context(what));
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(lost("opening a channel"))?;
-    topo.declare(&ch).await.map_err(topology_failed)?;
-    // global = false: per-consumer prefetch. Global QoS is not implemented for quorum queues and
-    // would close the connection.
-    ch.basic_qos(s.queue_size, BasicQosOptions { global: false })
-        .await
-        .map_err(lost("setting the prefetch"))?;
-    let publisher = conn
-        .create_channel()
-        .await
-        .map_err(lost("opening a channel"))?;
-    publisher
-        .confirm_select(Default::default())
-        .await
-        .map_err(lost("enabling publisher confirms"))?;
-    let events = conn
-        .create_channel()
-        .await
-        .map_err(lost("opening a channel"))?;
-    let beat = Arc::new(heartbeat::Heartbeat::new(
-        events,
-        topo.clone(),
-        s.clone(),
-        stats.clone(),
-        started,
-    ));
-    // A JoinSet aborts its tasks when dropped: the ticker dies with this connection.
-    let mut ticker = JoinSet::new();
-    ticker.spawn(beat.clone().tick());
-    let tag = format!("gemmq-consumer:{}", s.worker_id);
-
-    let ctx = Arc::new(Ctx {
-        settings: s.clone(),
-        topo: topo.clone(),
-        tasks_queue: topo.tasks_queue(),
-        results: results::Results::start(
-            publisher.clone(),
-            topo.clone(),
-            s.broker.max_message_bytes,
-            stats.clone(),
-        ),
-        publisher,
-        stats: stats.clone(),
-        compute: Semaphore::new(s.concurrency),
-        shutdown: shutdown.clone(),
-        conn,
-        operands: operands::Operands::new(
-            topo.clone(),
-            s.broker.max_message_bytes,
-            s.operand_cache,
-            stats.clone(),
-        ),
-        lost: CancellationToken::new(),
-    });
-    // Operand blocks as they are published; without it (logged) they come from the streams. A
-    // cache smaller than one message could keep none of them: it reads the streams on demand.
-    if s.operand_cache < s.broker.max_message_bytes {
-        info!(
-            operand_cache = s.operand_cache,
-            "the operand cache is smaller than a message: blocks are read from the job streams only"
-        );
-    } else {
-        match ctx
-            .operands
-            .start_live(&ctx.conn, &s.worker_id, &format!("{tag}:operands"))
-            .await
-        {
-            Ok(feed) => {
-                ticker.spawn(feed.in_current_span());
-            }
-            Err(e) => warn!(error = %e, "operand blocks will be read from the job streams only"),
-        }
-    }
-    // Tasks only once the live queue is bound: a task taken before would wait out the live
-    // grace for blocks published in between.
-    let mut consumer = ch
-        .basic_consume(
-            topo.tasks_queue().as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lost("starting to consume"))?;
-    Stats::bump(&stats.connections);
-    info!(queue = %topo.tasks_queue(), prefetch = s.queue_size, "consuming tasks");
-    let mut handlers = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                ticker.abort_all();
-                beat.send(WorkerState::Stopping).await;
-                let in_flight = handlers.len();
-                let drain = async { while handlers.join_next().await.is_some() {} };
-                if tokio::time::timeout(s.shutdown_timeout, drain).await.is_err() {
-                    warn!(timeout = ?s.shutdown_timeout, "tasks still running at the shutdown timeout; returning them to the queue");
-                    handlers.abort_all();
-                }
-                let _ = ch.close(200, "worker shutting down".into()).await;
-                let _ = ctx.publisher.close(200, "worker shutting down".into()).await;
-                beat.send(WorkerState::Stopped).await;
-                beat.close().await;
-                info!(in_flight, "stopped consuming; unfinished tasks were returned to the queue");
-                return Ok(());
-            }
-            delivery = consumer.next() => match delivery {
-                Some(Ok(d)) => {
-                    handlers.spawn(handle(ctx.clone(), d).in_current_span());
-                }
-                Some(Err(e)) => return Err(lost("consuming")(e)),
-                None => return Err(Stop::Lost(anyhow::anyhow!("the broker cancelled the consumer"))),
-            },
-            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
-            _ = ctx.lost.cancelled() => {
-                return Err(Stop::Lost(anyhow::anyhow!("the publishing channel closed")));
-            }
         }
     }
 }
