@@ -10,6 +10,8 @@
 //! Exit status: 0 complete and verified; 3 incomplete (tasks were parked; the report says which
 //! and why); 4 C failed verification; 2 bad settings; 1 any other error.
 
+mod apply;
+mod collect;
 mod progress;
 pub mod status;
 
@@ -18,14 +20,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use gemmq::TileId;
-use gemmq::assembly::{Applied, Assembly, AssemblyError, WorkerTally};
+use gemmq::assembly::{Assembly, AssemblyError, WorkerTally};
 use gemmq::broker::{self, Broker};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
 use gemmq::job;
 use gemmq::matrix::Matrix;
-use gemmq::message::{self, Header, Inputs, Manifest, ResultHeader};
+use gemmq::message::{self, Inputs, Manifest};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
 use gemmq::verify::{self, Expected, Verdict};
@@ -36,6 +38,7 @@ use lapin::types::FieldTable;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use crate::collect::{Collected, Collection, Stop};
 use crate::progress::Progress;
 
 /// Exit status for a job whose tasks were parked.
@@ -213,7 +216,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     let topo = s.broker.topology();
     let ch = declare_topology(&broker, &topo).await?;
 
-    let (manifest, mut announcement) = match &s.job_id {
+    let (manifest, announcement) = match &s.job_id {
         Some(job) => (
             wait_for_manifest(&broker, &ch, &topo, job, s, &shutdown).await?,
             None,
@@ -268,34 +271,31 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         tokio::task::spawn_blocking(move || expectation(&manifest))
     });
 
-    let mut progress = Progress::new(&manifest.job, plan.tasks());
-    let mut rejected = 0u64;
-    while !asm.is_finished() {
-        let outcome = collect(
-            &broker,
-            &topo,
-            s,
-            &manifest,
-            &mut asm,
-            &mut progress,
-            &mut rejected,
-            &mut announcement,
-            &shutdown,
-        )
-        .await;
-        match outcome {
+    let mut job = Collection {
+        broker: &broker,
+        topo: &topo,
+        settings: s,
+        manifest: &manifest,
+        asm,
+        progress: Progress::new(&manifest.job, plan.tasks()),
+        rejected: 0,
+        announcement,
+        shutdown: &shutdown,
+    };
+    while !job.asm.is_finished() {
+        match job.on_one_connection().await {
             Ok(Collected::Finished) => break,
             Ok(Collected::Idle) => {
                 warn!("no results within the idle timeout; reporting what is missing");
                 break;
             }
             Err(Stop::Interrupted) => {
-                progress.finish();
+                job.progress.finish();
                 bail!(
                     "interrupted with {} of {} tasks collected; they are checkpointed in {}: run the collector again with --job-id {} to resume",
-                    asm.tasks_done(),
+                    job.asm.tasks_done(),
                     plan.tasks(),
-                    asm.dir().display(),
+                    job.asm.dir().display(),
                     manifest.job
                 );
             }
@@ -306,7 +306,8 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
             }
         }
     }
-    progress.finish();
+    job.progress.finish();
+    let (asm, rejected) = (job.asm, job.rejected);
     finish(s, &broker, &topo, &manifest, asm, rejected, expected).await
 }
 
@@ -368,231 +369,6 @@ async fn already_collected(s: &Settings, job: &str, output: &Path) -> Result<Sum
         output.display(),
         path.display()
     )
-}
-
-enum Collected {
-    Finished,
-    Idle,
-}
-
-enum Stop {
-    Interrupted,
-    Fatal(anyhow::Error),
-    Lost(anyhow::Error),
-}
-
-/// Results taken from the stream before a commit and one `ack(multiple)`: amortises the fsync.
-const BATCH: usize = 256;
-
-/// Consumes the job's results on one connection until the job is finished, the connection is
-/// lost, or the idle timeout passes. Every result is acked only after it is committed to disk.
-#[allow(clippy::too_many_arguments)]
-async fn collect(
-    broker: &Broker,
-    topo: &Topology,
-    s: &Settings,
-    manifest: &Manifest,
-    asm: &mut Assembly,
-    progress: &mut Progress,
-    rejected: &mut u64,
-    announcement: &mut Option<(Delivery, Channel)>,
-    shutdown: &CancellationToken,
-) -> Result<Collected, Stop> {
-    let lost =
-        |what: &'static str| move |e: lapin::Error| Stop::Lost(anyhow::Error::new(e).context(what));
-    let ch = broker.channel().await.map_err(|e| {
-        if e.is_permanent() {
-            Stop::Fatal(e.into())
-        } else {
-            Stop::Lost(e.into())
-        }
-    })?;
-    let topology_failed = |e: gemmq::topology::TopologyError| {
-        if e.is_permanent() {
-            Stop::Fatal(e.into())
-        } else {
-            Stop::Lost(e.into())
-        }
-    };
-    topo.declare(&ch).await.map_err(topology_failed)?;
-    topo.declare_job(&ch, &manifest.job)
-        .await
-        .map_err(topology_failed)?;
-    ch.basic_qos(s.prefetch, BasicQosOptions { global: false })
-        .await
-        .map_err(lost("setting the prefetch"))?;
-    let tag = format!("gemmq-collector:{}", s.collector_id);
-    let queue = topo.results_queue(&manifest.job);
-    let mut results = ch
-        .basic_consume(
-            queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(lost("consuming the job's results"))?;
-    if let Some((d, jobs_ch)) = announcement.take() {
-        // The job is ours now. The announcement's channel had to stay open until here: closing
-        // it would have handed the announcement to the next collector.
-        match d.ack(BasicAckOptions::default()).await {
-            Ok(true) => {}
-            _ => {
-                warn!(job = %manifest.job, "the job's announcement went back to the jobs queue; another collector may stand by for this job")
-            }
-        }
-        let _ = jobs_ch.close(200, "job taken".into()).await;
-    }
-    let plan = &manifest.plan;
-    info!(
-        job = %manifest.job, m = plan.m, k = plan.k, n = plan.n, dtype = %plan.dtype,
-        tasks = plan.tasks(), %queue, "collecting"
-    );
-
-    let mut last_result = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let limit = s.broker.max_message_bytes;
-    while !asm.is_finished() {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = ch.close(200, "collector shutting down".into()).await;
-                return Err(Stop::Interrupted);
-            }
-            _ = tick.tick() => {
-                let idle = last_result.elapsed();
-                if s.idle_timeout.is_some_and(|limit| idle >= limit) {
-                    let _ = ch.close(200, "collector idle".into()).await;
-                    return Ok(Collected::Idle);
-                }
-                if idle >= Duration::from_secs(30) {
-                    warn!(idle_s = idle.as_secs(), done = asm.tasks_done(), total = plan.tasks(),
-                        "waiting for results: are consumers running?");
-                }
-            }
-            delivery = results.next() => {
-                let mut last = match delivery {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(lost("receiving results")(e)),
-                    None => return Err(Stop::Lost(anyhow::anyhow!("the broker cancelled the results consumer"))),
-                };
-                last_result = Instant::now();
-                let mut taken = 1;
-                *rejected += apply(asm, manifest, &last, limit).map_err(|e| Stop::Fatal(e.into()))?;
-                // Take whatever else has already arrived, then commit once for all of it.
-                while taken < BATCH && !asm.is_finished() {
-                    match results.next().now_or_never() {
-                        Some(Some(Ok(d))) => {
-                            *rejected += apply(asm, manifest, &d, limit).map_err(|e| Stop::Fatal(e.into()))?;
-                            last = d;
-                            taken += 1;
-                        }
-                        _ => break,
-                    }
-                }
-                asm.commit().map_err(|e| Stop::Fatal(anyhow::Error::new(e).context("saving the checkpoint")))?;
-                last.acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(lost("acking results"))?;
-                progress.update(asm.tasks_done(), retries(&asm.attempts), asm.parked().count() as u64);
-            }
-        }
-    }
-    let _ = ch
-        .basic_cancel(tag.as_str().into(), Default::default())
-        .await;
-    let _ = ch.close(200, "job collected".into()).await;
-    Ok(Collected::Finished)
-}
-
-/// Applies one message to C: how many tiles of it were rejected (and dropped); duplicates and
-/// applied tiles count 0. A disk error is returned: the message must not be acked.
-fn apply(
-    asm: &mut Assembly,
-    manifest: &Manifest,
-    d: &Delivery,
-    limit: u64,
-) -> Result<u64, AssemblyError> {
-    let frame = match message::decode(&d.data, limit) {
-        Ok(f) => f,
-        Err(e) => {
-            warn!(error = %e, "malformed message on the results queue dropped");
-            return Ok(1);
-        }
-    };
-    if frame.header.job() != manifest.job {
-        warn!(job = %frame.header.job(), expected = %manifest.job, "message for another job on this job's results queue dropped");
-        return Ok(1);
-    }
-    // A task left over from an earlier job under the same id (a duplicate still queued when
-    // that job's queues were deleted) was computed from that job's inputs. An empty run is a
-    // gemmq that named none: taken as before.
-    let run = frame.header.run();
-    if !run.is_empty() && !manifest.run.is_empty() && run != manifest.run {
-        warn!(job = %manifest.job, %run, expected = %manifest.run, "message of another run of this job id (a task left over from an earlier job) dropped");
-        return Ok(1);
-    }
-    match &frame.header {
-        Header::Result(h) => apply_result(asm, h, frame.payload),
-        Header::Results(batch) => {
-            let mut rejected = 0;
-            for (h, bytes) in batch.results(frame.payload) {
-                rejected += apply_result(asm, &h, bytes)?;
-            }
-            Ok(rejected)
-        }
-        Header::Parked(n) => match asm.apply_parked(n) {
-            Ok(Applied::Duplicate) => {
-                info!(tile = %n.tile, "duplicate dropped (already assembled)");
-                Ok(0)
-            }
-            Ok(Applied::Parked) => {
-                error!(
-                    tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker,
-                    "tile parked: it will not be computed"
-                );
-                Ok(0)
-            }
-            Ok(_) => Ok(0),
-            Err(e) => rejected_or_fatal(e),
-        },
-        Header::Failed(n) => {
-            asm.apply_failure(n);
-            Ok(0)
-        }
-        Header::Task(_)
-        | Header::TaskRef(_)
-        | Header::Tasks(_)
-        | Header::Operand(_)
-        | Header::JobDone(_) => {
-            warn!("a task, operand block or job notice on the results queue dropped");
-            Ok(1)
-        }
-    }
-}
-
-fn apply_result(asm: &mut Assembly, h: &ResultHeader, bytes: &[u8]) -> Result<u64, AssemblyError> {
-    match asm.apply_result(h, bytes) {
-        Ok(Applied::Duplicate) => {
-            info!(tile = %h.tile, "duplicate dropped (already assembled)");
-            Ok(0)
-        }
-        Ok(_) => {
-            tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled");
-            Ok(0)
-        }
-        Err(e) => rejected_or_fatal(e),
-    }
-}
-
-/// A message the plan cannot take is dropped (counted as rejected); a disk error stops us.
-fn rejected_or_fatal(e: AssemblyError) -> Result<u64, AssemblyError> {
-    if e.is_bad_message() {
-        warn!(error = %e, "result rejected");
-        Ok(1)
-    } else {
-        Err(e)
-    }
 }
 
 fn retries(attempts: &BTreeMap<u32, u64>) -> u64 {
