@@ -1,12 +1,21 @@
 //! The contract that gemmq's three programs obey.
 //!
-//! gemmq computes `C = A·B` as a task queue on RabbitMQ:
+//! gemmq computes `C = A·B` as a task queue on RabbitMQ (names shown in the default namespace,
+//! `gemmq`):
 //!
 //! ```text
-//! producer ──tasks (confirmed)──▶ {ns}.tasks ──▶ consumer × N ──results (confirmed)──▶ {ns}.job.J.results ──▶ collector
-//!                                   ▲    │ nack(requeue=false)                                                 │
-//!                                   │    ▼                                                                     ▼
-//!                                {ns}.retry (TTL)                       {ns}.parked (attempts exhausted)   C.npy + summary.json
+//!  gemmq-producer
+//!    │ blocks of A and B, once ──▶ (gemmq.operands) ─┬─▶ [gemmq.job.J.operands] stream: the record
+//!    │                                               └─▶ [gemmq.live.<worker>] one per worker ──┐
+//!    │ tasks (confirmed)                                                                        │
+//!    ├────────▶ [gemmq.tasks] quorum ── prefetch = queue size ──▶ gemmq-consumer × N ◀──────────┘
+//!    │                ▲                                            │  │ nack(requeue=false)
+//!    │                └────── expires ────── [gemmq.retry] TTL ◀───┼──┘
+//!    │                                                             │ result (confirmed), THEN ack
+//!    │ manifest                                                    │ attempts exhausted ──▶ [gemmq.parked]
+//!    ▼                                                             ▼
+//!  [gemmq.jobs] + [gemmq.job.J.manifest] ──▶ gemmq-collector ◀── [gemmq.job.J.results] single active consumer
+//!                                              └─▶ out/C.npy + out/summary.json, verified (Freivalds)
 //! ```
 //!
 //! * The **producer** cuts C into tiles ([`tiling`]), publishes each block of A and B once as raw
