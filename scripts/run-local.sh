@@ -8,7 +8,7 @@
 # Examples:
 #   scripts/run-local.sh --workers 4
 #   scripts/run-local.sh --workers 2 -- --m 2048 --k 2048 --n 2048 --tile 256
-#   GEMMQ_CONFIG=config/demo.toml scripts/run-local.sh --workers 4     # the seeds' flaky 1-3 s workers
+#   GEMMQ_CONFIG=config/demo.toml scripts/run-local.sh --workers 4     # the demo: flaky 1-3 s workers
 #
 # Logs go to $GEMMQ_OUT/logs (default out/logs); C.npy and summary.json to $GEMMQ_OUT. Relative
 # GEMMQ_OUT and GEMMQ_CONFIG paths are taken from the directory you run it in. The producer and

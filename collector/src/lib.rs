@@ -121,10 +121,10 @@ impl Settings {
     }
 }
 
-/// How the job ended.
+/// How the job ended (`summary.json`'s `status`; the live view is the [`status`] module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Status {
+pub enum Outcome {
     /// Every tile is there and C passed verification (or verification was off).
     Complete,
     /// Some tasks were parked or never came; C.npy was not written.
@@ -133,12 +133,12 @@ pub enum Status {
     VerificationFailed,
 }
 
-impl Status {
+impl Outcome {
     pub fn exit_code(self) -> u8 {
         match self {
-            Status::Complete => 0,
-            Status::Incomplete => EXIT_INCOMPLETE,
-            Status::VerificationFailed => EXIT_UNVERIFIED,
+            Outcome::Complete => 0,
+            Outcome::Incomplete => EXIT_INCOMPLETE,
+            Outcome::VerificationFailed => EXIT_UNVERIFIED,
         }
     }
 }
@@ -155,7 +155,7 @@ pub struct ParkedTile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub job: String,
-    pub status: Status,
+    pub status: Outcome,
     pub m: u64,
     pub k: u64,
     pub n: u64,
@@ -391,7 +391,7 @@ async fn finish(
     let complete = asm.is_complete();
     let mut summary = Summary {
         job: manifest.job.clone(),
-        status: Status::Incomplete,
+        status: Outcome::Incomplete,
         m: plan.m,
         k: plan.k,
         n: plan.n,
@@ -441,8 +441,8 @@ async fn finish(
         asm.finish(&path).context("writing C.npy")?;
         summary.output = Some(path);
         summary.status = match &verdict {
-            Some(v) if !v.passed => Status::VerificationFailed,
-            _ => Status::Complete,
+            Some(v) if !v.passed => Outcome::VerificationFailed,
+            _ => Outcome::Complete,
         };
         summary.verification = verdict;
     } else {
@@ -458,7 +458,7 @@ async fn finish(
         .and_then(|()| std::fs::rename(&tmp, &path))
         .with_context(|| format!("writing {}", path.display()))?;
     report(&summary);
-    if summary.status == Status::Complete {
+    if summary.status == Outcome::Complete {
         // The job is done: its queues go. Late duplicates are then dropped by the workers.
         let deleted = async {
             let ch = broker.channel().await?;

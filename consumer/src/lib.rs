@@ -1,7 +1,7 @@
-//! The consumer (the seeds' worker): takes tile tasks, multiplies, publishes results.
+//! The consumer (the worker): takes tile tasks, multiplies, publishes results.
 //!
 //! * **Bounded queue.** `basic.qos(prefetch = queue size)` per consumer: the broker never has
-//!   more than that many unacknowledged tasks out to this worker. This is the seeds' bounded
+//!   more than that many unacknowledged tasks out to this worker. This is the classic bounded
 //!   worker queue, enforced by the broker, and what makes dispatch least-loaded: a full worker
 //!   gets nothing more, so the next task goes to a worker with room.
 //! * **Result before ack.** A task is acked only after its result is confirmed by the broker. A
@@ -60,7 +60,7 @@ pub struct ConsumerOptions {
     /// Tasks computed at the same time [default: 1]
     #[arg(long, env = "GEMMQ_CONCURRENCY")]
     pub concurrency: Option<usize>,
-    /// Simulated failure probability per attempt, 0 to 1, like the seeds' flaky workers
+    /// Simulated failure probability per attempt, 0 to 1, like the flaky workers of the demo (config/demo.toml)
     /// [default: 0]
     #[arg(long, env = "GEMMQ_FAILURE_RATE")]
     pub failure_rate: Option<f64>,
@@ -355,13 +355,13 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     }
 
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
-    let inputs = match inline_at {
-        Some(offset) => Ok(Inputs::Inline(offset)),
+    let blocks = match inline_at {
+        Some(offset) => Ok(TaskBlocks::Inline(offset)),
         None => {
             let published = delivery.properties.timestamp().as_ref().copied();
             fetch_blocks(ctx, &tasks, published)
                 .await
-                .map(Inputs::Blocks)
+                .map(TaskBlocks::Blocks)
         }
     };
     let permit = tokio::select! {
@@ -373,10 +373,10 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
     };
     let started = Instant::now();
-    let outcome = match inputs {
-        Ok(inputs) => {
+    let outcome = match blocks {
+        Ok(blocks) => {
             let data = std::mem::take(&mut delivery.data);
-            let (outcome, data) = work(ctx, &tasks, data, inputs).await;
+            let (outcome, data) = work(ctx, &tasks, data, blocks).await;
             delivery.data = data;
             outcome
         }
@@ -439,7 +439,7 @@ impl From<operands::FetchError> for Failure {
 }
 
 /// Where a task's blocks are.
-enum Inputs {
+enum TaskBlocks {
     /// In the task's own body, from this offset.
     Inline(usize),
     /// Fetched from the job's operand stream: the A and B blocks of each task, in order.
@@ -518,7 +518,7 @@ async fn work(
     ctx: &Ctx,
     tasks: &[TaskHeader],
     data: Vec<u8>,
-    inputs: Inputs,
+    blocks: TaskBlocks,
 ) -> (Result<Vec<Vec<u8>>, Failure>, Vec<u8>) {
     let (delay, fail) = {
         let mut rng = rand::rng();
@@ -545,11 +545,11 @@ async fn work(
     let first = tasks[0].clone();
     let threads = Threads::Exactly(ctx.settings.threads);
     let compute = move || {
-        let r = match inputs {
-            Inputs::Inline(offset) => matrix::compute_tile(&first, &data[offset..], threads)
+        let r = match blocks {
+            TaskBlocks::Inline(offset) => matrix::compute_tile(&first, &data[offset..], threads)
                 .map(|product| vec![product])
                 .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
-            Inputs::Blocks(pairs) => pairs
+            TaskBlocks::Blocks(pairs) => pairs
                 .iter()
                 .map(|(a, b)| matrix::multiply_blocks(a.view(), b.view(), threads))
                 .collect::<Result<Vec<_>, _>>()

@@ -10,7 +10,7 @@ use gemmq::DType;
 use gemmq::TileId;
 use gemmq::message::{self, Header, ResultHeader, TaskHeader};
 use gemmq::topology::{TASK_KEY, header_str};
-use gemmq_collector::Status;
+use gemmq_collector::Outcome;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 
 fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
@@ -83,7 +83,7 @@ async fn malformed_tasks_are_parked_with_the_problem_named_and_the_worker_carrie
 
     // The same worker then computes a whole job: bad tasks did not stop it.
     let (_, summary) = run_job(&env, "after", (64, 32, 64), 32).await;
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
 
     let mut reasons = Vec::new();
     while let Some(m) = ch
@@ -190,7 +190,7 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
     }
     env.spawn_consumer(env.consumer("w1"));
     let (_, summary) = run_job(&env, job, (64, 32, 64), 32).await;
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.rejected_messages, 5);
     assert!(
         summary.verification.unwrap().passed,

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Env;
-use gemmq_collector::Status;
+use gemmq_collector::Outcome;
 
 const TOLERANCE: f64 = 1e-10;
 
@@ -70,7 +70,7 @@ async fn a_broker_restart_mid_job_loses_nothing_and_doubles_nothing() {
         .expect("the collector finishes after the restart")
         .unwrap()
         .expect("the collector reconnects");
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     assert_eq!(summary.tasks_done, receipt.tasks);
     let err = common::max_error_against_local_product(&env, job, shape);
     assert!(err <= TOLERANCE, "{err:e}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{Env, Proc, summary_json};
 use gemmq::config::BrokerOptions;
-use gemmq_collector::Status;
+use gemmq_collector::Outcome;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
@@ -94,7 +94,7 @@ async fn collect_all_1024_tiles_once(mut env: Env, job: &str, shape: (u64, u64, 
         .await
         .expect("the job finishes within a minute")
         .unwrap();
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     assert_eq!(summary.tasks_done, 1024);
     assert!(summary.parked.is_empty());
     let err = common::max_error_against_local_product(&env, job, shape);
@@ -137,7 +137,7 @@ async fn a_worker_killed_mid_task_loses_nothing_and_others_finish_its_work() {
     let summary = gemmq_collector::run(&env.collector(job), env.stop.clone())
         .await
         .unwrap();
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(
         summary.workers["survivor"].tasks, 16,
         "the survivor computed every tile, including the 5 the dead worker held"
@@ -300,7 +300,7 @@ async fn a_producer_killed_mid_publish_and_run_again_completes_the_job_once() {
     let summary = gemmq_collector::run(&env.collector(job), env.stop.clone())
         .await
         .unwrap();
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 1024);
     let err = common::max_error_against_local_product(&env, job, shape);
     assert!(err <= TOLERANCE, "{err:e}");
@@ -515,7 +515,7 @@ async fn a_worker_that_finds_a_running_jobs_stream_missing_retries_its_tasks_ins
     .await
     .expect("the job finishes within a minute")
     .unwrap();
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     assert_eq!(summary.tasks_done, receipt.tasks);
     assert!(summary.parked.is_empty());
     let stats = env.stop_consumers().await;

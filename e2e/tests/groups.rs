@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use common::{Env, run_job_with};
 use gemmq::tiling::GroupSize;
 use gemmq::topology;
-use gemmq_collector::Status;
+use gemmq_collector::Outcome;
 use lapin::options::BasicGetOptions;
 
 /// As in pipeline.rs: far above rounding, far below any wrong or missing term.
@@ -31,7 +31,7 @@ async fn tiny_tiles_travel_several_to_a_message_and_c_is_still_exactly_a_times_b
         receipt.messages, 15,
         "14 groups of 10 and one of the last 4"
     );
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 144);
     assert_eq!(summary.duplicates_dropped, 0);
     assert!(summary.verification.as_ref().unwrap().passed);
@@ -62,7 +62,7 @@ async fn a_failed_group_is_retried_whole_and_its_tiles_share_their_attempt_numbe
     let (receipt, summary) = run_job_with(&env, producer, env.collector("grpretry")).await;
 
     assert_eq!(receipt.messages, 16);
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 64);
     assert!(summary.verification.as_ref().unwrap().passed);
     assert!(
@@ -98,7 +98,7 @@ async fn a_group_whose_attempts_run_out_is_parked_once_and_each_of_its_tiles_rep
     let (receipt, summary) = run_job_with(&env, producer, collector).await;
 
     assert_eq!(receipt.messages, 4, "16 tiles in groups of 4");
-    assert_eq!(summary.status, Status::Incomplete);
+    assert_eq!(summary.status, Outcome::Incomplete);
     assert_eq!(
         summary.parked.len(),
         16,

@@ -10,7 +10,7 @@ use gemmq::config::{BrokerOptions, DurationRange};
 use gemmq::message::{self, Header, ResultHeader};
 use gemmq::tiling::Operands;
 use gemmq::topology;
-use gemmq_collector::Status;
+use gemmq_collector::Outcome;
 use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions};
 
 /// |C − A·B| for uniform [-1, 1) inputs: each entry is a k-term dot product, so rounding is at
@@ -33,7 +33,7 @@ async fn ragged_shapes_through_three_consumers_give_exactly_a_times_b() {
         5 * 4,
         "300 and 250 are cut into 5 and 4 tiles of up to 64"
     );
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 20);
     assert!(summary.verification.as_ref().unwrap().passed);
     let err = common::max_error_against_local_product(&env, "ragged", shape);
@@ -61,7 +61,7 @@ async fn results_ready_together_travel_together_and_each_tile_is_assembled_once(
     let (receipt, summary) = run_job(&env, "batched", shape, 8).await;
 
     assert_eq!(receipt.tasks, 144);
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 144);
     assert_eq!(summary.duplicates_dropped, 0);
     let err = common::max_error_against_local_product(&env, "batched", shape);
@@ -94,7 +94,7 @@ async fn a_worker_whose_operand_cache_is_too_small_rereads_blocks_at_their_offse
     let (receipt, summary) = run_job_with(&env, p, env.collector("tinycache")).await;
 
     assert_eq!(receipt.tasks, 16);
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 16);
     let err = common::max_error_against_local_product(&env, "tinycache", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
@@ -154,7 +154,7 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
         .expect("the collector runs cleanly");
 
     assert_eq!(receipt.tasks, 16);
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(
         summary.rejected_messages, 0,
         "no result of the old run came"
@@ -198,7 +198,7 @@ async fn a_live_block_the_cache_has_no_room_for_is_read_from_the_stream_instead(
     let (receipt, summary) = run_job_with(&env, p, env.collector("liveroom")).await;
 
     assert_eq!(receipt.tasks, 64);
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     let err = common::max_error_against_local_product(&env, "liveroom", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     let stats = env.stop_consumers().await;
@@ -226,7 +226,7 @@ async fn running_workers_get_each_block_on_their_live_queue_and_never_read_the_s
     let (receipt, summary) = run_job_with(&env, p, env.collector("live")).await;
 
     assert_eq!(receipt.tasks, 16);
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     let err = common::max_error_against_local_product(&env, "live", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     // Every block (4 of A and 4 of B, 16 KiB each, with their headers) reached both workers on
@@ -260,7 +260,7 @@ async fn a_worker_started_after_a_job_was_published_reads_its_blocks_from_the_st
     let summary = gemmq_collector::run(&env.collector("late"), env.stop.clone())
         .await
         .expect("the collector runs cleanly");
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     let err = common::max_error_against_local_product(&env, "late", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     let stats = env.stop_consumers().await;
@@ -283,7 +283,7 @@ async fn when_a_job_is_done_running_workers_drop_its_cached_blocks() {
     let mut p = env.producer("jobdone", (128, 64, 128), 32);
     p.operands = Operands::Stream;
     let (_, summary) = run_job_with(&env, p, env.collector("jobdone")).await;
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     // The collector's notice comes after the job's queues are deleted.
     w.wait_for(
         "job done; its cached operand blocks dropped",
@@ -316,7 +316,7 @@ async fn a_worker_started_after_the_blocks_were_published_reads_them_from_the_st
         .expect("collector task")
         .expect("the collector runs cleanly");
 
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     let err = common::max_error_against_local_product(&env, "late", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     let stats = env.stop_consumers().await;
@@ -383,7 +383,7 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
     .expect("the operands exchange is deleted");
     let (_, summary) = run_job_with(&env, run(8), env.collector("rerun")).await;
 
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     let err = common::max_error_against_seed(&env, "rerun", shape, 8);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     env.cleanup(&["rerun"]).await;
@@ -413,7 +413,7 @@ async fn a_k_split_job_sums_each_partial_product_once_with_either_operand_transp
         assert!(parts > 1, "k should have been split");
         assert_eq!(summary.tasks_done, 3 * 2 * parts as u64);
         assert_eq!(summary.tiles_complete, 6);
-        assert_eq!(summary.status, Status::Complete);
+        assert_eq!(summary.status, Outcome::Complete);
         let err = common::max_error_against_local_product(&env, job, shape);
         assert!(err <= TOLERANCE, "{operands:?}: max |C - A·B| = {err:e}");
     }
@@ -476,7 +476,7 @@ async fn the_queue_size_is_the_prefetch_and_the_broker_holds_the_rest() {
     let summary = gemmq_collector::run(&collector, env.stop.clone())
         .await
         .unwrap();
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     let stats = env.stop_consumers().await;
     assert_eq!(
         stats[0].max_held.load(Ordering::Relaxed),
@@ -497,7 +497,7 @@ async fn failed_tasks_come_back_through_the_retry_queue_with_rising_attempts() {
     }
     let (_, summary) = run_job(&env, "retry", (128, 64, 128), 16).await;
 
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     assert_eq!(summary.tasks_done, 64);
     assert!(
         summary.retries > 0,
@@ -536,7 +536,7 @@ async fn when_attempts_run_out_tiles_are_parked_and_the_collector_reports_them()
     let (_, summary) = run_job_with(&env, env.producer("park", (32, 8, 32), 16), collector).await;
 
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(summary.status, Status::Incomplete);
+    assert_eq!(summary.status, Outcome::Incomplete);
     assert_eq!(summary.status.exit_code(), gemmq_collector::EXIT_INCOMPLETE);
     assert_eq!(summary.parked.len(), 4);
     for p in &summary.parked {
@@ -636,7 +636,7 @@ async fn a_result_delivered_twice_is_assembled_once() {
     .unwrap()
     .unwrap();
 
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     assert_eq!(summary.tasks_done, 16);
     // Three second copies, plus the results the real worker computed again for those tiles
     // (when they arrive before the last tile).
@@ -671,7 +671,7 @@ async fn a_finished_job_id_used_again_for_other_inputs_is_collected_again_into_t
         .expect("the collector runs cleanly");
 
     assert_ne!(first.manifest.run, second.manifest.run);
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     assert_eq!(
         summary.tasks_done, 4,
         "the second run's tiles were collected"
@@ -697,7 +697,7 @@ async fn a_collector_run_again_on_a_finished_job_reports_it_and_resurrects_nothi
     .await
     .expect("it does not wait for a job that is done")
     .unwrap();
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     let ch = env.channel().await;
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
@@ -732,7 +732,7 @@ async fn a_collector_without_a_job_id_skips_the_announcement_of_an_earlier_run_o
     .expect("it neither waits on nor re-reports the finished run")
     .unwrap();
 
-    assert_eq!(summary.status, Status::Complete, "{summary:?}");
+    assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
     assert_eq!(
         summary.rejected_messages, 0,
         "no result was taken for another run's"
@@ -766,7 +766,7 @@ async fn a_collector_without_a_job_id_takes_the_next_unfinished_job() {
     .expect("it does not wait on the finished job")
     .unwrap();
     assert_eq!(summary.job, "second");
-    assert_eq!(summary.status, Status::Complete);
+    assert_eq!(summary.status, Outcome::Complete);
     // Taking a job acks its announcement: only the finished job's stale one is left.
     let ch = env.channel().await;
     let jobs = env.topology().jobs_queue();

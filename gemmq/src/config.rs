@@ -372,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn duration_ranges_parse_like_the_seeds_write_them() {
+    fn duration_ranges_parse_like_the_demo_writes_them() {
         let r: DurationRange = "1s..3s".parse().unwrap();
         assert_eq!(
             (r.min, r.max),
