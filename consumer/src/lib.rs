@@ -285,7 +285,7 @@ struct Ctx {
     compute: Semaphore,
     shutdown: CancellationToken,
     conn: deadpool_lapin::Object,
-    operands: operands::Operands,
+    operands: operands::OperandBlocks,
     /// Cancelled when publishing finds the publisher channel dead: the connection is then
     /// rebuilt, instead of every task failing the same way in a loop.
     lost: CancellationToken,

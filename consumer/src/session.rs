@@ -124,7 +124,7 @@ impl Session {
             compute: Semaphore::new(s.concurrency),
             shutdown: shutdown.clone(),
             conn,
-            operands: operands::Operands::new(
+            operands: operands::OperandBlocks::new(
                 topo.clone(),
                 s.broker.max_message_bytes,
                 s.operand_cache,
