@@ -103,3 +103,54 @@ fn sigterm_stops_a_worker_that_is_waiting_for_the_broker() {
         "the log says it was retrying, then that it stopped:\n{err}"
     );
 }
+
+/// Settings are layered flag > environment > config file > default, as `--help` says.
+#[test]
+fn a_flag_beats_the_environment_which_beats_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gemmq.toml");
+    std::fs::write(&file, "[consumer]\nqueue-size = 0\n").unwrap();
+    // A port nothing listens on: settings that pass end in "cannot reach RabbitMQ" (exit 1).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_gemmq-consumer"))
+            .args(["--config", file.to_str().unwrap()])
+            .args(args)
+            .env(
+                "AMQP_URL",
+                format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            )
+            .env("GEMMQ_CONNECT_TIMEOUT", "1s")
+            .env_remove("GEMMQ_QUEUE_SIZE")
+            .envs(env.iter().copied())
+            .output()
+            .expect("the binary runs");
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+
+    let (code, err) = run(&[], &[]);
+    assert_eq!(code, Some(2), "the file's queue-size 0 is refused:\n{err}");
+    assert!(err.contains("queue-size"), "{err}");
+
+    let (code, err) = run(&[], &[("GEMMQ_QUEUE_SIZE", "3")]);
+    assert_eq!(
+        code,
+        Some(1),
+        "the environment's 3 beats the file's 0:\n{err}"
+    );
+    assert!(err.contains("cannot reach RabbitMQ"), "{err}");
+
+    let (code, err) = run(&["--queue-size", "0"], &[("GEMMQ_QUEUE_SIZE", "3")]);
+    assert_eq!(
+        code,
+        Some(2),
+        "the flag's 0 beats the environment's 3:\n{err}"
+    );
+    assert!(err.contains("queue-size"), "{err}");
+}

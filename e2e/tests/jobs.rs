@@ -1,0 +1,181 @@
+//! Jobs as users bring them: their own .npy files, f32, two jobs at once on the same workers,
+//! and a C that fails verification, seen as the collector's exit status.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, run_job_with};
+use gemmq::DType;
+use gemmq::TileId;
+use gemmq::matrix::Matrix;
+use gemmq::message::{self, Header, ResultHeader};
+use gemmq_collector::Outcome;
+use lapin::options::BasicPublishOptions;
+
+/// The largest |C − A·B| relative to the largest |A·B|, C read from `out/C.npy`.
+fn relative_error(c_npy: &std::path::Path, a: &Matrix, b: &Matrix) -> f64 {
+    let want = a.dot(b).expect("A and B conform");
+    let got = Matrix::read_npy(c_npy).expect("C.npy is readable");
+    match (want, got) {
+        (Matrix::F64(w), Matrix::F64(g)) => {
+            assert_eq!(g.dim(), w.dim());
+            let scale = w.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            (&g - &w).iter().fold(0.0f64, |m, d| m.max(d.abs())) / scale
+        }
+        (Matrix::F32(w), Matrix::F32(g)) => {
+            assert_eq!(g.dim(), w.dim());
+            let scale = w.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            ((&g - &w).iter().fold(0.0f32, |m, d| m.max(d.abs())) / scale) as f64
+        }
+        _ => panic!("C has another dtype than A and B"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_from_the_users_npy_files_gives_exactly_their_product() {
+    let mut env = Env::new("npy");
+    env.spawn_consumer(env.consumer("w1"));
+    env.spawn_consumer(env.consumer("w2"));
+    // Files as numpy would write them, of a shape no seed made.
+    let (a, b) = gemmq::matrix::generate(70, 45, 33, DType::F64, 11);
+    let (a_path, b_path) = (env.dir.path().join("A.npy"), env.dir.path().join("B.npy"));
+    a.write_npy(&a_path).unwrap();
+    b.write_npy(&b_path).unwrap();
+    let mut p = env.producer("npy", (0, 0, 0), 16);
+    p.source = gemmq_producer::Source::Files {
+        a: a_path,
+        b: b_path,
+    };
+    let (receipt, summary) = run_job_with(&env, p, env.collector("npy")).await;
+
+    assert_eq!(
+        (
+            receipt.manifest.plan.m,
+            receipt.manifest.plan.k,
+            receipt.manifest.plan.n
+        ),
+        (70, 45, 33),
+        "the plan is the files' shapes"
+    );
+    assert_eq!(summary.status, Outcome::Complete);
+    let err = relative_error(&env.dir.path().join("npy/C.npy"), &a, &b);
+    assert!(err <= 1e-14, "|C - A·B| / |A·B| = {err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&["npy"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_f32_job_is_computed_and_written_in_f32() {
+    let mut env = Env::new("f32");
+    env.spawn_consumer(env.consumer("w1"));
+    let mut p = env.producer("f32", (96, 80, 64), 32);
+    p.source = gemmq_producer::Source::Seed {
+        m: 96,
+        k: 80,
+        n: 64,
+        dtype: DType::F32,
+        seed: 3,
+    };
+    let (_, summary) = run_job_with(&env, p, env.collector("f32")).await;
+
+    assert_eq!(summary.status, Outcome::Complete);
+    assert_eq!(summary.dtype, DType::F32);
+    let (a, b) = gemmq::matrix::generate(96, 80, 64, DType::F32, 3);
+    let c_npy = env.dir.path().join("f32/C.npy");
+    assert!(matches!(Matrix::read_npy(&c_npy).unwrap(), Matrix::F32(_)));
+    // k = 80 terms in f32: a few ulps of the largest entry.
+    let err = relative_error(&c_npy, &a, &b);
+    assert!(err <= 1e-5, "|C - A·B| / |A·B| = {err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&["f32"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_jobs_at_once_on_the_same_workers_each_get_their_own_c() {
+    let mut env = Env::new("two");
+    env.spawn_consumer(env.consumer("w1"));
+    env.spawn_consumer(env.consumer("w2"));
+    let (one, two) = tokio::join!(
+        run_job_with(
+            &env,
+            env.seeded_producer("one", (64, 48, 64), 16, 1),
+            env.collector("one")
+        ),
+        run_job_with(
+            &env,
+            env.seeded_producer("two", (64, 48, 64), 16, 2),
+            env.collector("two")
+        ),
+    );
+    for (job, seed, (_, summary)) in [("one", 1, one), ("two", 2, two)] {
+        assert_eq!(summary.status, Outcome::Complete, "{job}");
+        assert_eq!(summary.tasks_done, 16, "{job}");
+        let err = common::max_error_against_seed(&env, job, (64, 48, 64), seed);
+        assert!(err <= 1e-10, "{job}: max |C - A·B| = {err:e}");
+    }
+    env.stop_consumers().await;
+    env.cleanup(&["one", "two"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
+    let mut env = Env::new("wrong");
+    let receipt = gemmq_producer::run(&env.producer("wrong", (64, 32, 64), 32))
+        .await
+        .expect("the producer publishes the job");
+    // Before any worker: a well-formed result for tile (0, 0) that is all zeros, first on the
+    // job's results queue, so the collector takes it and drops the right one as a duplicate.
+    let ch = env.channel().await;
+    ch.confirm_select(Default::default()).await.unwrap();
+    let header = Header::Result(ResultHeader {
+        job: "wrong".into(),
+        run: receipt.manifest.run.clone(),
+        tile: TileId {
+            row: 0,
+            col: 0,
+            part: 0,
+        },
+        dtype: DType::F64,
+        rows: 32,
+        cols: 32,
+        worker: "forger".into(),
+        attempt: 1,
+        compute_micros: 1,
+    });
+    ch.basic_publish(
+        env.topology().results_exchange().as_str().into(),
+        "wrong".into(),
+        BasicPublishOptions::default(),
+        &message::encode(&header, &[&vec![0u8; 32 * 32 * 8]]),
+        Default::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let out = env.dir.path().join("wrong");
+    let mut collector = env.spawn(
+        "gemmq-collector",
+        "collector",
+        &["--job-id", "wrong", "--out", out.to_str().unwrap()],
+    );
+    env.spawn_consumer(env.consumer("w1"));
+
+    assert_eq!(
+        collector.wait(Duration::from_secs(60)).await,
+        Some(gemmq_collector::EXIT_UNVERIFIED as i32),
+        "{}",
+        collector.log()
+    );
+    assert_eq!(gemmq_collector::EXIT_UNVERIFIED, 4);
+    let summary = common::summary_json(&env, "wrong");
+    assert_eq!(summary["status"], "verification_failed", "{summary:#}");
+    assert_eq!(summary["verification"]["passed"], false);
+    assert_eq!(
+        summary["duplicates_dropped"], 1,
+        "the right tile came second"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&["wrong"]).await;
+}
