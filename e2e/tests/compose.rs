@@ -1,8 +1,8 @@
 //! Static checks of the Docker deployment: docker-compose.yml, the Dockerfile, .env.example and
-//! .dockerignore. There is no Docker engine where the tests run, so nothing is built or started;
-//! instead every promise the README makes about `docker compose up --scale consumer=N` is
-//! checked against the files, and every setting the compose file passes is checked against the
-//! environment variables the programs really read (their `env = "..."` declarations).
+//! .dockerignore, checked without Docker: every setting the compose file passes against the
+//! environment variables the programs really read (their `env = "..."` declarations), and what
+//! a real run could not show (ports on 127.0.0.1 only, no guest). `compose_up.rs` runs it for
+//! real.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -791,12 +791,6 @@ fn the_image_is_multi_stage_cached_and_runs_as_non_root() {
         minor >= 89,
         "rust:{rust}: the workspace needs Rust 1.89 or later"
     );
-    let runtime = images.last().unwrap();
-    assert!(
-        runtime.contains("slim"),
-        "the runtime image {runtime} should be slim"
-    );
-
     let last_from = instructions
         .iter()
         .rposition(|(op, _)| op == "FROM")
@@ -846,5 +840,4 @@ fn run_local_uses_the_same_variables() {
             "scripts/run-local.sh names {name}, which no program reads"
         );
     }
-    assert!(script.contains("docker-compose.yml"));
 }
