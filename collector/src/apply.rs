@@ -29,7 +29,7 @@ pub(crate) fn apply(
     // that job's queues were deleted) was computed from that job's inputs. An empty run is a
     // gemmq that named none: taken as before.
     let run = frame.header.run();
-    if !run.is_empty() && !manifest.run.is_empty() && run != manifest.run {
+    if message::other_run(run, &manifest.run) {
         warn!(job = %manifest.job, %run, expected = %manifest.run, "message of another run of this job id (a task left over from an earlier job) dropped");
         return Ok(1);
     }

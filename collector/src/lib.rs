@@ -643,7 +643,7 @@ async fn superseded(broker: &Broker, topo: &Topology, announced: &Manifest) -> b
     let current = job::peek_manifest(&ch, topo, &announced.job).await;
     let _ = ch.close(200, "peeked".into()).await;
     match current {
-        Ok(Some(m)) => !m.run.is_empty() && !announced.run.is_empty() && m.run != announced.run,
+        Ok(Some(m)) => message::other_run(&m.run, &announced.run),
         _ => false,
     }
 }

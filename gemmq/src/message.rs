@@ -705,6 +705,13 @@ pub enum Inputs {
     Files { a: String, b: String },
 }
 
+/// Whether two run ids name different runs of a job id: a message of the other run is left over
+/// from an earlier job under the same id (or a later one) and must not be mixed with this one.
+/// An empty run is a message from a gemmq that named none, taken as any run.
+pub fn other_run(a: &str, b: &str) -> bool {
+    !a.is_empty() && !b.is_empty() && a != b
+}
+
 /// A [`Manifest::run`]: a digest of what makes the job this job (its id, plan and inputs, given
 /// as byte strings), 16 hex digits. Derived, not random, so that two producers announcing the
 /// same job at once (or one run again) name the same run, and a job id used again for other
@@ -781,6 +788,13 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_differ_only_when_both_are_named_and_unequal() {
+        assert!(other_run("a1", "b2"));
+        assert!(!other_run("a1", "a1"));
+        assert!(!other_run("", "a1") && !other_run("a1", "") && !other_run("", ""));
+    }
 
     fn task(rows: u32, cols: u32, depth: u32) -> Header {
         Header::Task(TaskHeader {

@@ -89,7 +89,7 @@ impl Drop for JobOperands {
 pub(super) fn forget_job(jobs: &Jobs, done: &Mutex<VecDeque<String>>, notice: &message::JobDone) {
     let job = notice.job.as_str();
     // A notice without a run (an older collector) is for whatever run is cached.
-    let this_run = |j: &JobOperands| notice.run.is_empty() || j.run == notice.run;
+    let this_run = |j: &JobOperands| !message::other_run(&notice.run, &j.run);
     let mut jobs = jobs.lock().expect("never poisoned");
     if jobs.iter().any(|(name, j)| name == job && !this_run(j)) {
         // An earlier run of a job id that is running again here: the running one is not done.

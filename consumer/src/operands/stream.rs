@@ -237,7 +237,7 @@ pub(super) fn accept(
         tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
         return Ok(None);
     };
-    if h.job == j.job && h.run != j.run && !h.run.is_empty() && !j.run.is_empty() {
+    if h.job == j.job && gemmq::message::other_run(&h.run, &j.run) {
         // Runs are derived from the job's inputs: the stream holds another job under this id,
         // and the task is left over from the earlier one. Its data is gone.
         return Err(FetchError::JobGone);
