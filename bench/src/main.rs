@@ -14,13 +14,14 @@
 mod bytes;
 mod child;
 mod floor;
+mod job;
 mod machine;
 mod procs;
 mod reference;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -655,7 +656,15 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         loadavg_before: machine::loadavg(),
         loadavg_after: String::new(),
     };
-    if let Err(e) = job(cli, spec, ns, dir, env, max_message_bytes, &mut run) {
+    let job = job::Job {
+        cli,
+        spec,
+        ns,
+        dir,
+        env,
+        max_message_bytes,
+    };
+    if let Err(e) = job.run(&mut run) {
         run.error = Some(format!("{e:#}"));
     } else {
         run.ok = true;
@@ -769,337 +778,6 @@ fn measure_floor(
     }
     run.floor = Some(f);
     machine::wait_idle(cli.wait_idle, IDLE_CORES);
-}
-
-fn job(
-    cli: &Cli,
-    spec: &Spec,
-    ns: &str,
-    dir: &Path,
-    env: &Env,
-    max_message_bytes: u64,
-    run: &mut Run,
-) -> Result<()> {
-    std::fs::create_dir_all(dir.join("out"))
-        .with_context(|| format!("creating {}", dir.display()))?;
-
-    // The reference first, alone on the machine (the job's processes are not started yet).
-    eprintln!(
-        "   reference: {}×{} {} in process (matrixmultiply and gemm), {} thread(s), best of {} each",
-        spec.n, spec.n, spec.dtype, cli.reference_threads, cli.reference_runs
-    );
-    run.idle_wait = Some(machine::wait_idle(cli.wait_idle, IDLE_CORES));
-    let reference = reference::measure(
-        spec.n,
-        spec.dtype,
-        cli.seed,
-        cli.reference_runs,
-        cli.reference_threads,
-    )?;
-    for k in &reference.kernels {
-        eprintln!(
-            "   reference: {} best {:.3} s (runs {:?})",
-            k.kernel,
-            k.best_seconds,
-            k.runs_seconds
-                .iter()
-                .map(|s| (s * 1000.0).round() / 1000.0)
-                .collect::<Vec<_>>()
-        );
-    }
-    eprintln!(
-        "   reference: {} best {:.3} s = {:.1} GFLOP/s (runs {:?}, cpu/wall {:.2}, machine busy {:.2} cores)",
-        reference.kernel,
-        reference.best_seconds,
-        reference.gflops,
-        reference
-            .runs_seconds
-            .iter()
-            .map(|s| (s * 1000.0).round() / 1000.0)
-            .collect::<Vec<_>>(),
-        reference.cpu_per_wall,
-        reference.machine_busy_cores
-    );
-    let operands = cli.operands.unwrap_or_default();
-    if !spec.small_tasks && !cli.no_floor && operands == Operands::Stream {
-        measure_floor(cli, spec, ns, max_message_bytes, &reference, run);
-    }
-    run.reference = Some(reference);
-    eprintln!(
-        "   bench's own peak RSS {:.0} MiB (a floor under the children's ru_maxrss)",
-        procs::own_peak_rss_mib()
-    );
-    run.bench_peak_rss_mib = procs::own_peak_rss_mib();
-
-    let mut producer_env = vec![
-        (
-            "GEMMQ_OPERANDS",
-            match operands {
-                Operands::Inline => "inline",
-                Operands::Stream => "stream",
-            }
-            .to_string(),
-        ),
-        ("GEMMQ_M", spec.n.to_string()),
-        ("GEMMQ_K", spec.n.to_string()),
-        ("GEMMQ_N", spec.n.to_string()),
-        ("GEMMQ_DTYPE", spec.dtype.to_string()),
-        ("GEMMQ_SEED", cli.seed.to_string()),
-    ];
-    if let Some(t) = spec.tile {
-        producer_env.push(("GEMMQ_TILE", t.to_string()));
-    }
-    if let Some(g) = spec.task_group {
-        producer_env.push(("GEMMQ_GROUP", g.to_string()));
-    }
-    let ready = Duration::from_secs(60);
-    let mut consumers = Vec::new();
-    for w in 1..=cli.consumers {
-        let id = format!("{ns}-w{w}");
-        let mut extra = vec![("GEMMQ_WORKER_ID", id.clone())];
-        if let Some(q) = spec.queue_size {
-            extra.push(("GEMMQ_QUEUE_SIZE", q.to_string()));
-        }
-        consumers.push(env.spawn(CONSUMER, &id, dir, ns, &extra)?);
-    }
-    for c in &consumers {
-        wait_for_log(c, "consuming tasks", ready)?;
-    }
-    // CPU the consumers used before the measured job (starting up, and the warm-up job).
-    let mut consumers_cpu_before = vec![0.0; consumers.len()];
-    if cli.warm {
-        let label = format!("{}-warm-up", spec.label);
-        eprintln!("   warm-up job {label}: the consumers' first, not measured");
-        let collector = spawn_collector(cli, env, dir, ns, &label, "warm-up")?;
-        wait_for_log(
-            &collector,
-            "waiting for the producer to announce the job",
-            ready,
-        )?;
-        let mut warm_env = producer_env.clone();
-        warm_env.push(("GEMMQ_JOB_ID", label.clone()));
-        let producer = env.spawn(PRODUCER, "warm-up-producer", dir, ns, &warm_env)?;
-        let exit = match collector.wait(cli.timeout) {
-            Some(e) => e?,
-            None => bail!(
-                "the warm-up job did not finish within {:?} (--timeout)",
-                cli.timeout
-            ),
-        };
-        if exit.code != Some(0) {
-            bail!(
-                "the warm-up job's collector failed ({}); {} ends:\n{}",
-                exit.describe(),
-                collector.log.display(),
-                collector.log_tail(20)
-            );
-        }
-        match producer.wait(Duration::from_secs(60)) {
-            Some(Ok(e)) if e.code == Some(0) => {}
-            _ => bail!(
-                "the warm-up job's producer did not end well; see {}",
-                producer.log.display()
-            ),
-        }
-        for c in &consumers {
-            if let Some(e) = c.try_exit() {
-                let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
-                bail!("consumer {} ended ({how}) during the warm-up job", c.name);
-            }
-        }
-        if !cli.keep_outputs {
-            remove_outputs(&dir.join("warm-up"));
-        }
-    }
-    // What the broker had sent the consumers before the measured job (the warm-up job's share).
-    let traffic_before = if cli.warm {
-        consumer_traffic(cli, &consumers)
-    } else {
-        Some((0, 0))
-    };
-    for (before, c) in consumers_cpu_before.iter_mut().zip(&consumers) {
-        *before = machine::process_cpu_seconds(c.pid).unwrap_or(0.0);
-    }
-    let collector = spawn_collector(cli, env, dir, ns, &spec.label, "out")?;
-    wait_for_log(
-        &collector,
-        "waiting for the producer to announce the job",
-        ready,
-    )?;
-    producer_env.push(("GEMMQ_JOB_ID", spec.label.clone()));
-
-    eprintln!("   job: producer, {} consumers, collector", cli.consumers);
-    let (broker_cpu0, machine_cpu0) = (
-        machine::broker_cpu_seconds(),
-        machine::machine_busy_cpu_seconds(),
-    );
-    let producer = env.spawn(PRODUCER, "producer", dir, ns, &producer_env)?;
-
-    // Until the collector exits; the producer must end well too, the consumers must not end.
-    let deadline = producer.started + cli.timeout;
-    let mut producer_exit = None;
-    let collector_exit = loop {
-        if producer_exit.is_none()
-            && let Some(e) = producer.try_exit()
-        {
-            let e = e?;
-            if e.code != Some(0) {
-                bail!(
-                    "the producer failed ({}); {} ends:\n{}",
-                    e.describe(),
-                    producer.log.display(),
-                    producer.log_tail(20)
-                );
-            }
-            producer_exit = Some(e);
-        }
-        if let Some(e) = collector.try_exit() {
-            let delta = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
-            run.broker_cpu_seconds = delta(broker_cpu0, machine::broker_cpu_seconds());
-            run.machine_busy_cpu_seconds = delta(machine_cpu0, machine::machine_busy_cpu_seconds());
-            break e?;
-        }
-        for c in &consumers {
-            if let Some(e) = c.try_exit() {
-                let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
-                bail!(
-                    "consumer {} ended ({how}) during the job; {} ends:\n{}",
-                    c.name,
-                    c.log.display(),
-                    c.log_tail(20)
-                );
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the job did not finish within {:?} (--timeout); the collector's log {} ends:\n{}",
-                cli.timeout,
-                collector.log.display(),
-                collector.log_tail(10)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let e2e = collector_exit
-        .at
-        .saturating_duration_since(producer.started)
-        .as_secs_f64();
-    run.collector = Some(proc_stats("collector", &collector_exit));
-    if collector_exit.code != Some(0) {
-        bail!(
-            "the collector did not verify a complete C ({}: 3 = tasks parked, 4 = verification failed); {} ends:\n{}",
-            collector_exit.describe(),
-            collector.log.display(),
-            collector.log_tail(20)
-        );
-    }
-    let producer_exit = match producer_exit {
-        Some(e) => e,
-        None => match producer.wait(Duration::from_secs(60)) {
-            Some(e) => e?,
-            None => bail!("the producer did not exit after the collector finished"),
-        },
-    };
-    run.producer = Some(proc_stats("producer", &producer_exit));
-    let mut programs_cpu = producer_exit.cpu_seconds + collector_exit.cpu_seconds;
-    if producer_exit.code != Some(0) {
-        bail!("the producer failed ({})", producer_exit.describe());
-    }
-    // What the broker sent the consumers and got from them, before their connections close.
-    let traffic = consumer_traffic(cli, &consumers).zip(traffic_before).map(
-        |((sent, recv), (sent0, recv0))| (sent.saturating_sub(sent0), recv.saturating_sub(recv0)),
-    );
-    for (c, before) in consumers.iter().zip(&consumers_cpu_before) {
-        let mut e = c.stop(Duration::from_secs(30))?;
-        e.cpu_seconds -= before;
-        if e.code != Some(0) {
-            eprintln!(
-                "   warning: consumer {} did not stop cleanly on SIGTERM ({})",
-                c.name,
-                e.describe()
-            );
-        }
-        programs_cpu += e.cpu_seconds;
-        run.consumers.push(proc_stats(&c.name, &e));
-    }
-    run.programs_cpu_seconds = Some(programs_cpu);
-    run.others_cpu_seconds = run
-        .machine_busy_cpu_seconds
-        .map(|m| m - programs_cpu - run.broker_cpu_seconds.unwrap_or(0.0));
-
-    // summary.json: the plan as the programs used it, and the collector's own clock.
-    let summary_path = dir.join("out").join("summary.json");
-    let summary: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&summary_path)
-            .with_context(|| format!("reading {}", summary_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", summary_path.display()))?;
-    let get_u = |k: &str| {
-        summary[k]
-            .as_u64()
-            .with_context(|| format!("summary.json has no {k}"))
-    };
-    if summary["status"] != "complete" {
-        bail!("summary.json says status {}", summary["status"]);
-    }
-    let tile = get_u("tile")?;
-    let k_parts = get_u("k_parts")? as u32;
-    let tasks = get_u("tasks")?;
-    let plan = square_plan(spec, tile, max_message_bytes, operands)?;
-    if plan.parts() != k_parts || plan.tasks() != tasks {
-        eprintln!(
-            "warning: summary.json's plan ({tasks} tasks, {k_parts} k-parts) differs from the bench's ({} tasks, {} k-parts)",
-            plan.tasks(),
-            plan.parts()
-        );
-    }
-    run.tile = Some(tile);
-    run.k_parts = Some(k_parts);
-    run.tasks = Some(tasks);
-    run.summary_wall_seconds = summary["wall_seconds"].as_f64();
-    run.retries = summary["retries"].as_u64();
-    run.duplicates_dropped = summary["duplicates_dropped"].as_u64();
-    run.consumers_compute_seconds = summary["workers"].as_object().map(|w| {
-        w.values()
-            .filter_map(|t| t["compute_seconds"].as_f64())
-            .sum()
-    });
-    let flops = plan.flops();
-    run.e2e_seconds = Some(e2e);
-    run.e2e_gflops = Some(flops / e2e / 1e9);
-    run.ratio_e2e_to_reference = run.reference.as_ref().map(|r| e2e / r.best_seconds);
-    if let Some(wall) = run.summary_wall_seconds.filter(|w| *w > 0.0) {
-        run.wall_gflops = Some(flops / wall / 1e9);
-        run.tasks_per_second = Some(tasks as f64 / wall);
-        run.ratio_wall_to_reference = run.reference.as_ref().map(|r| wall / r.best_seconds);
-    }
-
-    let per_message = match spec.task_group.unwrap_or_default() {
-        GroupSize::Auto => gemmq::tiling::auto_group(&plan, max_message_bytes),
-        GroupSize::Fixed(g) => g,
-    };
-    run.tasks_per_message = Some(per_message);
-    let mut broker = bytes::from_plan(&plan, per_message, &spec.label, &consumers[0].name);
-    if let Some((received, sent)) = traffic {
-        broker.consumers_received_bytes = Some(received);
-        broker.consumers_sent_bytes = Some(sent);
-    }
-    let producer_log = std::fs::read_to_string(&producer.log).unwrap_or_default();
-    if let Some(line) = producer_log
-        .lines()
-        .rev()
-        .find(|l| l.contains("all tasks published and confirmed"))
-    {
-        broker.producer_log_mib = bytes::log_field(line, "mib");
-        run.producer_publish_seconds = bytes::log_field(line, "seconds");
-    }
-    run.broker = Some(broker);
-    eprintln!(
-        "   tile {tile}: {tasks} tasks ({k_parts} k-part{}, {per_message} to a message), e2e {} s (from the first publish), {e2e:.2} s from the producer's start",
-        if k_parts == 1 { "" } else { "s" },
-        opt(run.summary_wall_seconds, 2),
-    );
-    Ok(())
 }
 
 /// A collector for `job`, writing into `dir`/`out`.
