@@ -22,12 +22,12 @@ use crate::progress::Progress;
 use crate::{Settings, retries};
 
 /// How collecting on one connection ended, when it ended well.
-pub(crate) enum Collected {
+enum Collected {
     Finished,
     Idle,
 }
 
-pub(crate) enum Stop {
+enum Stop {
     Interrupted,
     Fatal(anyhow::Error),
     Lost(anyhow::Error),
@@ -57,9 +57,41 @@ pub(crate) struct Collection<'a> {
 }
 
 impl Collection<'_> {
+    /// Collects until every task has a result or a parked notice, or the idle timeout passes,
+    /// reconnecting whenever the broker is lost. An interruption (SIGTERM) is an error that
+    /// says how to resume.
+    pub async fn until_done(&mut self) -> anyhow::Result<()> {
+        let total = self.manifest.plan.tasks();
+        while !self.asm.is_finished() {
+            match self.on_one_connection().await {
+                Ok(Collected::Finished) => break,
+                Ok(Collected::Idle) => {
+                    warn!("no results within the idle timeout; reporting what is missing");
+                    break;
+                }
+                Err(Stop::Interrupted) => {
+                    self.progress.finish();
+                    anyhow::bail!(
+                        "interrupted with {} of {total} tasks collected; they are checkpointed in {}: run the collector again with --job-id {} to resume",
+                        self.asm.tasks_done(),
+                        self.asm.dir().display(),
+                        self.manifest.job
+                    );
+                }
+                Err(Stop::Fatal(e)) => return Err(e),
+                Err(Stop::Lost(e)) => {
+                    warn!(error = %format!("{e:#}"), "lost the broker; reconnecting (unacked results will be delivered again)");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.progress.finish();
+        Ok(())
+    }
+
     /// Consumes the job's results on one connection until the job is finished, the connection
     /// is lost, or the idle timeout passes.
-    pub async fn on_one_connection(&mut self) -> Result<Collected, Stop> {
+    async fn on_one_connection(&mut self) -> Result<Collected, Stop> {
         let (ch, tag, mut results) = self.subscribe().await?;
         self.take_announcement().await;
         let plan = &self.manifest.plan;

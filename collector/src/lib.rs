@@ -38,7 +38,7 @@ use lapin::types::FieldTable;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::collect::{Collected, Collection, Stop};
+use crate::collect::Collection;
 use crate::progress::Progress;
 
 /// Exit status for a job whose tasks were parked.
@@ -216,16 +216,59 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     let topo = s.broker.topology();
     let ch = declare_topology(&broker, &topo).await?;
 
-    let (manifest, announcement) = match &s.job_id {
+    let (manifest, announcement) = find_job(s, &broker, &topo, &ch, &shutdown).await?;
+    check_output_size(s, &manifest)?;
+    std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
+    let mut asm = match open_checkpoint(s, &manifest, &shutdown).await? {
+        Opened::Assembly(asm) => *asm,
+        Opened::Finished(output) => return already_collected(s, &manifest.job, &output).await,
+    };
+    if asm.resumed > 0 {
+        info!(
+            job = %manifest.job, done = asm.resumed, total = manifest.plan.tasks(), checkpoint = %asm.dir().display(),
+            "resuming from the checkpoint"
+        );
+    }
+    let expected = s.verify.then(|| start_verification(&manifest, &mut asm));
+    let mut job = Collection {
+        broker: &broker,
+        topo: &topo,
+        settings: s,
+        manifest: &manifest,
+        asm,
+        progress: Progress::new(&manifest.job, manifest.plan.tasks()),
+        rejected: 0,
+        announcement,
+        shutdown: &shutdown,
+    };
+    job.until_done().await?;
+    let (asm, rejected) = (job.asm, job.rejected);
+    finish(s, &broker, &topo, &manifest, asm, rejected, expected).await
+}
+
+/// The job named by `--job-id` (waiting for its announcement), or the next one announced, whose
+/// announcement stays unacked until its results queue is ours.
+async fn find_job(
+    s: &Settings,
+    broker: &Broker,
+    topo: &Topology,
+    ch: &Channel,
+    shutdown: &CancellationToken,
+) -> Result<(Manifest, Option<(Delivery, Channel)>)> {
+    Ok(match &s.job_id {
         Some(job) => (
-            wait_for_manifest(&broker, &ch, &topo, job, s, &shutdown).await?,
+            wait_for_manifest(broker, ch, topo, job, s, shutdown).await?,
             None,
         ),
         None => {
-            let (m, d, ch) = next_job(&broker, &topo, &shutdown).await?;
+            let (m, d, ch) = next_job(broker, topo, shutdown).await?;
             (m, Some((d, ch)))
         }
-    };
+    })
+}
+
+/// Refuses a C larger than `--max-output-bytes` before anything is written.
+fn check_output_size(s: &Settings, manifest: &Manifest) -> Result<()> {
     let plan = &manifest.plan;
     let c_bytes = plan
         .m
@@ -241,74 +284,26 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
             )
         ));
     }
-    std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
-    let mut asm = match open_checkpoint(s, &manifest, &shutdown).await? {
-        Opened::Assembly(asm) => *asm,
-        Opened::Finished(output) => return already_collected(s, &manifest.job, &output).await,
-    };
-    if asm.resumed > 0 {
-        info!(
-            job = %manifest.job, done = asm.resumed, total = plan.tasks(), checkpoint = %asm.dir().display(),
-            "resuming from the checkpoint"
-        );
-    }
+    Ok(())
+}
 
-    // What C·x must be, worked out from A and B while the workers compute C; and C·x itself,
-    // summed as the tiles come in.
-    if s.verify {
-        // A manifest's check names its vectors; a malformed one (too many) is not trusted with
-        // memory, and the check at the end then falls back to reading C.
-        let (rounds, seed) = match &manifest.check {
-            Some(c) if (1..=verify::MAX_ROUNDS as usize).contains(&c.abx.len()) => {
-                (c.abx.len() as u32, c.seed)
-            }
-            _ => (verify::ROUNDS, verify::VECTOR_SEED),
-        };
-        asm.track_product(rounds, seed);
-    }
-    let expected = s.verify.then(|| {
-        let manifest = manifest.clone();
-        tokio::task::spawn_blocking(move || expectation(&manifest))
-    });
-
-    let mut job = Collection {
-        broker: &broker,
-        topo: &topo,
-        settings: s,
-        manifest: &manifest,
-        asm,
-        progress: Progress::new(&manifest.job, plan.tasks()),
-        rejected: 0,
-        announcement,
-        shutdown: &shutdown,
-    };
-    while !job.asm.is_finished() {
-        match job.on_one_connection().await {
-            Ok(Collected::Finished) => break,
-            Ok(Collected::Idle) => {
-                warn!("no results within the idle timeout; reporting what is missing");
-                break;
-            }
-            Err(Stop::Interrupted) => {
-                job.progress.finish();
-                bail!(
-                    "interrupted with {} of {} tasks collected; they are checkpointed in {}: run the collector again with --job-id {} to resume",
-                    job.asm.tasks_done(),
-                    plan.tasks(),
-                    job.asm.dir().display(),
-                    manifest.job
-                );
-            }
-            Err(Stop::Fatal(e)) => return Err(e),
-            Err(Stop::Lost(e)) => {
-                warn!(error = %format!("{e:#}"), "lost the broker; reconnecting (unacked results will be delivered again)");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+/// What C·x must be, worked out from A and B while the workers compute C; and C·x itself,
+/// summed as the tiles come in.
+fn start_verification(
+    manifest: &Manifest,
+    asm: &mut Assembly,
+) -> tokio::task::JoinHandle<Result<Expected>> {
+    // A manifest's check names its vectors; a malformed one (too many) is not trusted with
+    // memory, and the check at the end then falls back to reading C.
+    let (rounds, seed) = match &manifest.check {
+        Some(c) if (1..=verify::MAX_ROUNDS as usize).contains(&c.abx.len()) => {
+            (c.abx.len() as u32, c.seed)
         }
-    }
-    job.progress.finish();
-    let (asm, rejected) = (job.asm, job.rejected);
-    finish(s, &broker, &topo, &manifest, asm, rejected, expected).await
+        _ => (verify::ROUNDS, verify::VECTOR_SEED),
+    };
+    asm.track_product(rounds, seed);
+    let manifest = manifest.clone();
+    tokio::task::spawn_blocking(move || expectation(&manifest))
 }
 
 /// The checkpoint directory of a job under `out`.
@@ -387,58 +382,9 @@ async fn finish(
     rejected: u64,
     expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
 ) -> Result<Summary> {
-    let plan = manifest.plan.clone();
-    let complete = asm.is_complete();
-    let mut summary = Summary {
-        job: manifest.job.clone(),
-        status: Outcome::Incomplete,
-        m: plan.m,
-        k: plan.k,
-        n: plan.n,
-        dtype: plan.dtype,
-        tile: plan.tile,
-        k_parts: plan.parts(),
-        tiles: plan.tiles(),
-        tasks: plan.tasks(),
-        tasks_done: asm.tasks_done(),
-        tiles_complete: asm.tiles_complete(),
-        retries: retries(&asm.attempts),
-        attempts: asm.attempts.clone(),
-        duplicates_dropped: asm.duplicates,
-        rejected_messages: rejected,
-        parked: asm
-            .parked()
-            .map(|p| ParkedTile {
-                tile: p.tile,
-                reason: p.reason.clone(),
-                attempts: p.attempts,
-                worker: p.worker.clone(),
-            })
-            .collect(),
-        workers: asm.workers.clone(),
-        wall_seconds: 0.0,
-        gflops: 0.0,
-        verification: None,
-        output: None,
-    };
-    if complete {
-        let (asm, verdict) = match expected {
-            Some(handle) => {
-                let expected = handle.await.context("the verification task failed")??;
-                let verdict = match asm
-                    .running_product()
-                    .and_then(|r| expected.check_running(r))
-                {
-                    Some(v) => v,
-                    // Resumed from a checkpoint: some tiles were written by an earlier run.
-                    None => asm.with_c(|c| expected.check(c))?,
-                };
-                (asm, Some(verdict))
-            }
-            None => (asm, None),
-        };
-        let path = s.out.join("C.npy");
-        asm.finish(&path).context("writing C.npy")?;
+    let mut summary = Summary::of(manifest, &asm, rejected);
+    if asm.is_complete() {
+        let (path, verdict) = verify_and_write(s, asm, expected).await?;
         summary.output = Some(path);
         summary.status = match &verdict {
             Some(v) if !v.passed => Outcome::VerificationFailed,
@@ -449,35 +395,109 @@ async fn finish(
         info!(checkpoint = %asm.dir().display(), "the checkpoint is kept: run the producer again with the same --job-id to redo missing tiles, and this collector to resume");
     }
     summary.wall_seconds = (unix_ms().saturating_sub(manifest.created_ms)) as f64 / 1e3;
-    summary.gflops = plan.flops() / summary.wall_seconds.max(1e-9) / 1e9;
-    let json = serde_json::to_vec_pretty(&summary).expect("the summary is plain data");
-    // Whole or not at all: a standby collector (and scripts) read it while it may be written.
+    summary.gflops = manifest.plan.flops() / summary.wall_seconds.max(1e-9) / 1e9;
+    write_summary(s, &summary)?;
+    report(&summary);
+    if summary.status == Outcome::Complete {
+        retire(broker, topo, manifest).await;
+    }
+    Ok(summary)
+}
+
+impl Summary {
+    /// What the checkpoint says of the job; the outcome, timing and verification come after.
+    fn of(manifest: &Manifest, asm: &Assembly, rejected: u64) -> Self {
+        let plan = &manifest.plan;
+        Summary {
+            job: manifest.job.clone(),
+            status: Outcome::Incomplete,
+            m: plan.m,
+            k: plan.k,
+            n: plan.n,
+            dtype: plan.dtype,
+            tile: plan.tile,
+            k_parts: plan.parts(),
+            tiles: plan.tiles(),
+            tasks: plan.tasks(),
+            tasks_done: asm.tasks_done(),
+            tiles_complete: asm.tiles_complete(),
+            retries: retries(&asm.attempts),
+            attempts: asm.attempts.clone(),
+            duplicates_dropped: asm.duplicates,
+            rejected_messages: rejected,
+            parked: asm
+                .parked()
+                .map(|p| ParkedTile {
+                    tile: p.tile,
+                    reason: p.reason.clone(),
+                    attempts: p.attempts,
+                    worker: p.worker.clone(),
+                })
+                .collect(),
+            workers: asm.workers.clone(),
+            wall_seconds: 0.0,
+            gflops: 0.0,
+            verification: None,
+            output: None,
+        }
+    }
+}
+
+/// Checks the complete C (when verifying) and writes it as C.npy.
+async fn verify_and_write(
+    s: &Settings,
+    asm: Assembly,
+    expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
+) -> Result<(PathBuf, Option<Verdict>)> {
+    let verdict = match expected {
+        Some(handle) => {
+            let expected = handle.await.context("the verification task failed")??;
+            Some(
+                match asm
+                    .running_product()
+                    .and_then(|r| expected.check_running(r))
+                {
+                    Some(v) => v,
+                    // Resumed from a checkpoint: some tiles were written by an earlier run.
+                    None => asm.with_c(|c| expected.check(c))?,
+                },
+            )
+        }
+        None => None,
+    };
+    let path = s.out.join("C.npy");
+    asm.finish(&path).context("writing C.npy")?;
+    Ok((path, verdict))
+}
+
+/// Whole or not at all: a standby collector (and scripts) read it while it may be written.
+fn write_summary(s: &Settings, summary: &Summary) -> Result<()> {
+    let json = serde_json::to_vec_pretty(summary).expect("the summary is plain data");
     let path = s.out.join("summary.json");
     let tmp = s.out.join(".summary.json.tmp");
     std::fs::write(&tmp, json)
         .and_then(|()| std::fs::rename(&tmp, &path))
-        .with_context(|| format!("writing {}", path.display()))?;
-    report(&summary);
-    if summary.status == Outcome::Complete {
-        // The job is done: its queues go. Late duplicates are then dropped by the workers.
-        let deleted = async {
-            let ch = broker.channel().await?;
-            topo.delete_job(&ch, &manifest.job).await?;
-            Ok(ch)
-        };
-        match deleted.await as Result<_, gemmq::broker::BrokerError> {
-            // After the stream is gone, so the notice reaches only the workers' live queues.
-            Ok(ch) => {
-                if let Err(e) =
-                    gemmq::job::announce_done(&ch, topo, &manifest.job, &manifest.run).await
-                {
-                    warn!(error = %e, "could not tell the workers that the job is done; they drop its blocks when they need the room");
-                }
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The job is done: its queues go, and the workers are told. Late duplicates are then dropped
+/// by the workers.
+async fn retire(broker: &Broker, topo: &Topology, manifest: &Manifest) {
+    let deleted = async {
+        let ch = broker.channel().await?;
+        topo.delete_job(&ch, &manifest.job).await?;
+        Ok(ch)
+    };
+    match deleted.await as Result<_, gemmq::broker::BrokerError> {
+        // After the stream is gone, so the notice reaches only the workers' live queues.
+        Ok(ch) => {
+            if let Err(e) = gemmq::job::announce_done(&ch, topo, &manifest.job, &manifest.run).await
+            {
+                warn!(error = %e, "could not tell the workers that the job is done; they drop its blocks when they need the room");
             }
-            Err(e) => warn!(error = %e, "could not delete the finished job's queues"),
         }
+        Err(e) => warn!(error = %e, "could not delete the finished job's queues"),
     }
-    Ok(summary)
 }
 
 /// Freivalds' expectation for the job's A and B: as the producer computed it and sent it with
