@@ -384,45 +384,74 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     };
     drop(permit);
 
-    match outcome {
-        Ok(products) => {
-            let micros = started.elapsed().as_micros() as u64;
+    let micros = started.elapsed().as_micros() as u64;
+    if matches!(outcome, Err(Failure::Transient(_))) {
+        Stats::bump(&ctx.stats.failed);
+    }
+    match settlement(outcome, attempt, ctx.settings.max_attempts) {
+        Settlement::Done(products) => {
             send_results(ctx, &delivery, &tasks, attempt, products, micros).await
         }
-        Err(Failure::Permanent(reason)) => park(ctx, &delivery, &tasks, attempt, reason).await,
-        Err(Failure::JobGone) => {
+        Settlement::Park(reason) => park(ctx, &delivery, &tasks, attempt, reason).await,
+        Settlement::Drop => {
             warn!(%job, %tiles, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
             ack(&delivery, &tiles).await;
         }
-        Err(Failure::Transient(reason)) => {
-            Stats::bump(&ctx.stats.failed);
-            if attempt >= ctx.settings.max_attempts {
-                let reason = format!(
-                    "{reason} (attempt {attempt} of {})",
-                    ctx.settings.max_attempts
-                );
-                return park(ctx, &delivery, &tasks, attempt, reason).await;
-            }
-            warn!(
-                %job, %tiles, attempt, max_attempts = ctx.settings.max_attempts,
-                retry_in = ?ctx.topo.retry_delay(), %reason,
-                "task failed; retrying through the retry queue"
-            );
-            notify_failure(ctx, &tasks[0], attempt, &reason).await;
-            // requeue = false dead-letters it to the retry queue; the broker records the attempt.
-            match delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    multiple: false,
-                })
-                .await
-            {
-                Ok(_) => Stats::bump(&ctx.stats.retried),
-                Err(e) => {
-                    warn!(%tiles, error = %e, "nack failed; the broker will redeliver the task")
-                }
-            }
+        Settlement::Retry(reason) => retry(ctx, &delivery, &tasks, attempt, &reason).await,
+    }
+}
+
+/// What becomes of a task once it has been tried: the worker's one decision, made without a
+/// broker so that it can be tested on its own.
+#[derive(Debug, PartialEq)]
+enum Settlement {
+    /// Publish its results, then ack.
+    Done(Vec<Vec<u8>>),
+    /// Park it with this reason (the collector is told), then ack.
+    Park(String),
+    /// Its job is gone: ack it and drop it.
+    Drop,
+    /// Nack it into the retry queue, which sends it back after the retry delay.
+    Retry(String),
+}
+
+fn settlement(
+    outcome: Result<Vec<Vec<u8>>, Failure>,
+    attempt: u32,
+    max_attempts: u32,
+) -> Settlement {
+    match outcome {
+        Ok(products) => Settlement::Done(products),
+        Err(Failure::Permanent(reason)) => Settlement::Park(reason),
+        Err(Failure::JobGone) => Settlement::Drop,
+        Err(Failure::Transient(reason)) if attempt >= max_attempts => {
+            Settlement::Park(format!("{reason} (attempt {attempt} of {max_attempts})"))
+        }
+        Err(Failure::Transient(reason)) => Settlement::Retry(reason),
+    }
+}
+
+/// A failed attempt: the collector is told, and the task goes to the retry queue
+/// (`nack(requeue = false)` dead-letters it there; the broker records the attempt).
+async fn retry(ctx: &Ctx, delivery: &Delivery, tasks: &[TaskHeader], attempt: u32, reason: &str) {
+    let (job, tiles) = (&tasks[0].job, Tiles(tasks));
+    warn!(
+        %job, %tiles, attempt, max_attempts = ctx.settings.max_attempts,
+        retry_in = ?ctx.topo.retry_delay(), %reason,
+        "task failed; retrying through the retry queue"
+    );
+    notify_failure(ctx, &tasks[0], attempt, reason).await;
+    match delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: false,
+            multiple: false,
+        })
+        .await
+    {
+        Ok(_) => Stats::bump(&ctx.stats.retried),
+        Err(e) => {
+            warn!(%tiles, error = %e, "nack failed; the broker will redeliver the task")
         }
     }
 }
@@ -758,5 +787,44 @@ async fn ack(delivery: &Delivery, tiles: &Tiles<'_>) {
         // The channel died after the result was confirmed: the task will be redone and its
         // result arrive twice, which the collector handles.
         warn!(%tiles, error = %e, "ack failed; the task will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_computed_task_publishes_its_results() {
+        let products = vec![vec![1u8, 2, 3]];
+        assert_eq!(
+            settlement(Ok(products.clone()), 1, 5),
+            Settlement::Done(products)
+        );
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_until_the_last_attempt_then_parked() {
+        let failed = || Err(Failure::Transient("simulated failure".into()));
+        for attempt in 1..5 {
+            assert_eq!(
+                settlement(failed(), attempt, 5),
+                Settlement::Retry("simulated failure".into()),
+                "attempt {attempt}"
+            );
+        }
+        assert_eq!(
+            settlement(failed(), 5, 5),
+            Settlement::Park("simulated failure (attempt 5 of 5)".into())
+        );
+    }
+
+    #[test]
+    fn a_permanent_failure_is_parked_at_once_and_a_gone_job_dropped() {
+        assert_eq!(
+            settlement(Err(Failure::Permanent("malformed task".into())), 1, 5),
+            Settlement::Park("malformed task".into())
+        );
+        assert_eq!(settlement(Err(Failure::JobGone), 1, 5), Settlement::Drop);
     }
 }
