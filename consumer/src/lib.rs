@@ -234,11 +234,16 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         delay = %s.delay, max_attempts = s.max_attempts, broker = %s.broker.redacted_url(),
         "worker starting"
     );
+    let worker = session::Worker {
+        broker: &broker,
+        topo: &topo,
+        settings: s,
+        stats: &stats,
+        shutdown: &shutdown,
+        started,
+    };
     loop {
-        match session::serve(&broker, &topo, s, &stats, &shutdown, started)
-            .instrument(span.clone())
-            .await
-        {
+        match session::serve(&worker).instrument(span.clone()).await {
             Ok(()) => break,
             Err(Stop::Fatal(e)) => return Err(e),
             Err(Stop::Lost(e)) if !shutdown.is_cancelled() => {

@@ -20,16 +20,19 @@ use tracing::{Instrument, info, warn};
 
 use crate::{Ctx, Settings, Stats, Stop, handle, heartbeat, operands, results};
 
+/// What lasts across a worker's connections.
+pub(crate) struct Worker<'a> {
+    pub broker: &'a Broker,
+    pub topo: &'a Topology,
+    pub settings: &'a Settings,
+    pub stats: &'a Arc<Stats>,
+    pub shutdown: &'a CancellationToken,
+    pub started: Instant,
+}
+
 /// Serves tasks on one connection until `shutdown` (then `Ok`) or until the connection is lost.
-pub(crate) async fn serve(
-    broker: &Broker,
-    topo: &Topology,
-    s: &Settings,
-    stats: &Arc<Stats>,
-    shutdown: &CancellationToken,
-    started: Instant,
-) -> Result<(), Stop> {
-    let Some(mut session) = Session::open(broker, topo, s, stats, shutdown, started).await? else {
+pub(crate) async fn serve(worker: &Worker<'_>) -> Result<(), Stop> {
+    let Some(mut session) = Session::open(worker).await? else {
         return Ok(());
     };
     session.start_live().await;
@@ -57,14 +60,15 @@ fn lost(what: &'static str) -> impl Fn(lapin::Error) -> Stop {
 
 impl Session {
     /// Connects and sets up; `None` when told to stop before the broker answered.
-    async fn open(
-        broker: &Broker,
-        topo: &Topology,
-        s: &Settings,
-        stats: &Arc<Stats>,
-        shutdown: &CancellationToken,
-        started: Instant,
-    ) -> Result<Option<Self>, Stop> {
+    async fn open(worker: &Worker<'_>) -> Result<Option<Self>, Stop> {
+        let Worker {
+            broker,
+            topo,
+            settings: s,
+            stats,
+            shutdown,
+            started,
+        } = *worker;
         let conn = match broker.connection().await {
             Ok(conn) => conn,
             // Told to stop before the broker came back: nothing is held, nothing to hand back.

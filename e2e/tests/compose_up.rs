@@ -150,6 +150,24 @@ impl Compose {
         }
     }
 
+    /// The README's command for scaling while a job runs: only the consumer service, so the
+    /// finished producer and collector are not started again.
+    fn scale_consumers(&self, n: usize, vars: &[(&str, &str)]) {
+        let scale = format!("consumer={n}");
+        self.ok(
+            &[
+                "up",
+                "-d",
+                "--no-deps",
+                "--no-recreate",
+                "--scale",
+                &scale,
+                "consumer",
+            ],
+            vars,
+        );
+    }
+
     fn management(&self) -> Management {
         Management::new(
             &format!(
@@ -392,33 +410,11 @@ async fn compose_up_runs_jobs_scales_and_stops_gracefully_on_rabbitmq_4() {
     c.ok(&["up", "-d", "--scale", "consumer=4"], &demo);
     wait_for_progress(&c, 8, Duration::from_secs(90));
     c.log("demo-1: scale to 6");
-    c.ok(
-        &[
-            "up",
-            "-d",
-            "--no-deps",
-            "--no-recreate",
-            "--scale",
-            "consumer=6",
-            "consumer",
-        ],
-        &demo,
-    );
+    c.scale_consumers(6, &demo);
     assert_eq!(c.ids("consumer", false).len(), 6);
     wait_for_progress(&c, 24, Duration::from_secs(90));
     c.log("demo-1: scale to 2");
-    c.ok(
-        &[
-            "up",
-            "-d",
-            "--no-deps",
-            "--no-recreate",
-            "--scale",
-            "consumer=2",
-            "consumer",
-        ],
-        &demo,
-    );
+    c.scale_consumers(2, &demo);
     assert_eq!(c.ids("consumer", false).len(), 2);
     assert_eq!(
         c.exit_code("collector", Duration::from_secs(240)),
@@ -471,18 +467,7 @@ async fn compose_up_runs_jobs_scales_and_stops_gracefully_on_rabbitmq_4() {
         "consumers stopped in {:.1} s, exit 0; {ready} tasks ready again",
         took.as_secs_f64()
     ));
-    c.ok(
-        &[
-            "up",
-            "-d",
-            "--no-deps",
-            "--no-recreate",
-            "--scale",
-            "consumer=2",
-            "consumer",
-        ],
-        &demo2,
-    );
+    c.scale_consumers(2, &demo2);
     // Stopped containers are started again, not new ones.
     let mut restarted = c.ids("consumer", false);
     restarted.sort();

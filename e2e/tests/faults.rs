@@ -14,6 +14,16 @@ use lapin::types::FieldTable;
 
 /// See pipeline.rs: k²·ε for k ≤ 300 in f64 is ~2e-11.
 const TOLERANCE: f64 = 1e-10;
+
+/// How a fault test ends once its collector is done: summary.json says complete, C == A·B, the
+/// consumers stop cleanly, and the job's queues are deleted.
+async fn complete_and_clean_up(env: &mut Env, job: &str, shape: (u64, u64, u64)) {
+    assert_eq!(summary_json(env, job)["status"], "complete");
+    let err = common::max_error_against_local_product(env, job, shape);
+    assert!(err <= TOLERANCE, "{err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&[job]).await;
+}
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn journal(env: &Env, job: &str) -> PathBuf {
@@ -215,11 +225,7 @@ async fn a_standby_collector_takes_over_when_the_active_one_dies() {
 
     assert_eq!(standby.wait(MINUTE).await, Some(0), "{}", standby.log());
     assert!(standby.log().contains("resuming from the checkpoint"));
-    assert_eq!(summary_json(&env, job)["status"], "complete");
-    let err = common::max_error_against_local_product(&env, job, shape);
-    assert!(err <= TOLERANCE, "{err:e}");
-    env.stop_consumers().await;
-    env.cleanup(&[job]).await;
+    complete_and_clean_up(&mut env, job, shape).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -358,11 +364,7 @@ async fn sigterm_stops_a_worker_and_a_collector_gracefully_and_nothing_is_lost()
     env.spawn_consumer(env.consumer("w2"));
     let mut again = collector_proc(&env, job, "collector-2");
     assert_eq!(again.wait(MINUTE).await, Some(0), "{}", again.log());
-    assert_eq!(summary_json(&env, job)["status"], "complete");
-    let err = common::max_error_against_local_product(&env, job, shape);
-    assert!(err <= TOLERANCE, "{err:e}");
-    env.stop_consumers().await;
-    env.cleanup(&[job]).await;
+    complete_and_clean_up(&mut env, job, shape).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
