@@ -75,11 +75,11 @@ pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerByte
         produced += match (plan.operands, tasks.as_slice()) {
             (Operands::Inline, [task]) => {
                 let (r, c, d) = (task.rows as u64, task.cols as u64, task.depth as u64);
-                frame_len(&Header::Task(task.clone()), (r * d + d * c) * size)
+                frame_len(&Header::InlineTask(task.clone()), (r * d + d * c) * size)
             }
-            (_, [task]) => frame_len(&Header::TaskRef(task.clone()), 0),
+            (_, [task]) => frame_len(&Header::StreamedTask(task.clone()), 0),
             _ => frame_len(
-                &Header::Tasks(TaskGroup::of(&tasks).expect("chunks are never empty")),
+                &Header::TaskGroup(TaskGroup::of(&tasks).expect("chunks are never empty")),
                 0,
             ),
         };
@@ -88,7 +88,7 @@ pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerByte
         let rows = plan.rows(tile.row).len() as u32;
         let cols = plan.cols(tile.col).len() as u32;
         let (r, c) = (rows as u64, cols as u64);
-        let result = Header::Result(ResultHeader {
+        let result = Header::TileResult(ResultHeader {
             job: job.into(),
             run: run.clone(),
             tile,

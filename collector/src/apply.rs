@@ -34,8 +34,8 @@ pub(crate) fn apply(
         return Ok(1);
     }
     match &frame.header {
-        Header::Result(h) => apply_result(asm, h, frame.payload),
-        Header::Results(batch) => {
+        Header::TileResult(h) => apply_result(asm, h, frame.payload),
+        Header::ResultBatch(batch) => {
             let mut rejected = 0;
             for (h, bytes) in batch.results(frame.payload) {
                 rejected += apply_result(asm, &h, bytes)?;
@@ -61,9 +61,9 @@ pub(crate) fn apply(
             asm.apply_failure(n);
             Ok(0)
         }
-        Header::Task(_)
-        | Header::TaskRef(_)
-        | Header::Tasks(_)
+        Header::InlineTask(_)
+        | Header::StreamedTask(_)
+        | Header::TaskGroup(_)
         | Header::Operand(_)
         | Header::JobDone(_) => {
             warn!("a task, operand block or job notice on the results queue dropped");
@@ -132,7 +132,7 @@ mod tests {
             attempt: 1,
             compute_micros: 1,
         };
-        message::encode(&Header::Result(h), &[&[0u8; 8 * 8 * 8]])
+        message::encode(&Header::TileResult(h), &[&[0u8; 8 * 8 * 8]])
     }
 
     fn tile(row: u32, col: u32) -> TileId {

@@ -148,7 +148,7 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
     let payload: Vec<&[u8]> = batch.iter().map(|p| p.bytes.as_slice()).collect();
     if let [one] = batch {
         let id = format!("{}/{}/{}/{}", first.job, t.row, t.col, t.part);
-        let body = message::encode(&Header::Result(one.header.clone()), &payload);
+        let body = message::encode(&Header::TileResult(one.header.clone()), &payload);
         return (body, id, kind::RESULT, format!("the result of {t}"));
     }
     let tiles = batch
@@ -161,7 +161,7 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
             compute_micros: p.header.compute_micros,
         })
         .collect();
-    let header = Header::Results(ResultBatch {
+    let header = Header::ResultBatch(ResultBatch {
         job: first.job.clone(),
         run: first.run.clone(),
         dtype: first.dtype,
@@ -243,6 +243,6 @@ mod tests {
         assert!(id.ends_with("/3/4294967295/4294967295"));
         let frame = message::decode(&body, u64::MAX / 2).map(|f| f.header);
         // Its dimensions are absurd on purpose (decode refuses them); only the kind matters.
-        assert!(!matches!(frame, Ok(Header::Results(_))));
+        assert!(!matches!(frame, Ok(Header::ResultBatch(_))));
     }
 }

@@ -14,7 +14,7 @@ use gemmq_collector::Outcome;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 
 fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
-    Header::Task(TaskHeader {
+    Header::InlineTask(TaskHeader {
         job: job.into(),
         run: String::new(),
         tile: TileId {
@@ -156,7 +156,7 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
     topo.declare_job(&ch, job).await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
     let result = |job: &str, row: u32, rows: u32| {
-        Header::Result(ResultHeader {
+        Header::TileResult(ResultHeader {
             job: job.into(),
             run: String::new(),
             tile: TileId {
@@ -175,7 +175,7 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
     // A tile that fits, from a task of an earlier job under the same id (another run): its zeros
     // would be taken for tile (0, 0) and fail the check.
     let mut stale = result(job, 0, 32);
-    if let Header::Result(h) = &mut stale {
+    if let Header::TileResult(h) = &mut stale {
         h.run = "0123456789abcdef".into();
     }
     let junk = [

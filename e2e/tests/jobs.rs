@@ -128,7 +128,7 @@ async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
     // job's results queue, so the collector takes it and drops the right one as a duplicate.
     let ch = env.channel().await;
     ch.confirm_select(Default::default()).await.unwrap();
-    let header = Header::Result(ResultHeader {
+    let header = Header::TileResult(ResultHeader {
         job: "wrong".into(),
         run: receipt.manifest.run.clone(),
         tile: TileId {

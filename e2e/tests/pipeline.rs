@@ -122,7 +122,7 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
     // A duplicate of a task of an earlier job that used this id (another run), still queued.
     let ch = env.channel().await;
     ch.confirm_select(Default::default()).await.unwrap();
-    let stale = Header::TaskRef(message::TaskHeader {
+    let stale = Header::StreamedTask(message::TaskHeader {
         job: "leftover".into(),
         run: "0123456789abcdef".into(),
         tile: gemmq::TileId {
@@ -592,7 +592,7 @@ async fn a_result_delivered_twice_is_assembled_once() {
             .unwrap();
         let bytes = gemmq::matrix::compute_tile(&task, payload, gemmq::kernel::Threads::Exactly(1))
             .unwrap();
-        let header = Header::Result(ResultHeader {
+        let header = Header::TileResult(ResultHeader {
             job: task.job.clone(),
             run: String::new(),
             tile: task.tile,

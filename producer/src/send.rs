@@ -150,13 +150,13 @@ impl<T: Element> Sender<'_, '_, T> {
         let first = tiles[0];
         let body = match (plan.operands == Operands::Stream, tasks.as_slice()) {
             (false, [task]) => message::encode(
-                &Header::Task(task.clone()),
+                &Header::InlineTask(task.clone()),
                 &[&matrix::task_payload(self.a, self.b, plan, first)],
             ),
-            (true, [task]) => message::encode(&Header::TaskRef(task.clone()), &[]),
+            (true, [task]) => message::encode(&Header::StreamedTask(task.clone()), &[]),
             _ => {
                 let group = TaskGroup::of(&tasks).context("an empty task group")?;
-                message::encode(&Header::Tasks(group), &[])
+                message::encode(&Header::TaskGroup(group), &[])
             }
         };
         *self.out.bytes += body.len() as u64;

@@ -53,7 +53,7 @@ pub struct TaskHeader {
 /// acknowledgement, while each tile still gets its own result. Tiny tiles travel this way
 /// (like Celery's chunks): the broker spends ~0.25 ms of CPU on every message through a quorum
 /// queue, ten times what a 16×16 tile costs to multiply. No payload: the blocks are on the
-/// job's operand stream, as for a [`Header::TaskRef`].
+/// job's operand stream, as for a [`Header::StreamedTask`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskGroup {
@@ -220,46 +220,54 @@ pub struct FailureNotice {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Header {
-    Task(TaskHeader),
-    Result(ResultHeader),
+    /// A task that carries its blocks of A and B as its payload (`--operands inline`).
+    #[serde(rename = "task")]
+    InlineTask(TaskHeader),
+    /// One tile's product.
+    #[serde(rename = "result")]
+    TileResult(ResultHeader),
     Parked(ParkedNotice),
     Failed(FailureNotice),
     /// A task whose blocks are on the job's operand stream: A's (tile.row, tile.part) and B's
     /// (tile.part, tile.col). No payload.
-    TaskRef(TaskHeader),
+    #[serde(rename = "task_ref")]
+    StreamedTask(TaskHeader),
     Operand(OperandHeader),
-    Results(ResultBatch),
+    /// Several tiles' products that were ready at the same moment.
+    #[serde(rename = "results")]
+    ResultBatch(ResultBatch),
     JobDone(JobDone),
-    /// Several tasks like `TaskRef`, delivered, retried and acknowledged together.
-    Tasks(TaskGroup),
+    /// Several tasks like `StreamedTask`, delivered, retried and acknowledged together.
+    #[serde(rename = "tasks")]
+    TaskGroup(TaskGroup),
 }
 
 impl Header {
     pub(super) fn name(&self) -> &'static str {
         match self {
-            Header::Task(_) => "task",
-            Header::Result(_) => "result",
+            Header::InlineTask(_) => "task",
+            Header::TileResult(_) => "result",
             Header::Parked(_) => "parked",
             Header::Failed(_) => "failure notice",
-            Header::TaskRef(_) => "task reference",
+            Header::StreamedTask(_) => "task reference",
             Header::Operand(_) => "operand block",
-            Header::Results(_) => "result batch",
+            Header::ResultBatch(_) => "result batch",
             Header::JobDone(_) => "job done",
-            Header::Tasks(_) => "task group",
+            Header::TaskGroup(_) => "task group",
         }
     }
 
     /// The job the message belongs to, and its run (empty from a gemmq that named none).
     fn job_and_run(&self) -> (&str, &str) {
         let (job, run) = match self {
-            Header::Task(h) | Header::TaskRef(h) => (&h.job, &h.run),
-            Header::Result(h) => (&h.job, &h.run),
+            Header::InlineTask(h) | Header::StreamedTask(h) => (&h.job, &h.run),
+            Header::TileResult(h) => (&h.job, &h.run),
             Header::Parked(h) => (&h.job, &h.run),
             Header::Failed(h) => (&h.job, &h.run),
             Header::Operand(h) => (&h.job, &h.run),
-            Header::Results(h) => (&h.job, &h.run),
+            Header::ResultBatch(h) => (&h.job, &h.run),
             Header::JobDone(h) => (&h.job, &h.run),
-            Header::Tasks(h) => (&h.job, &h.run),
+            Header::TaskGroup(h) => (&h.job, &h.run),
         };
         (job, run)
     }
@@ -282,10 +290,10 @@ impl Header {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         };
         let worker = match self {
-            Header::Result(h) => Some(&h.worker),
+            Header::TileResult(h) => Some(&h.worker),
             Header::Parked(h) => Some(&h.worker),
             Header::Failed(h) => Some(&h.worker),
-            Header::Results(h) => Some(&h.worker),
+            Header::ResultBatch(h) => Some(&h.worker),
             _ => None,
         };
         if !job_ok(self.job()) {
@@ -308,14 +316,14 @@ impl Header {
     /// anything is multiplied out in memory.
     pub(super) fn payload_len(&self, limit: u64) -> Result<u64, MessageError> {
         let (rows, cols, depth, dtype) = match self {
-            Header::Task(h) => (h.rows, h.cols, Some(h.depth), h.dtype),
-            Header::Result(h) => (h.rows, h.cols, None, h.dtype),
+            Header::InlineTask(h) => (h.rows, h.cols, Some(h.depth), h.dtype),
+            Header::TileResult(h) => (h.rows, h.cols, None, h.dtype),
             Header::Operand(h) => (h.rows, h.cols, None, h.dtype),
-            Header::TaskRef(h) => {
+            Header::StreamedTask(h) => {
                 check_task_ref(h.rows, h.cols, h.depth, h.dtype, limit)?;
                 return Ok(0);
             }
-            Header::Tasks(g) => {
+            Header::TaskGroup(g) => {
                 if g.tasks.is_empty() || g.tasks.len() > MAX_GROUP {
                     return Err(MessageError::Dimensions(
                         format!("{} tasks", g.tasks.len()),
@@ -338,7 +346,7 @@ impl Header {
                 return Ok(0);
             }
             Header::Parked(_) | Header::Failed(_) | Header::JobDone(_) => return Ok(0),
-            Header::Results(b) => {
+            Header::ResultBatch(b) => {
                 if b.tiles.is_empty() {
                     return Err(MessageError::Dimensions(
                         "0 tiles".into(),

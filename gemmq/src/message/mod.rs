@@ -142,9 +142,9 @@ pub fn decode(body: &[u8], limit: u64) -> Result<Frame<'_>, MessageError> {
 /// are on the job's operand stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Work<'a> {
-    /// A [`Header::Task`] and its payload: the A block then the B block.
+    /// A [`Header::InlineTask`] and its payload: the A block then the B block.
     Inline(TaskHeader, &'a [u8]),
-    /// A [`Header::TaskRef`] (one task) or a [`Header::Tasks`] group, in order.
+    /// A [`Header::StreamedTask`] (one task) or a [`Header::TaskGroup`] group, in order.
     Streamed(Vec<TaskHeader>),
 }
 
@@ -161,7 +161,7 @@ impl<'a> Frame<'a> {
     /// A task, with its blocks inline (a payload) or on the operand stream (`TaskRef`, empty).
     pub fn into_task(self) -> Result<(TaskHeader, &'a [u8]), MessageError> {
         match self.header {
-            Header::Task(h) | Header::TaskRef(h) => Ok((h, self.payload)),
+            Header::InlineTask(h) | Header::StreamedTask(h) => Ok((h, self.payload)),
             other => Err(MessageError::WrongKind {
                 expected: "task",
                 got: other.name(),
@@ -172,9 +172,9 @@ impl<'a> Frame<'a> {
     /// Whatever kind of task message this is, the work it asks for.
     pub fn into_work(self) -> Result<Work<'a>, MessageError> {
         match self.header {
-            Header::Task(h) => Ok(Work::Inline(h, self.payload)),
-            Header::TaskRef(h) => Ok(Work::Streamed(vec![h])),
-            Header::Tasks(g) => Ok(Work::Streamed(g.tasks().collect())),
+            Header::InlineTask(h) => Ok(Work::Inline(h, self.payload)),
+            Header::StreamedTask(h) => Ok(Work::Streamed(vec![h])),
+            Header::TaskGroup(g) => Ok(Work::Streamed(g.tasks().collect())),
             other => Err(MessageError::WrongKind {
                 expected: "task",
                 got: other.name(),
@@ -188,6 +188,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_wire_names_of_the_header_kinds_never_change() {
+        // Renaming a variant must not rename it on the wire: older workers and collectors read
+        // these names.
+        let tile = TileId {
+            row: 0,
+            col: 0,
+            part: 0,
+        };
+        let result = Header::TileResult(ResultHeader {
+            job: "j".into(),
+            run: String::new(),
+            tile,
+            dtype: DType::F64,
+            rows: 1,
+            cols: 1,
+            worker: "w".into(),
+            attempt: 1,
+            compute_micros: 1,
+        });
+        let failed = Header::Failed(FailureNotice {
+            job: "j".into(),
+            run: String::new(),
+            tile,
+            reason: "r".into(),
+            attempt: 1,
+            worker: "w".into(),
+        });
+        let done = Header::JobDone(JobDone {
+            job: "j".into(),
+            run: String::new(),
+        });
+        let mut headers: Vec<Header> = every_kind_of_message()
+            .iter()
+            .map(|body| decode(body, 1 << 24).expect("a valid message").header)
+            .collect();
+        headers.extend([result, failed, done]);
+        let kinds: std::collections::BTreeSet<String> = headers
+            .iter()
+            .map(|h| {
+                serde_json::to_value(h).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let want = [
+            "failed", "job_done", "operand", "parked", "result", "results", "task", "task_ref",
+            "tasks",
+        ];
+        assert_eq!(kinds, want.iter().map(|k| k.to_string()).collect());
+    }
+
+    #[test]
     fn runs_differ_only_when_both_are_named_and_unequal() {
         assert!(other_run("a1", "b2"));
         assert!(!other_run("a1", "a1"));
@@ -195,7 +248,7 @@ mod tests {
     }
 
     fn task(rows: u32, cols: u32, depth: u32) -> Header {
-        Header::Task(TaskHeader {
+        Header::InlineTask(TaskHeader {
             job: "j".into(),
             run: String::new(),
             tile: TileId {
@@ -245,7 +298,7 @@ mod tests {
     fn payloads_start_8_byte_aligned_in_the_body_whatever_the_header_length() {
         for job in ["j", "jo", "job-1234", "a-much-longer-job-id_7"] {
             let mut h = task(2, 4, 3);
-            if let Header::Task(t) = &mut h {
+            if let Header::InlineTask(t) = &mut h {
                 t.job = job.into();
             }
             let payload = vec![1u8; (2 * 3 + 3 * 4) * 8];
@@ -273,8 +326,8 @@ mod tests {
             })
             .collect();
         match TaskGroup::of(&ts) {
-            Some(g) => Header::Tasks(g),
-            None => Header::Tasks(TaskGroup {
+            Some(g) => Header::TaskGroup(g),
+            None => Header::TaskGroup(TaskGroup {
                 job: "j".into(),
                 run: "r".into(),
                 dtype: DType::F32,
@@ -402,9 +455,9 @@ mod tests {
     fn a_result_batch_splits_into_its_tiles_with_their_own_bytes() {
         let b = batch(&[(1, 2), (2, 1), (1, 1)]);
         let payload: Vec<u8> = (0..5 * 8).map(|i| i as u8).collect();
-        let body = encode(&Header::Results(b), &[&payload]);
+        let body = encode(&Header::ResultBatch(b), &[&payload]);
         let frame = decode(&body, 1 << 20).unwrap();
-        let Header::Results(b) = &frame.header else {
+        let Header::ResultBatch(b) = &frame.header else {
             panic!("not a batch")
         };
         let tiles: Vec<_> = b.results(frame.payload).collect();
@@ -424,7 +477,7 @@ mod tests {
 
     #[test]
     fn a_result_batch_must_match_its_payload_and_stay_under_the_limit() {
-        let body = encode(&Header::Results(batch(&[(2, 2)])), &[&[0u8; 8]]);
+        let body = encode(&Header::ResultBatch(batch(&[(2, 2)])), &[&[0u8; 8]]);
         assert_eq!(
             decode(&body, 1 << 20).unwrap_err(),
             MessageError::PayloadLength {
@@ -432,13 +485,13 @@ mod tests {
                 got: 8
             }
         );
-        let empty = encode(&Header::Results(batch(&[])), &[]);
+        let empty = encode(&Header::ResultBatch(batch(&[])), &[]);
         assert!(matches!(
             decode(&empty, 1 << 20),
             Err(MessageError::Dimensions(..))
         ));
         // Many huge tiles declared in a small message: refused from the header alone.
-        let body = encode(&Header::Results(batch(&[(u32::MAX, u32::MAX); 8])), &[]);
+        let body = encode(&Header::ResultBatch(batch(&[(u32::MAX, u32::MAX); 8])), &[]);
         assert!(matches!(
             decode(&body, 16 << 20),
             Err(MessageError::Dimensions(..))
@@ -447,7 +500,7 @@ mod tests {
 
     /// Valid messages of every kind a program decodes, with their payloads.
     fn every_kind_of_message() -> Vec<Vec<u8>> {
-        let Header::Task(one) = task(2, 3, 4) else {
+        let Header::InlineTask(one) = task(2, 3, 4) else {
             unreachable!()
         };
         let group = TaskGroup::of(&[one.clone(), one.clone(), one.clone()]).expect("3 tasks");
@@ -473,10 +526,13 @@ mod tests {
         });
         vec![
             encode(&task(2, 3, 4), &[&[1u8; (2 * 4 + 4 * 3) * 8]]),
-            encode(&Header::TaskRef(one), &[]),
-            encode(&Header::Tasks(group), &[]),
+            encode(&Header::StreamedTask(one), &[]),
+            encode(&Header::TaskGroup(group), &[]),
             encode(&operand, &[&[2u8; 4 * 3 * 8]]),
-            encode(&Header::Results(batch(&[(1, 2), (2, 1)])), &[&[3u8; 4 * 8]]),
+            encode(
+                &Header::ResultBatch(batch(&[(1, 2), (2, 1)])),
+                &[&[3u8; 4 * 8]],
+            ),
             encode(&parked, &[]),
         ]
     }
@@ -567,7 +623,7 @@ mod tests {
                     assert!(frame.payload.len() as u64 <= limit);
                     let _ = (frame.header.job(), frame.header.run());
                     match &frame.header {
-                        Header::Results(b) => {
+                        Header::ResultBatch(b) => {
                             let bytes: usize = b.results(frame.payload).map(|(_, p)| p.len()).sum();
                             assert_eq!(bytes, frame.payload.len());
                         }
