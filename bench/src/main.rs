@@ -349,21 +349,7 @@ fn build_binaries(bin_dir: &Path) -> Result<()> {
 }
 
 fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
-    if cli.consumers == 0 {
-        bail!("--consumers must be at least 1");
-    }
-    if !(1..=4).contains(&cli.reference_threads) {
-        bail!("--reference-threads must be 1 to 4 (matrixmultiply uses at most 4)");
-    }
-    let extra_env: Vec<(String, String)> = cli
-        .extra_env
-        .iter()
-        .map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("--env {kv:?} is not KEY=VALUE"))
-        })
-        .collect::<Result<_>>()?;
+    let extra_env = check_options(&cli)?;
     if cfg!(debug_assertions) {
         eprintln!(
             "warning: this is a debug build of the bench; run it with `cargo run --release -p gemmq-bench`"
@@ -374,6 +360,78 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         .build()?;
     rt.block_on(check_broker(&cli.amqp_url))?;
 
+    let bins = binaries(&cli)?;
+    let programs = ProgramEnv::new(&cli, &extra_env)?;
+    let max_message_bytes = programs.max_message_bytes;
+    let specs = specs(&cli)?;
+    let mut report = new_report(&cli, user_matmul_threads, max_message_bytes)?;
+    let (base_env, remove_env) = (programs.base, programs.remove);
+    let work_dir = std::path::absolute(&cli.work_dir)?;
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let refs_env = Env {
+        bins: &bins,
+        base: &base_env,
+        remove: remove_env.iter().map(String::as_str).collect(),
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        let ns = format!("bench-{}-{i}", std::process::id());
+        eprintln!(
+            "\n== {} ({}/{}): namespace {ns}",
+            spec.label,
+            i + 1,
+            specs.len()
+        );
+        let run = run_one(
+            &cli,
+            spec,
+            &ns,
+            &work_dir.join(&ns),
+            &refs_env,
+            max_message_bytes,
+        );
+        if let Err(e) = rt.block_on(cleanup(&cli.amqp_url, &ns, &spec.label)) {
+            eprintln!("warning: could not delete namespace {ns}'s queues: {e:#}");
+        }
+        match &run.error {
+            Some(e) => eprintln!("!! {} FAILED: {e}", spec.label),
+            None => eprintln!(
+                "   done in {:.2} s end to end",
+                run.e2e_seconds.unwrap_or(0.0)
+            ),
+        }
+        report.runs.push(run);
+        write_json(&cli.json, &report)?;
+    }
+
+    print_table(&report);
+    eprintln!("\nresults written to {}", cli.json.display());
+    Ok(report.runs.iter().all(|r| r.ok))
+}
+
+/// The options the bench cannot run with, refused up front; returns `--env` as pairs.
+fn check_options(cli: &Cli) -> Result<Vec<(String, String)>> {
+    if cli.consumers == 0 {
+        bail!("--consumers must be at least 1");
+    }
+    if !(1..=4).contains(&cli.reference_threads) {
+        bail!("--reference-threads must be 1 to 4 (matrixmultiply uses at most 4)");
+    }
+    if cli.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    cli.extra_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {kv:?} is not KEY=VALUE"))
+        })
+        .collect::<Result<_>>()
+}
+
+/// The producer, consumer and collector to run, built first unless told not to.
+fn binaries(cli: &Cli) -> Result<[PathBuf; 3]> {
     let bin_dir = match &cli.bin_dir {
         Some(d) => d.clone(),
         None => std::env::current_exe()?
@@ -394,29 +452,52 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         }
     }
 
-    // The programs get the built-in defaults, plus --env: no config file, no stray GEMMQ_*.
-    let remove_env: Vec<String> = std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| k.starts_with("GEMMQ_"))
-        .collect();
-    let mut base_env = vec![
-        ("AMQP_URL".to_string(), cli.amqp_url.clone()),
-        ("GEMMQ_CONNECT_TIMEOUT".into(), "20s".into()),
-        ("RUST_LOG".into(), "info".into()),
-    ];
-    // The programs see the user's MATMUL_NUM_THREADS, if any (the reference sets its own).
-    base_env.extend(extra_env.iter().cloned());
-    let max_message_bytes = extra_env
-        .iter()
-        .find(|(k, _)| k == "GEMMQ_MAX_MESSAGE_BYTES")
-        .map(|(_, v)| {
-            v.parse::<bytesize::ByteSize>()
-                .map(|b| b.as_u64())
-                .map_err(|e| anyhow::anyhow!("GEMMQ_MAX_MESSAGE_BYTES={v}: {e}"))
-        })
-        .transpose()?
-        .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+    Ok(bins)
+}
 
+/// What the programs under test get in their environment.
+struct ProgramEnv {
+    base: Vec<(String, String)>,
+    /// The caller's GEMMQ_* variables, which must not reach them.
+    remove: Vec<String>,
+    max_message_bytes: u64,
+}
+
+impl ProgramEnv {
+    fn new(cli: &Cli, extra_env: &[(String, String)]) -> Result<Self> {
+        // The programs get the built-in defaults, plus --env: no config file, no stray GEMMQ_*.
+        let remove_env: Vec<String> = std::env::vars()
+            .map(|(k, _)| k)
+            .filter(|k| k.starts_with("GEMMQ_"))
+            .collect();
+        let mut base_env = vec![
+            ("AMQP_URL".to_string(), cli.amqp_url.clone()),
+            ("GEMMQ_CONNECT_TIMEOUT".into(), "20s".into()),
+            ("RUST_LOG".into(), "info".into()),
+        ];
+        // The programs see the user's MATMUL_NUM_THREADS, if any (the reference sets its own).
+        base_env.extend(extra_env.iter().cloned());
+        let max_message_bytes = extra_env
+            .iter()
+            .find(|(k, _)| k == "GEMMQ_MAX_MESSAGE_BYTES")
+            .map(|(_, v)| {
+                v.parse::<bytesize::ByteSize>()
+                    .map(|b| b.as_u64())
+                    .map_err(|e| anyhow::anyhow!("GEMMQ_MAX_MESSAGE_BYTES={v}: {e}"))
+            })
+            .transpose()?
+            .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+
+        Ok(ProgramEnv {
+            base: base_env,
+            remove: remove_env,
+            max_message_bytes,
+        })
+    }
+}
+
+/// The jobs to run, in order: the large sizes, f32, the tiny tasks, each `--repeat` times.
+fn specs(cli: &Cli) -> Result<Vec<Spec>> {
     let mut specs = Vec::new();
     let sizes = if cli.quick {
         vec![1024]
@@ -471,9 +552,6 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
     for spec in &mut specs {
         spec.group.clone_from(&spec.label);
     }
-    if cli.repeat == 0 {
-        bail!("--repeat must be at least 1");
-    }
     if cli.repeat > 1 {
         specs = specs
             .into_iter()
@@ -487,10 +565,18 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             .collect();
     }
 
+    Ok(specs)
+}
+
+fn new_report(
+    cli: &Cli,
+    user_matmul_threads: Option<String>,
+    max_message_bytes: u64,
+) -> Result<Report> {
     let management =
         gemmq::management::Management::new(&cli.amqp_url, cli.management_url.as_deref())
             .context("--management-url")?;
-    let mut report = Report {
+    let report = Report {
         command: std::iter::once("cargo run --release -p gemmq-bench --".to_string())
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
@@ -515,47 +601,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         report.machine.loadavg_at_start
     );
 
-    let work_dir = std::path::absolute(&cli.work_dir)?;
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("creating {}", work_dir.display()))?;
-    let refs_env = Env {
-        bins: &bins,
-        base: &base_env,
-        remove: remove_env.iter().map(String::as_str).collect(),
-    };
-    for (i, spec) in specs.iter().enumerate() {
-        let ns = format!("bench-{}-{i}", std::process::id());
-        eprintln!(
-            "\n== {} ({}/{}): namespace {ns}",
-            spec.label,
-            i + 1,
-            specs.len()
-        );
-        let run = run_one(
-            &cli,
-            spec,
-            &ns,
-            &work_dir.join(&ns),
-            &refs_env,
-            max_message_bytes,
-        );
-        if let Err(e) = rt.block_on(cleanup(&cli.amqp_url, &ns, &spec.label)) {
-            eprintln!("warning: could not delete namespace {ns}'s queues: {e:#}");
-        }
-        match &run.error {
-            Some(e) => eprintln!("!! {} FAILED: {e}", spec.label),
-            None => eprintln!(
-                "   done in {:.2} s end to end",
-                run.e2e_seconds.unwrap_or(0.0)
-            ),
-        }
-        report.runs.push(run);
-        write_json(&cli.json, &report)?;
-    }
-
-    print_table(&report);
-    eprintln!("\nresults written to {}", cli.json.display());
-    Ok(report.runs.iter().all(|r| r.ok))
+    Ok(report)
 }
 
 fn write_json(path: &Path, report: &Report) -> Result<()> {
@@ -859,6 +905,21 @@ fn opt(v: Option<f64>, prec: usize) -> String {
 
 fn print_table(r: &Report) {
     let mut out = std::io::stdout().lock();
+    print_runs(&mut out, r);
+    print_where_the_time_went(&mut out, r);
+    let _ = writeln!(
+        out,
+        "floor s: the job's bytes through the broker alone, nothing computed (an estimate of the least time a job on this topology takes), fl/ref: floor / reference, fl rmq: RabbitMQ's CPU during the floor; bnd/ref: bound / reference, where the bound is the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer (an estimate of the least e2e the machine allows)\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
+    );
+    let _ = writeln!(
+        out,
+        "\ne2e s: from the producer's first publish (connecting, after generating A and B) to C written and verified (summary.json); GFLOP/s, e2e/ref and tasks/s use it; start s: from starting the producer process to the collector's exit (adds generating A and B)\nin MiB: bytes into the broker (producer's tasks and operand blocks + results), from the plan; ×min: over A + B + C once; wkrs MiB: bytes the broker sent the consumers (management API); cons MiB: the larger consumer peak RSS; coll MiB: collector peak RSS"
+    );
+    print_repeats(&mut out, r);
+}
+
+/// One line per run: times, ratios, bytes and memory.
+fn print_runs(out: &mut impl Write, r: &Report) {
     let _ = writeln!(
         out,
         "\ngemmq-bench: {} {} consumers, {:?} operands, reference = the faster of matrixmultiply and gemm with {} thread(s), best of runs",
@@ -934,6 +995,10 @@ fn print_table(r: &Report) {
             opt(run.tasks_per_second, 0),
         );
     }
+}
+
+/// One line per run: the floor and bound, and where the CPU went.
+fn print_where_the_time_went(out: &mut impl Write, r: &Report) {
     let _ = writeln!(
         out,
         "\nwhere the time went (seconds; CPU figures are core-seconds over the job, {} cores)",
@@ -987,15 +1052,6 @@ fn print_table(r: &Report) {
             opt(run.producer.as_ref().map(|p| p.peak_rss_mib), 0),
         );
     }
-    let _ = writeln!(
-        out,
-        "floor s: the job's bytes through the broker alone, nothing computed (an estimate of the least time a job on this topology takes), fl/ref: floor / reference, fl rmq: RabbitMQ's CPU during the floor; bnd/ref: bound / reference, where the bound is the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer (an estimate of the least e2e the machine allows)\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
-    );
-    let _ = writeln!(
-        out,
-        "\ne2e s: from the producer's first publish (connecting, after generating A and B) to C written and verified (summary.json); GFLOP/s, e2e/ref and tasks/s use it; start s: from starting the producer process to the collector's exit (adds generating A and B)\nin MiB: bytes into the broker (producer's tasks and operand blocks + results), from the plan; ×min: over A + B + C once; wkrs MiB: bytes the broker sent the consumers (management API); cons MiB: the larger consumer peak RSS; coll MiB: collector peak RSS"
-    );
-    print_repeats(&mut out, r);
 }
 
 /// With --repeat: the median and best of each job's runs.
