@@ -227,6 +227,38 @@ fn block_sizes(plan: &Plan) -> Vec<u64> {
 }
 
 async fn run(spec: &Spec, topo: &Topology, job: &str) -> Result<Floor> {
+    let (blocks, results) = message_sizes(spec)?;
+    let largest = blocks.iter().chain(&results).copied().max().unwrap_or(0);
+    let body = std::sync::Arc::new(vec![0x5au8; largest as usize]);
+    let parties = Parties::connect(spec, topo, job, &results).await?;
+
+    let cpu0 = crate::reference::cpu_seconds();
+    let broker0 = crate::machine::broker_cpu_seconds();
+    let t0 = Instant::now();
+    let (publish_seconds, connections) =
+        parties.race(topo, job, body, &blocks, &results, t0).await?;
+    let seconds = t0.elapsed().as_secs_f64();
+    for conn in connections {
+        let _ = conn.close(200, "floor: done".into()).await;
+    }
+    let broker = crate::machine::broker_cpu_seconds()
+        .zip(broker0)
+        .map(|(b1, b0)| b1 - b0);
+    Ok(Floor {
+        seconds,
+        publish_seconds,
+        broker_cpu_seconds: broker,
+        clients_cpu_seconds: crate::reference::cpu_seconds() - cpu0,
+        blocks: blocks.len() as u64,
+        block_bytes: blocks.iter().sum(),
+        readers: spec.readers,
+        results: results.len() as u64,
+        result_bytes: results.iter().sum(),
+    })
+}
+
+/// The job's messages as the plan makes them: every block of A and B, and every tile's result.
+fn message_sizes(spec: &Spec) -> Result<(Vec<u64>, Vec<u64>)> {
     let plan = Plan::with_operands(
         spec.n,
         spec.n,
@@ -237,116 +269,130 @@ async fn run(spec: &Spec, topo: &Topology, job: &str) -> Result<Floor> {
         gemmq::tiling::Operands::Stream,
     )?;
     let size = plan.dtype.size() as u64;
-    let blocks = block_sizes(&plan);
-    let results: Vec<u64> = plan
+    let results = plan
         .task_ids()
         .map(|t| (plan.rows(t.row).len() * plan.cols(t.col).len()) as u64 * size)
         .collect();
-    let largest = blocks.iter().chain(&results).copied().max().unwrap_or(0);
-    let body = std::sync::Arc::new(vec![0x5au8; largest as usize]);
+    Ok((block_sizes(&plan), results))
+}
 
-    let setup = connect(&spec.amqp_url).await?;
-    let ch = setup.create_channel().await.context("opening a channel")?;
-    topo.declare(&ch).await?;
-    topo.declare_job(&ch, job).await?;
+/// Everyone connected and consuming before the clock starts; the live queues first, so that
+/// every block reaches every one of them.
+struct Parties {
+    setup: lapin::Connection,
+    /// Each reader: its connection, its live queue, its confirming channel for results, and
+    /// the sizes of its share of the results.
+    readers: Vec<(lapin::Connection, lapin::Consumer, lapin::Channel, Vec<u64>)>,
+    collector_conn: lapin::Connection,
+    collected: lapin::Consumer,
+    producer_conn: lapin::Connection,
+    producer_ch: lapin::Channel,
+}
 
-    // Everyone connected and consuming before the clock starts; the live queues first, so that
-    // every block reaches every one of them.
-    let mut readers = Vec::new();
-    for r in 0..spec.readers {
-        let conn = connect(&spec.amqp_url).await?;
-        let ch = conn.create_channel().await.context("opening a channel")?;
-        let queue = topo
-            .declare_live_operands(&ch, &format!("floor{r}"), u64::MAX)
-            .await?;
-        let consumer = consume(&ch, &queue, LIVE_PREFETCH).await?;
-        let results_ch = confirming(&conn).await?;
-        let share: Vec<u64> = results
-            .iter()
-            .skip(r)
-            .step_by(spec.readers)
-            .copied()
-            .collect();
-        readers.push((conn, consumer, results_ch, share));
-    }
-    let collector_conn = connect(&spec.amqp_url).await?;
-    let collector_ch = collector_conn
-        .create_channel()
-        .await
-        .context("opening a channel")?;
-    let collected = consume(&collector_ch, &topo.results_queue(job), COLLECTOR_PREFETCH).await?;
-    let producer_conn = connect(&spec.amqp_url).await?;
-    let producer_ch = confirming(&producer_conn).await?;
-
-    let cpu0 = crate::reference::cpu_seconds();
-    let broker0 = crate::machine::broker_cpu_seconds();
-    let t0 = Instant::now();
-
-    // Every party at once; the first error ends the floor (dropping the set aborts the rest).
-    let mut parties: JoinSet<Result<Option<Duration>>> = JoinSet::new();
-    {
-        let (body, blocks) = (body.clone(), blocks.clone());
-        let (exchange, key) = (topo.operands_exchange(), job.to_string());
-        parties.spawn(async move {
-            let mut window = ConfirmWindow::new(producer_ch, DEFAULT_CONFIRM_WINDOW);
-            for (i, len) in blocks.into_iter().enumerate() {
-                let block = &body[..len as usize];
-                window
-                    .publish(&exchange, &key, block, persistent(), format!("block {i}"))
-                    .await?;
-            }
-            window.flush().await?;
-            Ok(Some(t0.elapsed()))
-        });
-    }
-    let n_blocks = blocks.len();
-    let mut connections = vec![setup, collector_conn, producer_conn];
-    for (r, (conn, consumer, results_ch, share)) in readers.into_iter().enumerate() {
-        connections.push(conn);
-        parties.spawn(async move {
-            drain(consumer, n_blocks, &format!("reader {r}'s live queue")).await?;
-            Ok(None)
-        });
-        let body = body.clone();
-        let (exchange, key) = (topo.results_exchange(), job.to_string());
-        parties.spawn(async move {
-            for (i, len) in share.into_iter().enumerate() {
-                let result = &body[..len as usize];
-                let what = format!("reader {r}'s result {i}");
-                publish_confirmed(&results_ch, &exchange, &key, result, persistent(), what).await?;
-            }
-            Ok(None)
-        });
-    }
-    let n_results = results.len();
-    parties.spawn(async move {
-        drain(collected, n_results, "the results queue").await?;
-        Ok(None)
-    });
-    let mut publish_seconds = None;
-    while let Some(joined) = parties.join_next().await {
-        if let Some(published) = joined.context("a party of the floor panicked")?? {
-            publish_seconds = Some(published.as_secs_f64());
+impl Parties {
+    async fn connect(spec: &Spec, topo: &Topology, job: &str, results: &[u64]) -> Result<Self> {
+        let setup = connect(&spec.amqp_url).await?;
+        let ch = setup.create_channel().await.context("opening a channel")?;
+        topo.declare(&ch).await?;
+        topo.declare_job(&ch, job).await?;
+        let mut readers = Vec::new();
+        for r in 0..spec.readers {
+            let conn = connect(&spec.amqp_url).await?;
+            let ch = conn.create_channel().await.context("opening a channel")?;
+            let queue = topo
+                .declare_live_operands(&ch, &format!("floor{r}"), u64::MAX)
+                .await?;
+            let consumer = consume(&ch, &queue, LIVE_PREFETCH).await?;
+            let results_ch = confirming(&conn).await?;
+            let share: Vec<u64> = results
+                .iter()
+                .skip(r)
+                .step_by(spec.readers)
+                .copied()
+                .collect();
+            readers.push((conn, consumer, results_ch, share));
         }
+        let collector_conn = connect(&spec.amqp_url).await?;
+        let collector_ch = collector_conn
+            .create_channel()
+            .await
+            .context("opening a channel")?;
+        let collected =
+            consume(&collector_ch, &topo.results_queue(job), COLLECTOR_PREFETCH).await?;
+        let producer_conn = connect(&spec.amqp_url).await?;
+        let producer_ch = confirming(&producer_conn).await?;
+        Ok(Parties {
+            setup,
+            readers,
+            collector_conn,
+            collected,
+            producer_conn,
+            producer_ch,
+        })
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    for conn in connections {
-        let _ = conn.close(200, "floor: done".into()).await;
+
+    /// Every party at once; the first error ends the floor (dropping the set aborts the rest).
+    /// Returns when the publisher had every block confirmed, and the connections to close.
+    async fn race(
+        self,
+        topo: &Topology,
+        job: &str,
+        body: std::sync::Arc<Vec<u8>>,
+        blocks: &[u64],
+        results: &[u64],
+        t0: Instant,
+    ) -> Result<(f64, Vec<lapin::Connection>)> {
+        let mut parties: JoinSet<Result<Option<Duration>>> = JoinSet::new();
+        {
+            let (body, blocks) = (body.clone(), blocks.to_vec());
+            let (exchange, key) = (topo.operands_exchange(), job.to_string());
+            let producer_ch = self.producer_ch;
+            parties.spawn(async move {
+                let mut window = ConfirmWindow::new(producer_ch, DEFAULT_CONFIRM_WINDOW);
+                for (i, len) in blocks.into_iter().enumerate() {
+                    let block = &body[..len as usize];
+                    window
+                        .publish(&exchange, &key, block, persistent(), format!("block {i}"))
+                        .await?;
+                }
+                window.flush().await?;
+                Ok(Some(t0.elapsed()))
+            });
+        }
+        let n_blocks = blocks.len();
+        let mut connections = vec![self.setup, self.collector_conn, self.producer_conn];
+        for (r, (conn, consumer, results_ch, share)) in self.readers.into_iter().enumerate() {
+            connections.push(conn);
+            parties.spawn(async move {
+                drain(consumer, n_blocks, &format!("reader {r}'s live queue")).await?;
+                Ok(None)
+            });
+            let body = body.clone();
+            let (exchange, key) = (topo.results_exchange(), job.to_string());
+            parties.spawn(async move {
+                for (i, len) in share.into_iter().enumerate() {
+                    let result = &body[..len as usize];
+                    let what = format!("reader {r}'s result {i}");
+                    publish_confirmed(&results_ch, &exchange, &key, result, persistent(), what)
+                        .await?;
+                }
+                Ok(None)
+            });
+        }
+        let (n_results, collected) = (results.len(), self.collected);
+        parties.spawn(async move {
+            drain(collected, n_results, "the results queue").await?;
+            Ok(None)
+        });
+        let mut publish_seconds = None;
+        while let Some(joined) = parties.join_next().await {
+            if let Some(published) = joined.context("a party of the floor panicked")?? {
+                publish_seconds = Some(published.as_secs_f64());
+            }
+        }
+        let publish_seconds = publish_seconds.context("the publisher never finished")?;
+        Ok((publish_seconds, connections))
     }
-    let broker = crate::machine::broker_cpu_seconds()
-        .zip(broker0)
-        .map(|(b1, b0)| b1 - b0);
-    Ok(Floor {
-        seconds,
-        publish_seconds: publish_seconds.context("the publisher never finished")?,
-        broker_cpu_seconds: broker,
-        clients_cpu_seconds: crate::reference::cpu_seconds() - cpu0,
-        blocks: blocks.len() as u64,
-        block_bytes: blocks.iter().sum(),
-        readers: spec.readers,
-        results: results.len() as u64,
-        result_bytes: results.iter().sum(),
-    })
 }
 
 /// The least end-to-end time a machine with `cores` cores allows for a job whose floor is
