@@ -156,78 +156,10 @@ impl Assembly {
     /// another collector holds it: see [`Assembly::is_locked`].
     pub fn open(plan: &Plan, job: &str, run: &str, dir: &Path) -> Result<Self, AssemblyError> {
         fs::create_dir_all(dir.join(PARTS)).map_err(io(dir))?;
-        let lock_path = dir.join(LOCK);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
-        lock.try_lock().map_err(|e| match e {
-            fs::TryLockError::WouldBlock => AssemblyError::Io {
-                path: lock_path.clone(),
-                source: std::io::ErrorKind::WouldBlock.into(),
-            },
-            fs::TryLockError::Error(e) => AssemblyError::Io {
-                path: lock_path.clone(),
-                source: e,
-            },
-        })?;
-
-        let legacy = serde_json::json!({ "job": job, "plan": plan });
-        let identity = serde_json::json!({ "job": job, "plan": plan, "run": run });
-        let plan_path = dir.join(PLAN_FILE);
+        let lock = lock(dir)?;
         let c_path = dir.join(C_FILE);
-        let existing: Option<serde_json::Value> = fs::read(&plan_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        // Checkpoints written before runs existed name none: they match any run of their plan.
-        let same = existing
-            .as_ref()
-            .is_some_and(|e| *e == identity || (e.get("run").is_none() && *e == legacy));
-        if same && dir.join(DONE).exists() {
-            // Finished, by us before a crash or by a collector we stood by for.
-            let dest = PathBuf::from(fs::read_to_string(dir.join(DONE)).map_err(io(dir))?);
-            if c_path.exists() {
-                fs::rename(&c_path, &dest).map_err(io(&dest))?;
-            }
-            return Err(AssemblyError::AlreadyFinished { output: dest });
-        }
-        match existing {
-            Some(_) if same && c_path.exists() => {}
-            Some(_) if c_path.exists() => {
-                return Err(AssemblyError::Mismatch {
-                    dir: dir.to_path_buf(),
-                });
-            }
-            _ => {
-                // A fresh checkpoint (the first, or after a finished one of another run or plan,
-                // whose C was moved to its output): the old identity and "done" mark go first,
-                // then C, the new identity last, so a crash in between just starts over.
-                for old in [PLAN_FILE, DONE] {
-                    match fs::remove_file(dir.join(old)) {
-                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                            return Err(io(dir)(e));
-                        }
-                        _ => {}
-                    }
-                }
-                sync_dir(dir)?;
-                let f = File::create(&c_path).map_err(io(&c_path))?;
-                let shape = (plan.m as usize, plan.n as usize);
-                let zeroed = match plan.dtype {
-                    DType::F32 => ndarray_npy::write_zeroed_npy::<f32, _>(&f, shape),
-                    DType::F64 => ndarray_npy::write_zeroed_npy::<f64, _>(&f, shape),
-                };
-                zeroed.map_err(|e| AssemblyError::Corrupt {
-                    path: c_path.clone(),
-                    message: e.to_string(),
-                })?;
-                f.sync_all().map_err(io(&c_path))?;
-                let _ = fs::remove_file(dir.join(JOURNAL));
-                write_synced(&plan_path, identity.to_string().as_bytes())?;
-                sync_dir(dir)?;
-            }
+        if !Self::resumable(plan, job, run, dir)? {
+            Self::start_over(plan, job, run, dir)?;
         }
         let c_file = OpenOptions::new()
             .read(true)
@@ -272,6 +204,70 @@ impl Assembly {
         };
         asm.replay(&journal_path)?;
         Ok(asm)
+    }
+
+    /// Whether the checkpoint in `dir` is this run's and can be resumed; `false` when there is
+    /// none, or a finished one of another run or plan. A finished one of this run is
+    /// [`AssemblyError::AlreadyFinished`]; an unfinished one of another is a mismatch.
+    fn resumable(plan: &Plan, job: &str, run: &str, dir: &Path) -> Result<bool, AssemblyError> {
+        let c_path = dir.join(C_FILE);
+        let legacy = serde_json::json!({ "job": job, "plan": plan });
+        let identity = serde_json::json!({ "job": job, "plan": plan, "run": run });
+        let plan_path = dir.join(PLAN_FILE);
+        let existing: Option<serde_json::Value> = fs::read(&plan_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        // Checkpoints written before runs existed name none: they match any run of their plan.
+        let same = existing
+            .as_ref()
+            .is_some_and(|e| *e == identity || (e.get("run").is_none() && *e == legacy));
+        if same && dir.join(DONE).exists() {
+            // Finished, by us before a crash or by a collector we stood by for.
+            let dest = PathBuf::from(fs::read_to_string(dir.join(DONE)).map_err(io(dir))?);
+            if c_path.exists() {
+                fs::rename(&c_path, &dest).map_err(io(&dest))?;
+            }
+            return Err(AssemblyError::AlreadyFinished { output: dest });
+        }
+        match existing {
+            Some(_) if same && c_path.exists() => Ok(true),
+            Some(_) if c_path.exists() => Err(AssemblyError::Mismatch {
+                dir: dir.to_path_buf(),
+            }),
+            _ => Ok(false),
+        }
+    }
+
+    /// A fresh checkpoint (the first, or after a finished one of another run or plan, whose C
+    /// was moved to its output): the old identity and "done" mark go first, then C, the new
+    /// identity last, so a crash in between just starts over.
+    fn start_over(plan: &Plan, job: &str, run: &str, dir: &Path) -> Result<(), AssemblyError> {
+        let identity = serde_json::json!({ "job": job, "plan": plan, "run": run });
+        let (plan_path, c_path) = (dir.join(PLAN_FILE), dir.join(C_FILE));
+        for old in [PLAN_FILE, DONE] {
+            match fs::remove_file(dir.join(old)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(dir)(e));
+                }
+                _ => {}
+            }
+        }
+        sync_dir(dir)?;
+        let f = File::create(&c_path).map_err(io(&c_path))?;
+        let shape = (plan.m as usize, plan.n as usize);
+        let zeroed = match plan.dtype {
+            DType::F32 => ndarray_npy::write_zeroed_npy::<f32, _>(&f, shape),
+            DType::F64 => ndarray_npy::write_zeroed_npy::<f64, _>(&f, shape),
+        };
+        zeroed.map_err(|e| AssemblyError::Corrupt {
+            path: c_path.clone(),
+            message: e.to_string(),
+        })?;
+        f.sync_all().map_err(io(&c_path))?;
+        let _ = fs::remove_file(dir.join(JOURNAL));
+        write_synced(&plan_path, identity.to_string().as_bytes())?;
+        sync_dir(dir)?;
+        Ok(())
     }
 
     /// Whether an error from [`Assembly::open`] means another collector holds the checkpoint.
@@ -699,6 +695,28 @@ fn c_data_offset(map: &mut [u8], plan: &Plan) -> Result<usize, String> {
 #[cfg(not(target_os = "linux"))]
 fn reserve(_: &File, _: &Path) -> Result<(), AssemblyError> {
     Ok(())
+}
+
+/// The checkpoint's lock: one collector at a time (a second one stands by).
+fn lock(dir: &Path) -> Result<File, AssemblyError> {
+    let lock_path = dir.join(LOCK);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    lock.try_lock().map_err(|e| match e {
+        fs::TryLockError::WouldBlock => AssemblyError::Io {
+            path: lock_path.clone(),
+            source: std::io::ErrorKind::WouldBlock.into(),
+        },
+        fs::TryLockError::Error(e) => AssemblyError::Io {
+            path: lock_path.clone(),
+            source: e,
+        },
+    })?;
+    Ok(lock)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), AssemblyError> {
