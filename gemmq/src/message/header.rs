@@ -315,99 +315,120 @@ impl Header {
     /// The payload length the header's dimensions imply, refusing sizes over `limit` before
     /// anything is multiplied out in memory.
     pub(super) fn payload_len(&self, limit: u64) -> Result<u64, MessageError> {
-        let (rows, cols, depth, dtype) = match self {
-            Header::InlineTask(h) => (h.rows, h.cols, Some(h.depth), h.dtype),
-            Header::TileResult(h) => (h.rows, h.cols, None, h.dtype),
-            Header::Operand(h) => (h.rows, h.cols, None, h.dtype),
+        match self {
+            Header::InlineTask(h) => dense_len(h.rows, h.cols, Some(h.depth), h.dtype, limit),
+            Header::TileResult(h) => dense_len(h.rows, h.cols, None, h.dtype, limit),
+            Header::Operand(h) => dense_len(h.rows, h.cols, None, h.dtype, limit),
             Header::StreamedTask(h) => {
                 check_task_ref(h.rows, h.cols, h.depth, h.dtype, limit)?;
-                return Ok(0);
+                Ok(0)
             }
-            Header::TaskGroup(g) => {
-                if g.tasks.is_empty() || g.tasks.len() > MAX_GROUP {
-                    return Err(MessageError::Dimensions(
-                        format!("{} tasks", g.tasks.len()),
-                        format!("a task group holds 1 to {MAX_GROUP}"),
-                    ));
-                }
-                let mut results = 0u64;
-                for t in &g.tasks {
-                    check_task_ref(t.rows, t.cols, t.depth, g.dtype, limit)?;
-                    results += t.rows as u64 * t.cols as u64 * g.dtype.size() as u64;
-                }
-                // What a worker holds for one group: its results fit one message, as one big
-                // task's would (u32² × 8 × 64 fits in u64).
-                if results > limit.saturating_sub(crate::tiling::HEADER_BUDGET) {
-                    return Err(MessageError::Dimensions(
-                        format!("{} tasks", g.tasks.len()),
-                        format!("their results would exceed {limit} bytes"),
-                    ));
-                }
-                return Ok(0);
-            }
-            Header::Parked(_) | Header::Failed(_) | Header::JobDone(_) => return Ok(0),
-            Header::ResultBatch(b) => {
-                if b.tiles.is_empty() {
-                    return Err(MessageError::Dimensions(
-                        "0 tiles".into(),
-                        "a result batch holds at least one tile".into(),
-                    ));
-                }
-                let size = b.dtype.size() as u64;
-                let mut total = 0u64;
-                for t in &b.tiles {
-                    if t.rows == 0 || t.cols == 0 {
-                        return Err(MessageError::Dimensions(
-                            format!("{}x{} ({})", t.rows, t.cols, t.tile),
-                            "a dimension is zero".into(),
-                        ));
-                    }
-                    // u32 × u32 fits in u64; × the element size and the sum might not.
-                    total = (t.rows as u64 * t.cols as u64)
-                        .checked_mul(size)
-                        .and_then(|b| b.checked_add(total))
-                        .unwrap_or(u64::MAX);
-                    if total > limit {
-                        return Err(MessageError::Dimensions(
-                            format!("{} tiles", b.tiles.len()),
-                            format!("their results would exceed {limit} bytes"),
-                        ));
-                    }
-                }
-                return Ok(total);
-            }
-        };
-        let desc = match depth {
-            Some(d) => format!("{rows}x{d} · {d}x{cols}"),
-            None => format!("{rows}x{cols}"),
-        };
-        let (r, c, d, size) = (
-            rows as u64,
-            cols as u64,
-            depth.unwrap_or(1) as u64,
-            dtype.size() as u64,
-        );
-        if r == 0 || c == 0 || d == 0 {
-            return Err(MessageError::Dimensions(desc, "a dimension is zero".into()));
+            Header::TaskGroup(g) => g.check(limit).map(|()| 0),
+            Header::Parked(_) | Header::Failed(_) | Header::JobDone(_) => Ok(0),
+            Header::ResultBatch(b) => b.payload_len(limit),
         }
-        // u32 × u32 fits in u64; the sums and the × element size might not.
-        let output = (r * c).checked_mul(size);
-        let inputs = (r * d).checked_add(d * c).and_then(|e| e.checked_mul(size));
-        // A task's result must fit a message with its header, or publishing it would fail.
-        let output_limit = if depth.is_some() {
-            limit.saturating_sub(crate::tiling::HEADER_BUDGET)
-        } else {
-            limit
-        };
-        match (output, inputs) {
-            (Some(o), Some(i)) if o <= output_limit && i <= limit => {
-                Ok(if depth.is_some() { i } else { o })
-            }
-            _ => Err(MessageError::Dimensions(
-                desc,
-                format!("the blocks or the {rows}x{cols} result would exceed {limit} bytes"),
-            )),
+    }
+}
+
+impl TaskGroup {
+    /// 1 to [`MAX_GROUP`] sane tasks whose results fit one message together.
+    fn check(&self, limit: u64) -> Result<(), MessageError> {
+        if self.tasks.is_empty() || self.tasks.len() > MAX_GROUP {
+            return Err(MessageError::Dimensions(
+                format!("{} tasks", self.tasks.len()),
+                format!("a task group holds 1 to {MAX_GROUP}"),
+            ));
         }
+        let mut results = 0u64;
+        for t in &self.tasks {
+            check_task_ref(t.rows, t.cols, t.depth, self.dtype, limit)?;
+            results += t.rows as u64 * t.cols as u64 * self.dtype.size() as u64;
+        }
+        // What a worker holds for one group: its results fit one message, as one big
+        // task's would (u32² × 8 × 64 fits in u64).
+        if results > limit.saturating_sub(crate::tiling::HEADER_BUDGET) {
+            return Err(MessageError::Dimensions(
+                format!("{} tasks", self.tasks.len()),
+                format!("their results would exceed {limit} bytes"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ResultBatch {
+    /// The tiles' bytes one after another: each tile non-empty, all within the limit.
+    fn payload_len(&self, limit: u64) -> Result<u64, MessageError> {
+        if self.tiles.is_empty() {
+            return Err(MessageError::Dimensions(
+                "0 tiles".into(),
+                "a result batch holds at least one tile".into(),
+            ));
+        }
+        let size = self.dtype.size() as u64;
+        let mut total = 0u64;
+        for t in &self.tiles {
+            if t.rows == 0 || t.cols == 0 {
+                return Err(MessageError::Dimensions(
+                    format!("{}x{} ({})", t.rows, t.cols, t.tile),
+                    "a dimension is zero".into(),
+                ));
+            }
+            // u32 × u32 fits in u64; × the element size and the sum might not.
+            total = (t.rows as u64 * t.cols as u64)
+                .checked_mul(size)
+                .and_then(|b| b.checked_add(total))
+                .unwrap_or(u64::MAX);
+            if total > limit {
+                return Err(MessageError::Dimensions(
+                    format!("{} tiles", self.tiles.len()),
+                    format!("their results would exceed {limit} bytes"),
+                ));
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// A frame whose payload is one dense block (or, for an inline task, its two): `rows`×`cols`,
+/// or with `depth` the blocks `rows`×`depth` and `depth`×`cols`.
+fn dense_len(
+    rows: u32,
+    cols: u32,
+    depth: Option<u32>,
+    dtype: DType,
+    limit: u64,
+) -> Result<u64, MessageError> {
+    let desc = match depth {
+        Some(d) => format!("{rows}x{d} · {d}x{cols}"),
+        None => format!("{rows}x{cols}"),
+    };
+    let (r, c, d, size) = (
+        rows as u64,
+        cols as u64,
+        depth.unwrap_or(1) as u64,
+        dtype.size() as u64,
+    );
+    if r == 0 || c == 0 || d == 0 {
+        return Err(MessageError::Dimensions(desc, "a dimension is zero".into()));
+    }
+    // u32 × u32 fits in u64; the sums and the × element size might not.
+    let output = (r * c).checked_mul(size);
+    let inputs = (r * d).checked_add(d * c).and_then(|e| e.checked_mul(size));
+    // A task's result must fit a message with its header, or publishing it would fail.
+    let output_limit = if depth.is_some() {
+        limit.saturating_sub(crate::tiling::HEADER_BUDGET)
+    } else {
+        limit
+    };
+    match (output, inputs) {
+        (Some(o), Some(i)) if o <= output_limit && i <= limit => {
+            Ok(if depth.is_some() { i } else { o })
+        }
+        _ => Err(MessageError::Dimensions(
+            desc,
+            format!("the blocks or the {rows}x{cols} result would exceed {limit} bytes"),
+        )),
     }
 }
 
