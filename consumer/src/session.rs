@@ -54,6 +54,45 @@ struct Session {
     tag: String,
 }
 
+/// The connection's channels: tasks (topology declared, prefetch set), results (with publisher
+/// confirms) and heartbeats.
+async fn channels(
+    conn: &lapin::Connection,
+    topo: &Topology,
+    s: &Settings,
+) -> Result<(Channel, Channel, Channel), Stop> {
+    let tasks = conn
+        .create_channel()
+        .await
+        .map_err(lost("opening a channel"))?;
+    topo.declare(&tasks).await.map_err(|e| {
+        if e.is_permanent() {
+            Stop::Fatal(e.into())
+        } else {
+            Stop::Lost(e.into())
+        }
+    })?;
+    // global = false: per-consumer prefetch. Global QoS is not implemented for quorum queues
+    // and would close the connection.
+    tasks
+        .basic_qos(s.queue_size, BasicQosOptions { global: false })
+        .await
+        .map_err(lost("setting the prefetch"))?;
+    let publisher = conn
+        .create_channel()
+        .await
+        .map_err(lost("opening a channel"))?;
+    publisher
+        .confirm_select(Default::default())
+        .await
+        .map_err(lost("enabling publisher confirms"))?;
+    let events = conn
+        .create_channel()
+        .await
+        .map_err(lost("opening a channel"))?;
+    Ok((tasks, publisher, events))
+}
+
 fn lost(what: &'static str) -> impl Fn(lapin::Error) -> Stop {
     move |e| Stop::Lost(anyhow::Error::new(e).context(what))
 }
@@ -75,35 +114,7 @@ impl Session {
             Err(BrokerError::Interrupted { .. }) => return Ok(None),
             Err(e) => return Err(Stop::Fatal(e.into())),
         };
-        let tasks = conn
-            .create_channel()
-            .await
-            .map_err(lost("opening a channel"))?;
-        topo.declare(&tasks).await.map_err(|e| {
-            if e.is_permanent() {
-                Stop::Fatal(e.into())
-            } else {
-                Stop::Lost(e.into())
-            }
-        })?;
-        // global = false: per-consumer prefetch. Global QoS is not implemented for quorum queues
-        // and would close the connection.
-        tasks
-            .basic_qos(s.queue_size, BasicQosOptions { global: false })
-            .await
-            .map_err(lost("setting the prefetch"))?;
-        let publisher = conn
-            .create_channel()
-            .await
-            .map_err(lost("opening a channel"))?;
-        publisher
-            .confirm_select(Default::default())
-            .await
-            .map_err(lost("enabling publisher confirms"))?;
-        let events = conn
-            .create_channel()
-            .await
-            .map_err(lost("opening a channel"))?;
+        let (tasks, publisher, events) = channels(&conn, topo, s).await?;
         let beat = Arc::new(heartbeat::Heartbeat::new(
             events,
             topo.clone(),

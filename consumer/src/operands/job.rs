@@ -56,6 +56,57 @@ impl ReaderState {
     }
 }
 
+/// What the job's state says of a wanted block.
+pub(super) enum Look {
+    Cached(Arc<Block>),
+    Missing {
+        /// Where it is on the stream, if it was seen there and evicted since.
+        evicted_at: Option<i64>,
+        /// Whether the job's stream reader is running.
+        reading: bool,
+    },
+}
+
+impl JobOperands {
+    /// Looks for a block under the lock. A cached block that does not fit the task's `dtype`
+    /// and `shape` came live from an earlier run (a producer that names no run) and is dropped;
+    /// that, or a block that came live and was evicted, sets `stream_only`: it will not come live
+    /// again. A failed reader's error is returned once, and the reader may be started again.
+    pub(super) fn look(
+        &self,
+        id: &BlockId,
+        dtype: message::DType,
+        shape: (usize, usize),
+        stream_only: &mut bool,
+    ) -> Result<Look, FetchError> {
+        let mut st = self.state.lock().expect("never poisoned");
+        if let Some(m) = st.cache.get(id) {
+            let fits = m.view().dtype() == dtype && m.view().shape() == shape;
+            if fits || st.offsets.contains_key(id) {
+                // From the stream it is what the job has: a wrong one is the task's problem,
+                // reported by the caller.
+                return Ok(Look::Cached(m));
+            }
+            tracing::warn!(job = %self.job, block = %id, "a cached block does not fit its task (stale: the job id was used again?); reading the stream");
+            st.cache.remove(id);
+            *stream_only = true;
+        }
+        if st.seen_live.contains(id) {
+            // It came live and was evicted: it will not come live again.
+            *stream_only = true;
+        }
+        if let ReaderState::Failed(e) = &st.reader {
+            let e = e.clone();
+            st.reader = ReaderState::Idle;
+            return Err(e);
+        }
+        Ok(Look::Missing {
+            evicted_at: st.offsets.get(id).copied(),
+            reading: st.reader.is_running(),
+        })
+    }
+}
+
 /// A task waiting for a block the reader has not reached: while any do, the reader reads on even
 /// with a full cache. Counted down on drop, so a task cancelled mid-wait stops counting.
 pub(super) struct Wanting<'a>(&'a JobOperands);

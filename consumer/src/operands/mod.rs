@@ -42,7 +42,7 @@ use lapin::options::BasicCancelOptions;
 use lapin::types::AMQPValue;
 use lapin::{Channel, Connection};
 
-use job::{JobOperands, Jobs, ReaderState, Wanting, job_entry};
+use job::{JobOperands, Jobs, Look, Wanting, job_entry};
 use stream::read_until;
 
 /// How long a worker waits for a block to appear on the stream before it gives up on the task
@@ -173,29 +173,12 @@ impl OperandBlocks {
         let mut waited_live = false;
         loop {
             // What to do, decided under the lock; the awaits come after it is released.
-            let (evicted_at, reading) = {
-                let mut st = j.state.lock().expect("never poisoned");
-                if let Some(m) = st.cache.get(&id) {
-                    let fits = m.view().dtype() == dtype && m.view().shape() == shape;
-                    if fits || st.offsets.contains_key(&id) {
-                        // From the stream it is what the job has: a wrong one is the task's
-                        // problem, reported by the caller.
-                        return Ok(m);
-                    }
-                    tracing::warn!(%job, block = %id, "a cached block does not fit its task (stale: the job id was used again?); reading the stream");
-                    st.cache.remove(&id);
-                    stream_only = true;
-                }
-                if st.seen_live.contains(&id) {
-                    // It came live and was evicted: it will not come live again.
-                    stream_only = true;
-                }
-                if let ReaderState::Failed(e) = &st.reader {
-                    let e = e.clone();
-                    st.reader = ReaderState::Idle;
-                    return Err(e);
-                }
-                (st.offsets.get(&id).copied(), st.reader.is_running())
+            let (evicted_at, reading) = match j.look(&id, dtype, shape, &mut stream_only)? {
+                Look::Cached(m) => return Ok(m),
+                Look::Missing {
+                    evicted_at,
+                    reading,
+                } => (evicted_at, reading),
             };
             let live_may_bring_it = !reading
                 && !stream_only
@@ -212,21 +195,7 @@ impl OperandBlocks {
             }
             if let Some(offset) = evicted_at {
                 // Seen before, evicted since: read just that one.
-                self.read
-                    .stats
-                    .operand_rereads
-                    .fetch_add(1, Ordering::Relaxed);
-                let (ch, mut scan) = self.open(conn, job, AMQPValue::LongLongInt(offset)).await?;
-                let read = read_until(&self.read, &j, &mut scan, dtype, id);
-                let got = tokio::time::timeout_at(deadline, read).await;
-                close_quietly(ch, scan.tag());
-                return match got {
-                    Ok(read) => read,
-                    Err(_) => Err(format!(
-                        "block {id} did not come back from its offset {offset} within {BLOCK_TIMEOUT:?}"
-                    )
-                    .into()),
-                };
+                return self.reread(conn, &j, id, dtype, offset, deadline).await;
             }
             self.ensure_reader(conn, &j, dtype).await?;
             let _wanting = Wanting::new(&j);
@@ -234,6 +203,35 @@ impl OperandBlocks {
             if woke.is_err() {
                 return Err(format!("block {id} did not arrive within {BLOCK_TIMEOUT:?}").into());
             }
+        }
+    }
+
+    /// A block this worker had, evicted since: read just that one at its offset.
+    async fn reread(
+        &self,
+        conn: &Connection,
+        j: &JobOperands,
+        id: BlockId,
+        dtype: DType,
+        offset: i64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Block>, FetchError> {
+        self.read
+            .stats
+            .operand_rereads
+            .fetch_add(1, Ordering::Relaxed);
+        let (ch, mut scan) = self
+            .open(conn, &j.job, AMQPValue::LongLongInt(offset))
+            .await?;
+        let read = read_until(&self.read, j, &mut scan, dtype, id);
+        let got = tokio::time::timeout_at(deadline, read).await;
+        close_quietly(ch, scan.tag());
+        match got {
+            Ok(read) => read,
+            Err(_) => Err(format!(
+                "block {id} did not come back from its offset {offset} within {BLOCK_TIMEOUT:?}"
+            )
+            .into()),
         }
     }
 }
