@@ -18,7 +18,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, warn};
 
-use crate::{Ctx, Settings, Stats, Stop, handle, heartbeat, operands, results};
+use crate::task::handle;
+use crate::{Ctx, Settings, Stats, Stop, heartbeat, operands, results};
 
 /// What lasts across a worker's connections.
 pub(crate) struct Worker<'a> {

@@ -169,6 +169,12 @@ async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
         collector.log()
     );
     assert_eq!(gemmq_collector::EXIT_UNVERIFIED, 4);
+    // Not a terminal: progress comes as log lines, the last one at 100%.
+    assert!(
+        collector.log().contains("progress done=4 total=4"),
+        "{}",
+        collector.log()
+    );
     let summary = common::summary_json(&env, "wrong");
     assert_eq!(summary["status"], "verification_failed", "{summary:#}");
     assert_eq!(summary["verification"]["passed"], false);

@@ -1,0 +1,333 @@
+//! One task message, from its delivery to what becomes of it: decoded, its blocks fetched, its
+//! tiles multiplied, and the decision (`settlement`) that `settle.rs` carries out on the broker.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use gemmq::kernel::Threads;
+use gemmq::matrix::{self, Block};
+use gemmq::message::{self, BlockId, Side, TaskHeader, Tiles, Work};
+use gemmq::topology;
+use lapin::message::Delivery;
+use rand::RngExt;
+use tracing::{info, warn};
+
+use crate::settle::{ack, park, requeue, retry, send_results};
+use crate::{Ctx, Stats, operands};
+
+/// Why a task did not produce a result.
+pub(crate) enum Failure {
+    /// Its job's operand stream is gone: the job was finished (or deleted). Drop the task.
+    JobGone,
+    /// Worth another attempt.
+    Transient(String),
+    /// Will fail the same way every time: park at once.
+    Permanent(String),
+}
+
+pub(crate) async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
+    Stats::bump(&ctx.stats.received);
+    let held = ctx.stats.held.fetch_add(1, Ordering::Relaxed) + 1;
+    ctx.stats.max_held.fetch_max(held, Ordering::Relaxed);
+    settle(&ctx, delivery).await;
+    ctx.stats.held.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Takes one delivery to its end: results published and acked, retried, or parked. A message
+/// holds one task or, for tiny tiles, a group of them; a group is received, retried, parked
+/// and acked as one, and each of its tiles has its own result.
+async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
+    let attempt =
+        topology::prior_attempts(&delivery.properties, &ctx.tasks_queue).saturating_add(1);
+    let limit = ctx.settings.broker.max_message_bytes;
+    // decode() has checked the job id too: it names queues and journal lines.
+    let body_len = delivery.data.len();
+    let decoded = message::decode(&delivery.data, limit)
+        .and_then(|f| f.into_work())
+        .map(|work| match work {
+            // Inline tasks carry their blocks after the header; streamed ones name them.
+            Work::Inline(task, payload) => (vec![task], Some(body_len - payload.len())),
+            Work::Streamed(tasks) => (tasks, None),
+        });
+    let (tasks, inline_at) = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            let reason = format!("malformed task: {e}");
+            return park(ctx, &delivery, &[], attempt, reason).await;
+        }
+    };
+    // decode() refuses an empty group.
+    let job = &tasks[0].job;
+    let tiles = Tiles(&tasks);
+    info!(%job, %tiles, attempt, "task received");
+    if attempt > ctx.settings.max_attempts {
+        // Only a task that kept killing its workers (and so was dead-lettered by the broker's
+        // delivery limit, not by us) gets here: do not run it again.
+        let reason = format!(
+            "redelivered past the attempt limit ({} of {}): it crashed or stalled its workers",
+            attempt, ctx.settings.max_attempts
+        );
+        return park(ctx, &delivery, &tasks, attempt, reason).await;
+    }
+
+    // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
+    let blocks = match inline_at {
+        Some(offset) => Ok(TaskBlocks::Inline(offset)),
+        None => {
+            let published = delivery.properties.timestamp().as_ref().copied();
+            fetch_blocks(ctx, &tasks, published)
+                .await
+                .map(TaskBlocks::Blocks)
+        }
+    };
+    let permit = tokio::select! {
+        p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
+        _ = ctx.shutdown.cancelled() => {
+            // Not started: give it back now rather than make it wait for the channel to close.
+            requeue(&delivery).await;
+            return;
+        }
+    };
+    let started = Instant::now();
+    let outcome = match blocks {
+        Ok(blocks) => {
+            let data = std::mem::take(&mut delivery.data);
+            let (outcome, data) = work(ctx, &tasks, data, blocks).await;
+            delivery.data = data;
+            outcome
+        }
+        Err(f) => Err(f),
+    };
+    drop(permit);
+
+    let micros = started.elapsed().as_micros() as u64;
+    if matches!(outcome, Err(Failure::Transient(_))) {
+        Stats::bump(&ctx.stats.failed);
+    }
+    match settlement(outcome, attempt, ctx.settings.max_attempts) {
+        Settlement::Done(products) => {
+            send_results(ctx, &delivery, &tasks, attempt, products, micros).await
+        }
+        Settlement::Park(reason) => park(ctx, &delivery, &tasks, attempt, reason).await,
+        Settlement::Drop => {
+            warn!(%job, %tiles, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
+            ack(&delivery, &tiles).await;
+        }
+        Settlement::Retry(reason) => retry(ctx, &delivery, &tasks, attempt, &reason).await,
+    }
+}
+
+/// What becomes of a task once it has been tried: the worker's one decision, made without a
+/// broker so that it can be tested on its own.
+#[derive(Debug, PartialEq)]
+enum Settlement {
+    /// Publish its results, then ack.
+    Done(Vec<Vec<u8>>),
+    /// Park it with this reason (the collector is told), then ack.
+    Park(String),
+    /// Its job is gone: ack it and drop it.
+    Drop,
+    /// Nack it into the retry queue, which sends it back after the retry delay.
+    Retry(String),
+}
+
+fn settlement(
+    outcome: Result<Vec<Vec<u8>>, Failure>,
+    attempt: u32,
+    max_attempts: u32,
+) -> Settlement {
+    match outcome {
+        Ok(products) => Settlement::Done(products),
+        Err(Failure::Permanent(reason)) => Settlement::Park(reason),
+        Err(Failure::JobGone) => Settlement::Drop,
+        Err(Failure::Transient(reason)) if attempt >= max_attempts => {
+            Settlement::Park(format!("{reason} (attempt {attempt} of {max_attempts})"))
+        }
+        Err(Failure::Transient(reason)) => Settlement::Retry(reason),
+    }
+}
+
+impl From<operands::FetchError> for Failure {
+    fn from(e: operands::FetchError) -> Self {
+        match e {
+            operands::FetchError::JobGone => Failure::JobGone,
+            operands::FetchError::Unavailable(reason) | operands::FetchError::Other(reason) => {
+                Failure::Transient(reason)
+            }
+        }
+    }
+}
+
+/// Where a task's blocks are.
+enum TaskBlocks {
+    /// In the task's own body, from this offset.
+    Inline(usize),
+    /// Fetched from the job's operand stream: the A and B blocks of each task, in order.
+    Blocks(Vec<(Arc<Block>, Arc<Block>)>),
+}
+
+type BlockPair = (Arc<Block>, Arc<Block>);
+
+/// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
+/// a group share most of their blocks; the cache holds them.
+/// `published`: the task message's timestamp (seconds), if its producer set one.
+async fn fetch_blocks(
+    ctx: &Ctx,
+    tasks: &[TaskHeader],
+    published: Option<u64>,
+) -> Result<Vec<BlockPair>, Failure> {
+    let mut pairs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        pairs.push(fetch_pair(ctx, task, published).await?);
+    }
+    Ok(pairs)
+}
+
+async fn fetch_pair(
+    ctx: &Ctx,
+    task: &TaskHeader,
+    published: Option<u64>,
+) -> Result<BlockPair, Failure> {
+    let t = task.tile;
+    let a_id = BlockId {
+        side: Side::A,
+        index: t.row,
+        part: t.part,
+    };
+    let b_id = BlockId {
+        side: Side::B,
+        index: t.col,
+        part: t.part,
+    };
+    let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
+    let get = |id, shape| {
+        ctx.operands.get(
+            &ctx.conn,
+            operands::Wanted {
+                job: &task.job,
+                run: &task.run,
+                id,
+                dtype: task.dtype,
+                shape,
+                published,
+            },
+        )
+    };
+    let a = get(a_id, (r, d)).await.map_err(Failure::from)?;
+    let b = get(b_id, (d, c)).await.map_err(Failure::from)?;
+    let (a_shape, b_shape) = (a.view().shape(), b.view().shape());
+    if a_shape != (r, d) || b_shape != (d, c) {
+        return Err(Failure::Permanent(format!(
+            "the task {t} is {r}x{d} · {d}x{c} but its blocks are {a_shape:?} and {b_shape:?}"
+        )));
+    }
+    Ok((a, b))
+}
+
+/// Tiles up to this many flops (~20 µs of work) are multiplied on the async thread.
+const TINY_FLOPS: u64 = 1 << 20;
+
+pub(crate) fn flops(task: &TaskHeader) -> u64 {
+    2 * task.rows as u64 * task.cols as u64 * task.depth as u64
+}
+
+/// Simulated delay and failure (once per message: a group fails as one), then the
+/// multiplications on the blocking pool. Returns each task's product, and the body so the
+/// caller can still park it.
+async fn work(
+    ctx: &Ctx,
+    tasks: &[TaskHeader],
+    data: Vec<u8>,
+    blocks: TaskBlocks,
+) -> (Result<Vec<Vec<u8>>, Failure>, Vec<u8>) {
+    let (delay, fail) = {
+        let mut rng = rand::rng();
+        let d = &ctx.settings.delay;
+        let delay = if d.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(rng.random_range(d.min.as_secs_f64()..=d.max.as_secs_f64()))
+        };
+        (delay, rng.random_bool(ctx.settings.failure_rate))
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if fail {
+        return (
+            Err(Failure::Transient(
+                "simulated failure (--failure-rate)".into(),
+            )),
+            data,
+        );
+    }
+    let total: u64 = tasks.iter().map(flops).sum();
+    let first = tasks[0].clone();
+    let threads = Threads::Exactly(ctx.settings.threads);
+    let compute = move || {
+        let r = match blocks {
+            TaskBlocks::Inline(offset) => matrix::compute_tile(&first, &data[offset..], threads)
+                .map(|product| vec![product])
+                .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
+            TaskBlocks::Blocks(pairs) => pairs
+                .iter()
+                .map(|(a, b)| matrix::multiply_blocks(a.view(), b.view(), threads))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
+        };
+        (r, data)
+    };
+    // A tiny tile is cheaper to multiply than to hand to another thread.
+    if total <= TINY_FLOPS {
+        return compute();
+    }
+    let joined = tokio::task::spawn_blocking(compute).await;
+    match joined {
+        Ok((r, data)) => (r, data),
+        // The multiplication panicked: a bug, not bad luck. The body went with the thread.
+        Err(e) => (
+            Err(Failure::Transient(format!("computation failed: {e}"))),
+            Vec::new(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_computed_task_publishes_its_results() {
+        let products = vec![vec![1u8, 2, 3]];
+        assert_eq!(
+            settlement(Ok(products.clone()), 1, 5),
+            Settlement::Done(products)
+        );
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_until_the_last_attempt_then_parked() {
+        let failed = || Err(Failure::Transient("simulated failure".into()));
+        for attempt in 1..5 {
+            assert_eq!(
+                settlement(failed(), attempt, 5),
+                Settlement::Retry("simulated failure".into()),
+                "attempt {attempt}"
+            );
+        }
+        assert_eq!(
+            settlement(failed(), 5, 5),
+            Settlement::Park("simulated failure (attempt 5 of 5)".into())
+        );
+    }
+
+    #[test]
+    fn a_permanent_failure_is_parked_at_once_and_a_gone_job_dropped() {
+        assert_eq!(
+            settlement(Err(Failure::Permanent("malformed task".into())), 1, 5),
+            Settlement::Park("malformed task".into())
+        );
+        assert_eq!(settlement(Err(Failure::JobGone), 1, 5), Settlement::Drop);
+    }
+}
