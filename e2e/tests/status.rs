@@ -67,6 +67,33 @@ async fn status_lists_live_workers_with_their_prefetch_and_the_queues() {
         queues.contains(&format!("{}.retry", env.ns).as_str()),
         "{queues:?}"
     );
+    // The figures, not only the names: the task queue's two consumers, once the management
+    // API's statistics (refreshed every ~5 s) have caught up.
+    let tasks = format!("{}.tasks", env.ns);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let figures = loop {
+        let all = status::queue_figures(&env.broker, common::broker::management_url().as_deref())
+            .await
+            .expect("the management API answers");
+        let q = all
+            .into_iter()
+            .find(|q| q.name == tasks)
+            .expect("the task queue is listed");
+        if q.consumers == 2 || std::time::Instant::now() > deadline {
+            break q;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(figures.consumers, 2, "{figures:?}");
+    assert_eq!(
+        (figures.messages_ready, figures.messages_unacknowledged),
+        (0, 0),
+        "no job, no tasks: {figures:?}"
+    );
+    assert!(
+        figures.purpose.contains("waiting for a worker"),
+        "{figures:?}"
+    );
     drop((a, b));
     env.cleanup(&[]).await;
 }
