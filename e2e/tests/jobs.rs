@@ -185,3 +185,53 @@ async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
     env.stop_consumers().await;
     env.cleanup(&["wrong"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_terminal_the_collector_draws_a_progress_bar() {
+    let mut env = Env::new("bar");
+    env.spawn_consumer(env.consumer("w1"));
+    let out = env.dir.path().join("bar");
+    // `script` gives the collector a terminal (a pseudo-terminal) and copies what it draws.
+    let command = format!(
+        "{} --job-id bar --out {}",
+        common::bin("gemmq-collector").display(),
+        out.display()
+    );
+    let collector = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("GEMMQ_NAMESPACE", &env.ns)
+        .env(
+            "GEMMQ_RETRY_DELAY",
+            format!("{}ms", env.broker.retry_delay.as_millis()),
+        )
+        .env(
+            "GEMMQ_MAX_MESSAGE_BYTES",
+            env.broker.max_message_bytes.to_string(),
+        )
+        .env_remove("GEMMQ_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) runs");
+    gemmq_producer::run(&env.producer("bar", (64, 32, 64), 16))
+        .await
+        .expect("the producer publishes the job");
+    let done = tokio::task::spawn_blocking(move || collector.wait_with_output());
+    let output = tokio::time::timeout(Duration::from_secs(60), done)
+        .await
+        .expect("the collector finishes within a minute")
+        .unwrap()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{screen}");
+    for drawn in ["[====", "16/16 tasks", "retries 0  parked 0"] {
+        assert!(screen.contains(drawn), "the bar shows {drawn:?}:\n{screen}");
+    }
+    assert!(
+        !screen.contains("progress done="),
+        "no progress log lines on a terminal:\n{screen}"
+    );
+    env.stop_consumers().await;
+    env.cleanup(&["bar"]).await;
+}
