@@ -9,9 +9,10 @@ use anyhow::{Context, Result, bail};
 use gemmq::tiling::{GroupSize, Operands};
 
 use crate::procs::{Exit, Proc};
+use crate::table::opt;
 use crate::{
     CONSUMER, Cli, Env, IDLE_CORES, PRODUCER, Run, Spec, bytes, consumer_traffic, machine,
-    measure_floor, opt, proc_stats, procs, reference, remove_outputs, spawn_collector, square_plan,
+    measure_floor, proc_stats, procs, reference, remove_outputs, spawn_collector, square_plan,
     wait_for_log,
 };
 
