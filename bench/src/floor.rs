@@ -4,8 +4,9 @@
 //! Just before each large job (after its reference) the bench sends the job's own data through
 //! the broker alone, on the job's own topology ([`gemmq::topology`], in a namespace of its own):
 //! every block of A and B, in the job's message sizes, published with confirms (the producer's
-//! window) to the operand exchange, which writes it to the job's stream and copies it into one
-//! live queue per consumer; each "consumer" drains its live queue and meanwhile publishes its
+//! window) to the operand exchange, which writes it to the job's stream; each "consumer" reads
+//! the whole stream (as a worker whose tasks need every block does: with 2 workers, about every
+//! one of them does), with a prefetch of 2, and meanwhile publishes its
 //! share of C, one result-sized message per tile, each confirmed before the next (as a worker
 //! confirms a result before it acks the task); a "collector" consumes the results queue. Every
 //! party has its own connection, as the programs do, the programs' prefetch, and all run at
@@ -29,7 +30,7 @@ use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use gemmq::broker::{ConfirmWindow, DEFAULT_CONFIRM_WINDOW, publish_confirmed};
 use gemmq::message::Side;
-use gemmq::topology::{LIVE_OPERANDS_MAX_BYTES, Topology};
+use gemmq::topology::Topology;
 use gemmq::{DType, Plan};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -40,8 +41,8 @@ use tokio::task::JoinSet;
 /// The hidden first argument that makes the bench binary measure a floor and print it.
 pub const SUBCOMMAND: &str = "__floor";
 
-/// The prefetch of a worker's live operand queue (consumer/src/operands.rs).
-const LIVE_PREFETCH: u16 = 2;
+/// A reader's prefetch on the stream.
+const STREAM_PREFETCH: u16 = 2;
 /// The collector's default prefetch.
 const COLLECTOR_PREFETCH: u16 = 64;
 /// The longest wait for any one message before the floor gives up.
@@ -57,7 +58,7 @@ pub struct Floor {
     pub broker_cpu_seconds: Option<f64>,
     /// The clients' own CPU (this process: AMQP framing and copies).
     pub clients_cpu_seconds: f64,
-    /// Blocks and bytes published once (into the stream and every live queue).
+    /// Blocks and bytes published once (into the stream, read by every reader).
     pub blocks: u64,
     pub block_bytes: u64,
     /// Live queues, each receiving every block: the job's consumers.
@@ -77,20 +78,6 @@ pub struct Spec {
     pub tile: u64,
     pub max_message_bytes: u64,
     pub readers: usize,
-}
-
-/// Why the floor is not measured for a job, if it is not.
-pub fn unmeasurable(plan: &Plan) -> Option<String> {
-    let bytes = block_sizes(plan).iter().sum::<u64>();
-    // A live queue drops its oldest block beyond this; a worker then reads it from the stream,
-    // which the floor's readers do not.
-    (bytes > LIVE_OPERANDS_MAX_BYTES as u64).then(|| {
-        format!(
-            "its blocks ({} MiB) exceed what a live queue holds ({} MiB)",
-            bytes >> 20,
-            LIVE_OPERANDS_MAX_BYTES >> 20
-        )
-    })
 }
 
 /// Measures the floor in a child process.
@@ -179,7 +166,7 @@ async fn confirming(conn: &Connection) -> Result<Channel> {
     Ok(ch)
 }
 
-async fn consume(ch: &Channel, queue: &str, prefetch: u16) -> Result<Consumer> {
+async fn consume(ch: &Channel, queue: &str, prefetch: u16, args: FieldTable) -> Result<Consumer> {
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .with_context(|| format!("setting the prefetch of {queue}"))?;
@@ -187,7 +174,7 @@ async fn consume(ch: &Channel, queue: &str, prefetch: u16) -> Result<Consumer> {
         queue.into(),
         "".into(),
         BasicConsumeOptions::default(),
-        FieldTable::default(),
+        args,
     )
     .await
     .with_context(|| format!("consuming {queue}"))
@@ -276,11 +263,10 @@ fn message_sizes(spec: &Spec) -> Result<(Vec<u64>, Vec<u64>)> {
     Ok((block_sizes(&plan), results))
 }
 
-/// Everyone connected and consuming before the clock starts; the live queues first, so that
-/// every block reaches every one of them.
+/// Everyone connected and consuming before the clock starts.
 struct Parties {
     setup: lapin::Connection,
-    /// Each reader: its connection, its live queue, its confirming channel for results, and
+    /// Each reader: its connection, its stream consumer, its confirming channel for results, and
     /// the sizes of its share of the results.
     readers: Vec<(lapin::Connection, lapin::Consumer, lapin::Channel, Vec<u64>)>,
     collector_conn: lapin::Connection,
@@ -299,10 +285,10 @@ impl Parties {
         for r in 0..spec.readers {
             let conn = connect(&spec.amqp_url).await?;
             let ch = conn.create_channel().await.context("opening a channel")?;
-            let queue = topo
-                .declare_live_operands(&ch, &format!("floor{r}"), u64::MAX)
-                .await?;
-            let consumer = consume(&ch, &queue, LIVE_PREFETCH).await?;
+            let mut from_first = FieldTable::default();
+            from_first.insert("x-stream-offset".into(), gemmq::topology::text("first"));
+            let stream = topo.operands_queue(job);
+            let consumer = consume(&ch, &stream, STREAM_PREFETCH, from_first).await?;
             let results_ch = confirming(&conn).await?;
             let share: Vec<u64> = results
                 .iter()
@@ -317,8 +303,13 @@ impl Parties {
             .create_channel()
             .await
             .context("opening a channel")?;
-        let collected =
-            consume(&collector_ch, &topo.results_queue(job), COLLECTOR_PREFETCH).await?;
+        let collected = consume(
+            &collector_ch,
+            &topo.results_queue(job),
+            COLLECTOR_PREFETCH,
+            FieldTable::default(),
+        )
+        .await?;
         let producer_conn = connect(&spec.amqp_url).await?;
         let producer_ch = confirming(&producer_conn).await?;
         Ok(Parties {
@@ -364,7 +355,7 @@ impl Parties {
         for (r, (conn, consumer, results_ch, share)) in self.readers.into_iter().enumerate() {
             connections.push(conn);
             parties.spawn(async move {
-                drain(consumer, n_blocks, &format!("reader {r}'s live queue")).await?;
+                drain(consumer, n_blocks, &format!("reader {r}'s stream")).await?;
                 Ok(None)
             });
             let body = body.clone();
@@ -434,17 +425,6 @@ mod tests {
         assert_eq!(bound(&floor(0.9, Some(1.0), 0.5), 1.5, 8), Some(0.9));
         // Without the broker's CPU (no /proc, or a remote broker) there is no bound to give.
         assert_eq!(bound(&floor(0.9, None, 0.5), 1.5, 2), None);
-    }
-
-    #[test]
-    fn a_job_whose_blocks_overflow_a_live_queue_gets_no_floor() {
-        use gemmq::tiling::Operands;
-        let plan = |n, tile| {
-            Plan::with_operands(n, n, n, DType::F64, tile, 16 << 20, Operands::Stream).unwrap()
-        };
-        // 4096² f64: A and B are exactly 256 MiB, what a live queue holds.
-        assert_eq!(unmeasurable(&plan(4096, 448)), None);
-        assert!(unmeasurable(&plan(4608, 256)).is_some_and(|why| why.contains("324 MiB")));
     }
 
     #[tokio::test]

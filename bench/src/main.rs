@@ -774,16 +774,12 @@ fn measure_floor(
         )
     });
     let plan = square_plan(spec, tile, max_message_bytes, operands);
-    let why_not = match &plan {
-        Ok(plan) => floor::unmeasurable(plan),
-        Err(e) => Some(e.to_string()),
-    };
-    if let Some(why) = why_not {
-        eprintln!("   floor: not measured: {why}");
+    if let Err(e) = &plan {
+        eprintln!("   floor: not measured: {e}");
         return;
     }
     eprintln!(
-        "   floor: the job's bytes through the broker alone (tile {tile}, {} live queues), nothing computed",
+        "   floor: the job's bytes through the broker alone (tile {tile}, {} readers of the whole stream), nothing computed",
         cli.consumers
     );
     let measured = floor::measure(&floor::Spec {

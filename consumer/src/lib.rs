@@ -200,16 +200,11 @@ pub struct Stats {
     pub flops: AtomicU64,
     /// Messages that carried results: fewer than `done` when results were sent together.
     pub result_messages: AtomicU64,
-    /// Bytes of operand blocks received (live or from streams), and blocks read again after the cache
-    /// dropped them.
+    /// Bytes of operand blocks received from the job streams, the reads that brought them, and
+    /// of those the reads of blocks the cache had dropped.
     pub operand_bytes: AtomicU64,
+    pub operand_reads: AtomicU64,
     pub operand_rereads: AtomicU64,
-    /// Of `operand_bytes`, those that came on the live queue rather than from a stream.
-    pub operand_live_bytes: AtomicU64,
-    /// Waits for a block on the live queue that ran their whole grace (a few seconds) in vain:
-    /// the block was published before this worker's live queue started, and its task's
-    /// timestamp could not tell.
-    pub live_waits: AtomicU64,
 }
 
 impl Stats {
@@ -262,9 +257,8 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         failed = stats.failed.load(Ordering::Relaxed),
         parked = stats.parked.load(Ordering::Relaxed),
         operand_mib = stats.operand_bytes.load(Ordering::Relaxed) >> 20,
-        operand_live_mib = stats.operand_live_bytes.load(Ordering::Relaxed) >> 20,
+        operand_reads = stats.operand_reads.load(Ordering::Relaxed),
         operand_rereads = stats.operand_rereads.load(Ordering::Relaxed),
-        live_waits = stats.live_waits.load(Ordering::Relaxed),
         "worker stopped"
     );
     Ok(stats)

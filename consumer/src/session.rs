@@ -36,7 +36,7 @@ pub(crate) async fn serve(worker: &Worker<'_>) -> Result<(), Stop> {
     let Some(mut session) = Session::open(worker).await? else {
         return Ok(());
     };
-    session.start_live().await;
+    session.start_notices().await;
     let consumer = session.consume().await?;
     session.serve(consumer).await
 }
@@ -47,7 +47,7 @@ struct Session {
     /// The channel tasks arrive on.
     tasks: Channel,
     beat: Arc<heartbeat::Heartbeat>,
-    /// Background work that dies with the connection: heartbeats, the live operand feed. A
+    /// Background work that dies with the connection: heartbeats, the notice feed. A
     /// JoinSet aborts its tasks when dropped.
     background: JoinSet<()>,
     /// Tasks being handled.
@@ -158,36 +158,30 @@ impl Session {
         }))
     }
 
-    /// Operand blocks as they are published; without it (logged) they come from the streams. A
-    /// cache smaller than one message could keep none of them: it reads the streams on demand.
-    async fn start_live(&mut self) {
+    /// The collectors' word that a job is done, so its cached blocks go at once; without it
+    /// (logged) they go when the cache needs the room.
+    async fn start_notices(&mut self) {
         let s = &self.ctx.settings;
-        if s.operand_cache < s.broker.max_message_bytes {
-            info!(
-                operand_cache = s.operand_cache,
-                "the operand cache is smaller than a message: blocks are read from the job streams only"
-            );
-            return;
-        }
         match self
             .ctx
             .operands
-            .start_live(
+            .start_notices(
                 &self.ctx.conn,
                 &s.worker_id,
-                &format!("{}:operands", self.tag),
+                &format!("{}:notices", self.tag),
             )
             .await
         {
             Ok(feed) => {
                 self.background.spawn(feed.in_current_span());
             }
-            Err(e) => warn!(error = %e, "operand blocks will be read from the job streams only"),
+            Err(e) => {
+                warn!(error = %e, "no notices of finished jobs; their blocks go when the cache needs the room")
+            }
         }
     }
 
-    /// Starts taking tasks. Only once the live queue is bound: a task taken before would wait
-    /// out the live grace for blocks published in between.
+    /// Starts taking tasks.
     async fn consume(&self) -> Result<Consumer, Stop> {
         let queue = &self.ctx.tasks_queue;
         let consumer = self

@@ -74,12 +74,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
     let blocks = match inline_at {
         Some(offset) => Ok(TaskBlocks::Inline(offset)),
-        None => {
-            let published = delivery.properties.timestamp().as_ref().copied();
-            fetch_blocks(ctx, &tasks, published)
-                .await
-                .map(TaskBlocks::Blocks)
-        }
+        None => fetch_blocks(ctx, &tasks).await.map(TaskBlocks::Blocks),
     };
     let permit = tokio::select! {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
@@ -170,54 +165,73 @@ enum TaskBlocks {
 type BlockPair = (Arc<Block>, Arc<Block>);
 
 /// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
-/// a group share most of their blocks; the cache holds them.
-/// `published`: the task message's timestamp (seconds), if its producer set one.
-async fn fetch_blocks(
-    ctx: &Ctx,
-    tasks: &[TaskHeader],
-    published: Option<u64>,
-) -> Result<Vec<BlockPair>, Failure> {
-    let mut pairs = Vec::with_capacity(tasks.len());
+/// a group share their blocks: each distinct one is fetched once, all of them at once.
+async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>, Failure> {
+    let mut wanted: Vec<(BlockId, Option<u64>)> = Vec::new();
     for task in tasks {
-        pairs.push(fetch_pair(ctx, task, published).await?);
+        for (id, at) in blocks_of(task) {
+            if !wanted.iter().any(|(w, _)| *w == id) {
+                wanted.push((id, at));
+            }
+        }
     }
-    Ok(pairs)
-}
-
-async fn fetch_pair(
-    ctx: &Ctx,
-    task: &TaskHeader,
-    published: Option<u64>,
-) -> Result<BlockPair, Failure> {
-    let t = task.tile;
-    let a_id = BlockId {
-        side: Side::A,
-        index: t.row,
-        part: t.part,
-    };
-    let b_id = BlockId {
-        side: Side::B,
-        index: t.col,
-        part: t.part,
-    };
-    let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
-    let get = |id, shape| {
+    let first = &tasks[0];
+    let fetched = futures_util::future::try_join_all(wanted.iter().map(|&(id, at)| {
         ctx.operands.get(
             &ctx.conn,
             operands::Wanted {
-                job: &task.job,
-                run: &task.run,
+                job: &first.job,
+                run: &first.run,
                 id,
-                dtype: task.dtype,
-                shape,
-                published,
+                dtype: first.dtype,
+                at,
             },
         )
+    }))
+    .await
+    .map_err(Failure::from)?;
+    let block = |id: BlockId| {
+        let i = wanted.iter().position(|(w, _)| *w == id).expect("wanted");
+        fetched[i].clone()
     };
-    let a = get(a_id, (r, d)).await.map_err(Failure::from)?;
-    let b = get(b_id, (d, c)).await.map_err(Failure::from)?;
+    tasks
+        .iter()
+        .map(|task| {
+            let [(a_id, _), (b_id, _)] = blocks_of(task);
+            check_shapes(task, block(a_id), block(b_id))
+        })
+        .collect()
+}
+
+/// A task's A and B blocks, with where the task says they are on the stream.
+fn blocks_of(task: &TaskHeader) -> [(BlockId, Option<u64>); 2] {
+    let t = task.tile;
+    let at = |i: usize| task.at.map(|at| at[i]);
+    [
+        (
+            BlockId {
+                side: Side::A,
+                index: t.row,
+                part: t.part,
+            },
+            at(0),
+        ),
+        (
+            BlockId {
+                side: Side::B,
+                index: t.col,
+                part: t.part,
+            },
+            at(1),
+        ),
+    ]
+}
+
+fn check_shapes(task: &TaskHeader, a: Arc<Block>, b: Arc<Block>) -> Result<BlockPair, Failure> {
+    let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
     let (a_shape, b_shape) = (a.view().shape(), b.view().shape());
     if a_shape != (r, d) || b_shape != (d, c) {
+        let t = task.tile;
         return Err(Failure::Permanent(format!(
             "the task {t} is {r}x{d} · {d}x{c} but its blocks are {a_shape:?} and {b_shape:?}"
         )));

@@ -26,6 +26,7 @@ fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
         rows,
         cols,
         depth,
+        at: None,
     })
 }
 

@@ -134,6 +134,7 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
         rows: 32,
         cols: 32,
         depth: 64,
+        at: None,
     });
     ch.basic_publish(
         env.topology().tasks_exchange().as_str().into(),
@@ -178,95 +179,70 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_live_block_the_cache_has_no_room_for_is_read_from_the_stream_instead() {
-    // Messages of at most 64 KiB (the least allowed), and a cache of as much: the worker has a
-    // live queue (its cache can hold a message) but room for one 40 KiB block only. The blocks
-    // that do not fit, or that the live queue's 64 KiB bound drops, come from the job's stream.
-    let opts = BrokerOptions {
-        max_message_bytes: Some(bytesize_kib(64)),
-        ..Default::default()
-    };
-    let mut env = Env::with_broker("liveroom", opts);
-    let mut s = env.consumer("w1");
-    s.operand_cache = 64 * 1024;
-    env.spawn_consumer(s);
-    common::wait_for_live_queues(&env, 1).await;
-    // Blocks of 32 rows/columns × depth 160: 40 KiB.
-    let shape = (256, 160, 256);
-    let mut p = env.producer("liveroom", shape, 32);
-    p.operands = Operands::Stream;
-    let (receipt, summary) = run_job_with(&env, p, env.collector("liveroom")).await;
-
-    assert_eq!(receipt.tasks, 64);
-    assert_eq!(summary.status, Outcome::Complete);
-    let err = common::max_error_against_local_product(&env, "liveroom", shape);
-    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
-    let stats = env.stop_consumers().await;
-    let (all, live) = (
-        stats[0].operand_bytes.load(Ordering::Relaxed),
-        stats[0].operand_live_bytes.load(Ordering::Relaxed),
-    );
-    assert!(live > 0, "no block came live");
-    assert!(
-        all > live,
-        "every block came live ({live} bytes): the stream was never read"
-    );
-    env.cleanup(&["liveroom"]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn running_workers_get_each_block_on_their_live_queue_and_never_read_the_stream() {
-    let mut env = Env::new("live");
-    env.spawn_consumer(env.consumer("w1"));
-    env.spawn_consumer(env.consumer("w2"));
-    common::wait_for_live_queues(&env, 2).await;
+async fn a_worker_reads_only_the_blocks_of_the_tasks_it_takes_and_each_of_them_once() {
+    let mut env = Env::new("need");
+    // 4 × 4 tiles of 32 in groups of 4: four messages, each a 2 × 2 rectangle of tiles that
+    // needs 2 of the 4 blocks of A and 2 of the 4 of B (16 KiB each).
     let shape = (128, 64, 128);
-    let mut p = env.producer("live", shape, 32);
+    let mut p = env.producer("need", shape, 32);
     p.operands = Operands::Stream;
-    let (receipt, summary) = run_job_with(&env, p, env.collector("live")).await;
-
-    assert_eq!(receipt.tasks, 16);
-    assert_eq!(summary.status, Outcome::Complete);
-    let err = common::max_error_against_local_product(&env, "live", shape);
-    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
-    // Every block (4 of A and 4 of B, 16 KiB each, with their headers) reached both workers on
-    // their live queues. (A worker that waits over 3 s for one reads the stream too: allowed,
-    // so a stalled test machine does not fail this.)
-    let stats = env.stop_consumers().await;
-    for (w, s) in stats.iter().enumerate() {
-        let live = s.operand_live_bytes.load(Ordering::Relaxed);
-        assert!(
-            live >= 8 * 16 * 1024,
-            "worker {w} got {live} bytes of blocks live"
-        );
-        assert_eq!(s.operand_rereads.load(Ordering::Relaxed), 0);
-    }
-    env.cleanup(&["live"]).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_worker_started_after_a_job_was_published_reads_its_blocks_from_the_stream_at_once() {
-    let mut env = Env::new("late");
-    let shape = (128, 64, 128);
-    let mut p = env.producer("late", shape, 32);
-    p.operands = Operands::Stream;
+    p.group = gemmq::tiling::GroupSize::Fixed(4);
     let receipt = gemmq_producer::run(&p).await.expect("the job is published");
-    assert_eq!(receipt.tasks, 16);
-    // Task timestamps are whole seconds, and a second of margin is allowed for clock skew: a
-    // worker started over two seconds later knows its tasks' blocks are older than its live
-    // queue, and does not wait for them to come on it.
-    tokio::time::sleep(Duration::from_millis(2_100)).await;
-    env.spawn_consumer(env.consumer("late"));
-    let summary = gemmq_collector::run(&env.collector("late"), env.stop.clone())
+    assert_eq!((receipt.tasks, receipt.messages), (16, 4));
+    // Three of the four messages held elsewhere: the first worker can take only one.
+    let holder = env.channel().await;
+    let tasks = env.topology().tasks_queue();
+    for _ in 0..3 {
+        holder
+            .basic_get(tasks.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("a task message is there");
+    }
+    let mut w = env.consumer("need-w1");
+    w.queue_size = 1;
+    env.spawn_consumer(w);
+    let ch = env.channel().await;
+    let results = env.topology().results_queue("need");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::message_count(&ch, &results).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the first group was not computed in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = env.stop_consumers().await;
+    let block_bytes = 32 * 64 * 8;
+    let (reads, bytes) = (
+        first[0].operand_reads.load(Ordering::Relaxed),
+        first[0].operand_bytes.load(Ordering::Relaxed),
+    );
+    assert_eq!(reads, 4, "one rectangle of tiles: 2 blocks of A and 2 of B");
+    assert!(
+        bytes >= 4 * block_bytes && bytes < 5 * block_bytes,
+        "{bytes} bytes of blocks for a task message that needs 4 of {block_bytes}"
+    );
+
+    // The other three messages go back to the queue; a second worker takes them all.
+    holder.close(200, "released".into()).await.expect("close");
+    env.stop = gemmq::shutdown::CancellationToken::new();
+    env.spawn_consumer(env.consumer("need-w2"));
+    let summary = gemmq_collector::run(&env.collector("need"), env.stop.clone())
         .await
         .expect("the collector runs cleanly");
     assert_eq!(summary.status, Outcome::Complete);
-    let err = common::max_error_against_local_product(&env, "late", shape);
+    assert_eq!(summary.duplicates_dropped, 0);
+    let err = common::max_error_against_local_product(&env, "need", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
-    let stats = env.stop_consumers().await;
-    assert_eq!(stats[0].live_waits.load(Ordering::Relaxed), 0);
-    assert_eq!(stats[0].operand_live_bytes.load(Ordering::Relaxed), 0);
-    env.cleanup(&["late"]).await;
+    let second = env.stop_consumers().await;
+    assert_eq!(
+        second[0].operand_reads.load(Ordering::Relaxed),
+        8,
+        "three rectangles need every block: each read once"
+    );
+    assert_eq!(second[0].operand_rereads.load(Ordering::Relaxed), 0);
+    env.cleanup(&["need"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -279,7 +255,7 @@ async fn when_a_job_is_done_running_workers_drop_its_cached_blocks() {
     );
     w.wait_for("consuming tasks", 1, Duration::from_secs(30))
         .await;
-    common::wait_for_live_queues(&env, 1).await;
+    common::wait_for_notice_queues(&env, 1).await;
     let mut p = env.producer("jobdone", (128, 64, 128), 32);
     p.operands = Operands::Stream;
     let (_, summary) = run_job_with(&env, p, env.collector("jobdone")).await;
@@ -320,11 +296,7 @@ async fn a_worker_started_after_the_blocks_were_published_reads_them_from_the_st
     let err = common::max_error_against_local_product(&env, "late", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     let stats = env.stop_consumers().await;
-    let (all, live) = (
-        stats[0].operand_bytes.load(Ordering::Relaxed),
-        stats[0].operand_live_bytes.load(Ordering::Relaxed),
-    );
-    assert_eq!(live, 0, "no block was published while the worker ran");
+    let all = stats[0].operand_bytes.load(Ordering::Relaxed);
     assert!(
         all >= 8 * 16 * 1024,
         "the blocks came from the stream ({all} bytes)"
@@ -340,7 +312,6 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
     let mut w = env.consumer("rerun-w1");
     w.queue_size = 1;
     env.spawn_consumer(w);
-    common::wait_for_live_queues(&env, 1).await;
     let shape = (128, 64, 128);
     let run = |seed| {
         let mut p = env.seeded_producer("rerun", shape, 32, seed);
@@ -371,16 +342,8 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
         .delete_job(&ch, "rerun")
         .await
         .expect("the first run's queues are deleted");
-    // The second run, other inputs of the same shapes under the same job id, reaches the worker
-    // through its tasks and the stream only, as if its live queue had dropped the new blocks:
-    // the worker's cache still holds the old blocks under the same names. (Its live queue is
-    // exclusive to its connection; deleting the exchange is what unbinds it from here.)
-    ch.exchange_delete(
-        env.topology().operands_exchange().as_str().into(),
-        Default::default(),
-    )
-    .await
-    .expect("the operands exchange is deleted");
+    // The second run: other inputs of the same shapes under the same job id, while the
+    // worker's cache still holds the old blocks under the same names.
     let (_, summary) = run_job_with(&env, run(8), env.collector("rerun")).await;
 
     assert_eq!(summary.status, Outcome::Complete, "{summary:?}");
@@ -429,8 +392,10 @@ fn bytesize_kib(k: u64) -> bytesize::ByteSize {
 async fn the_queue_size_is_the_prefetch_and_the_broker_holds_the_rest() {
     let mut env = Env::new("prefetch");
     let topo = env.topology();
-    // 64 slow tasks (0.25 s each, 16 s in all) for one worker with room for 3.
-    let producer = env.producer("prefetch", (128, 16, 128), 16);
+    // 64 slow tasks (0.25 s each, 16 s in all), one to a message, for one worker with room
+    // for 3.
+    let mut producer = env.producer("prefetch", (128, 16, 128), 16);
+    producer.group = gemmq::tiling::GroupSize::Fixed(1);
     gemmq_producer::run(&producer).await.unwrap();
     let mut s = env.consumer("slow");
     s.queue_size = 3;

@@ -112,7 +112,7 @@ pub async fn peek_manifest(
     Ok(None)
 }
 
-/// Tells the running workers (their live operand queues) that a finished job's blocks can go.
+/// Tells the running workers (their notice queues) that a finished job's blocks can go.
 /// Best effort: unconfirmed and not mandatory, since no worker may be running; a worker that
 /// misses it drops the blocks when its cache needs the room.
 pub async fn announce_done(
@@ -128,7 +128,7 @@ pub async fn announce_done(
     let body = crate::message::encode(&Header::JobDone(done), &[]);
     ch.basic_publish(
         topo.operands_exchange().as_str().into(),
-        job.into(),
+        Topology::done_key(job).as_str().into(),
         lapin::options::BasicPublishOptions::default(),
         &body,
         lapin::BasicProperties::default().with_type(kind::JOB_DONE.into()),

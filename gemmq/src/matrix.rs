@@ -564,6 +564,7 @@ mod tests {
             rows: plan.rows(id.row).len() as u32,
             cols: plan.cols(id.col).len() as u32,
             depth: 20,
+            at: None,
         };
         let bytes = compute_tile(
             &header,

@@ -118,9 +118,9 @@ pub fn auto_tile(
     tile.max(64).min(m.max(n))
 }
 
-/// Work below which a task shares its message with others: ~8 MFLOP, a quarter of a
-/// millisecond of one core, about what the broker spends on a message through a quorum queue.
-pub const GROUP_FLOPS: u64 = 8 << 20;
+/// The fewest task messages `auto` grouping leaves, as the auto tile size leaves 16 tiles: enough
+/// to spread over the workers and to balance their load.
+pub const GROUP_SPREAD: u64 = 16;
 
 /// The most tasks of `plan` one message may hold: a group's results must fit one message (so a
 /// worker holds no more for a group than for one big task), and never more than
@@ -132,23 +132,17 @@ pub fn max_group(plan: &Plan, max_message_bytes: u64) -> u64 {
         .clamp(1, crate::message::MAX_GROUP as u64)
 }
 
-/// Tasks per message `auto` picks: enough that a message carries [`GROUP_FLOPS`] of work, so
-/// the broker's cost per message stops dominating tiny tiles, within [`max_group`], and leaving
-/// at least 16 messages to spread over the workers (as the auto tile size leaves 16 tiles). One
-/// for any tile that is work enough on its own, and when operands are inline, since those
-/// tasks carry their blocks.
+/// Tasks per message `auto` picks: as many as still leave [`GROUP_SPREAD`] messages, within
+/// [`max_group`]. A message's tasks are a rectangle of tiles ([`Plan::groups`]) that share their
+/// blocks, and a worker receives only the blocks of the messages it takes: the larger the
+/// rectangles, the fewer blocks per tile travel. Tiny tiles gain twice: the broker's cost per
+/// message (~0.25 ms of CPU through a quorum queue) is shared by many tiles. One when operands
+/// are inline, since those tasks carry their blocks.
 pub fn auto_group(plan: &Plan, max_message_bytes: u64) -> u64 {
     if plan.operands == Operands::Inline {
         return 1;
     }
-    let (rows, cols) = (plan.tile.min(plan.m), plan.tile.min(plan.n));
-    let depth = plan.depth(0).len() as u64;
-    let flops = (2 * rows * cols * depth).max(1);
-    let spread = plan.tasks() / 16;
-    (GROUP_FLOPS / flops)
-        .min(spread)
-        .min(max_group(plan, max_message_bytes))
-        .max(1)
+    (plan.tasks() / GROUP_SPREAD).clamp(1, max_group(plan, max_message_bytes))
 }
 
 /// How the blocks of A and B reach the workers.
@@ -331,6 +325,7 @@ impl Plan {
             rows: self.rows(tile.row).len() as u32,
             cols: self.cols(tile.col).len() as u32,
             depth: self.depth(tile.part).len() as u32,
+            at: None,
         }
     }
 
@@ -376,6 +371,44 @@ impl Plan {
         out
     }
 
+    /// The shape of a group of `n` tasks, in tiles (rows, columns): as square as the grid allows,
+    /// so that its tiles share as many blocks as possible — a group of r × c tiles needs r blocks
+    /// of A and c of B, where n tiles of one row would need 1 and n.
+    pub fn group_shape(&self, n: u64) -> (u32, u32) {
+        let n = n.max(1);
+        let (grid_rows, grid_cols) = (u64::from(self.row_blocks()), u64::from(self.col_blocks()));
+        let rows = ((n as f64).sqrt() as u64).clamp(1, grid_rows);
+        let cols = (n / rows).clamp(1, grid_cols);
+        let rows = (n / cols).clamp(1, grid_rows);
+        (rows as u32, cols as u32)
+    }
+
+    /// Every task, in groups of at most `n` that travel as one message: rectangles of
+    /// [`group_shape`](Self::group_shape) tiles (smaller at the grid's edges), one group per
+    /// slice of k, row-major over the rectangles with the parts of one rectangle together.
+    pub fn groups(&self, n: u64) -> Vec<Vec<TileId>> {
+        let (h, w) = self.group_shape(n);
+        let mut groups = Vec::new();
+        for row0 in (0..self.row_blocks()).step_by(h as usize) {
+            for col0 in (0..self.col_blocks()).step_by(w as usize) {
+                for part in 0..self.parts() {
+                    let rows = row0..(row0 + h).min(self.row_blocks());
+                    let group = rows
+                        .flat_map(|row| {
+                            (col0..(col0 + w).min(self.col_blocks())).map(move |col| TileId {
+                                row,
+                                col,
+                                part,
+                            })
+                        })
+                        .collect();
+                    groups.push(group);
+                }
+            }
+        }
+        groups
+    }
+
     /// Floating-point operations of the whole product.
     pub fn flops(&self) -> f64 {
         2.0 * self.m as f64 * self.k as f64 * self.n as f64
@@ -390,28 +423,24 @@ mod tests {
     const MIB16: u64 = 16 << 20;
 
     #[test]
-    fn only_tiny_streamed_tiles_are_grouped_and_never_more_than_a_group_may_hold() {
+    fn auto_groups_leave_sixteen_messages_and_never_more_than_a_group_may_hold() {
         let stream = |n, tile| {
             Plan::with_operands(n, n, n, DType::F64, tile, MIB16, Operands::Stream).unwrap()
         };
-        // 2·16·16·1024 flops = 0.5 MFLOP a tile: 16 of them make the 8 MFLOP a message is worth.
-        assert_eq!(auto_group(&stream(1024, 16), MIB16), 16);
+        // 64 tiles: 16 messages of 4.
+        assert_eq!(auto_group(&stream(2048, 256), MIB16), 4);
         assert_eq!(auto_group(&stream(512, 8), MIB16), MAX_GROUP as u64);
-        assert_eq!(auto_group(&stream(4096, 448), MIB16), 1);
-        for n in [256, 1024, 2048] {
+        // 16 tiles: one to a message.
+        assert_eq!(auto_group(&stream(4096, 1024), MIB16), 1);
+        for n in [256, 1024, 2048, 4096] {
             let auto = auto_tile(n, n, n, DType::F64, MIB16, Operands::Stream);
             let p = stream(n, auto);
-            let messages = p.tasks().div_ceil(auto_group(&p, MIB16));
+            let messages = p.groups(auto_group(&p, MIB16)).len() as u64;
             assert!(
-                messages >= 16,
+                messages >= GROUP_SPREAD,
                 "{n}: {messages} messages, fewer than the 16 tiles auto leaves"
             );
         }
-        assert_eq!(
-            auto_group(&stream(64, 8), MIB16),
-            4,
-            "64 tiles: 16 messages of 4"
-        );
         let inline = Plan::new(1024, 1024, 1024, DType::F64, 16, MIB16).unwrap();
         assert_eq!(
             auto_group(&inline, MIB16),
@@ -421,6 +450,75 @@ mod tests {
         // A group's results fit one message: 448² f64 results are 1.6 MB, 10 to 16 MiB.
         assert_eq!(max_group(&stream(4096, 448), MIB16), 10);
         assert_eq!(max_group(&stream(1024, 16), HEADER_BUDGET + 2048 * 4), 4);
+    }
+
+    #[test]
+    fn a_group_is_a_rectangle_of_tiles_that_share_their_blocks() {
+        let p = Plan::with_operands(96, 40, 96, DType::F64, 8, MIB16, Operands::Stream).unwrap();
+        assert_eq!(p.group_shape(4), (2, 2));
+        assert_eq!(p.group_shape(10), (3, 3), "at most 10, as square as can be");
+        assert_eq!(p.group_shape(64), (8, 8));
+        let narrow =
+            Plan::with_operands(96, 40, 24, DType::F64, 8, MIB16, Operands::Stream).unwrap();
+        assert_eq!(
+            narrow.group_shape(64),
+            (12, 3),
+            "no wider than the grid's 3 columns"
+        );
+        assert_eq!(p.group_shape(1), (1, 1));
+        let groups = p.groups(4);
+        assert_eq!(groups.len(), 36, "12 × 12 tiles in 2 × 2 rectangles");
+        for g in &groups {
+            let rows: std::collections::BTreeSet<_> = g.iter().map(|t| t.row).collect();
+            let cols: std::collections::BTreeSet<_> = g.iter().map(|t| t.col).collect();
+            assert_eq!((rows.len(), cols.len(), g.len()), (2, 2, 4), "{g:?}");
+        }
+        // Row-major over rectangles: the first two share their rows of A.
+        assert_eq!(
+            groups[0][0],
+            TileId {
+                row: 0,
+                col: 0,
+                part: 0
+            }
+        );
+        assert_eq!(
+            groups[1][0],
+            TileId {
+                row: 0,
+                col: 2,
+                part: 0
+            }
+        );
+    }
+
+    #[test]
+    fn groups_cover_every_task_once_with_ragged_edges_and_split_k() {
+        // 5 × 4 tiles, k split in parts: 3 × 3 rectangles leave ragged ones at the edges.
+        let p = Plan::with_operands(
+            300,
+            200,
+            250,
+            DType::F64,
+            64,
+            HEADER_BUDGET + 64 * 1024,
+            Operands::Stream,
+        )
+        .unwrap();
+        assert!(p.parts() > 1, "{p:?}");
+        let groups = p.groups(9);
+        let mut all: Vec<TileId> = groups.iter().flatten().copied().collect();
+        all.sort();
+        let mut expected: Vec<TileId> = p.task_ids().collect();
+        expected.sort();
+        assert_eq!(all, expected);
+        for g in &groups {
+            assert!(g.len() <= 9);
+            assert!(
+                g.iter().all(|t| t.part == g[0].part),
+                "one slice of k a group: {g:?}"
+            );
+        }
     }
 
     #[test]

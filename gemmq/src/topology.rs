@@ -16,10 +16,10 @@
 //!                                           {ns}.job.<id>.manifest classic queue holding the
 //!                                           job's manifest, read without being consumed
 //! {ns}.operands exchange (topic) ─job id─▶ {ns}.job.<id>.operands stream: each block of A and B
-//!                     │                      once, the record every worker can read from any offset
-//!                     └──"#"──▶ {ns}.live.<worker>.<random>: one per worker (exclusive, classic,
-//!                                in memory, bounded):
-//!                                each block as it is published, straight from memory
+//!                     │                      once; a worker reads the blocks its tasks need,
+//!                     │                      each at its offset
+//!                     └──"done.*"──▶ {ns}.notices.<worker>.<random>: one per worker (exclusive,
+//!                                classic, bounded): collectors' word that a job is done
 //! ```
 //!
 //! Declarations are idempotent, so every program declares everything it touches and start order
@@ -34,13 +34,13 @@
 //!   requeue, not through the retry path): once reached the broker dead-letters it to the retry
 //!   queue, where it counts as an attempt. RabbitMQ 4 defaults it to 20; we set it explicitly so
 //!   3.x and 4.x behave the same.
-//! * Operand blocks reach running workers through their live queues, not by reading the stream:
-//!   RabbitMQ reads a stream from disk and checks the CRC32 of every chunk on every read
-//!   (osiris), which cost the broker more than any other part of a job (BENCHMARKS.md). The
-//!   stream stays the record: a worker that starts late, reconnects or evicted a block reads it
-//!   there. A live queue is bounded (`x-max-length-bytes`, oldest dropped first), so a worker that
-//!   falls behind costs the broker a bounded amount of memory and reads what it lost from the
-//!   stream.
+//! * Operand blocks are read from the stream, each by the workers whose tasks need it: a worker
+//!   opens a consumer at the block's offset with a prefetch of one and cancels it once the block
+//!   is there. So the broker sends a block to a worker once (while the worker caches it), not to
+//!   every worker: its egress grows with what the workers compute, not with how many there are.
+//!   (An earlier design copied every block to a live queue per worker, which saved the broker the
+//!   stream's disk read and CRC32 check per read, at the cost of W × (|A| + |B|) sent for W
+//!   workers; docs/ARCHITECTURE.md.)
 
 use std::time::Duration;
 
@@ -56,9 +56,9 @@ use crate::config::ConfigError;
 pub const TASK_KEY: &str = "task";
 /// How many crash-loop redeliveries a task gets before the broker counts it as a failed attempt.
 pub const DELIVERY_LIMIT: i64 = 10;
-/// The most a worker's live operand queue holds on the broker (in memory) before the oldest
-/// block is dropped; the worker then reads that block from the job's stream.
-pub const LIVE_OPERANDS_MAX_BYTES: i64 = 256 << 20;
+/// The most notices a worker's notice queue holds before the oldest is dropped: a worker that
+/// misses one drops that job's blocks when its cache needs the room.
+pub const NOTICES_MAX: i64 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -240,36 +240,38 @@ impl Topology {
         Ok(())
     }
 
-    /// The name of a worker's live operand queue: in the namespace (so the permissions that
-    /// cover gemmq's other names cover it), and unique even if two workers share an id.
-    pub fn live_operands_queue(&self, worker: &str) -> String {
-        format!("{}.live.{worker}.{:08x}", self.ns, rand::random::<u32>())
+    /// The name of a worker's notice queue: in the namespace (so the permissions that cover
+    /// gemmq's other names cover it), and unique even if two workers share an id.
+    pub fn notices_queue(&self, worker: &str) -> String {
+        format!("{}.notices.{worker}.{:08x}", self.ns, rand::random::<u32>())
     }
 
-    /// Declares a worker's live operand queue, bound to every job's blocks, and returns its
-    /// name. Exclusive and auto-deleted: it lives as long as the connection. It holds at most
-    /// the worker's cache budget, and never more than [`LIVE_OPERANDS_MAX_BYTES`].
-    pub async fn declare_live_operands(
+    /// The routing key, on the operands exchange, of the notice that a job is done. Job ids have
+    /// no dots, so it never reaches a job's stream.
+    pub fn done_key(job: &str) -> String {
+        format!("done.{job}")
+    }
+
+    /// Declares a worker's notice queue, bound to every job's "done" notice, and returns its
+    /// name. Exclusive and auto-deleted: it lives as long as the connection.
+    pub async fn declare_notices(
         &self,
         ch: &Channel,
         worker: &str,
-        cache_budget: u64,
     ) -> Result<String, TopologyError> {
         let mut args = FieldTable::default();
-        let cap = i64::try_from(cache_budget)
-            .map_or(LIVE_OPERANDS_MAX_BYTES, |b| b.min(LIVE_OPERANDS_MAX_BYTES));
-        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(cap));
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(NOTICES_MAX));
         args.insert("x-overflow".into(), text("drop-head"));
         let opts = QueueDeclareOptions {
             exclusive: true,
             auto_delete: true,
             ..Default::default()
         };
-        let name = self.live_operands_queue(worker);
+        let name = self.notices_queue(worker);
         ch.queue_declare(name.as_str().into(), opts, args)
             .await
             .map_err(|e| map_err("queue", &name, e))?;
-        bind(ch, &name, &self.operands_exchange(), "#").await?;
+        bind(ch, &name, &self.operands_exchange(), "done.*").await?;
         Ok(name)
     }
 

@@ -54,7 +54,7 @@ pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
         check,
     };
     let group = group_size(s, &manifest.plan)?;
-    let messages = manifest.plan.tasks().div_ceil(group as u64);
+    let messages = manifest.plan.groups(group as u64).len() as u64;
     Ok(Prepared {
         a,
         b,

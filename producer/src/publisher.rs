@@ -17,7 +17,7 @@ use gemmq::topology::Topology;
 use tracing::{info, warn};
 
 use crate::Settings;
-use crate::order::{Item, items};
+use crate::order::{Item, Order};
 use crate::prepare::Prepared;
 use crate::resume::{Resuming, is_fatal, job_queues, resume_after, stream_lost};
 use crate::send::{Out, Resume, publish_messages};
@@ -28,7 +28,7 @@ pub(crate) struct Publisher<'a> {
     broker: Broker,
     topo: Topology,
     job: Prepared,
-    items: Vec<Item>,
+    order: Order,
     /// Messages confirmed, in publishing order: where the next try starts.
     pub confirmed: u64,
     pub bytes: u64,
@@ -48,7 +48,7 @@ impl<'a> Publisher<'a> {
             settings,
             broker,
             topo: settings.broker.topology(),
-            items: items(&job.manifest.plan, job.group),
+            order: Order::of(&job.manifest.plan, job.group),
             job,
             confirmed: 0,
             bytes: 0,
@@ -86,7 +86,7 @@ impl<'a> Publisher<'a> {
                 return Err(e.context(format!("giving up after {failures} tries without progress")));
             };
             warn!(
-                error = %format!("{e:#}"), confirmed = self.confirmed, messages = self.items.len(), retry_in = ?pause,
+                error = %format!("{e:#}"), confirmed = self.confirmed, messages = self.order.items.len(), retry_in = ?pause,
                 "publishing interrupted; reconnecting to publish the unconfirmed messages again"
             );
             tokio::time::sleep(pause).await;
@@ -122,7 +122,7 @@ impl<'a> Publisher<'a> {
             .context("connecting to RabbitMQ")?;
         // Published again first, when the stream was lost: not counted as progress.
         let again = if self.blocks_lost {
-            self.items[..self.confirmed as usize]
+            self.order.items[..self.confirmed as usize]
                 .iter()
                 .filter(|i| matches!(i, Item::Block(_)))
                 .count() as u64
@@ -161,7 +161,7 @@ impl<'a> Publisher<'a> {
     async fn resuming(&mut self) -> Result<Resuming> {
         let job = &self.job.manifest.job;
         let queues = job_queues(&self.broker, &self.topo, job).await?;
-        let resuming = resume_after(queues, self.confirmed, self.items.len() as u64);
+        let resuming = resume_after(queues, self.confirmed, self.order.items.len() as u64);
         match resuming {
             Resuming::AsBefore => {}
             Resuming::Done => {
@@ -189,13 +189,13 @@ impl<'a> Publisher<'a> {
             skip: self.confirmed,
             blocks_again: self.blocks_lost,
         };
-        let (topo, manifest, items) = (&self.topo, &self.job.manifest, &self.items);
+        let (topo, manifest, order) = (&self.topo, &self.job.manifest, &self.order);
         match (&self.job.a, &self.job.b) {
             (Matrix::F32(a), Matrix::F32(b)) => {
-                publish_messages(out, topo, manifest, a, b, items, from).await
+                publish_messages(out, topo, manifest, a, b, order, from).await
             }
             (Matrix::F64(a), Matrix::F64(b)) => {
-                publish_messages(out, topo, manifest, a, b, items, from).await
+                publish_messages(out, topo, manifest, a, b, order, from).await
             }
             _ => Err(anyhow::anyhow!("A and B have different dtypes")),
         }

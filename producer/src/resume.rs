@@ -18,7 +18,7 @@ use gemmq::topology;
 pub(crate) struct StreamVanished(pub(crate) String);
 
 /// Whether a try failed because the job's stream was gone: it was found missing, or a block
-/// went unroutable (the operands exchange found no stream, and no worker's live queue, for it).
+/// went unroutable (the operands exchange found no stream for it).
 /// An unroutable task says nothing about the stream: it is published again like any
 /// unconfirmed message.
 pub(crate) fn stream_lost(e: &anyhow::Error, operands_exchange: &str) -> bool {

@@ -12,12 +12,9 @@ use gemmq::topology::{self, TASK_KEY};
 use ndarray::{Array2, s};
 use tracing::info;
 
-use crate::order::Item;
+use crate::order::{Item, Order};
 use crate::resume::StreamVanished;
 use crate::unix_ms;
-
-/// How often, at most, the producer checks that the job's operand stream still exists.
-const STREAM_CHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where the producer's messages go: the confirm window, the channel that checks the job's
 /// stream, and the count of bytes published.
@@ -40,7 +37,7 @@ pub(crate) async fn publish_messages<T: Element>(
     manifest: &Manifest,
     a: &Array2<T>,
     b: &Array2<T>,
-    items: &[Item],
+    order: &Order,
     from: Resume,
 ) -> Result<()> {
     let mut send = Sender {
@@ -49,8 +46,9 @@ pub(crate) async fn publish_messages<T: Element>(
         manifest,
         a,
         b,
-        stream_checked: None,
+        order,
     };
+    let items = &order.items;
     // What a try publishes: everything from the first item not confirmed, and when the stream
     // was lost, the blocks before it too (first, so the confirmed count stays in order: see
     // `Publisher::try_once`).
@@ -66,8 +64,8 @@ pub(crate) async fn publish_messages<T: Element>(
         }
     }
     if manifest.plan.operands == Operands::Stream {
-        // Blocks are checked for at most every STREAM_CHECK: a stream deleted after the last
-        // check would take blocks with it unnoticed. Once all is confirmed, look once more.
+        // A stream deleted after the last block was routed to it would take the blocks with it
+        // unnoticed: once all is confirmed, look once more.
         send.out
             .window
             .flush()
@@ -85,12 +83,13 @@ struct Sender<'a, 'o, T> {
     manifest: &'a Manifest,
     a: &'a Array2<T>,
     b: &'a Array2<T>,
-    stream_checked: Option<std::time::Instant>,
+    order: &'a Order,
 }
 
 impl<T: Element> Sender<'_, '_, T> {
-    /// A block of A or B, through the operands exchange: into the job's stream (its record)
-    /// and at once to the live queue of every running worker (see gemmq::topology).
+    /// A block of A or B, through the operands exchange into the job's stream, where workers
+    /// read the blocks their tasks need (see gemmq::topology). Mandatory, as every publish: a
+    /// stream that is gone sends it back, and the try fails (`resume::stream_lost`).
     async fn block(&mut self, block: BlockId) -> Result<()> {
         let (plan, job) = (&self.manifest.plan, &self.manifest.job);
         let (rows, cols) = match block.side {
@@ -113,17 +112,6 @@ impl<T: Element> Sender<'_, '_, T> {
         let mut body = message::encode_header(&header, data.len() * size_of::<T>());
         matrix::extend_le(data, &mut body);
         *self.out.bytes += body.len() as u64;
-        // Every running worker's live queue takes blocks, so `mandatory` no longer tells that
-        // the job's stream (the record late workers read) is missing: ask, at most every
-        // STREAM_CHECK (a round trip per block would slow tiny tiles). A 404 fails this try;
-        // the next one declares the job's queues again.
-        if self
-            .stream_checked
-            .is_none_or(|t| t.elapsed() >= STREAM_CHECK)
-        {
-            self.stream_checked = Some(std::time::Instant::now());
-            check_stream(self.out.checker, self.topo, job).await?;
-        }
         let props = persistent(kind::OPERAND, format!("{job}/{block}"));
         self.out
             .window
@@ -145,7 +133,10 @@ impl<T: Element> Sender<'_, '_, T> {
         let (plan, job) = (&self.manifest.plan, &self.manifest.job);
         let tasks: Vec<TaskHeader> = tiles
             .iter()
-            .map(|&tile| plan.task(job, &self.manifest.run, tile))
+            .map(|&tile| TaskHeader {
+                at: self.order.places_of(tile),
+                ..plan.task(job, &self.manifest.run, tile)
+            })
             .collect();
         let first = tiles[0];
         let body = match (plan.operands == Operands::Stream, tasks.as_slice()) {
@@ -165,9 +156,7 @@ impl<T: Element> Sender<'_, '_, T> {
         if tasks.len() > 1 {
             id.push_str(&format!("+{}", tasks.len() - 1));
         }
-        // When it was published, which a worker that came later compares with when its live
-        // queue started: the task's blocks were published before the task, so they will not
-        // come live and are read from the stream at once.
+        // When it was published: shown in the management UI, and in the parking lot.
         let props = persistent(kind::TASK, id).with_timestamp(unix_ms() / 1000);
         self.out
             .window

@@ -35,19 +35,6 @@ impl Cache {
         self.blocks.get(id).cloned()
     }
 
-    pub(super) fn remove(&mut self, id: &BlockId) {
-        if let Some(old) = self.blocks.pop(id) {
-            self.forget(&old);
-        }
-    }
-
-    /// Drops every block, giving their bytes back to the shared budget.
-    pub(super) fn clear(&mut self) {
-        self.blocks.clear();
-        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
-        self.bytes = 0;
-    }
-
     /// Caches a block, first dropping this job's least recently used blocks until every job's
     /// blocks together fit `budget` with it.
     pub(super) fn insert(&mut self, id: BlockId, m: Arc<Block>, budget: u64) {

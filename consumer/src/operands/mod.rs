@@ -1,38 +1,30 @@
-//! Operand blocks from a job's stream, fetched once and cached.
+//! Operand blocks from a job's stream: each read when a task needs it, then cached.
 //!
 //! With streamed operands a task names its blocks — A's (row, part of k) and B's (part of k,
-//! column) — instead of carrying them. Each block was published once to the job's operand
-//! stream. A worker reads the stream front to back with one long-lived consumer per job, in the
-//! background, decoding and caching the blocks it passes and remembering every block's offset;
-//! so a block reaches a worker at most once, however many of its tasks need it. Tasks wait for
-//! their blocks to appear in the cache, each woken as soon as its own are there (not in turn
-//! behind tasks whose blocks lie further down the stream). The reader reads ahead while the
-//! cache has room, and only on demand when it is full; then the least recently used block is
-//! dropped, and needing it again costs one read at its known offset.
+//! column) — and where they are on the job's operand stream. A worker that needs a block it has
+//! not cached reads just that message: a consumer on the stream at the block's offset, with a
+//! prefetch of one, cancelled as soon as the block is in. So the broker sends each worker only
+//! the blocks its own tasks need, each once while the worker's cache holds it — not every block
+//! to every worker — and the producer groups tasks into rectangles of tiles that share their
+//! blocks, so that the tasks a worker takes need few of them (`gemmq::Plan::groups`).
 //!
-//! That reader is the fallback. A running worker gets each block as it is published, on its own
-//! live queue ([`gemmq::topology::Topology::declare_live_operands`]): the broker hands it over
-//! from memory, where a stream read costs the broker a disk read and a CRC32 check of the chunk,
-//! once per worker. So a task whose block is not cached first waits for the live queue (up to
-//! [`LIVE_GRACE`]); the stream is read when that wait runs out (a worker that started after the
-//! block was published, or whose connection was replaced), when the live queue dropped a block
-//! the cache had no room for, or when the live queue is not up at all — and at once when the
-//! task itself was published before the live queue started (its message's timestamp): its blocks
-//! are older still. Once a job's stream reader runs, no task of that job waits for the live queue.
+//! Tasks that need the same block share one read. A block evicted from the cache costs one read
+//! at the offset it was found at. The place a task gives is a lower bound — a block published
+//! twice (after the producer lost its connection) moves the later ones further on — so a read
+//! goes forward from it until its block comes by.
 //!
-//! Here: [`OperandBlocks::get`], which decides where a task's block comes from. Then `job` (one
-//! run of a job: its cache, stream offsets, reader and waiters; the registry of jobs), `cache`
-//! (least recently used out, under a budget shared by all jobs), `live` (the live queue) and
-//! `stream` (the stream reader).
+//! Here: [`OperandBlocks::get`]. Then `job` (one run of a job: its cache, where its blocks were
+//! found, the reads in flight; the registry of jobs), `cache` (least recently used out, under a
+//! budget shared by all jobs), `stream` (reading a block at its offset) and `notices` (the
+//! collectors' word that a job is done).
 
 mod cache;
 mod job;
-mod live;
+mod notices;
 mod stream;
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gemmq::matrix::Block;
@@ -41,27 +33,22 @@ use gemmq::topology::Topology;
 use lapin::options::BasicCancelOptions;
 use lapin::types::AMQPValue;
 use lapin::{Channel, Connection};
+use tokio::sync::Semaphore;
 
-use job::{JobOperands, Jobs, Look, Wanting, job_entry};
-use stream::read_until;
+use job::{Claim, JobOperands, Jobs, Reading, job_entry};
 
-/// How long a worker waits for a block to appear on the stream before it gives up on the task
+/// How long a worker waits for a block to come off the stream before it gives up on the task
 /// (which is then retried): the producer publishes blocks before the tasks that name them.
 const BLOCK_TIMEOUT: Duration = Duration::from_secs(60);
-/// Jobs a worker keeps blocks (and stream readers) of at once; their memory is bounded by the
-/// cache budget, not by this.
+/// Jobs a worker keeps blocks of at once; their memory is bounded by the cache budget, not by
+/// this.
 const MAX_JOBS: usize = 16;
-/// How long a task waits for its block on the live queue before it reads the stream. The
-/// producer publishes a block before the tasks that need it, so on a running worker the block
-/// is at most one message transfer behind the task; this only delays workers that missed it.
-pub const LIVE_GRACE: Duration = Duration::from_secs(3);
-/// Blocks in flight on the live queue (the broker holds the rest, bounded by the queue's size).
-const LIVE_PREFETCH: u16 = 2;
+/// Stream reads in flight at once: enough to overlap a group's blocks and the next task's with
+/// the computation, few enough that the broker is not asked for a whole prefetch's worth at once.
+const READS_IN_FLIGHT: usize = 4;
 /// How long opening a job's stream is tried again (the broker may not serve it yet) before the
 /// task fails and is retried through the retry queue.
 const OPEN_PATIENCE: Duration = Duration::from_secs(5);
-/// Finished jobs remembered, to drop their late tasks at once.
-const MAX_DONE: usize = 64;
 
 /// Why a block could not be had.
 #[derive(Debug, Clone)]
@@ -87,35 +74,27 @@ pub struct Wanted<'a> {
     pub run: &'a str,
     pub id: BlockId,
     pub dtype: DType,
-    /// The shape the task expects.
-    pub shape: (usize, usize),
-    /// When the task was published (its message's timestamp, Unix seconds), if known.
-    pub published: Option<u64>,
+    /// Where the task says the block is on the stream, at the earliest; without it (a producer
+    /// that gives no places) the stream is read from its start.
+    pub at: Option<u64>,
 }
 
 /// The operand blocks of all jobs this worker serves, on one connection.
 pub struct OperandBlocks {
     topo: Topology,
     jobs: Arc<Jobs>,
-    /// Jobs whose collector said they are done (the latest [`MAX_DONE`]): their tasks are
-    /// dropped at once instead of waiting for blocks that will not come.
-    done: Arc<Mutex<VecDeque<String>>>,
-    /// What reading blocks needs, shared with the background readers.
+    /// What reading blocks needs.
     read: ReadCtx,
-    /// Whether the live queue is being consumed: only then is a missing block waited for.
-    live: Arc<AtomicBool>,
-    /// When the live queue started being consumed (Unix seconds): blocks published before
-    /// then never come on it.
-    live_since: Arc<AtomicU64>,
 }
 
 /// What reading blocks needs: the message limit, the cache budget and the bytes cached over all
-/// jobs (held to the budget), and where blocks read and re-read are counted.
+/// jobs (held to the budget), the reads allowed in flight, and where blocks read are counted.
 #[derive(Clone)]
 struct ReadCtx {
     limit: u64,
     budget: u64,
     total: Arc<AtomicU64>,
+    reads: Arc<Semaphore>,
     stats: Arc<crate::Stats>,
 }
 
@@ -123,117 +102,82 @@ impl OperandBlocks {
     pub fn new(topo: Topology, limit: u64, budget: u64, stats: Arc<crate::Stats>) -> Self {
         OperandBlocks {
             topo,
-            jobs: Arc::new(Mutex::new(Vec::new())),
-            done: Arc::new(Mutex::new(VecDeque::new())),
+            jobs: Arc::new(std::sync::Mutex::new(Vec::new())),
             read: ReadCtx {
                 limit,
                 budget,
                 total: Arc::new(AtomicU64::new(0)),
+                reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)),
                 stats,
             },
-            live: Arc::new(AtomicBool::new(false)),
-            live_since: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn job(&self, job: &str, run: &str) -> Arc<JobOperands> {
-        job_entry(&self.jobs, &self.read.total, job, run)
-    }
-
-    /// The block of this run of the job, from the cache, or once the live queue or the stream
-    /// reader has brought it. `shape` is what the task expects: a cached block that came live
-    /// with another shape or dtype is stale (from a producer that names no run) and is read from
-    /// the stream instead.
+    /// The block of this run of the job: from the cache, from a read another task has started,
+    /// or read now from the job's stream.
     pub async fn get(&self, conn: &Connection, want: Wanted<'_>) -> Result<Arc<Block>, FetchError> {
-        let Wanted {
-            job,
-            run,
-            id,
-            dtype,
-            shape,
-            published,
-        } = want;
-        // A job said to be done has nothing more coming live; its stream tells whether it is
-        // gone (the task is dropped) or back (the same job id published again). A task published
-        // well before the live queue started names blocks published before it too: they will
-        // not come live (a second of margin for the timestamps' rounding and clock skew).
-        let live_since = self.live_since.load(Ordering::Relaxed);
-        let before_live = published.is_some_and(|p| p.saturating_add(1) < live_since);
-        let mut stream_only = before_live
-            || self
-                .done
-                .lock()
-                .expect("never poisoned")
-                .iter()
-                .any(|d| d == job);
-        let j = self.job(job, run);
-        let start = tokio::time::Instant::now();
-        let deadline = start + BLOCK_TIMEOUT;
-        let mut changed = j.changed.subscribe();
-        let mut waited_live = false;
+        let j = job_entry(&self.jobs, &self.read.total, want.job, want.run);
+        let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
         loop {
-            // What to do, decided under the lock; the awaits come after it is released.
-            let (evicted_at, reading) = match j.look(&id, dtype, shape, &mut stream_only)? {
-                Look::Cached(m) => return Ok(m),
-                Look::Missing {
-                    evicted_at,
-                    reading,
-                } => (evicted_at, reading),
+            // Subscribed before looking, so that a read that ends in between is not missed.
+            let mut changed = j.changed.subscribe();
+            let from = match j.claim(&want.id) {
+                Claim::Cached(m) => return Ok(m),
+                Claim::Wait => {
+                    if tokio::time::timeout_at(deadline, changed.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(timed_out(want.id));
+                    }
+                    continue;
+                }
+                Claim::Read { found_at } => found_at,
             };
-            let live_may_bring_it = !reading
-                && !stream_only
-                && self.live.load(Ordering::Relaxed)
-                && !j.live_missed.load(Ordering::Relaxed);
-            if evicted_at.is_none() && live_may_bring_it && start.elapsed() < LIVE_GRACE {
-                let until = (start + LIVE_GRACE).min(deadline);
-                let _ = tokio::time::timeout_at(until, changed.changed()).await;
-                waited_live = true;
-                continue;
+            let _reading = Reading::new(&j, want.id);
+            if from.is_some() {
+                self.read
+                    .stats
+                    .operand_rereads
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            if std::mem::take(&mut waited_live) && start.elapsed() >= LIVE_GRACE {
-                self.read.stats.live_waits.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Some(offset) = evicted_at {
-                // Seen before, evicted since: read just that one.
-                return self.reread(conn, &j, id, dtype, offset, deadline).await;
-            }
-            self.ensure_reader(conn, &j, dtype).await?;
-            let _wanting = Wanting::new(&j);
-            let woke = tokio::time::timeout_at(deadline, changed.changed()).await;
-            if woke.is_err() {
-                return Err(format!("block {id} did not arrive within {BLOCK_TIMEOUT:?}").into());
-            }
+            let offset = match from.or(want.at.map(|a| a as i64)) {
+                Some(o) => AMQPValue::LongLongInt(o),
+                None => gemmq::topology::text("first"),
+            };
+            let read = self.read_block(conn, &j, want.id, want.dtype, offset);
+            return match tokio::time::timeout_at(deadline, read).await {
+                Ok(got) => got,
+                Err(_) => Err(timed_out(want.id)),
+            };
         }
     }
 
-    /// A block this worker had, evicted since: read just that one at its offset.
-    async fn reread(
+    /// Reads one block from the job's stream, starting at `offset`, into the job's cache.
+    async fn read_block(
         &self,
         conn: &Connection,
         j: &JobOperands,
         id: BlockId,
         dtype: DType,
-        offset: i64,
-        deadline: tokio::time::Instant,
+        offset: AMQPValue,
     ) -> Result<Arc<Block>, FetchError> {
+        let _permit = self.read.reads.acquire().await.expect("never closed");
         self.read
             .stats
-            .operand_rereads
+            .operand_reads
             .fetch_add(1, Ordering::Relaxed);
-        let (ch, mut scan) = self
-            .open(conn, &j.job, AMQPValue::LongLongInt(offset))
-            .await?;
-        let read = read_until(&self.read, j, &mut scan, dtype, id);
-        let got = tokio::time::timeout_at(deadline, read).await;
+        let (ch, mut scan) = self.open(conn, &j.job, offset).await?;
+        let got = stream::read_until(&self.read, j, &mut scan, dtype, id).await;
         close_quietly(ch, scan.tag());
-        match got {
-            Ok(read) => read,
-            Err(_) => Err(format!(
-                "block {id} did not come back from its offset {offset} within {BLOCK_TIMEOUT:?}"
-            )
-            .into()),
-        }
+        got
     }
+}
+
+fn timed_out(id: BlockId) -> FetchError {
+    FetchError::Other(format!(
+        "block {id} did not come off the job's stream within {BLOCK_TIMEOUT:?}"
+    ))
 }
 
 /// The header of a message and where its payload starts; `None` (logged) if it is unreadable.
@@ -248,12 +192,14 @@ fn decode_frame(ctx: &ReadCtx, job: &str, body: &[u8], source: &str) -> Option<(
     }
 }
 
+/// Cancels a stream consumer and closes its channel, in the background: a block that came in
+/// needs no more round trips before its task can go on.
 fn close_quietly(ch: Channel, tag: lapin::types::ShortString) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     rt.spawn(async move {
         let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
-        let _ = ch.close(200, "done with the job".into()).await;
+        let _ = ch.close(200, "done with the block".into()).await;
     });
 }

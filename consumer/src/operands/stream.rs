@@ -1,5 +1,4 @@
-//! Reading a job's operand stream: the background reader that fills a job's cache from the
-//! front, and one-off reads of an evicted block at its known offset.
+//! Reading a block from a job's operand stream, at its offset.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,38 +12,10 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 
-use super::job::{JobOperands, ReaderState, store};
-use super::{FetchError, OPEN_PATIENCE, OperandBlocks, ReadCtx, close_quietly, decode_frame};
+use super::job::JobOperands;
+use super::{FetchError, OPEN_PATIENCE, OperandBlocks, ReadCtx, decode_frame};
 
 impl OperandBlocks {
-    /// Starts the job's background reader from the front of its stream, if it is not running.
-    pub(super) async fn ensure_reader(
-        &self,
-        conn: &Connection,
-        j: &Arc<JobOperands>,
-        dtype: DType,
-    ) -> Result<(), FetchError> {
-        if j.state.lock().expect("never poisoned").reader.is_running() {
-            return Ok(());
-        }
-        let (ch, scan) = self
-            .open(conn, &j.job, gemmq::topology::text("first"))
-            .await?;
-        let mut st = j.state.lock().expect("never poisoned");
-        if st.reader.is_running() {
-            // Another task started one meanwhile.
-            drop(st);
-            close_quietly(ch, scan.tag());
-            return Ok(());
-        }
-        let ctx = self.read.clone();
-        let weak = Arc::downgrade(j);
-        st.reader = ReaderState::Running(tokio::spawn(async move {
-            read_ahead(ctx, weak, ch, scan, dtype).await;
-        }));
-        Ok(())
-    }
-
     /// Opens the job's stream at `offset`. A missing stream means the job is gone (finished or
     /// deleted) only when its results queue is gone too: a stream deleted under a running job
     /// is declared again by its producer, which publishes every block again, so its tasks are
@@ -118,8 +89,9 @@ impl OperandBlocks {
             }
         };
         let ch = conn.create_channel().await.map_err(err)?;
-        // Streams insist on a prefetch; two blocks in flight keep the pipe full.
-        ch.basic_qos(2, BasicQosOptions { global: false })
+        // Streams insist on a prefetch. One: the broker sends the block asked for and nothing
+        // after it until the next is asked for (by acking this one).
+        ch.basic_qos(1, BasicQosOptions { global: false })
             .await
             .map_err(err)?;
         let mut args = FieldTable::default();
@@ -137,64 +109,9 @@ impl OperandBlocks {
     }
 }
 
-/// The background reader of one job: reads the stream in order into the cache, ahead of demand
-/// while the cache has room. Holds the job only weakly while it waits on the broker, so a job
-/// dropped by the worker (evicted, or its connection replaced) drops its cache and aborts this.
-/// Ends when the stream fails or is deleted (the job finished): then the job's cache is emptied,
-/// since nothing will ask for those blocks again.
-pub(super) async fn read_ahead(
-    ctx: ReadCtx,
-    job: std::sync::Weak<JobOperands>,
-    ch: Channel,
-    mut scan: Consumer,
-    dtype: DType,
-) {
-    let tag = scan.tag();
-    loop {
-        {
-            let Some(j) = job.upgrade() else { break };
-            let full = ctx.total.load(Ordering::Relaxed) >= ctx.budget;
-            if full && j.wanted.load(Ordering::Relaxed) == 0 {
-                // Reading on would only evict blocks that may still be needed: wait for a task
-                // to ask for one the reader has not reached.
-                let demand = j.demand.clone();
-                drop(j);
-                demand.notified().await;
-                continue;
-            }
-        }
-        let delivery = next_delivery(&mut scan).await;
-        let Some(j) = job.upgrade() else { break };
-        let read = delivery.and_then(|d| accept(&ctx, &j, d, dtype, None));
-        if let Err(e) = read {
-            let mut st = j.state.lock().expect("never poisoned");
-            st.reader = ReaderState::Failed(e);
-            st.cache.clear();
-            drop(st);
-            j.changed.send_modify(|n| *n += 1);
-            break;
-        }
-    }
-    close_quietly(ch, tag);
-}
-
-pub(super) async fn next_delivery(scan: &mut Consumer) -> Result<Delivery, FetchError> {
-    match scan.next().await {
-        None => Err(
-            "the operand stream consumer was cancelled (is the job finished?)"
-                .to_string()
-                .into(),
-        ),
-        Some(Err(e)) => Err(format!("reading the operand stream: {e}").into()),
-        Some(Ok(d)) => {
-            // On a stream an ack is credit, not consumption: settle it at once, whatever it holds.
-            let _ = d.acker.ack(BasicAckOptions::default()).await;
-            Ok(d)
-        }
-    }
-}
-
-/// Reads blocks from `scan` until `want` comes by (a one-off read from its offset).
+/// Reads from `scan` until block `want` comes by. The first message is normally it: the read
+/// starts at the block's place. Each message that is not it is acked, which is the credit for
+/// the next; the block itself is not, so nothing more is sent before the consumer is cancelled.
 pub(super) async fn read_until(
     ctx: &ReadCtx,
     j: &JobOperands,
@@ -203,22 +120,35 @@ pub(super) async fn read_until(
     want: BlockId,
 ) -> Result<Arc<Block>, FetchError> {
     loop {
-        let d = next_delivery(scan).await?;
-        if let Some((_, m)) = accept(ctx, j, d, dtype, Some(want))? {
+        let d = match scan.next().await {
+            None => {
+                return Err(
+                    "the operand stream consumer was cancelled (is the job finished?)"
+                        .to_string()
+                        .into(),
+                );
+            }
+            Some(Err(e)) => return Err(format!("reading the operand stream: {e}").into()),
+            Some(Ok(d)) => d,
+        };
+        let acker = d.acker.clone();
+        if let Some(m) = accept(ctx, j, d, dtype, want)? {
             return Ok(m);
         }
+        // On a stream an ack is credit, not consumption.
+        let _ = acker.ack(BasicAckOptions::default()).await;
     }
 }
 
-/// Decodes one delivery from the operand stream into the job's cache and wakes the waiters.
-/// `None` for a message that is skipped: unreadable, another job's, or (with `want`) not it.
-pub(super) fn accept(
+/// The block in one delivery from the operand stream, cached, if it is `want`; `None` for a
+/// message that is skipped: unreadable, another block, another job's.
+fn accept(
     ctx: &ReadCtx,
     j: &JobOperands,
     d: Delivery,
     dtype: DType,
-    want: Option<BlockId>,
-) -> Result<Option<(BlockId, Arc<Block>)>, FetchError> {
+    want: BlockId,
+) -> Result<Option<Arc<Block>>, FetchError> {
     let offset =
         d.properties
             .headers()
@@ -242,13 +172,22 @@ pub(super) fn accept(
         // and the task is left over from the earlier one. Its data is gone.
         return Err(FetchError::JobGone);
     }
-    if h.job != j.job || h.run != j.run || h.dtype != dtype {
-        tracing::warn!(job = %j.job, block = %h.block, "a block of another job, run or dtype skipped");
+    if h.job != j.job || h.run != j.run {
+        tracing::warn!(job = %j.job, block = %h.block, "a block of another job or run skipped");
         return Ok(None);
     }
-    if want.is_some_and(|w| w != h.block) {
-        // A one-off read may start a little before its block (the stream's chunk).
+    if h.block != want {
+        // Before it on the stream: published twice, or a read without a place.
+        tracing::debug!(job = %j.job, block = %h.block, %want, "passing another block on the way");
         return Ok(None);
     }
-    Ok(store(ctx, j, &h, d.data, start, offset).map(|m| (h.block, m)))
+    if h.dtype != dtype {
+        return Err(FetchError::Other(format!(
+            "block {want} of job {} is {}, the task {dtype}",
+            j.job, h.dtype
+        )));
+    }
+    j.store(ctx, &h, d.data, start, offset)
+        .map(Some)
+        .map_err(FetchError::Other)
 }

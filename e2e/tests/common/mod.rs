@@ -214,10 +214,10 @@ pub fn mgmt(path: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("management API {path}: {e}"))
 }
 
-/// Waits until `n` live operand queues are bound to the namespace's operands exchange: the
-/// workers are then sure to see every block published from now on.
+/// Waits until `n` workers' notice queues are bound to the namespace's operands exchange: the
+/// workers are then sure to hear of every job done from now on.
 #[allow(dead_code)]
-pub async fn wait_for_live_queues(env: &Env, n: usize) {
+pub async fn wait_for_notice_queues(env: &Env, n: usize) {
     let path = format!(
         "/exchanges/%2f/{}/bindings/source",
         env.topology().operands_exchange()
@@ -228,7 +228,7 @@ pub async fn wait_for_live_queues(env: &Env, n: usize) {
             .and_then(|v| v.as_array().cloned())
             .map_or(0, |b| {
                 b.iter()
-                    .filter(|b| b["routing_key"] == "#" && b["destination_type"] == "queue")
+                    .filter(|b| b["routing_key"] == "done.*" && b["destination_type"] == "queue")
                     .count()
             });
         if bound >= n {
@@ -236,7 +236,7 @@ pub async fn wait_for_live_queues(env: &Env, n: usize) {
         }
         assert!(
             Instant::now() < deadline,
-            "{bound} of {n} live queues bound within 20 s"
+            "{bound} of {n} notice queues bound within 20 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

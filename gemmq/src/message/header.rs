@@ -47,6 +47,12 @@ pub struct TaskHeader {
     pub cols: u32,
     /// Columns of the A block = rows of the B block (the slice of k).
     pub depth: u32,
+    /// Where the task's A and B blocks are on the job's operand stream, at the earliest: their
+    /// places in the order the producer publishes blocks, which are their offsets unless some
+    /// were published twice (after a lost connection), which only moves a block further on.
+    /// A worker reads just those messages. Absent for inline tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<[u64; 2]>,
 }
 
 /// Several streamed tasks of one job in one message: the unit of delivery, retry and
@@ -73,6 +79,8 @@ pub struct GroupedTask {
     pub rows: u32,
     pub cols: u32,
     pub depth: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<[u64; 2]>,
 }
 
 /// The most tasks one [`TaskGroup`] may hold: ~70 bytes of JSON each keeps the header far
@@ -94,6 +102,7 @@ impl TaskGroup {
                     rows: t.rows,
                     cols: t.cols,
                     depth: t.depth,
+                    at: t.at,
                 })
                 .collect(),
         })
@@ -109,6 +118,7 @@ impl TaskGroup {
             rows: t.rows,
             cols: t.cols,
             depth: t.depth,
+            at: t.at,
         })
     }
 }

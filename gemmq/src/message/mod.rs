@@ -260,6 +260,7 @@ mod tests {
             rows,
             cols,
             depth,
+            at: None,
         })
     }
 
@@ -323,6 +324,7 @@ mod tests {
                 rows: 16,
                 cols: 16,
                 depth: 1024,
+                at: None,
             })
             .collect();
         match TaskGroup::of(&ts) {
