@@ -181,10 +181,11 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_reads_only_the_blocks_of_the_tasks_it_takes_and_each_of_them_once() {
     let mut env = Env::new("need");
-    // 4 × 4 tiles of 32 in groups of 4: four messages, each a 2 × 2 rectangle of tiles that
-    // needs 2 of the 4 blocks of A and 2 of the 4 of B (16 KiB each).
-    let shape = (128, 64, 128);
-    let mut p = env.producer("need", shape, 32);
+    // 4 × 4 tiles of 128 in groups of 4: four messages, each a 2 × 2 rectangle of tiles that
+    // needs 2 of the 4 blocks of A and 2 of the 4 of B (1 MiB each: large enough that the
+    // producer writes each to the stream as a chunk of its own).
+    let shape = (512, 1024, 512);
+    let mut p = env.producer("need", shape, 128);
     p.operands = Operands::Stream;
     p.group = gemmq::tiling::GroupSize::Fixed(4);
     let receipt = gemmq_producer::run(&p).await.expect("the job is published");
@@ -213,7 +214,7 @@ async fn a_worker_reads_only_the_blocks_of_the_tasks_it_takes_and_each_of_them_o
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let first = env.stop_consumers().await;
-    let block_bytes = 32 * 64 * 8;
+    let block_bytes = 128 * 1024 * 8;
     let (reads, bytes) = (
         first[0].operand_reads.load(Ordering::Relaxed),
         first[0].operand_bytes.load(Ordering::Relaxed),

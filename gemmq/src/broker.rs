@@ -342,6 +342,24 @@ impl ConfirmWindow {
         Ok(())
     }
 
+    /// Waits until the first `n` messages published are confirmed (and those after them may
+    /// still be in flight).
+    pub async fn settle_through(&mut self, n: u64) -> Result<(), PublishError> {
+        while self.confirmed < n {
+            let Some((confirm, what)) = self.pending.pop_front() else {
+                break;
+            };
+            settle(confirm, what).await?;
+            self.confirmed += 1;
+        }
+        Ok(())
+    }
+
+    /// How many messages this window has published.
+    pub fn published(&self) -> u64 {
+        self.confirmed + self.pending.len() as u64
+    }
+
     /// How many messages, in publishing order, the broker has confirmed: after a failure,
     /// everything from this index on must be published again.
     pub fn confirmed(&self) -> u64 {

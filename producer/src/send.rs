@@ -16,6 +16,11 @@ use crate::order::{Item, Order};
 use crate::resume::StreamVanished;
 use crate::unix_ms;
 
+/// Blocks from this size on are written to the stream one at a time, each its own chunk, so a
+/// worker that reads one receives that one. Smaller blocks are written several to a chunk (a
+/// round trip each would cost tiny tiles more than the bytes a chunk's neighbours waste).
+const CHUNK_ALONE_BYTES: usize = 1 << 20;
+
 /// Where the producer's messages go: the confirm window, the channel that checks the job's
 /// stream, and the count of bytes published.
 pub(crate) struct Out<'a> {
@@ -47,6 +52,7 @@ pub(crate) async fn publish_messages<T: Element>(
         a,
         b,
         order,
+        last_block: None,
     };
     let items = &order.items;
     // What a try publishes: everything from the first item not confirmed, and when the stream
@@ -84,6 +90,8 @@ struct Sender<'a, 'o, T> {
     a: &'a Array2<T>,
     b: &'a Array2<T>,
     order: &'a Order,
+    /// How many messages the window had published with the last large block.
+    last_block: Option<u64>,
 }
 
 impl<T: Element> Sender<'_, '_, T> {
@@ -112,6 +120,18 @@ impl<T: Element> Sender<'_, '_, T> {
         let mut body = message::encode_header(&header, data.len() * size_of::<T>());
         matrix::extend_le(data, &mut body);
         *self.out.bytes += body.len() as u64;
+        if body.len() >= CHUNK_ALONE_BYTES
+            && let Some(n) = self.last_block
+        {
+            // The broker hands out a stream a chunk at a time, and writes what arrived together
+            // as one chunk: a block sent before the one ahead of it is written would share its
+            // chunk, and go to every worker that reads the other. Tasks keep flowing meanwhile.
+            self.out
+                .window
+                .settle_through(n)
+                .await
+                .with_context(|| format!("waiting for the confirm of the block before {block}"))?;
+        }
         let props = persistent(kind::OPERAND, format!("{job}/{block}"));
         self.out
             .window
@@ -124,6 +144,9 @@ impl<T: Element> Sender<'_, '_, T> {
             )
             .await
             .with_context(|| format!("publishing block {block} of job {job}"))?;
+        if body.len() >= CHUNK_ALONE_BYTES {
+            self.last_block = Some(self.out.window.published());
+        }
         info!(%job, %block, bytes = body.len(), "operand block published");
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! One run of a job as a worker knows it: its cached blocks, where each was found on the stream,
 //! the reads in flight; and the registry of such jobs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +11,10 @@ use tokio::sync::watch;
 
 use super::cache::Cache;
 use super::{MAX_JOBS, ReadCtx};
+
+/// How far before a block's place a read in flight may start for the block to wait for it
+/// rather than be read on its own.
+const NEIGHBOURS: u64 = 8;
 
 /// The jobs with a cache, the most recently used last.
 pub(super) type Jobs = Mutex<Vec<(String, Arc<JobOperands>)>>;
@@ -22,7 +26,7 @@ pub(super) struct JobOperands {
     /// deleted) would be the wrong numbers under the right names: a new run gets a new entry.
     pub(super) run: String,
     state: Mutex<State>,
-    /// Bumped whenever a read ends (with the block or without): tasks waiting on it look again.
+    /// Bumped whenever a block is cached or a read ends: tasks waiting look again.
     pub(super) changed: watch::Sender<u64>,
 }
 
@@ -30,8 +34,8 @@ struct State {
     cache: Cache,
     /// Where every block read so far was found on the stream: one evicted since is read there.
     offsets: HashMap<BlockId, i64>,
-    /// Blocks being read by some task.
-    reading: HashSet<BlockId>,
+    /// Blocks being read by some task, with the place on the stream each read starts from.
+    reading: HashMap<BlockId, Option<u64>>,
 }
 
 /// What a task is to do about a block it needs.
@@ -46,15 +50,23 @@ pub(super) enum Claim {
 }
 
 impl JobOperands {
-    /// Looks for a block, and claims its read if it is neither cached nor being read.
-    pub(super) fn claim(&self, id: &BlockId) -> Claim {
+    /// Looks for a block, and claims its read if it is neither cached nor coming: being read,
+    /// or likely to come with a read that started a little before its place `at` (the broker
+    /// sends the rest of a chunk with the block asked for, and blocks needed together were
+    /// published together).
+    pub(super) fn claim(&self, id: &BlockId, at: Option<u64>) -> Claim {
         let mut st = self.state.lock().expect("never poisoned");
         if let Some(m) = st.cache.get(id) {
             return Claim::Cached(m);
         }
-        if !st.reading.insert(*id) {
+        let near = |from: &Option<u64>| match (from, at) {
+            (Some(from), Some(at)) => *from < at && at - from <= NEIGHBOURS,
+            _ => false,
+        };
+        if st.reading.contains_key(id) || st.reading.values().any(near) {
             return Claim::Wait;
         }
+        st.reading.insert(*id, at);
         Claim::Read {
             found_at: st.offsets.get(id).copied(),
         }
@@ -79,6 +91,8 @@ impl JobOperands {
             st.offsets.insert(h.block, o);
         }
         st.cache.insert(h.block, m.clone(), ctx.budget);
+        drop(st);
+        self.changed.send_modify(|n| *n += 1);
         Ok(m)
     }
 
@@ -151,7 +165,7 @@ pub(super) fn job_entry(
         state: Mutex::new(State {
             cache: Cache::new(total.clone()),
             offsets: HashMap::new(),
-            reading: HashSet::new(),
+            reading: HashMap::new(),
         }),
         changed: watch::Sender::new(0),
     });

@@ -121,7 +121,7 @@ impl OperandBlocks {
         loop {
             // Subscribed before looking, so that a read that ends in between is not missed.
             let mut changed = j.changed.subscribe();
-            let from = match j.claim(&want.id) {
+            let from = match j.claim(&want.id, want.at) {
                 Claim::Cached(m) => return Ok(m),
                 Claim::Wait => {
                     if tokio::time::timeout_at(deadline, changed.changed())
@@ -168,7 +168,7 @@ impl OperandBlocks {
             .operand_reads
             .fetch_add(1, Ordering::Relaxed);
         let (ch, mut scan) = self.open(conn, &j.job, offset).await?;
-        let got = stream::read_until(&self.read, j, &mut scan, dtype, id).await;
+        let got = stream::read_until(&self.read, j, &ch, &mut scan, dtype, id).await;
         close_quietly(ch, scan.tag());
         got
     }

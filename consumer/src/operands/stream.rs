@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use gemmq::matrix::Block;
 use gemmq::message::{BlockId, DType, Header};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 
@@ -109,17 +109,24 @@ impl OperandBlocks {
     }
 }
 
-/// Reads from `scan` until block `want` comes by. The first message is normally it: the read
-/// starts at the block's place. Each message that is not it is acked, which is the credit for
-/// the next; the block itself is not, so nothing more is sent before the consumer is cancelled.
+/// How long, at most, the rest of a chunk takes to come in after the block asked for.
+const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Reads from `scan` until block `want` comes by, caching it and every other block of the job
+/// that comes with it. The first message is normally it: the read starts at the block's place.
+/// A message that is not it is acked, which is the credit for the next one. The broker hands
+/// out a stream a chunk at a time whatever the credit — the messages written together, often
+/// several blocks published together — so once `want` is in, the consumer is cancelled and what
+/// was already sent is taken in too: those blocks are cached, not thrown away.
 pub(super) async fn read_until(
     ctx: &ReadCtx,
     j: &JobOperands,
+    ch: &Channel,
     scan: &mut Consumer,
     dtype: DType,
     want: BlockId,
 ) -> Result<Arc<Block>, FetchError> {
-    loop {
+    let found = loop {
         let d = match scan.next().await {
             None => {
                 return Err(
@@ -133,15 +140,28 @@ pub(super) async fn read_until(
         };
         let acker = d.acker.clone();
         if let Some(m) = accept(ctx, j, d, dtype, want)? {
-            return Ok(m);
+            break m;
         }
         // On a stream an ack is credit, not consumption.
         let _ = acker.ack(BasicAckOptions::default()).await;
-    }
+    };
+    let drained = async {
+        ch.basic_cancel(scan.tag(), BasicCancelOptions::default())
+            .await
+            .ok()?;
+        // Everything sent before the cancel was confirmed is in; then the consumer ends.
+        while let Some(Ok(d)) = scan.next().await {
+            accept(ctx, j, d, dtype, want).ok()?;
+        }
+        Some(())
+    };
+    let _ = tokio::time::timeout(DRAIN_PATIENCE, drained).await;
+    Ok(found)
 }
 
-/// The block in one delivery from the operand stream, cached, if it is `want`; `None` for a
-/// message that is skipped: unreadable, another block, another job's.
+/// What one delivery from the operand stream was: `Some` block `want`, now cached, or `None`
+/// for a message passed on the way (another block of the job, cached as well; or one skipped:
+/// unreadable, another job's).
 fn accept(
     ctx: &ReadCtx,
     j: &JobOperands,
@@ -176,18 +196,21 @@ fn accept(
         tracing::warn!(job = %j.job, block = %h.block, "a block of another job or run skipped");
         return Ok(None);
     }
-    if h.block != want {
-        // Before it on the stream: published twice, or a read without a place.
-        tracing::debug!(job = %j.job, block = %h.block, %want, "passing another block on the way");
-        return Ok(None);
-    }
     if h.dtype != dtype {
         return Err(FetchError::Other(format!(
-            "block {want} of job {} is {}, the task {dtype}",
-            j.job, h.dtype
+            "block {} of job {} is {}, the task {dtype}",
+            h.block, j.job, h.dtype
         )));
     }
-    j.store(ctx, &h, d.data, start, offset)
-        .map(Some)
-        .map_err(FetchError::Other)
+    let is_it = h.block == want;
+    let stored = j.store(ctx, &h, d.data, start, offset);
+    match stored {
+        Ok(m) if is_it => Ok(Some(m)),
+        Ok(_) => Ok(None),
+        Err(e) if is_it => Err(FetchError::Other(e)),
+        Err(e) => {
+            tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
+            Ok(None)
+        }
+    }
 }
