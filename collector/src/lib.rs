@@ -25,8 +25,8 @@ use gemmq::TileId;
 use gemmq::assembly::{Assembly, AssemblyError, WorkerTally};
 use gemmq::broker::{self, Broker};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
+use gemmq::inputs::Operand;
 use gemmq::job;
-use gemmq::matrix::Matrix;
 use gemmq::message::{self, Inputs, Manifest};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
@@ -489,7 +489,7 @@ async fn retire(broker: &Broker, topo: &Topology, manifest: &Manifest) {
         Ok(ch)
     };
     match deleted.await as Result<_, gemmq::broker::BrokerError> {
-        // After the stream is gone, so the notice reaches only the workers' live queues.
+        // After the queues are gone: a worker that hears it has nothing more to read.
         Ok(ch) => {
             if let Err(e) = gemmq::job::announce_done(&ch, topo, &manifest.job, &manifest.run).await
             {
@@ -518,12 +518,13 @@ fn expectation(manifest: &Manifest) -> Result<Expected> {
     match &manifest.inputs {
         Inputs::Seed(s) => Ok(verify::expect_seeded(m, k, n, plan.dtype, *s, rounds, seed)),
         Inputs::Files { a, b } => {
-            let a = Matrix::read_npy(Path::new(a)).context("re-reading A to verify C")?;
-            let b = Matrix::read_npy(Path::new(b)).context("re-reading B to verify C")?;
+            // A row at a time, as the producer did: the files may be larger than memory.
+            let a = Operand::open(Path::new(a)).context("re-reading A to verify C")?;
+            let b = Operand::open(Path::new(b)).context("re-reading B to verify C")?;
             if a.shape() != (m, k) || b.shape() != (k, n) {
                 bail!("A or B changed since the job was published: cannot verify C");
             }
-            Ok(verify::expect(a.view(), b.view(), rounds, seed)?)
+            Ok(verify::expect_rows(&a, &b, rounds, seed)?)
         }
     }
 }

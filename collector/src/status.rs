@@ -139,12 +139,12 @@ fn purpose(ns: &str, name: &str) -> String {
             r.trim_start_matches("job.").trim_end_matches(".manifest")
         ),
         r if r.starts_with("job.") && r.ends_with(".operands") => format!(
-            "blocks of A and B of job {} (the record late workers read)",
+            "blocks of A and B of job {} (workers read the ones they need)",
             r.trim_start_matches("job.").trim_end_matches(".operands")
         ),
-        r if r.starts_with("live.") => format!(
-            "blocks of A and B on their way to worker {}",
-            r.trim_start_matches("live.")
+        r if r.starts_with("notices.") => format!(
+            "notices of finished jobs for worker {}",
+            r.trim_start_matches("notices.")
                 .rsplit_once('.')
                 .map_or(r, |(worker, _)| worker)
         ),
@@ -305,8 +305,8 @@ mod tests {
         );
         assert!(purpose("gemmq", "gemmq.job.j1.operands").contains("of job j1"));
         assert_eq!(
-            purpose("gemmq", "gemmq.live.host.example-42.0a1b2c3d"),
-            "blocks of A and B on their way to worker host.example-42"
+            purpose("gemmq", "gemmq.notices.host.example-42.0a1b2c3d"),
+            "notices of finished jobs for worker host.example-42"
         );
     }
 }

@@ -30,7 +30,8 @@ impl Drop for Restart {
 async fn a_broker_restart_mid_job_loses_nothing_and_doubles_nothing() {
     let mut env = Env::new("restart");
     let job = "restart";
-    let shape = (512, 128, 512);
+    // 4,096 tasks, published one confirm at a time: seconds of publishing.
+    let shape = (1024, 64, 1024);
     for id in ["w1", "w2"] {
         let mut s = env.consumer(id);
         s.delay = "5ms".parse().unwrap();

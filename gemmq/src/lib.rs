@@ -5,9 +5,9 @@
 //!
 //! ```text
 //!  gemmq-producer
-//!    │ blocks of A and B, once ──▶ (gemmq.operands) ─┬─▶ [gemmq.job.J.operands] stream: the record
-//!    │                                               └─▶ [gemmq.live.<worker>] one per worker ──┐
-//!    │ tasks (confirmed)                                                                        │
+//!    │ blocks of A and B, once ──▶ (gemmq.operands) ──▶ [gemmq.job.J.operands] stream ───────────┐
+//!    │                                                  each worker reads the blocks its tasks need │
+//!    │ tasks (confirmed), in rectangles of tiles that share blocks                                │
 //!    ├────────▶ [gemmq.tasks] quorum ── prefetch = queue size ──▶ gemmq-consumer × N ◀──────────┘
 //!    │                ▲                                            │  │ nack(requeue=false)
 //!    │                └────── expires ────── [gemmq.retry] TTL ◀───┼──┘
@@ -19,10 +19,12 @@
 //! ```
 //!
 //! * The **producer** cuts C into tiles ([`tiling`]), publishes each block of A and B once as raw
-//!   little-endian bytes ([`message`]) — into the job's operand stream, its record, and to every
-//!   running worker's live queue ([`topology`]) — and one task per tile naming its blocks, with
-//!   publisher confirms ([`broker::ConfirmWindow`]), after announcing the job's
-//!   [`message::Manifest`].
+//!   little-endian bytes ([`message`]) into the job's operand stream ([`topology`]), and the tasks
+//!   — rectangles of tiles that share their blocks ([`Plan::groups`]), naming the blocks and where
+//!   they are on the stream — with publisher confirms ([`broker::ConfirmWindow`]), after
+//!   announcing the job's [`message::Manifest`].
+//! * A **consumer** reads from the stream only the blocks its tasks need, each once while it
+//!   caches it: the broker's egress grows with the work, not with the number of workers.
 //! * A **consumer** takes tasks with a prefetch equal to its queue size, multiplies ([`kernel`]),
 //!   publishes the result and only then acks. A failure is a `nack` without requeue: the broker
 //!   dead-letters the task into the retry queue, whose TTL sends it back. The attempt number is read from the
@@ -38,6 +40,7 @@ pub mod assembly;
 pub mod broker;
 pub mod config;
 pub mod events;
+pub mod inputs;
 pub mod job;
 pub mod kernel;
 pub mod management;

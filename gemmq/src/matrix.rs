@@ -6,8 +6,6 @@
 use std::path::Path;
 
 use ndarray::{Array2, ArrayView2, LinalgScalar, s};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use crate::kernel::{self, Threads};
 use crate::message::{DType, MessageError, TaskHeader};
@@ -247,47 +245,17 @@ pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
     Ok(())
 }
 
-/// The job's A (m×k) and B (k×n) made from `seed`: uniform in [-1, 1), the same on every machine,
-/// so the collector can rebuild them to verify C without them travelling again.
+/// The job's A (m×k) and B (k×n) made from `seed` (see [`crate::inputs`]), whole, in memory: for
+/// tests and for checking small jobs. The producer makes them a block at a time.
 pub fn generate(m: usize, k: usize, n: usize, dtype: DType, seed: u64) -> (Matrix, Matrix) {
-    fn make<T: Element>(rows: usize, cols: usize, seed: u64) -> Array2<T> {
-        let mut g = SeededRows::new(seed);
-        Array2::from_shape_simple_fn((rows, cols), || g.draw::<T>())
-    }
-    let (sa, sb) = operand_seeds(seed);
-    // A and B are independent streams: make them side by side (nothing else runs yet while the
-    // producer generates, so this is the job's start-up time halved on two cores).
-    std::thread::scope(|scope| {
-        let b = scope.spawn(|| match dtype {
-            DType::F32 => Matrix::F32(make(k, n, sb)),
-            DType::F64 => Matrix::F64(make(k, n, sb)),
-        });
-        let a = match dtype {
-            DType::F32 => Matrix::F32(make(m, k, sa)),
-            DType::F64 => Matrix::F64(make(m, k, sa)),
-        };
-        (a, b.join().expect("generating B does not panic"))
-    })
+    let (a, b) = crate::inputs::Operand::seeded_pair(m, k, n, dtype, seed);
+    let whole = |o: crate::inputs::Operand| o.to_matrix().expect("a seeded matrix is made whole");
+    (whole(a), whole(b))
 }
 
 /// The seeds of A's and B's streams: two from one, the odd/even split keeps them apart.
 pub fn operand_seeds(seed: u64) -> (u64, u64) {
     (seed.wrapping_mul(2), seed.wrapping_mul(2).wrapping_add(1))
-}
-
-/// The numbers of a generated matrix, row-major, one at a time: what [`generate`] fills
-/// matrices from, so a verifier can walk A and B row by row without holding them.
-pub struct SeededRows(StdRng);
-
-impl SeededRows {
-    pub fn new(seed: u64) -> Self {
-        SeededRows(StdRng::seed_from_u64(seed))
-    }
-
-    #[inline]
-    pub fn draw<T: Element>(&mut self) -> T {
-        T::from_f64(self.0.random_range(-1.0..1.0))
-    }
 }
 
 /// Appends a (possibly strided) block as row-major little-endian bytes.

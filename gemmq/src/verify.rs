@@ -64,8 +64,7 @@ fn vectors(n: usize, rounds: u32, seed: u64) -> Vec<Array1<f64>> {
         .collect()
 }
 
-/// Expected values for A (m×k) and B (k×n) generated from `seed` by [`crate::matrix::generate`]:
-/// O(m + k + n) memory, one pass over each.
+/// Expected values for A (m×k) and B (k×n) generated from `seed` (see [`crate::inputs`]).
 pub fn expect_seeded(
     m: usize,
     k: usize,
@@ -75,68 +74,89 @@ pub fn expect_seeded(
     rounds: u32,
     vseed: u64,
 ) -> Expected {
-    fn typed<T: Element>(
-        m: usize,
-        k: usize,
-        n: usize,
-        seed: u64,
-        xs: Vec<Array1<f64>>,
-    ) -> Vec<Round> {
-        let (sa, sb) = crate::matrix::operand_seeds(seed);
-        // B·x and |B|·|x|, a row of B at a time.
-        let mut g = crate::matrix::SeededRows::new(sb);
-        let mut bx: Vec<(Array1<f64>, Array1<f64>)> = xs
+    let (a, b) = crate::inputs::Operand::seeded_pair(m, k, n, dtype, seed);
+    expect_rows(&a, &b, rounds, vseed).expect("seeded matrices fit each other and are finite")
+}
+
+/// Expected values for A and B walked a row at a time, never held: O(m + k + n) memory, one
+/// pass over each. Fails on a read error, or on a number that is not finite.
+pub fn expect_rows(
+    a: &crate::inputs::Operand,
+    b: &crate::inputs::Operand,
+    rounds: u32,
+    vseed: u64,
+) -> Result<Expected, MatrixError> {
+    use crate::inputs::Operand;
+    /// A vector and its absolute values (or the bound that goes with it).
+    type WithAbs = (Array1<f64>, Array1<f64>);
+    /// Each row of `o` dotted with each of `xs` (and the absolute values with `xabs`).
+    fn pass<T: Element>(
+        o: &Operand,
+        name: &'static str,
+        xs: &[WithAbs],
+    ) -> Result<Vec<WithAbs>, MatrixError> {
+        let (rows, cols) = o.shape();
+        let mut out: Vec<_> = xs
             .iter()
-            .map(|_| (Array1::zeros(k), Array1::zeros(k)))
+            .map(|_| (Array1::zeros(rows), Array1::zeros(rows)))
             .collect();
-        let mut row = vec![0.0f64; n];
-        for i in 0..k {
-            for v in row.iter_mut() {
-                *v = g.draw::<T>().to_f64();
-            }
-            for (x, (y, yabs)) in xs.iter().zip(bx.iter_mut()) {
+        let mut row = vec![T::zero(); cols];
+        for i in 0..rows {
+            o.row(i, 0..cols, &mut row)?;
+            for ((x, xabs), (y, yabs)) in xs.iter().zip(out.iter_mut()) {
                 let (mut s, mut sa) = (0.0, 0.0);
-                for (&b, &xv) in row.iter().zip(x) {
-                    s += b * xv;
-                    sa += b.abs() * xv.abs();
+                for ((&v, &xv), &xa) in row.iter().zip(x).zip(xabs) {
+                    let v = v.to_f64();
+                    s += v * xv;
+                    sa += v.abs() * xa;
+                }
+                if !s.is_finite() || !sa.is_finite() {
+                    return Err(MatrixError::NotFinite(name));
                 }
                 y[i] = s;
                 yabs[i] = sa;
             }
         }
-        // A·(B·x) and |A|·(|B|·|x|), a row of A at a time.
-        let mut g = crate::matrix::SeededRows::new(sa);
-        let mut out: Vec<Round> = xs
+        Ok(out)
+    }
+    fn typed<T: Element>(
+        a: &Operand,
+        b: &Operand,
+        xs: Vec<Array1<f64>>,
+    ) -> Result<Vec<Round>, MatrixError> {
+        let with_abs: Vec<_> = xs.iter().map(|x| (x.clone(), x.mapv(f64::abs))).collect();
+        let bx = pass::<T>(b, "B", &with_abs)?;
+        let abx = pass::<T>(a, "A", &bx)?;
+        Ok(xs
             .into_iter()
-            .map(|x| Round {
-                x,
-                abx: Array1::zeros(m),
-                bound: Array1::zeros(m),
-            })
-            .collect();
-        let mut row = vec![0.0f64; k];
-        for i in 0..m {
-            for v in row.iter_mut() {
-                *v = g.draw::<T>().to_f64();
+            .zip(abx)
+            .map(|(x, (abx, bound))| Round { x, abx, bound })
+            .collect())
+    }
+    let ((_, k), (k2, n)) = (a.shape(), b.shape());
+    if k != k2 || a.dtype() != b.dtype() {
+        let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
+        return Err(if a.dtype() != b.dtype() {
+            MatrixError::Mixed(a.dtype(), b.dtype())
+        } else {
+            MatrixError::Shapes {
+                a_rows,
+                a_cols,
+                b_rows,
+                b_cols,
             }
-            for (r, (y, yabs)) in out.iter_mut().zip(&bx) {
-                let (mut s, mut sa) = (0.0, 0.0);
-                for ((&a, &yv), &ya) in row.iter().zip(y).zip(yabs) {
-                    s += a * yv;
-                    sa += a.abs() * ya;
-                }
-                r.abx[i] = s;
-                r.bound[i] = sa;
-            }
-        }
-        out
+        });
     }
     let xs = vectors(n, rounds, vseed);
-    let rounds = match dtype {
-        crate::DType::F32 => typed::<f32>(m, k, n, seed, xs),
-        crate::DType::F64 => typed::<f64>(m, k, n, seed, xs),
+    let rounds = match a.dtype() {
+        crate::DType::F32 => typed::<f32>(a, b, xs)?,
+        crate::DType::F64 => typed::<f64>(a, b, xs)?,
     };
-    Expected { rounds, k, dtype }
+    Ok(Expected {
+        rounds,
+        k,
+        dtype: a.dtype(),
+    })
 }
 
 /// Expected values for A and B in hand.

@@ -10,6 +10,7 @@
 //! publishing order), [`publisher`] (tries until all is confirmed), [`send`] (one try's
 //! messages), [`resume`] (what an interrupted try leaves to the next).
 
+mod limits;
 mod order;
 mod prepare;
 mod publisher;
@@ -66,21 +67,30 @@ pub struct ProducerOptions {
     #[arg(long, env = "GEMMQ_SAVE_INPUTS", value_name = "DIR")]
     pub save_inputs: Option<PathBuf>,
     /// How A and B reach the workers: `stream` publishes each block once, into the job's operand
-    /// stream and to every running worker's live queue, and workers cache them; `inline` puts
-    /// the blocks in every task
+    /// stream, from which each worker reads the blocks its tasks need, and caches them; `inline`
+    /// puts the blocks in every task
     /// [default: stream]
     #[arg(long, env = "GEMMQ_OPERANDS")]
     pub operands: Option<Operands>,
-    /// Tasks per task message, or `auto`: tiles too small to be worth a message of their own
-    /// (under ~8 MFLOP, e.g. 16×16 tiles) travel several to a message, up to 64 and leaving at
-    /// least 16 messages, which workers take, retry and acknowledge together; each tile still
-    /// has its own result, and a group's results must fit one message. Streamed operands only
+    /// Tasks per task message, or `auto`: a message holds a rectangle of tiles that share their
+    /// blocks, so a worker receives fewer blocks per tile; `auto` takes as many as leave 16
+    /// messages, up to 64. Workers take, retry and acknowledge a group together; each tile still
+    /// has its own result, and a group's results must fit one message. With more than 8
+    /// workers, lower it so that each gets two messages or more. Streamed operands only
     /// [default: auto]
     #[arg(long, env = "GEMMQ_GROUP")]
     pub group: Option<GroupSize>,
     /// Publisher confirms outstanding at once [default: 256]
     #[arg(long, env = "GEMMQ_CONFIRM_WINDOW")]
     pub confirm_window: Option<usize>,
+    /// Refuse a job whose C would be larger than this; the collector's setting of the same
+    /// name refuses it too [default: 8GiB]
+    #[arg(long, env = "GEMMQ_MAX_OUTPUT_BYTES", value_name = "SIZE")]
+    pub max_output_bytes: Option<bytesize::ByteSize>,
+    /// The management API, asked for the broker's free disk before a job is published
+    /// [default: http://<the AMQP host>:15672 with the AMQP account]
+    #[arg(long, env = "GEMMQ_MANAGEMENT_URL", value_name = "URL")]
+    pub management_url: Option<String>,
 }
 
 gemmq::layered!(ProducerOptions {
@@ -96,7 +106,9 @@ gemmq::layered!(ProducerOptions {
     save_inputs,
     operands,
     group,
-    confirm_window
+    confirm_window,
+    max_output_bytes,
+    management_url
 });
 
 /// Where A and B come from.
@@ -125,6 +137,8 @@ pub struct Settings {
     pub operands: Operands,
     pub group: GroupSize,
     pub confirm_window: usize,
+    pub max_output_bytes: u64,
+    pub management_url: Option<String>,
 }
 
 impl Settings {
@@ -186,6 +200,8 @@ impl Settings {
             operands,
             group,
             confirm_window,
+            max_output_bytes: o.max_output_bytes.map_or(8 << 30, |b| b.as_u64()),
+            management_url: o.management_url,
         })
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use gemmq::config::ConfigError;
-use gemmq::matrix::{self, Matrix};
+use gemmq::inputs::Operand;
 use gemmq::message::{self, Inputs, Manifest};
 use gemmq::tiling::GroupSize;
 use gemmq::verify;
@@ -15,10 +15,10 @@ use tracing::info;
 
 use crate::{Settings, Source, unix_ms};
 
-/// A job ready to publish.
+/// A job ready to publish: A and B are where their blocks come from, not numbers in memory.
 pub(crate) struct Prepared {
-    pub a: Matrix,
-    pub b: Matrix,
+    pub a: Operand,
+    pub b: Operand,
     pub manifest: Manifest,
     /// Tasks per task message.
     pub group: usize,
@@ -34,6 +34,7 @@ pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
         inputs,
         stamp,
     } = load(s).await?;
+    crate::limits::check(s, &plan).await?;
     if let Some(dir) = &s.save_inputs {
         save_inputs(dir, &a, &b)?;
     }
@@ -66,8 +67,8 @@ pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
 
 /// A and B with their plan.
 struct Loaded {
-    a: Matrix,
-    b: Matrix,
+    a: Operand,
+    b: Operand,
     plan: Plan,
     inputs: Inputs,
     /// What, besides the job id, plan and inputs, tells this job's data from another's: for
@@ -84,13 +85,9 @@ async fn load(s: &Settings) -> Result<Loaded> {
             dtype,
             seed,
         } => {
-            // Plan first: a bad tile is reported before gigabytes are generated.
             let plan = plan_for(s, m, k, n, dtype)?;
-            let (a, b) = tokio::task::spawn_blocking(move || {
-                matrix::generate(m as usize, k as usize, n as usize, dtype, seed)
-            })
-            .await
-            .context("generating A and B")?;
+            // Made a block at a time as they are published.
+            let (a, b) = Operand::seeded_pair(m as usize, k as usize, n as usize, dtype, seed);
             Ok(Loaded {
                 a,
                 b,
@@ -100,11 +97,10 @@ async fn load(s: &Settings) -> Result<Loaded> {
             })
         }
         Source::Files { a, b } => {
-            let ma = Matrix::read_npy(&a).map_err(|e| ConfigError::invalid("a", e.to_string()))?;
-            let mb = Matrix::read_npy(&b).map_err(|e| ConfigError::invalid("b", e.to_string()))?;
-            matrix::check_operands(&ma, &mb).map_err(|e| {
-                ConfigError::invalid("inputs", format!("A·B cannot be computed: {e}"))
-            })?;
+            // Read a block at a time as they are published.
+            let ma = Operand::open(&a).map_err(|e| ConfigError::invalid("a", e.to_string()))?;
+            let mb = Operand::open(&b).map_err(|e| ConfigError::invalid("b", e.to_string()))?;
+            check_shapes(&ma, &mb)?;
             let ((m, k), (_, n)) = (ma.shape(), mb.shape());
             let plan = plan_for(s, m as u64, k as u64, n as u64, ma.dtype())?;
             Ok(Loaded {
@@ -146,7 +142,31 @@ fn file_stamp(paths: &[&PathBuf]) -> String {
     stamp
 }
 
-fn save_inputs(dir: &Path, a: &Matrix, b: &Matrix) -> Result<()> {
+/// A·B must be defined: the same dtype, and A's columns B's rows.
+fn check_shapes(a: &Operand, b: &Operand) -> Result<(), ConfigError> {
+    let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
+    let why = if a.dtype() != b.dtype() {
+        format!(
+            "A is {} but B is {}; both must have the same dtype",
+            a.dtype(),
+            b.dtype()
+        )
+    } else if a_cols != b_rows {
+        format!(
+            "inner dimensions differ: A is {a_rows}x{a_cols} but B is {b_rows}x{b_cols}; A's columns must equal B's rows"
+        )
+    } else if a_rows == 0 || a_cols == 0 || b_cols == 0 {
+        format!("A is {a_rows}x{a_cols} and B {b_rows}x{b_cols}: nothing to multiply")
+    } else {
+        return Ok(());
+    };
+    Err(ConfigError::invalid(
+        "inputs",
+        format!("A·B cannot be computed: {why}"),
+    ))
+}
+
+fn save_inputs(dir: &Path, a: &Operand, b: &Operand) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     a.write_npy(&dir.join("A.npy"))?;
     b.write_npy(&dir.join("B.npy"))?;
@@ -154,21 +174,34 @@ fn save_inputs(dir: &Path, a: &Matrix, b: &Matrix) -> Result<()> {
     Ok(())
 }
 
-/// Freivalds' expectation, while A and B are in memory: the collector then needs neither.
-async fn verification(a: Matrix, b: Matrix) -> Result<(Matrix, Matrix, Option<message::Check>)> {
+/// Freivalds' expectation, a row of B and then of A at a time (so the collector needs neither),
+/// and for files the check that every number is finite, before anything is published.
+async fn verification(
+    a: Operand,
+    b: Operand,
+) -> Result<(Operand, Operand, Option<message::Check>)> {
     let (a, b, check) = tokio::task::spawn_blocking(move || {
         let tall = a.shape().0 * verify::ROUNDS as usize > verify::MAX_CHECK_VALUES;
         let check = if tall {
-            Ok(None) // the collector works it out from the seed or the files
+            // The collector works it out from the seed or the files; the numbers must still
+            // be finite.
+            a.check_finite("A")
+                .and_then(|()| b.check_finite("B"))
+                .map(|()| None)
         } else {
-            verify::expect(a.view(), b.view(), verify::ROUNDS, verify::VECTOR_SEED)
+            verify::expect_rows(&a, &b, verify::ROUNDS, verify::VECTOR_SEED)
                 .map(|e| Some(e.to_check(verify::VECTOR_SEED)))
         };
         (a, b, check)
     })
     .await
     .context("computing the verification vectors")?;
-    let check = check.context("computing the verification vectors")?;
+    let check = check.map_err(|e| match e {
+        gemmq::matrix::MatrixError::NotFinite(_) => {
+            anyhow::Error::from(ConfigError::invalid("inputs", e.to_string()))
+        }
+        e => anyhow::Error::from(e).context("computing the verification vectors"),
+    })?;
     Ok((a, b, check))
 }
 

@@ -10,7 +10,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use gemmq::broker::{Broker, ConfirmWindow};
 use gemmq::job::{self, Announced};
-use gemmq::matrix::Matrix;
 use gemmq::message::Manifest;
 use gemmq::tiling::Operands;
 use gemmq::topology::Topology;
@@ -190,15 +189,8 @@ impl<'a> Publisher<'a> {
             blocks_again: self.blocks_lost,
         };
         let (topo, manifest, order) = (&self.topo, &self.job.manifest, &self.order);
-        match (&self.job.a, &self.job.b) {
-            (Matrix::F32(a), Matrix::F32(b)) => {
-                publish_messages(out, topo, manifest, a, b, order, from).await
-            }
-            (Matrix::F64(a), Matrix::F64(b)) => {
-                publish_messages(out, topo, manifest, a, b, order, from).await
-            }
-            _ => Err(anyhow::anyhow!("A and B have different dtypes")),
-        }
+        let (a, b) = (&self.job.a, &self.job.b);
+        publish_messages(out, topo, manifest, a, b, order, from).await
     }
 
     /// Logs what it took, once everything is confirmed.

@@ -3,13 +3,12 @@
 
 use anyhow::{Context, Result};
 use gemmq::broker::{ConfirmWindow, persistent};
-use gemmq::matrix::{self, Element};
+use gemmq::inputs::Operand;
 use gemmq::message::{
     self, BlockId, Header, Manifest, OperandHeader, Side, TaskGroup, TaskHeader, Tiles, kind,
 };
 use gemmq::tiling::Operands;
 use gemmq::topology::{self, TASK_KEY};
-use ndarray::{Array2, s};
 use tracing::info;
 
 use crate::order::{Item, Order};
@@ -36,12 +35,12 @@ pub(crate) struct Resume {
     pub blocks_again: bool,
 }
 
-pub(crate) async fn publish_messages<T: Element>(
+pub(crate) async fn publish_messages(
     out: Out<'_>,
     topo: &topology::Topology,
     manifest: &Manifest,
-    a: &Array2<T>,
-    b: &Array2<T>,
+    a: &Operand,
+    b: &Operand,
     order: &Order,
     from: Resume,
 ) -> Result<()> {
@@ -83,18 +82,18 @@ pub(crate) async fn publish_messages<T: Element>(
 }
 
 /// One try's messages on their way.
-struct Sender<'a, 'o, T> {
+struct Sender<'a, 'o> {
     out: Out<'o>,
     topo: &'a topology::Topology,
     manifest: &'a Manifest,
-    a: &'a Array2<T>,
-    b: &'a Array2<T>,
+    a: &'a Operand,
+    b: &'a Operand,
     order: &'a Order,
     /// How many messages the window had published with the last large block.
     last_block: Option<u64>,
 }
 
-impl<T: Element> Sender<'_, '_, T> {
+impl Sender<'_, '_> {
     /// A block of A or B, through the operands exchange into the job's stream, where workers
     /// read the blocks their tasks need (see gemmq::topology). Mandatory, as every publish: a
     /// stream that is gone sends it back, and the try fails (`resume::stream_lost`).
@@ -104,9 +103,9 @@ impl<T: Element> Sender<'_, '_, T> {
             Side::A => (plan.rows(block.index), plan.depth(block.part)),
             Side::B => (plan.depth(block.part), plan.cols(block.index)),
         };
-        let data = match block.side {
-            Side::A => self.a.slice(s![rows.clone(), cols.clone()]),
-            Side::B => self.b.slice(s![rows.clone(), cols.clone()]),
+        let operand = match block.side {
+            Side::A => self.a,
+            Side::B => self.b,
         };
         let header = Header::Operand(OperandHeader {
             job: job.clone(),
@@ -116,9 +115,13 @@ impl<T: Element> Sender<'_, '_, T> {
             rows: rows.len() as u32,
             cols: cols.len() as u32,
         });
-        // Straight into the message: no separate payload buffer of 14 MiB to copy.
-        let mut body = message::encode_header(&header, data.len() * size_of::<T>());
-        matrix::extend_le(data, &mut body);
+        // Made or read now, straight into the message, and dropped once published: the
+        // producer never holds A or B.
+        let size = rows.len() * cols.len() * plan.dtype.size();
+        let mut body = message::encode_header(&header, size);
+        operand
+            .append_le(rows, cols, &mut body)
+            .with_context(|| format!("making block {block} of job {job}"))?;
         *self.out.bytes += body.len() as u64;
         if body.len() >= CHUNK_ALONE_BYTES
             && let Some(n) = self.last_block
@@ -165,7 +168,7 @@ impl<T: Element> Sender<'_, '_, T> {
         let body = match (plan.operands == Operands::Stream, tasks.as_slice()) {
             (false, [task]) => message::encode(
                 &Header::InlineTask(task.clone()),
-                &[&matrix::task_payload(self.a, self.b, plan, first)],
+                &[&self.inline_payload(first)?],
             ),
             (true, [task]) => message::encode(&Header::StreamedTask(task.clone()), &[]),
             _ => {
@@ -194,6 +197,22 @@ impl<T: Element> Sender<'_, '_, T> {
             .with_context(|| format!("publishing task {tiles} of job {job}"))?;
         info!(%job, %tiles, bytes = body.len(), "task published");
         Ok(())
+    }
+}
+
+impl Sender<'_, '_> {
+    /// An inline task's payload: its block of A, then its block of B.
+    fn inline_payload(&self, tile: gemmq::TileId) -> Result<Vec<u8>> {
+        let plan = &self.manifest.plan;
+        let (rows, cols, depth) = (
+            plan.rows(tile.row),
+            plan.cols(tile.col),
+            plan.depth(tile.part),
+        );
+        let mut out = Vec::new();
+        self.a.append_le(rows, depth.clone(), &mut out)?;
+        self.b.append_le(depth, cols, &mut out)?;
+        Ok(out)
     }
 }
 

@@ -87,6 +87,8 @@ impl Env {
             // of groups set it.
             group: gemmq::tiling::GroupSize::Fixed(1),
             confirm_window: 16,
+            max_output_bytes: 8 << 30,
+            management_url: broker::management_url(),
         }
     }
 
@@ -320,8 +322,9 @@ pub fn bin(name: &str) -> std::path::PathBuf {
         .and_then(|d| d.parent())
         .expect("target/<profile>/deps/<test>");
     let path = dir.join(name);
-    if !path.exists() {
-        // `cargo test -p gemmq-e2e` alone does not build the other packages' binaries.
+    // `cargo test -p gemmq-e2e` alone does not build the other packages' binaries, nor rebuild
+    // them when their code changed: build once per test process (nothing to do when fresh).
+    {
         BUILD.call_once(|| {
             let ok = std::process::Command::new(env!("CARGO"))
                 .args(["build", "--bins"])
