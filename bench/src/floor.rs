@@ -61,7 +61,7 @@ pub struct Floor {
     /// Blocks and bytes published once (into the stream, read by every reader).
     pub blocks: u64,
     pub block_bytes: u64,
-    /// Live queues, each receiving every block: the job's consumers.
+    /// Readers of the whole stream: the job's consumers.
     pub readers: usize,
     /// Result messages and bytes.
     pub results: u64,

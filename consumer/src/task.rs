@@ -167,16 +167,21 @@ type BlockPair = (Arc<Block>, Arc<Block>);
 /// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
 /// a group share their blocks: each distinct one is fetched once, all of them at once.
 async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>, Failure> {
-    let mut wanted: Vec<(BlockId, Option<u64>)> = Vec::new();
+    let mut wanted: Vec<(BlockId, Option<u64>, u64)> = Vec::new();
     for task in tasks {
-        for (id, at) in blocks_of(task) {
-            if !wanted.iter().any(|(w, _)| *w == id) {
-                wanted.push((id, at));
+        let size = task.dtype.size() as u64;
+        let (r, c, d) = (task.rows as u64, task.cols as u64, task.depth as u64);
+        for ((id, at), bytes) in blocks_of(task)
+            .into_iter()
+            .zip([r * d * size, d * c * size])
+        {
+            if !wanted.iter().any(|(w, _, _)| *w == id) {
+                wanted.push((id, at, bytes));
             }
         }
     }
     let first = &tasks[0];
-    let fetched = futures_util::future::try_join_all(wanted.iter().map(|&(id, at)| {
+    let fetched = futures_util::future::try_join_all(wanted.iter().map(|&(id, at, bytes)| {
         ctx.operands.get(
             &ctx.conn,
             operands::Wanted {
@@ -185,13 +190,17 @@ async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>,
                 id,
                 dtype: first.dtype,
                 at,
+                bytes,
             },
         )
     }))
     .await
     .map_err(Failure::from)?;
     let block = |id: BlockId| {
-        let i = wanted.iter().position(|(w, _)| *w == id).expect("wanted");
+        let i = wanted
+            .iter()
+            .position(|(w, _, _)| *w == id)
+            .expect("wanted");
         fetched[i].clone()
     };
     tasks

@@ -95,7 +95,9 @@ impl Operand {
     /// Bytes of the numbers.
     pub fn bytes(&self) -> u64 {
         let (r, c) = self.shape();
-        r as u64 * c as u64 * self.dtype().size() as u64
+        (r as u64)
+            .saturating_mul(c as u64)
+            .saturating_mul(self.dtype().size() as u64)
     }
 
     /// Columns `cols` of row `i` into `out` (as long as `cols`).
@@ -289,8 +291,16 @@ impl NpyFile {
         let mut head = vec![0u8; 12];
         let got = file.read_at(&mut head, 0).map_err(|e| err(e.to_string()))?;
         let header = parse_header(&file, &head[..got]).map_err(err)?;
-        let need =
-            header.offset + header.rows as u64 * header.cols as u64 * header.dtype.size() as u64;
+        let need = (header.rows as u64)
+            .checked_mul(header.cols as u64)
+            .and_then(|n| n.checked_mul(header.dtype.size() as u64))
+            .and_then(|n| n.checked_add(header.offset))
+            .ok_or_else(|| {
+                err(format!(
+                    "the shape {}x{} is too large",
+                    header.rows, header.cols
+                ))
+            })?;
         if len < need {
             return Err(err(format!(
                 "the file is {len} bytes, but a {}x{} {} array needs {need}: is it truncated?",
@@ -347,7 +357,8 @@ fn parse_header(file: &File, head: &[u8]) -> Result<Header, String> {
     }
     let (len, start) = match head[6] {
         1 => (u16::from_le_bytes([head[8], head[9]]) as usize, 10),
-        2 | 3 if head.len() >= 12 => (
+        2 | 3 if head.len() < 12 => return Err("the .npy header is cut short".into()),
+        2 | 3 => (
             u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize,
             12,
         ),
@@ -542,6 +553,22 @@ mod tests {
             ),
         );
         assert!(e.contains("truncated"), "{e}");
+        let e = write(
+            "huge.npy",
+            &with(
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (2147483648, 1073741824), }",
+                64,
+            ),
+        );
+        assert!(e.contains("truncated") || e.contains("too large"), "{e}");
+        let e = write(
+            "huger.npy",
+            &with(
+                "{'descr': '<f8', 'fortran_order': False, 'shape': (18446744073709551615, 3), }",
+                64,
+            ),
+        );
+        assert!(e.contains("too large"), "{e}");
     }
 
     #[test]

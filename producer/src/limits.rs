@@ -25,8 +25,10 @@ fn gib(bytes: u64) -> String {
 /// C must fit the collector: it keeps C memory-mapped and refuses one over its
 /// `--max-output-bytes`, which the producer reads from the same setting.
 fn output(s: &Settings, plan: &Plan) -> Result<(), ConfigError> {
-    let c = plan.m * plan.n * plan.dtype.size() as u64;
-    if c > s.max_output_bytes {
+    // In u128: sides up to 2³¹ make products of three numbers that overflow u64.
+    let c = u128::from(plan.m) * u128::from(plan.n) * plan.dtype.size() as u128;
+    if c > u128::from(s.max_output_bytes) {
+        let c = u64::try_from(c).unwrap_or(u64::MAX);
         return Err(ConfigError::invalid(
             "max-output-bytes",
             format!(
@@ -46,8 +48,10 @@ fn output(s: &Settings, plan: &Plan) -> Result<(), ConfigError> {
 /// RabbitMQ blocks every publisher until space is freed. Asked of the management API; without
 /// one (not enabled, or another port) the job goes ahead unchecked.
 async fn broker_disk(s: &Settings, plan: &Plan) -> Result<()> {
-    let size = plan.dtype.size() as u64;
-    let need = (plan.m * plan.k + plan.k * plan.n) * size;
+    let size = plan.dtype.size() as u128;
+    let need =
+        (u128::from(plan.m) * u128::from(plan.k) + u128::from(plan.k) * u128::from(plan.n)) * size;
+    let need = u64::try_from(need).unwrap_or(u64::MAX);
     let (url, mgmt) = (s.broker.amqp_url.clone(), s.management_url.clone());
     let nodes = tokio::task::spawn_blocking(move || {
         gemmq::management::Management::new(&url, mgmt.as_deref()).and_then(|m| m.get("/api/nodes"))

@@ -89,8 +89,10 @@ struct Sender<'a, 'o> {
     a: &'a Operand,
     b: &'a Operand,
     order: &'a Order,
-    /// How many messages the window had published with the last large block.
-    last_block: Option<u64>,
+    /// How many messages the window had published with the last block, and whether it was
+    /// large: a large block is written alone, neither after nor before another block in its
+    /// chunk.
+    last_block: Option<(u64, bool)>,
 }
 
 impl Sender<'_, '_> {
@@ -123,8 +125,9 @@ impl Sender<'_, '_> {
             .append_le(rows, cols, &mut body)
             .with_context(|| format!("making block {block} of job {job}"))?;
         *self.out.bytes += body.len() as u64;
-        if body.len() >= CHUNK_ALONE_BYTES
-            && let Some(n) = self.last_block
+        let large = body.len() >= CHUNK_ALONE_BYTES;
+        if let Some((n, previous_large)) = self.last_block
+            && (large || previous_large)
         {
             // The broker hands out a stream a chunk at a time, and writes what arrived together
             // as one chunk: a block sent before the one ahead of it is written would share its
@@ -147,9 +150,7 @@ impl Sender<'_, '_> {
             )
             .await
             .with_context(|| format!("publishing block {block} of job {job}"))?;
-        if body.len() >= CHUNK_ALONE_BYTES {
-            self.last_block = Some(self.out.window.published());
-        }
+        self.last_block = Some((self.out.window.published(), large));
         info!(%job, %block, bytes = body.len(), "operand block published");
         Ok(())
     }

@@ -28,6 +28,8 @@ pub(super) struct JobOperands {
     state: Mutex<State>,
     /// Bumped whenever a block is cached or a read ends: tasks waiting look again.
     pub(super) changed: watch::Sender<u64>,
+    /// The consumer of the last read, kept open for the next one a little further on.
+    pub(super) cursor: tokio::sync::Mutex<Option<super::Cursor>>,
 }
 
 struct State {
@@ -54,13 +56,14 @@ impl JobOperands {
     /// or likely to come with a read that started a little before its place `at` (the broker
     /// sends the rest of a chunk with the block asked for, and blocks needed together were
     /// published together).
-    pub(super) fn claim(&self, id: &BlockId, at: Option<u64>) -> Claim {
+    pub(super) fn claim(&self, id: &BlockId, at: Option<u64>, small: bool) -> Claim {
         let mut st = self.state.lock().expect("never poisoned");
         if let Some(m) = st.cache.get(id) {
             return Claim::Cached(m);
         }
+        // Large blocks are chunks of their own: no read brings one but its own.
         let near = |from: &Option<u64>| match (from, at) {
-            (Some(from), Some(at)) => *from < at && at - from <= NEIGHBOURS,
+            (Some(from), Some(at)) => small && *from < at && at - from <= NEIGHBOURS,
             _ => false,
         };
         if st.reading.contains_key(id) || st.reading.values().any(near) {
@@ -168,6 +171,7 @@ pub(super) fn job_entry(
             reading: HashMap::new(),
         }),
         changed: watch::Sender::new(0),
+        cursor: tokio::sync::Mutex::new(None),
     });
     jobs.push((job.to_string(), j.clone()));
     j

@@ -2,11 +2,14 @@
 //!
 //! With streamed operands a task names its blocks — A's (row, part of k) and B's (part of k,
 //! column) — and where they are on the job's operand stream. A worker that needs a block it has
-//! not cached reads just that message: a consumer on the stream at the block's offset, with a
-//! prefetch of one, cancelled as soon as the block is in. So the broker sends each worker only
-//! the blocks its own tasks need, each once while the worker's cache holds it — not every block
-//! to every worker — and the producer groups tasks into rectangles of tiles that share their
-//! blocks, so that the tasks a worker takes need few of them (`gemmq::Plan::groups`).
+//! not cached reads from the stream at the block's offset, with a prefetch of one. RabbitMQ sends
+//! a stream a chunk at a time — the messages it wrote together — and the producer writes each
+//! large block as a chunk of its own, so a read brings that block (and small ones, a few
+//! neighbours, which are cached too). So the broker sends each worker only the blocks its own
+//! tasks need, each once while the worker's cache holds it — not every block to every worker —
+//! and the producer groups tasks into rectangles of tiles that share their blocks, so that the
+//! tasks a worker takes need few of them (`gemmq::Plan::groups`). The consumer of the last read
+//! stays open (`cursor`): the next read a little further on is an ack away.
 //!
 //! Tasks that need the same block share one read. A block evicted from the cache costs one read
 //! at the offset it was found at. The place a task gives is a lower bound — a block published
@@ -19,6 +22,7 @@
 //! collectors' word that a job is done).
 
 mod cache;
+mod cursor;
 mod job;
 mod notices;
 mod stream;
@@ -35,6 +39,7 @@ use lapin::types::AMQPValue;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 
+use cursor::Cursor;
 use job::{Claim, JobOperands, Jobs, Reading, job_entry};
 
 /// How long a worker waits for a block to come off the stream before it gives up on the task
@@ -46,6 +51,9 @@ const MAX_JOBS: usize = 16;
 /// Stream reads in flight at once: enough to overlap a group's blocks and the next task's with
 /// the computation, few enough that the broker is not asked for a whole prefetch's worth at once.
 const READS_IN_FLIGHT: usize = 4;
+/// Blocks under this size share their stream chunks with their neighbours (the producer writes
+/// larger ones alone): a read of one brings the next few.
+const SMALL_BLOCK: u64 = 1 << 20;
 /// How long opening a job's stream is tried again (the broker may not serve it yet) before the
 /// task fails and is retried through the retry queue.
 const OPEN_PATIENCE: Duration = Duration::from_secs(5);
@@ -77,6 +85,8 @@ pub struct Wanted<'a> {
     /// Where the task says the block is on the stream, at the earliest; without it (a producer
     /// that gives no places) the stream is read from its start.
     pub at: Option<u64>,
+    /// Its size as the task's shape says.
+    pub bytes: u64,
 }
 
 /// The operand blocks of all jobs this worker serves, on one connection.
@@ -121,7 +131,8 @@ impl OperandBlocks {
         loop {
             // Subscribed before looking, so that a read that ends in between is not missed.
             let mut changed = j.changed.subscribe();
-            let from = match j.claim(&want.id, want.at) {
+            let small = want.bytes < SMALL_BLOCK;
+            let from = match j.claim(&want.id, want.at, small) {
                 Claim::Cached(m) => return Ok(m),
                 Claim::Wait => {
                     if tokio::time::timeout_at(deadline, changed.changed())
@@ -141,11 +152,14 @@ impl OperandBlocks {
                     .operand_rereads
                     .fetch_add(1, Ordering::Relaxed);
             }
-            let offset = match from.or(want.at.map(|a| a as i64)) {
-                Some(o) => AMQPValue::LongLongInt(o),
-                None => gemmq::topology::text("first"),
+            // Where it was found before, unless the task's place is earlier: a stream declared
+            // again holds every block again, from the start.
+            let hint = want.at.and_then(|a| i64::try_from(a).ok());
+            let at = match (from, hint) {
+                (Some(f), Some(h)) => Some(f.min(h)),
+                (f, h) => f.or(h),
             };
-            let read = self.read_block(conn, &j, want.id, want.dtype, offset);
+            let read = self.read_block(conn, &j, want.id, want.dtype, at, small);
             return match tokio::time::timeout_at(deadline, read).await {
                 Ok(got) => got,
                 Err(_) => Err(timed_out(want.id)),
@@ -153,23 +167,47 @@ impl OperandBlocks {
         }
     }
 
-    /// Reads one block from the job's stream, starting at `offset`, into the job's cache.
+    /// Reads one block from the job's stream, starting at `at` (the start without it), into
+    /// the job's cache: through the job's cursor when it is free and the block within its
+    /// reach, else with a consumer of its own, which becomes the cursor if that is free.
     async fn read_block(
         &self,
         conn: &Connection,
         j: &JobOperands,
         id: BlockId,
         dtype: DType,
-        offset: AMQPValue,
+        at: Option<i64>,
+        small: bool,
     ) -> Result<Arc<Block>, FetchError> {
         let _permit = self.read.reads.acquire().await.expect("never closed");
         self.read
             .stats
             .operand_reads
             .fetch_add(1, Ordering::Relaxed);
+        let mut cursor = j.cursor.try_lock().ok();
+        if let (Some(Some(c)), Some(at)) = (cursor.as_deref_mut(), at)
+            && c.reaches(at, small)
+        {
+            match c.read(&self.read, j, dtype, id).await {
+                Ok(m) => return Ok(m),
+                Err(FetchError::JobGone) => return Err(FetchError::JobGone),
+                // A cursor whose channel died: read with a new one.
+                Err(_) => **cursor.as_mut().expect("locked") = None,
+            }
+        }
+        let offset = at.map_or(gemmq::topology::text("first"), AMQPValue::LongLongInt);
         let (ch, mut scan) = self.open(conn, &j.job, offset).await?;
-        let got = stream::read_until(&self.read, j, &ch, &mut scan, dtype, id).await;
-        close_quietly(ch, scan.tag());
+        let Some(slot) = cursor.as_deref_mut() else {
+            // The cursor is busy: a read of its own, closed once its block is in.
+            let got = stream::read_until(&self.read, j, &ch, &mut scan, dtype, id).await;
+            close_quietly(ch, scan.tag());
+            return got;
+        };
+        let mut c = Cursor::new(ch, scan, at.unwrap_or(0));
+        let got = c.read(&self.read, j, dtype, id).await;
+        if got.is_ok() {
+            *slot = Some(c);
+        }
         got
     }
 }
@@ -192,8 +230,7 @@ fn decode_frame(ctx: &ReadCtx, job: &str, body: &[u8], source: &str) -> Option<(
     }
 }
 
-/// Cancels a stream consumer and closes its channel, in the background: a block that came in
-/// needs no more round trips before its task can go on.
+/// Cancels a stream consumer and closes its channel, in the background.
 fn close_quietly(ch: Channel, tag: lapin::types::ShortString) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;

@@ -89,8 +89,8 @@ impl OperandBlocks {
             }
         };
         let ch = conn.create_channel().await.map_err(err)?;
-        // Streams insist on a prefetch. One: the broker sends the block asked for and nothing
-        // after it until the next is asked for (by acking this one).
+        // Streams insist on a prefetch. One: the broker sends the chunk that holds the block
+        // asked for (from the block on), and no more until a message is acked.
         ch.basic_qos(1, BasicQosOptions { global: false })
             .await
             .map_err(err)?;
@@ -139,7 +139,7 @@ pub(super) async fn read_until(
             Some(Ok(d)) => d,
         };
         let acker = d.acker.clone();
-        if let Some(m) = accept(ctx, j, d, dtype, want)? {
+        if let Got::Wanted(m) = accept(ctx, j, d, dtype, want)?.block {
             break m;
         }
         // On a stream an ack is credit, not consumption.
@@ -159,16 +159,28 @@ pub(super) async fn read_until(
     Ok(found)
 }
 
-/// What one delivery from the operand stream was: `Some` block `want`, now cached, or `None`
-/// for a message passed on the way (another block of the job, cached as well; or one skipped:
-/// unreadable, another job's).
-fn accept(
+/// What one delivery from the operand stream was, and where it was.
+pub(super) struct Accepted {
+    pub offset: Option<i64>,
+    pub block: Got,
+}
+
+pub(super) enum Got {
+    /// Block `want`, now cached.
+    Wanted(Arc<Block>),
+    /// A message passed on the way: another block of the job (cached as well), or one skipped
+    /// (unreadable, another job's).
+    Passed,
+}
+
+/// Takes one delivery from the operand stream into the job's cache.
+pub(super) fn accept(
     ctx: &ReadCtx,
     j: &JobOperands,
     d: Delivery,
     dtype: DType,
     want: BlockId,
-) -> Result<Option<Arc<Block>>, FetchError> {
+) -> Result<Accepted, FetchError> {
     let offset =
         d.properties
             .headers()
@@ -180,12 +192,16 @@ fn accept(
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+    let passed = Ok(Accepted {
+        offset,
+        block: Got::Passed,
+    });
     let Some((header, start)) = decode_frame(ctx, &j.job, &d.data, "operand stream") else {
-        return Ok(None);
+        return passed;
     };
     let Header::Operand(h) = header else {
         tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
-        return Ok(None);
+        return passed;
     };
     if h.job == j.job && gemmq::message::other_run(&h.run, &j.run) {
         // Runs are derived from the job's inputs: the stream holds another job under this id,
@@ -194,7 +210,7 @@ fn accept(
     }
     if h.job != j.job || h.run != j.run {
         tracing::warn!(job = %j.job, block = %h.block, "a block of another job or run skipped");
-        return Ok(None);
+        return passed;
     }
     if h.dtype != dtype {
         return Err(FetchError::Other(format!(
@@ -205,12 +221,15 @@ fn accept(
     let is_it = h.block == want;
     let stored = j.store(ctx, &h, d.data, start, offset);
     match stored {
-        Ok(m) if is_it => Ok(Some(m)),
-        Ok(_) => Ok(None),
+        Ok(m) if is_it => Ok(Accepted {
+            offset,
+            block: Got::Wanted(m),
+        }),
+        Ok(_) => passed,
         Err(e) if is_it => Err(FetchError::Other(e)),
         Err(e) => {
             tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
-            Ok(None)
+            passed
         }
     }
 }
