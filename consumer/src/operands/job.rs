@@ -28,8 +28,6 @@ pub(super) struct JobOperands {
     state: Mutex<State>,
     /// Bumped whenever a block is cached or a read ends: tasks waiting look again.
     pub(super) changed: watch::Sender<u64>,
-    /// The consumer of the last read, kept open for the next one a little further on.
-    pub(super) cursor: tokio::sync::Mutex<Option<super::Cursor>>,
 }
 
 struct State {
@@ -171,7 +169,6 @@ pub(super) fn job_entry(
             reading: HashMap::new(),
         }),
         changed: watch::Sender::new(0),
-        cursor: tokio::sync::Mutex::new(None),
     });
     jobs.push((job.to_string(), j.clone()));
     j

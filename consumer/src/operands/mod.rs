@@ -8,8 +8,7 @@
 //! neighbours, which are cached too). So the broker sends each worker only the blocks its own
 //! tasks need, each once while the worker's cache holds it — not every block to every worker —
 //! and the producer groups tasks into rectangles of tiles that share their blocks, so that the
-//! tasks a worker takes need few of them (`gemmq::Plan::groups`). The consumer of the last read
-//! stays open (`cursor`): the next read a little further on is an ack away.
+//! tasks a worker takes need few of them (`gemmq::Plan::groups`).
 //!
 //! Tasks that need the same block share one read. A block evicted from the cache costs one read
 //! at the offset it was found at. The place a task gives is a lower bound — a block published
@@ -22,7 +21,6 @@
 //! collectors' word that a job is done).
 
 mod cache;
-mod cursor;
 mod job;
 mod notices;
 mod stream;
@@ -39,7 +37,6 @@ use lapin::types::AMQPValue;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 
-use cursor::Cursor;
 use job::{Claim, JobOperands, Jobs, Reading, job_entry};
 
 /// How long a worker waits for a block to come off the stream before it gives up on the task
@@ -159,7 +156,7 @@ impl OperandBlocks {
                 (Some(f), Some(h)) => Some(f.min(h)),
                 (f, h) => f.or(h),
             };
-            let read = self.read_block(conn, &j, want.id, want.dtype, at, small);
+            let read = self.read_block(conn, &j, want.id, want.dtype, at);
             return match tokio::time::timeout_at(deadline, read).await {
                 Ok(got) => got,
                 Err(_) => Err(timed_out(want.id)),
@@ -168,8 +165,7 @@ impl OperandBlocks {
     }
 
     /// Reads one block from the job's stream, starting at `at` (the start without it), into
-    /// the job's cache: through the job's cursor when it is free and the block within its
-    /// reach, else with a consumer of its own, which becomes the cursor if that is free.
+    /// the job's cache.
     async fn read_block(
         &self,
         conn: &Connection,
@@ -177,37 +173,16 @@ impl OperandBlocks {
         id: BlockId,
         dtype: DType,
         at: Option<i64>,
-        small: bool,
     ) -> Result<Arc<Block>, FetchError> {
         let _permit = self.read.reads.acquire().await.expect("never closed");
         self.read
             .stats
             .operand_reads
             .fetch_add(1, Ordering::Relaxed);
-        let mut cursor = j.cursor.try_lock().ok();
-        if let (Some(Some(c)), Some(at)) = (cursor.as_deref_mut(), at)
-            && c.reaches(at, small)
-        {
-            match c.read(&self.read, j, dtype, id).await {
-                Ok(m) => return Ok(m),
-                Err(FetchError::JobGone) => return Err(FetchError::JobGone),
-                // A cursor whose channel died: read with a new one.
-                Err(_) => **cursor.as_mut().expect("locked") = None,
-            }
-        }
         let offset = at.map_or(gemmq::topology::text("first"), AMQPValue::LongLongInt);
         let (ch, mut scan) = self.open(conn, &j.job, offset).await?;
-        let Some(slot) = cursor.as_deref_mut() else {
-            // The cursor is busy: a read of its own, closed once its block is in.
-            let got = stream::read_until(&self.read, j, &ch, &mut scan, dtype, id).await;
-            close_quietly(ch, scan.tag());
-            return got;
-        };
-        let mut c = Cursor::new(ch, scan, at.unwrap_or(0));
-        let got = c.read(&self.read, j, dtype, id).await;
-        if got.is_ok() {
-            *slot = Some(c);
-        }
+        let got = stream::read_until(&self.read, j, &ch, &mut scan, dtype, id).await;
+        close_quietly(ch, scan.tag());
         got
     }
 }

@@ -139,7 +139,7 @@ pub(super) async fn read_until(
             Some(Ok(d)) => d,
         };
         let acker = d.acker.clone();
-        if let Got::Wanted(m) = accept(ctx, j, d, dtype, want)?.block {
+        if let Got::Wanted(m) = accept(ctx, j, d, dtype, want)? {
             break m;
         }
         // On a stream an ack is credit, not consumption.
@@ -159,13 +159,8 @@ pub(super) async fn read_until(
     Ok(found)
 }
 
-/// What one delivery from the operand stream was, and where it was.
-pub(super) struct Accepted {
-    pub offset: Option<i64>,
-    pub block: Got,
-}
-
-pub(super) enum Got {
+/// What one delivery from the operand stream was.
+enum Got {
     /// Block `want`, now cached.
     Wanted(Arc<Block>),
     /// A message passed on the way: another block of the job (cached as well), or one skipped
@@ -174,13 +169,13 @@ pub(super) enum Got {
 }
 
 /// Takes one delivery from the operand stream into the job's cache.
-pub(super) fn accept(
+fn accept(
     ctx: &ReadCtx,
     j: &JobOperands,
     d: Delivery,
     dtype: DType,
     want: BlockId,
-) -> Result<Accepted, FetchError> {
+) -> Result<Got, FetchError> {
     let offset =
         d.properties
             .headers()
@@ -192,10 +187,7 @@ pub(super) fn accept(
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-    let passed = Ok(Accepted {
-        offset,
-        block: Got::Passed,
-    });
+    let passed = Ok(Got::Passed);
     let Some((header, start)) = decode_frame(ctx, &j.job, &d.data, "operand stream") else {
         return passed;
     };
@@ -221,10 +213,7 @@ pub(super) fn accept(
     let is_it = h.block == want;
     let stored = j.store(ctx, &h, d.data, start, offset);
     match stored {
-        Ok(m) if is_it => Ok(Accepted {
-            offset,
-            block: Got::Wanted(m),
-        }),
+        Ok(m) if is_it => Ok(Got::Wanted(m)),
         Ok(_) => passed,
         Err(e) if is_it => Err(FetchError::Other(e)),
         Err(e) => {
