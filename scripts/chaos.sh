@@ -4,19 +4,23 @@
 # killed and restarted once. At the end C must be complete and verified against A·B, every tile
 # once. Prints a one-line verdict with the counts. Needs a local RabbitMQ managed by rabbitmqctl.
 #
-#   scripts/chaos.sh [--size N] [--tile T] [--workers W] [--kill-every SECONDS]
+#   scripts/chaos.sh [--size N] [--tile T] [--group G] [--workers W] [--kill-every SECONDS]
+#
+# Tiles travel one to a message unless --group says otherwise: grouped, a job is a handful of
+# messages and may be over before the first kill.
 #
 # It restarts the broker: do not run it next to anything else that uses that broker.
 set -euo pipefail
 
-size=1024 tile=64 workers=4 kill_every=3
+size=1024 tile=64 group=1 workers=4 kill_every=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size="$2"; shift 2 ;;
     --tile) tile="$2"; shift 2 ;;
+    --group) group="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --kill-every) kill_every="$2"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "chaos.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -67,7 +71,7 @@ trap cleanup EXIT
 
 for i in $(seq 1 "$workers"); do start_worker "$i"; done
 start_collector
-"$bin/gemmq-producer" --m "$size" --k "$size" --n "$size" --tile "$tile" --seed 11 \
+"$bin/gemmq-producer" --m "$size" --k "$size" --n "$size" --tile "$tile" --group "$group" --seed 11 \
   >"$out/logs/producer.out" 2>"$out/logs/producer.log" &
 producer=$!
 
