@@ -28,6 +28,8 @@ pub(super) struct JobOperands {
     state: Mutex<State>,
     /// Bumped whenever a block is cached or a read ends: tasks waiting look again.
     pub(super) changed: watch::Sender<u64>,
+    /// The front-to-back read of jobs with small blocks.
+    pub(super) sweep: super::sweep::Sweep,
 }
 
 struct State {
@@ -95,6 +97,11 @@ impl JobOperands {
         drop(st);
         self.changed.send_modify(|n| *n += 1);
         Ok(m)
+    }
+
+    /// The block, if it is cached.
+    pub(super) fn cached(&self, id: &BlockId) -> Option<Arc<Block>> {
+        self.state.lock().expect("never poisoned").cache.get(id)
     }
 
     fn cached_mib(&self) -> f64 {
@@ -169,6 +176,7 @@ pub(super) fn job_entry(
             reading: HashMap::new(),
         }),
         changed: watch::Sender::new(0),
+        sweep: Default::default(),
     });
     jobs.push((job.to_string(), j.clone()));
     j

@@ -24,6 +24,7 @@ mod cache;
 mod job;
 mod notices;
 mod stream;
+mod sweep;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,10 +126,34 @@ impl OperandBlocks {
     pub async fn get(&self, conn: &Connection, want: Wanted<'_>) -> Result<Arc<Block>, FetchError> {
         let j = job_entry(&self.jobs, &self.read.total, want.job, want.run);
         let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
+        let small = want.bytes < SMALL_BLOCK;
+        if let Some(at) = want.at.and_then(|a| i64::try_from(a).ok())
+            && small
+        {
+            // Small blocks come with the job's sweep, unless it has passed them.
+            loop {
+                let mut changed = j.changed.subscribe();
+                if let Some(m) = j.cached(&want.id) {
+                    return Ok(m);
+                }
+                if let Some(e) = j.sweep.failed() {
+                    return Err(e);
+                }
+                if j.sweep.passed(at) {
+                    break;
+                }
+                self.ensure_sweep(conn, &j, want.dtype).await?;
+                if tokio::time::timeout_at(deadline, changed.changed())
+                    .await
+                    .is_err()
+                {
+                    return Err(timed_out(want.id));
+                }
+            }
+        }
         loop {
             // Subscribed before looking, so that a read that ends in between is not missed.
             let mut changed = j.changed.subscribe();
-            let small = want.bytes < SMALL_BLOCK;
             let from = match j.claim(&want.id, want.at, small) {
                 Claim::Cached(m) => return Ok(m),
                 Claim::Wait => {

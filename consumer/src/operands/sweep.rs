@@ -1,0 +1,171 @@
+//! A job's sweep: its stream read front to back once, every block cached, for jobs whose blocks
+//! are small. A read of its own per block costs the broker a new stream consumer (an offset
+//! lookup, a segment reader), more than sending a block of a few hundred KiB; and the tiles of
+//! such jobs are tiny, so a worker's tasks need most of the blocks anyway.
+//!
+//! A task whose small block is not cached waits for the sweep to bring it; one whose block the
+//! sweep has passed (the cache had no room to keep it) reads it on its own, at its offset.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use futures_util::StreamExt;
+use gemmq::message::{DType, Header};
+use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
+use lapin::{Channel, Connection, Consumer};
+
+use super::job::JobOperands;
+use super::{FetchError, OperandBlocks, ReadCtx, close_quietly, decode_frame};
+
+/// The state of a job's sweep.
+#[derive(Default)]
+pub(super) struct Sweep {
+    task: Mutex<SweepTask>,
+    /// The offset after the last message the sweep took in.
+    pub(super) next: AtomicI64,
+}
+
+#[derive(Default)]
+enum SweepTask {
+    #[default]
+    Idle,
+    Running(tokio::task::JoinHandle<()>),
+    /// Stopped with this error: the next task to wait reports it, and may start it again.
+    Failed(FetchError),
+}
+
+impl Sweep {
+    /// Whether the sweep has gone past offset `at` (so what it brought there was cached, and
+    /// maybe dropped since).
+    pub(super) fn passed(&self, at: i64) -> bool {
+        self.next.load(Ordering::Relaxed) > at
+    }
+
+    /// The error the sweep stopped with, once.
+    pub(super) fn failed(&self) -> Option<FetchError> {
+        let mut task = self.task.lock().expect("never poisoned");
+        match std::mem::take(&mut *task) {
+            SweepTask::Failed(e) => Some(e),
+            other => {
+                *task = other;
+                None
+            }
+        }
+    }
+
+    fn running(&self) -> bool {
+        matches!(&*self.task.lock().expect("never poisoned"), SweepTask::Running(h) if !h.is_finished())
+    }
+}
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        if let Ok(task) = self.task.get_mut()
+            && let SweepTask::Running(h) = task
+        {
+            h.abort();
+        }
+    }
+}
+
+impl OperandBlocks {
+    /// Starts the job's sweep from the front of its stream, unless it runs.
+    pub(super) async fn ensure_sweep(
+        &self,
+        conn: &Connection,
+        j: &Arc<JobOperands>,
+        dtype: DType,
+    ) -> Result<(), FetchError> {
+        if j.sweep.running() {
+            return Ok(());
+        }
+        let (ch, scan) = self
+            .open(conn, &j.job, gemmq::topology::text("first"))
+            .await?;
+        let mut task = j.sweep.task.lock().expect("never poisoned");
+        if matches!(&*task, SweepTask::Running(h) if !h.is_finished()) {
+            drop(task);
+            close_quietly(ch, scan.tag());
+            return Ok(());
+        }
+        let (ctx, weak) = (self.read.clone(), Arc::downgrade(j));
+        *task = SweepTask::Running(tokio::spawn(sweep(ctx, weak, ch, scan, dtype)));
+        Ok(())
+    }
+}
+
+/// Reads the stream in order into the cache. Holds the job only weakly, so that a job the
+/// worker drops ends its sweep.
+async fn sweep(
+    ctx: ReadCtx,
+    job: Weak<JobOperands>,
+    ch: Channel,
+    mut scan: Consumer,
+    dtype: DType,
+) {
+    let tag = scan.tag();
+    let error = loop {
+        let delivery = match scan.next().await {
+            None => break FetchError::Other("the operand stream consumer was cancelled".into()),
+            Some(Err(e)) => {
+                break FetchError::Unavailable(format!("reading the operand stream: {e}"));
+            }
+            Some(Ok(d)) => d,
+        };
+        let Some(j) = job.upgrade() else {
+            close_quietly(ch, tag);
+            return;
+        };
+        let acker = delivery.acker.clone();
+        if let Err(e) = take_in(&ctx, &j, delivery, dtype) {
+            break e;
+        }
+        // On a stream an ack is credit, not consumption.
+        let _ = acker.ack(BasicAckOptions::default()).await;
+    };
+    if let Some(j) = job.upgrade() {
+        *j.sweep.task.lock().expect("never poisoned") = SweepTask::Failed(error);
+        j.changed.send_modify(|n| *n += 1);
+    }
+    close_quietly(ch, tag);
+}
+
+/// Caches one block the sweep came by, and moves the sweep on past it.
+fn take_in(
+    ctx: &ReadCtx,
+    j: &JobOperands,
+    d: lapin::message::Delivery,
+    dtype: DType,
+) -> Result<(), FetchError> {
+    let offset =
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| match h.inner().get("x-stream-offset") {
+                Some(AMQPValue::LongLongInt(o)) => Some(*o),
+                _ => None,
+            });
+    ctx.stats
+        .operand_bytes
+        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
+    if let Some((Header::Operand(h), start)) = decode_frame(ctx, &j.job, &d.data, "operand stream")
+    {
+        if h.job == j.job && gemmq::message::other_run(&h.run, &j.run) {
+            return Err(FetchError::JobGone);
+        }
+        if h.job == j.job
+            && h.run == j.run
+            && h.dtype == dtype
+            && let Err(e) = j.store(ctx, &h, d.data, start, offset)
+        {
+            tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
+        }
+    }
+    if let Some(o) = offset {
+        j.sweep.next.store(o + 1, Ordering::Relaxed);
+    }
+    // Waiters look again even when nothing was cached: the sweep may have passed their block.
+    j.changed.send_modify(|n| *n += 1);
+    Ok(())
+}
