@@ -15,10 +15,13 @@
 //! twice (after the producer lost its connection) moves the later ones further on — so a read
 //! goes forward from it until its block comes by.
 //!
+//! Blocks under 1 MiB are not worth a stream consumer each: for them a worker reads the job's
+//! stream front to back once (`sweep`).
+//!
 //! Here: [`OperandBlocks::get`]. Then `job` (one run of a job: its cache, where its blocks were
 //! found, the reads in flight; the registry of jobs), `cache` (least recently used out, under a
-//! budget shared by all jobs), `stream` (reading a block at its offset) and `notices` (the
-//! collectors' word that a job is done).
+//! budget shared by all jobs), `stream` (reading a block at its offset), `sweep` (reading small
+//! blocks front to back) and `notices` (the collectors' word that a job is done).
 
 mod cache;
 mod job;
