@@ -92,12 +92,10 @@ impl Operand {
         }
     }
 
-    /// Bytes of the numbers.
-    pub fn bytes(&self) -> u64 {
+    /// Its shape and dtype, as [`crate::matrix::check_conformable`] takes them.
+    pub fn describe(&self) -> (usize, usize, DType) {
         let (r, c) = self.shape();
-        (r as u64)
-            .saturating_mul(c as u64)
-            .saturating_mul(self.dtype().size() as u64)
+        (r, c, self.dtype())
     }
 
     /// Columns `cols` of row `i` into `out` (as long as `cols`).

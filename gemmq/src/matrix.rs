@@ -222,12 +222,15 @@ impl Matrix {
     }
 }
 
-/// Checks that A·B is defined and that neither holds NaN or infinity.
-pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
-    if a.dtype() != b.dtype() {
-        return Err(MatrixError::Mixed(a.dtype(), b.dtype()));
+/// Checks that A·B is defined for A and B of these shapes and dtypes: the same dtype, A's columns
+/// B's rows, nothing empty.
+pub fn check_conformable(
+    (a_rows, a_cols, a_dtype): (usize, usize, DType),
+    (b_rows, b_cols, b_dtype): (usize, usize, DType),
+) -> Result<(), MatrixError> {
+    if a_dtype != b_dtype {
+        return Err(MatrixError::Mixed(a_dtype, b_dtype));
     }
-    let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
     if a_cols != b_rows || a_rows == 0 || a_cols == 0 || b_cols == 0 {
         return Err(MatrixError::Shapes {
             a_rows,
@@ -236,6 +239,13 @@ pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
             b_cols,
         });
     }
+    Ok(())
+}
+
+/// Checks that A·B is defined and that neither holds NaN or infinity.
+pub fn check_operands(a: &Matrix, b: &Matrix) -> Result<(), MatrixError> {
+    let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
+    check_conformable((a_rows, a_cols, a.dtype()), (b_rows, b_cols, b.dtype()))?;
     if !a.is_finite() {
         return Err(MatrixError::NotFinite("A"));
     }

@@ -133,20 +133,8 @@ pub fn expect_rows(
             .map(|(x, (abx, bound))| Round { x, abx, bound })
             .collect())
     }
-    let ((_, k), (k2, n)) = (a.shape(), b.shape());
-    if k != k2 || a.dtype() != b.dtype() {
-        let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
-        return Err(if a.dtype() != b.dtype() {
-            MatrixError::Mixed(a.dtype(), b.dtype())
-        } else {
-            MatrixError::Shapes {
-                a_rows,
-                a_cols,
-                b_rows,
-                b_cols,
-            }
-        });
-    }
+    crate::matrix::check_conformable(a.describe(), b.describe())?;
+    let ((_, k), (_, n)) = (a.shape(), b.shape());
     let xs = vectors(n, rounds, vseed);
     let rounds = match a.dtype() {
         crate::DType::F32 => typed::<f32>(a, b, xs)?,

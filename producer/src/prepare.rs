@@ -142,28 +142,10 @@ fn file_stamp(paths: &[&PathBuf]) -> String {
     stamp
 }
 
-/// A·B must be defined: the same dtype, and A's columns B's rows.
+/// A·B must be defined.
 fn check_shapes(a: &Operand, b: &Operand) -> Result<(), ConfigError> {
-    let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
-    let why = if a.dtype() != b.dtype() {
-        format!(
-            "A is {} but B is {}; both must have the same dtype",
-            a.dtype(),
-            b.dtype()
-        )
-    } else if a_cols != b_rows {
-        format!(
-            "inner dimensions differ: A is {a_rows}x{a_cols} but B is {b_rows}x{b_cols}; A's columns must equal B's rows"
-        )
-    } else if a_rows == 0 || a_cols == 0 || b_cols == 0 {
-        format!("A is {a_rows}x{a_cols} and B {b_rows}x{b_cols}: nothing to multiply")
-    } else {
-        return Ok(());
-    };
-    Err(ConfigError::invalid(
-        "inputs",
-        format!("A·B cannot be computed: {why}"),
-    ))
+    gemmq::matrix::check_conformable(a.describe(), b.describe())
+        .map_err(|e| ConfigError::invalid("inputs", format!("A·B cannot be computed: {e}")))
 }
 
 fn save_inputs(dir: &Path, a: &Operand, b: &Operand) -> Result<()> {

@@ -168,14 +168,22 @@ enum Got {
     Passed,
 }
 
-/// Takes one delivery from the operand stream into the job's cache.
-fn accept(
+/// One delivery from the operand stream, taken in: where it was, and the block it held if that
+/// was a block of this job (cached, or why it could not be).
+pub(super) struct Taken {
+    pub offset: Option<i64>,
+    pub block: Option<(BlockId, Result<Arc<Block>, String>)>,
+}
+
+/// Takes one delivery from the operand stream into the job's cache: a block of this job's run
+/// is cached; anything else is skipped (logged), except a block of another run of the job,
+/// which means the task is left over from an earlier job.
+pub(super) fn take_in(
     ctx: &ReadCtx,
     j: &JobOperands,
     d: Delivery,
     dtype: DType,
-    want: BlockId,
-) -> Result<Got, FetchError> {
+) -> Result<Taken, FetchError> {
     let offset =
         d.properties
             .headers()
@@ -187,13 +195,16 @@ fn accept(
     ctx.stats
         .operand_bytes
         .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-    let passed = Ok(Got::Passed);
+    let skipped = Ok(Taken {
+        offset,
+        block: None,
+    });
     let Some((header, start)) = decode_frame(ctx, &j.job, &d.data, "operand stream") else {
-        return passed;
+        return skipped;
     };
     let Header::Operand(h) = header else {
         tracing::warn!(job = %j.job, "a message that is not a block on the operand stream skipped");
-        return passed;
+        return skipped;
     };
     if h.job == j.job && gemmq::message::other_run(&h.run, &j.run) {
         // Runs are derived from the job's inputs: the stream holds another job under this id,
@@ -202,7 +213,7 @@ fn accept(
     }
     if h.job != j.job || h.run != j.run {
         tracing::warn!(job = %j.job, block = %h.block, "a block of another job or run skipped");
-        return passed;
+        return skipped;
     }
     if h.dtype != dtype {
         return Err(FetchError::Other(format!(
@@ -210,15 +221,28 @@ fn accept(
             h.block, j.job, h.dtype
         )));
     }
-    let is_it = h.block == want;
     let stored = j.store(ctx, &h, d.data, start, offset);
-    match stored {
-        Ok(m) if is_it => Ok(Got::Wanted(m)),
-        Ok(_) => passed,
-        Err(e) if is_it => Err(FetchError::Other(e)),
-        Err(e) => {
+    Ok(Taken {
+        offset,
+        block: Some((h.block, stored)),
+    })
+}
+
+/// One delivery taken in, for a read that wants block `want`.
+fn accept(
+    ctx: &ReadCtx,
+    j: &JobOperands,
+    d: Delivery,
+    dtype: DType,
+    want: BlockId,
+) -> Result<Got, FetchError> {
+    match take_in(ctx, j, d, dtype)?.block {
+        Some((id, Ok(m))) if id == want => Ok(Got::Wanted(m)),
+        Some((id, Err(e))) if id == want => Err(FetchError::Other(e)),
+        Some((_, Err(e))) => {
             tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
-            passed
+            Ok(Got::Passed)
         }
+        _ => Ok(Got::Passed),
     }
 }

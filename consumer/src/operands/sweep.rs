@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use futures_util::StreamExt;
-use gemmq::message::{DType, Header};
+use gemmq::message::DType;
 use lapin::options::BasicAckOptions;
-use lapin::types::AMQPValue;
 use lapin::{Channel, Connection, Consumer};
 
 use super::job::JobOperands;
-use super::{FetchError, OperandBlocks, ReadCtx, close_quietly, decode_frame};
+use super::{FetchError, OperandBlocks, ReadCtx, close_quietly};
 
 /// The state of a job's sweep.
 #[derive(Default)]
@@ -138,31 +137,11 @@ fn take_in(
     d: lapin::message::Delivery,
     dtype: DType,
 ) -> Result<(), FetchError> {
-    let offset =
-        d.properties
-            .headers()
-            .as_ref()
-            .and_then(|h| match h.inner().get("x-stream-offset") {
-                Some(AMQPValue::LongLongInt(o)) => Some(*o),
-                _ => None,
-            });
-    ctx.stats
-        .operand_bytes
-        .fetch_add(d.data.len() as u64, Ordering::Relaxed);
-    if let Some((Header::Operand(h), start)) = decode_frame(ctx, &j.job, &d.data, "operand stream")
-    {
-        if h.job == j.job && gemmq::message::other_run(&h.run, &j.run) {
-            return Err(FetchError::JobGone);
-        }
-        if h.job == j.job
-            && h.run == j.run
-            && h.dtype == dtype
-            && let Err(e) = j.store(ctx, &h, d.data, start, offset)
-        {
-            tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
-        }
+    let taken = super::stream::take_in(ctx, j, d, dtype)?;
+    if let Some((_, Err(e))) = &taken.block {
+        tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
     }
-    if let Some(o) = offset {
+    if let Some(o) = taken.offset {
         j.sweep.next.store(o + 1, Ordering::Relaxed);
     }
     // Waiters look again even when nothing was cached: the sweep may have passed their block.
