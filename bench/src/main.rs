@@ -14,10 +14,12 @@
 mod bytes;
 mod child;
 mod floor;
+mod hosts;
 mod job;
 mod machine;
 mod procs;
 mod reference;
+mod scaling;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -137,6 +139,27 @@ struct Cli {
     /// Extra environment for every program under test, e.g. --env GEMMQ_QUEUE_SIZE=4 (repeatable)
     #[arg(long = "env", value_name = "KEY=VALUE")]
     extra_env: Vec<String>,
+    /// The scaling scenario instead of the usual runs: one job (the first of --sizes, f64, with
+    /// --tile) per worker count given, e.g. 1,2,4,8,16, every consumer on an emulated host of its
+    /// own — a network namespace whose link to the broker is shaped with tc — and the broker a
+    /// RabbitMQ node in a host of its own. Needs root, iproute2 and rabbitmq-server. The
+    /// consumers model their multiply as a sleep (--modelled-gflops): C is complete but not
+    /// verified. Writes <work-dir>/scaling-results.json
+    #[arg(long, value_delimiter = ',', value_name = "W,...")]
+    hosts: Vec<usize>,
+    /// --hosts: each worker host's link, as tc writes a rate
+    #[arg(long, default_value = "1gbit", value_name = "RATE")]
+    link_rate: hosts::Rate,
+    /// --hosts: the link of the producer's and collector's host (a data node, fast so that
+    /// publishing A and B does not hide how the workers scale)
+    #[arg(long, default_value = "10gbit", value_name = "RATE")]
+    client_link_rate: hosts::Rate,
+    /// --hosts: the broker host's link
+    #[arg(long, default_value = "10gbit", value_name = "RATE")]
+    broker_link_rate: hosts::Rate,
+    /// --hosts: the GFLOP/s each worker is modelled to multiply at (a machine of its own)
+    #[arg(long, default_value_t = 50.0, value_name = "GFLOPS")]
+    modelled_gflops: f64,
 }
 
 /// One job to run.
@@ -355,6 +378,10 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             "warning: this is a debug build of the bench; run it with `cargo run --release -p gemmq-bench`"
         );
     }
+    if !cli.hosts.is_empty() {
+        let bins = binaries(&cli)?;
+        return scaling::run(&cli, &bins, &extra_env);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -419,6 +446,19 @@ fn check_options(cli: &Cli) -> Result<Vec<(String, String)>> {
     }
     if cli.repeat == 0 {
         bail!("--repeat must be at least 1");
+    }
+    if cli
+        .hosts
+        .iter()
+        .any(|&w| !(1..=hosts::MAX_WORKERS).contains(&w))
+    {
+        bail!(
+            "--hosts: each worker count must be 1 to {}",
+            hosts::MAX_WORKERS
+        );
+    }
+    if !(cli.modelled_gflops.is_finite() && cli.modelled_gflops > 0.0) {
+        bail!("--modelled-gflops must be a positive number");
     }
     cli.extra_env
         .iter()

@@ -58,9 +58,31 @@ impl Proc {
         dir: &Path,
         log: PathBuf,
     ) -> Result<Proc> {
+        Self::spawn_in(None, name, program, env, remove_env, dir, log)
+    }
+
+    /// Like [`Proc::spawn`], in network namespace `netns` when given. `ip netns exec` enters
+    /// the namespace and execs the program in the same process, so the pid, `wait4` and its
+    /// figures are the program's own.
+    pub fn spawn_in(
+        netns: Option<&str>,
+        name: &str,
+        program: &Path,
+        env: &[(String, String)],
+        remove_env: &[&str],
+        dir: &Path,
+        log: PathBuf,
+    ) -> Result<Proc> {
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut cmd = Command::new(program);
+        let mut cmd = match netns {
+            None => Command::new(program),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+        };
         for k in remove_env {
             cmd.env_remove(k);
         }

@@ -89,6 +89,12 @@ pub struct ConsumerOptions {
     /// block is dropped and read again when needed [default: 1GiB]
     #[arg(long, env = "GEMMQ_OPERAND_CACHE", value_name = "SIZE")]
     pub operand_cache: Option<bytesize::ByteSize>,
+    /// For measuring scale on one machine only: instead of multiplying, sleep as long as a
+    /// machine doing this many GFLOP/s would take, and send a tile of zeros. Every byte still
+    /// travels as in a real job, but C is wrong: run the collector with --verify false
+    /// [default: off, multiply]
+    #[arg(long, env = "GEMMQ_MODELLED_GFLOPS", value_name = "GFLOPS")]
+    pub modelled_gflops: Option<f64>,
 }
 
 gemmq::layered!(ConsumerOptions {
@@ -101,7 +107,8 @@ gemmq::layered!(ConsumerOptions {
     shutdown_timeout,
     heartbeat,
     threads,
-    operand_cache
+    operand_cache,
+    modelled_gflops
 });
 
 #[derive(Debug, Clone)]
@@ -118,6 +125,8 @@ pub struct Settings {
     pub operand_cache: u64,
     /// Threads per multiplication.
     pub threads: usize,
+    /// `--modelled-gflops`: sleep instead of multiplying (benchmarks of scale only).
+    pub modelled_gflops: Option<f64>,
 }
 
 impl Settings {
@@ -139,7 +148,16 @@ impl Settings {
             heartbeat: o.heartbeat.unwrap_or(gemmq::events::DEFAULT_HEARTBEAT),
             operand_cache: o.operand_cache.map_or(1 << 30, |b| b.as_u64()),
             threads: o.threads.unwrap_or(1),
+            modelled_gflops: o.modelled_gflops,
         };
+        if s.modelled_gflops
+            .is_some_and(|g| !(g.is_finite() && g > 0.0))
+        {
+            return Err(ConfigError::invalid(
+                "modelled-gflops",
+                "must be a positive number of GFLOP/s",
+            ));
+        }
         if !(1..=64).contains(&s.threads) {
             return Err(ConfigError::invalid("threads", "must be between 1 and 64"));
         }
@@ -227,6 +245,12 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         delay = %s.delay, max_attempts = s.max_attempts, broker = %s.broker.redacted_url(),
         "worker starting"
     );
+    if let Some(g) = s.modelled_gflops {
+        warn!(
+            parent: &span, gflops = g,
+            "modelled compute: tiles are not multiplied but slept for and sent as zeros; C will be wrong"
+        );
+    }
     let worker = session::Worker {
         broker: &broker,
         topo: &topo,

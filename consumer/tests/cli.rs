@@ -40,6 +40,8 @@ fn out_of_range_settings_exit_with_code_2_and_say_why() {
             "concurrency",
         ),
         (&["--delay", "3s..1s"][..], "start is after its end"),
+        (&["--modelled-gflops", "0"][..], "modelled-gflops"),
+        (&["--modelled-gflops", "NaN"][..], "modelled-gflops"),
     ] {
         let o = consumer(args);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -755,3 +755,40 @@ async fn a_collector_without_a_job_id_takes_the_next_unfinished_job() {
     env.stop_consumers().await;
     env.cleanup(&["first", "second"]).await;
 }
+
+/// The bench's scaling scenario runs many workers on two cores by modelling the multiply: the
+/// blocks still travel and every tile still comes back once, as zeros after a sleep of the
+/// tile's flops at the modelled rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_modelling_its_compute_sleeps_for_the_flops_and_sends_zeros() {
+    let mut env = Env::new("modelled");
+    let mut s = env.consumer("w1");
+    // 2·64·64·200 flops per tile at 0.1 GFLOP/s: 16 ms a tile, 0.26 s for the 16 tiles.
+    s.modelled_gflops = Some(0.1);
+    env.spawn_consumer(s);
+    let mut c = env.collector("modelled");
+    c.verify = false;
+    let started = Instant::now();
+    let (_, summary) = run_job_with(&env, env.producer("modelled", (256, 200, 256), 64), c).await;
+    let took = started.elapsed();
+
+    assert_eq!(summary.status, Outcome::Complete);
+    assert_eq!(summary.tasks_done, 16);
+    assert!(
+        took >= Duration::from_millis(250),
+        "16 tiles of 1.6 MFLOP at 0.1 GFLOP/s sleep 0.26 s; the job took {took:?}"
+    );
+    let c = gemmq::matrix::Matrix::read_npy(&env.dir.path().join("modelled").join("C.npy"))
+        .expect("C.npy is readable");
+    let gemmq::matrix::Matrix::F64(c) = c else {
+        panic!("C should be f64")
+    };
+    assert_eq!(c.dim(), (256, 256));
+    assert!(c.iter().all(|&x| x == 0.0), "modelled tiles are zeros");
+    let stats = env.stop_consumers().await;
+    assert!(
+        stats[0].operand_bytes.load(Ordering::Relaxed) >= 2 * 256 * 200 * 8,
+        "the blocks still travel: all of A and B to the one worker"
+    );
+    env.cleanup(&["modelled"]).await;
+}
