@@ -304,6 +304,11 @@ struct Ctx {
     results: results::Results,
     stats: Arc<Stats>,
     compute: Semaphore,
+    /// Messages fetching their blocks at once, in the order they came: one more than those
+    /// computed at once. The next message's blocks arrive while one is computed, and the first
+    /// message's blocks do not share the link with the whole prefetch's (on a slow link, every
+    /// fetch at once made the first tile wait for nearly all of them).
+    fetch: Semaphore,
     shutdown: CancellationToken,
     conn: deadpool_lapin::Object,
     operands: operands::OperandBlocks,

@@ -138,6 +138,7 @@ impl Session {
             publisher,
             stats: stats.clone(),
             compute: Semaphore::new(s.concurrency),
+            fetch: Semaphore::new(s.concurrency + 1),
             shutdown: shutdown.clone(),
             conn,
             operands: operands::OperandBlocks::new(

@@ -74,7 +74,18 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
     let blocks = match inline_at {
         Some(offset) => Ok(TaskBlocks::Inline(offset)),
-        None => fetch_blocks(ctx, &tasks).await.map(TaskBlocks::Blocks),
+        None => {
+            let fetching = tokio::select! {
+                p = ctx.fetch.acquire() => p.expect("the semaphore is never closed"),
+                _ = ctx.shutdown.cancelled() => {
+                    requeue(&delivery).await;
+                    return;
+                }
+            };
+            let blocks = fetch_blocks(ctx, &tasks).await.map(TaskBlocks::Blocks);
+            drop(fetching);
+            blocks
+        }
     };
     let permit = tokio::select! {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
