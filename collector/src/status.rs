@@ -157,7 +157,7 @@ pub async fn queue_figures(
     broker: &BrokerSettings,
     url: Option<&str>,
 ) -> Result<Vec<QueueFigures>> {
-    let management = Management::new(&broker.amqp_url, url)?;
+    let management = Management::new(broker.amqp_url(), url)?;
     let ns = broker.namespace.clone();
     tokio::task::spawn_blocking(move || -> Result<Vec<QueueFigures>> {
         let all: Vec<QueueFigures> = management.get_as(&format!(

@@ -1,12 +1,16 @@
 //! Reaching RabbitMQ: pooled connections, patient reconnection, confirmed publishing.
 //!
 //! Connections come from a [`deadpool_lapin`] pool, which hands back a live connection or makes a
-//! new one when the old one died. Getting one retries with capped, jittered exponential backoff
-//! ([`backon`]) and logs every failed try, until the configured connect timeout; a wrong password
-//! is not retried. Publishing goes through publisher confirms: [`ConfirmWindow`] keeps a bounded
+//! new one when the old one died. Given several nodes of a cluster (`AMQP_URL` a comma-separated
+//! list), there is a pool per node: a connection comes from the node that answered last, or else
+//! from the next in the list that answers. Getting one retries the round of nodes with capped,
+//! jittered exponential backoff ([`backon`]) and logs every failed try, until the configured
+//! connect timeout; a wrong password is not retried. Publishing goes through publisher confirms: [`ConfirmWindow`] keeps a bounded
 //! number outstanding, so throughput is not one round trip per message and memory stays bounded.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -14,7 +18,7 @@ use deadpool_lapin::{Config, Pool, Runtime};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, ConnectionProperties, options::BasicPublishOptions};
 use lapin::{Confirmation, PublisherConfirm};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::BrokerSettings;
 
@@ -91,7 +95,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pool of connections for one program, named so the management UI shows who is who.
 #[derive(Clone)]
 pub struct Broker {
-    pool: Pool,
+    /// One pool per node, in `settings.amqp_urls`' order.
+    pools: Arc<[Pool]>,
+    /// The node that answered last: where the next connection is asked for first.
+    current: Arc<AtomicUsize>,
     settings: BrokerSettings,
     /// When cancelled, a connection still being retried gives up at once with
     /// [`BrokerError::Interrupted`], instead of after the connect timeout: a program told to
@@ -102,19 +109,27 @@ pub struct Broker {
 impl Broker {
     /// `name` appears as the connection's name in the management UI, e.g. `gemmq-consumer w1`.
     pub fn new(settings: &BrokerSettings, name: &str) -> Result<Self, BrokerError> {
-        let cfg = Config {
-            url: Some(settings.amqp_url.clone()),
-            ..Default::default()
-        };
-        let name = name.to_string();
-        let pool = cfg
-            .create_pool(
-                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
-                Runtime::Tokio1,
-            )
-            .map_err(|e| BrokerError::Pool(e.to_string()))?;
+        let pools = settings
+            .amqp_urls
+            .iter()
+            .map(|url| {
+                let cfg = Config {
+                    url: Some(url.clone()),
+                    ..Default::default()
+                };
+                let name = name.to_string();
+                cfg.create_pool(
+                    move || {
+                        ConnectionProperties::default().with_connection_name(name.clone().into())
+                    },
+                    Runtime::Tokio1,
+                )
+                .map_err(|e| BrokerError::Pool(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Broker {
-            pool,
+            pools: pools.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             settings: settings.clone(),
             shutdown: None,
         })
@@ -144,15 +159,7 @@ impl Broker {
         // when RabbitMQ had run out of file descriptors): bound each try, or it waits forever.
         let handshake =
             HANDSHAKE_TIMEOUT.min(self.settings.connect_timeout.max(Duration::from_secs(1)));
-        let attempt = || async {
-            match tokio::time::timeout(handshake, self.pool.get()).await {
-                Ok(got) => got.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
-                    "the broker took the TCP connection but did not answer the AMQP handshake within {handshake:?}; \
-                     it may be overloaded or out of file descriptors (see `rabbitmq-diagnostics status`)"
-                )),
-            }
-        };
+        let attempt = || self.round_of_nodes(handshake);
         let retried = attempt
             .retry(backoff)
             .when(|e| !is_access_refused(e))
@@ -177,6 +184,42 @@ impl Broker {
                 }
             }
         })
+    }
+
+    /// One try at each node, from the one that answered last; the last error when none did.
+    async fn round_of_nodes(&self, handshake: Duration) -> Result<deadpool_lapin::Object, String> {
+        let n = self.pools.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut errors = Vec::new();
+        for i in (0..n).map(|i| (first + i) % n) {
+            let got = match tokio::time::timeout(handshake, self.pools[i].get()).await {
+                Ok(got) => got.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "the broker took the TCP connection but did not answer the AMQP handshake within {handshake:?}; \
+                     it may be overloaded or out of file descriptors (see `rabbitmq-diagnostics status`)"
+                )),
+            };
+            match got {
+                Ok(conn) => {
+                    if i != first {
+                        info!(
+                            node = %crate::config::redact_url(&self.settings.amqp_urls[i]),
+                            "connected to another broker node"
+                        );
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    return Ok(conn);
+                }
+                // A wrong password is wrong on every node.
+                Err(e) if is_access_refused(&e) => return Err(e),
+                Err(e) if n == 1 => return Err(e),
+                Err(e) => errors.push(format!(
+                    "{}: {e}",
+                    crate::config::redact_url(&self.settings.amqp_urls[i])
+                )),
+            }
+        }
+        Err(errors.join("; "))
     }
 
     /// A new channel on a live connection.

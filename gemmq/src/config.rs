@@ -148,8 +148,10 @@ impl ConfigFile {
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BrokerOptions {
-    /// AMQP URL of the RabbitMQ broker [default: amqp://guest:guest@127.0.0.1:5672/%2f]
-    #[arg(long, env = "AMQP_URL", value_name = "URL")]
+    /// AMQP URL of the RabbitMQ broker, or of each node of a cluster, comma-separated: a
+    /// program connects to the first that answers and, when it loses that node, to the next
+    /// [default: amqp://guest:guest@127.0.0.1:5672/%2f]
+    #[arg(long, env = "AMQP_URL", value_name = "URL[,URL...]")]
     pub amqp_url: Option<String>,
     /// Prefix of every exchange and queue gemmq declares, so several deployments (or test runs)
     /// can share one broker [default: gemmq]
@@ -182,7 +184,8 @@ crate::layered!(BrokerOptions {
 /// [`BrokerOptions`] with defaults applied and checked.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    pub amqp_url: String,
+    /// The nodes to try, in order (one for a single broker).
+    pub amqp_urls: Vec<String>,
     pub namespace: String,
     pub max_message_bytes: u64,
     pub retry_delay: Duration,
@@ -206,21 +209,44 @@ impl BrokerOptions {
         if retry_delay.as_millis() > u32::MAX as u128 {
             return Err(ConfigError::invalid("retry-delay", "too long"));
         }
-        let amqp_url = self.amqp_url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
-        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
-            return Err(ConfigError::invalid(
-                "amqp-url",
-                format!("{amqp_url:?} is not an amqp:// or amqps:// URL"),
-            ));
-        }
+        let amqp_urls = parse_urls(self.amqp_url.as_deref().unwrap_or(DEFAULT_AMQP_URL))?;
         Ok(BrokerSettings {
-            amqp_url,
+            amqp_urls,
             namespace,
             max_message_bytes,
             retry_delay,
             connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(60)),
         })
     }
+}
+
+/// `AMQP_URL`'s comma-separated list of nodes, each checked.
+fn parse_urls(list: &str) -> Result<Vec<String>, ConfigError> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(String::from)
+        .collect();
+    if urls.is_empty() {
+        return Err(ConfigError::invalid(
+            "amqp-url",
+            "no URL given: write amqp://user:pass@host:5672/%2f, or several separated by commas",
+        ));
+    }
+    if let Some(bad) = urls
+        .iter()
+        .find(|u| !(u.starts_with("amqp://") || u.starts_with("amqps://")))
+    {
+        return Err(ConfigError::invalid(
+            "amqp-url",
+            format!(
+                "{:?} is not an amqp:// or amqps:// URL (several nodes are separated by commas)",
+                redact_url(bad)
+            ),
+        ));
+    }
+    Ok(urls)
 }
 
 /// A URL (AMQP or HTTP) with its password replaced by `***`, for logs and error messages.
@@ -235,9 +261,15 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl BrokerSettings {
-    /// The URL with its password replaced, for logs.
+    /// The first node's URL: the one asked for the management API's address.
+    pub fn amqp_url(&self) -> &str {
+        &self.amqp_urls[0]
+    }
+
+    /// The URLs with their passwords replaced, for logs.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.amqp_url)
+        let redacted: Vec<String> = self.amqp_urls.iter().map(|u| redact_url(u)).collect();
+        redacted.join(",")
     }
 
     pub fn topology(&self) -> crate::Topology {
@@ -394,5 +426,35 @@ mod tests {
         .resolve()
         .unwrap();
         assert_eq!(s.redacted_url(), "amqp://user:***@host:5672/%2f");
+    }
+
+    #[test]
+    fn a_cluster_is_a_comma_separated_list_of_nodes_tried_in_order() {
+        let s = BrokerOptions {
+            amqp_url: Some("amqp://u:p@n1:5672/%2f, amqp://u:p@n2:5672/%2f,".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            s.amqp_urls,
+            ["amqp://u:p@n1:5672/%2f", "amqp://u:p@n2:5672/%2f"]
+        );
+        assert_eq!(s.amqp_url(), "amqp://u:p@n1:5672/%2f");
+        assert_eq!(
+            s.redacted_url(),
+            "amqp://u:***@n1:5672/%2f,amqp://u:***@n2:5672/%2f"
+        );
+        for bad in ["amqp://u:secret@n1/%2f,n2:5672", " , "] {
+            let err = BrokerOptions {
+                amqp_url: Some(bad.into()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("amqp-url"), "{bad}: {err}");
+            assert!(!err.contains("secret"), "{bad}: {err}");
+        }
     }
 }
