@@ -3,7 +3,9 @@
 //! Workers are known from their heartbeats on the events exchange ([`gemmq::events`]): one that
 //! stops cleanly leaves the table at once, one that is killed after missing
 //! [`gemmq::events::EXPIRE_AFTER`] heartbeats. Queue figures (ready, unacked, consumers) come from
-//! the management HTTP API, whose statistics lag by about five seconds.
+//! the management HTTP API, whose statistics lag by about five seconds, and so do the broker's
+//! nodes and which of them run. In a cluster every node serves the API: the first in `AMQP_URL`
+//! that answers is asked.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -51,12 +53,21 @@ pub struct QueueFigures {
     pub purpose: String,
 }
 
+/// A broker node, as the management API reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeFigures {
+    pub name: String,
+    #[serde(default)]
+    pub running: bool,
+}
+
 /// One view of the deployment.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
     pub namespace: String,
     pub taken_ms: u64,
     pub workers: Vec<WorkerStatus>,
+    pub nodes: Vec<NodeFigures>,
     pub queues: Vec<QueueFigures>,
     /// Why queue figures are missing, if they are.
     pub management_error: Option<String>,
@@ -152,18 +163,50 @@ fn purpose(ns: &str, name: &str) -> String {
     }
 }
 
+/// GET `path` (`{vhost}` in it replaced) from the management API: the one given, or else each
+/// node's in `AMQP_URL` order until one answers (a node that is down does not).
+fn management_get<T: serde::de::DeserializeOwned>(
+    broker: &BrokerSettings,
+    url: Option<&str>,
+    path: &str,
+) -> Result<T> {
+    let mut last = None;
+    for amqp in &broker.amqp_urls {
+        let management = Management::new(amqp, url)?;
+        match management.get_as(&path.replace("{vhost}", management.vhost())) {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+        if url.is_some() {
+            break;
+        }
+    }
+    Err(last.expect("at least one URL").into())
+}
+
+/// The broker's nodes and whether each runs.
+pub async fn nodes(broker: &BrokerSettings, url: Option<&str>) -> Result<Vec<NodeFigures>> {
+    let (broker, url) = (broker.clone(), url.map(String::from));
+    tokio::task::spawn_blocking(move || {
+        management_get(&broker, url.as_deref(), "/api/nodes?columns=name,running")
+    })
+    .await
+    .context("the management API request failed")?
+}
+
 /// The namespace's queues from the management API.
 pub async fn queue_figures(
     broker: &BrokerSettings,
     url: Option<&str>,
 ) -> Result<Vec<QueueFigures>> {
-    let management = Management::new(broker.amqp_url(), url)?;
     let ns = broker.namespace.clone();
+    let (broker, url) = (broker.clone(), url.map(String::from));
     tokio::task::spawn_blocking(move || -> Result<Vec<QueueFigures>> {
-        let all: Vec<QueueFigures> = management.get_as(&format!(
-            "/api/queues/{}?columns=name,messages_ready,messages_unacknowledged,consumers",
-            management.vhost()
-        ))?;
+        let all: Vec<QueueFigures> = management_get(
+            &broker,
+            url.as_deref(),
+            "/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers",
+        )?;
         let prefix = format!("{ns}.");
         Ok(all
             .into_iter()
@@ -190,14 +233,18 @@ pub async fn snapshot(
 }
 
 async fn take(broker: &BrokerSettings, w: &Watcher, url: Option<&str>) -> Snapshot {
-    let (queues, management_error) = match queue_figures(broker, url).await {
-        Ok(q) => (q, None),
-        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    let figures = async {
+        Ok::<_, anyhow::Error>((nodes(broker, url).await?, queue_figures(broker, url).await?))
+    };
+    let ((nodes, queues), management_error) = match figures.await {
+        Ok(f) => (f, None),
+        Err(e) => ((Vec::new(), Vec::new()), Some(format!("{e:#}"))),
     };
     Snapshot {
         namespace: broker.namespace.clone(),
         taken_ms: now_ms(),
         workers: w.alive(),
+        nodes,
         queues,
         management_error,
     }
@@ -240,6 +287,13 @@ fn render(s: &Snapshot) -> String {
             w.operand_rereads,
             w.uptime_s
         );
+    }
+    if !s.nodes.is_empty() {
+        out += &format!("\n{:<44} STATE\n", "BROKER NODE");
+        for n in &s.nodes {
+            let state = if n.running { "up" } else { "DOWN" };
+            out += &format!("{:<44} {state}\n", n.name);
+        }
     }
     out += &format!(
         "\n{:<44} {:>8} {:>8} {:>9}  {}\n",

@@ -53,6 +53,13 @@ async fn status_lists_live_workers_with_their_prefetch_and_the_queues() {
     };
     assert_eq!(prefetch("alpha"), Some(3.into()), "{snap:#}");
     assert_eq!(prefetch("beta"), Some(7.into()), "{snap:#}");
+    let nodes = snap["nodes"]
+        .as_array()
+        .expect("the broker's nodes are listed");
+    assert!(
+        !nodes.is_empty() && nodes.iter().all(|n| n["running"] == true),
+        "the one broker node is up: {snap:#}"
+    );
     let queues: Vec<&str> = snap["queues"]
         .as_array()
         .unwrap()
