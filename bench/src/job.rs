@@ -90,7 +90,8 @@ impl Job<'_> {
         (broker_cpu0, machine_cpu0): (Option<f64>, Option<f64>),
         run: &mut Run,
     ) -> Result<(f64, f64)> {
-        let (collector_exit, producer_exit) = self.watch(producer, collector, consumers)?;
+        let (collector_exit, producer_exit) =
+            watch(producer, collector, consumers, self.cli.timeout)?;
         // The broker's and the machine's CPU over the job, up to the collector's exit.
         let delta = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
         run.broker_cpu_seconds = delta(broker_cpu0, machine::broker_cpu_seconds());
@@ -297,57 +298,6 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// Until the collector exits; the producer must end well too, the consumers must not end.
-    fn watch(
-        &self,
-        producer: &Proc,
-        collector: &Proc,
-        consumers: &[Proc],
-    ) -> Result<(Exit, Option<Exit>)> {
-        let deadline = producer.started + self.cli.timeout;
-        let mut producer_exit = None;
-        let collector_exit = loop {
-            if producer_exit.is_none()
-                && let Some(e) = producer.try_exit()
-            {
-                let e = e?;
-                if e.code != Some(0) {
-                    bail!(
-                        "the producer failed ({}); {} ends:\n{}",
-                        e.describe(),
-                        producer.log.display(),
-                        producer.log_tail(20)
-                    );
-                }
-                producer_exit = Some(e);
-            }
-            if let Some(e) = collector.try_exit() {
-                break e?;
-            }
-            for c in consumers {
-                if let Some(e) = c.try_exit() {
-                    let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
-                    bail!(
-                        "consumer {} ended ({how}) during the job; {} ends:\n{}",
-                        c.name,
-                        c.log.display(),
-                        c.log_tail(20)
-                    );
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the job did not finish within {:?} (--timeout); the collector's log {} ends:\n{}",
-                    self.cli.timeout,
-                    collector.log.display(),
-                    collector.log_tail(10)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Ok((collector_exit, producer_exit))
-    }
-
     /// Stops the consumers (SIGTERM) and adds up the programs' CPU; returns what the broker
     /// sent the consumers and got from them during the job.
     fn stop_consumers(
@@ -472,4 +422,55 @@ impl Job<'_> {
         }
         run.broker = Some(broker);
     }
+}
+
+/// Until the collector exits; the producer must end well too, the consumers must not end.
+pub(crate) fn watch(
+    producer: &Proc,
+    collector: &Proc,
+    consumers: &[Proc],
+    timeout: Duration,
+) -> Result<(Exit, Option<Exit>)> {
+    let deadline = producer.started + timeout;
+    let mut producer_exit = None;
+    let collector_exit = loop {
+        if producer_exit.is_none()
+            && let Some(e) = producer.try_exit()
+        {
+            let e = e?;
+            if e.code != Some(0) {
+                bail!(
+                    "the producer failed ({}); {} ends:\n{}",
+                    e.describe(),
+                    producer.log.display(),
+                    producer.log_tail(20)
+                );
+            }
+            producer_exit = Some(e);
+        }
+        if let Some(e) = collector.try_exit() {
+            break e?;
+        }
+        for c in consumers {
+            if let Some(e) = c.try_exit() {
+                let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
+                bail!(
+                    "consumer {} ended ({how}) during the job; {} ends:\n{}",
+                    c.name,
+                    c.log.display(),
+                    c.log_tail(20)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the job did not finish within {:?} (--timeout); the collector's log {} ends:\n{}",
+                timeout,
+                collector.log.display(),
+                collector.log_tail(10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok((collector_exit, producer_exit))
 }

@@ -667,10 +667,24 @@ impl Env<'_> {
         ns: &str,
         extra: &[(&str, String)],
     ) -> Result<Proc> {
+        self.spawn_in(None, which, name, dir, ns, extra)
+    }
+
+    /// Like [`Env::spawn`], in network namespace `netns` when given (`--hosts`).
+    fn spawn_in(
+        &self,
+        netns: Option<&str>,
+        which: usize,
+        name: &str,
+        dir: &Path,
+        ns: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Proc> {
         let mut env = self.base.to_vec();
         env.push(("GEMMQ_NAMESPACE".into(), ns.into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         Proc::spawn(
+            netns,
             name,
             &self.bins[which],
             &env,

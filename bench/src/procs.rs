@@ -49,22 +49,10 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `program` with `env`, stdout and stderr to `log`, in `dir`.
+    /// Starts `program` with `env`, stdout and stderr to `log`, in `dir`; in network namespace
+    /// `netns` when given (`--hosts`): `ip netns exec` enters the namespace and execs the program
+    /// in the same process, so the pid, `wait4` and its figures are the program's own.
     pub fn spawn(
-        name: &str,
-        program: &Path,
-        env: &[(String, String)],
-        remove_env: &[&str],
-        dir: &Path,
-        log: PathBuf,
-    ) -> Result<Proc> {
-        Self::spawn_in(None, name, program, env, remove_env, dir, log)
-    }
-
-    /// Like [`Proc::spawn`], in network namespace `netns` when given. `ip netns exec` enters
-    /// the namespace and execs the program in the same process, so the pid, `wait4` and its
-    /// figures are the program's own.
-    pub fn spawn_in(
         netns: Option<&str>,
         name: &str,
         program: &Path,

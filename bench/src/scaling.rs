@@ -29,10 +29,8 @@ const MIB: f64 = (1 << 20) as f64;
 /// What the scenario was asked to run.
 struct Scenario<'a> {
     cli: &'a Cli,
-    bins: &'a [PathBuf; 3],
     hosts: &'a Hosts,
-    env: Vec<(String, String)>,
-    remove: Vec<&'a str>,
+    env: crate::Env<'a>,
     n: u64,
     tile: u64,
 }
@@ -103,23 +101,20 @@ pub fn run(cli: &Cli, bins: &[PathBuf; 3], extra_env: &[(String, String)]) -> Re
         broker_link: cli.broker_link_rate,
         dir: work_dir.join("hosts"),
     })?;
-    let mut env = vec![
-        ("AMQP_URL".to_string(), hosts.amqp_url()),
-        ("GEMMQ_MANAGEMENT_URL".into(), hosts.management_url()),
-        ("GEMMQ_CONNECT_TIMEOUT".into(), "20s".into()),
-        ("RUST_LOG".into(), "info".into()),
-    ];
-    env.extend(extra_env.iter().cloned());
-    let remove: Vec<String> = std::env::vars()
-        .map(|(k, _)| k)
-        .filter(|k| k.starts_with("GEMMQ_"))
-        .collect();
+    // The programs' usual environment, pointed at the broker's host.
+    let programs = crate::ProgramEnv::new(cli, extra_env)?;
+    let mut base = programs.base;
+    base.retain(|(k, _)| k != "AMQP_URL");
+    base.push(("AMQP_URL".into(), hosts.amqp_url()));
+    base.push(("GEMMQ_MANAGEMENT_URL".into(), hosts.management_url()));
     let scenario = Scenario {
         cli,
-        bins,
         hosts: &hosts,
-        env,
-        remove: remove.iter().map(String::as_str).collect(),
+        env: crate::Env {
+            bins,
+            base: &base,
+            remove: programs.remove.iter().map(String::as_str).collect(),
+        },
         n,
         tile,
     };
@@ -200,7 +195,7 @@ impl Scenario<'_> {
                         self.cli.modelled_gflops.to_string(),
                     ),
                 ];
-                self.spawn(
+                self.env.spawn_in(
                     Some(&hosts::worker_netns(i)),
                     CONSUMER,
                     &id,
@@ -213,8 +208,7 @@ impl Scenario<'_> {
         for c in &consumers {
             wait_for_log(c, "consuming tasks", READY)?;
         }
-        let collector = self.spawn(
-            None,
+        let collector = self.env.spawn(
             COLLECTOR,
             "collector",
             dir,
@@ -236,8 +230,7 @@ impl Scenario<'_> {
         )?;
         let before = self.hosts.counters()?;
         let cpu0 = self.hosts.broker_cpu_seconds();
-        let producer = self.spawn(
-            None,
+        let producer = self.env.spawn(
             PRODUCER,
             "producer",
             dir,
@@ -271,74 +264,27 @@ impl Scenario<'_> {
         Ok(())
     }
 
-    fn spawn(
-        &self,
-        netns: Option<&str>,
-        which: usize,
-        name: &str,
-        dir: &Path,
-        ns: &str,
-        extra: &[(&str, String)],
-    ) -> Result<Proc> {
-        let mut env = self.env.clone();
-        env.push(("GEMMQ_NAMESPACE".into(), ns.into()));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        Proc::spawn_in(
-            netns,
-            name,
-            &self.bins[which],
-            &env,
-            &self.remove,
-            dir,
-            dir.join(format!("{name}.log")),
-        )
-    }
-
     /// Until the collector has written a complete C; the producer must end well, and no
     /// consumer may end.
     fn finish(&self, producer: &Proc, collector: &Proc, consumers: &[Proc]) -> Result<()> {
-        let deadline = producer.started + self.cli.timeout;
-        loop {
-            if let Some(e) = collector.try_exit() {
-                let e = e?;
-                if e.code != Some(0) {
-                    bail!(
-                        "the collector did not finish the job ({}); {} ends:\n{}",
-                        e.describe(),
-                        collector.log.display(),
-                        collector.log_tail(20)
-                    );
-                }
-                break;
-            }
-            if let Some(e) = producer.try_exit().transpose()?
-                && e.code != Some(0)
-            {
-                bail!(
-                    "the producer failed ({}); {} ends:\n{}",
-                    e.describe(),
-                    producer.log.display(),
-                    producer.log_tail(20)
-                );
-            }
-            if let Some(c) = consumers.iter().find(|c| c.try_exit().is_some()) {
-                bail!(
-                    "consumer {} ended during the job; {} ends:\n{}",
-                    c.name,
-                    c.log.display(),
-                    c.log_tail(20)
-                );
-            }
-            if std::time::Instant::now() > deadline {
-                bail!(
-                    "the job did not finish within {:?} (--timeout)",
-                    self.cli.timeout
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let (collector_exit, producer_exit) =
+            crate::job::watch(producer, collector, consumers, self.cli.timeout)?;
+        if collector_exit.code != Some(0) {
+            bail!(
+                "the collector did not finish the job ({}); {} ends:\n{}",
+                collector_exit.describe(),
+                collector.log.display(),
+                collector.log_tail(20)
+            );
         }
-        match producer.wait(Duration::from_secs(60)) {
-            Some(Ok(e)) if e.code == Some(0) => Ok(()),
+        match producer_exit.or_else(|| {
+            producer
+                .wait(Duration::from_secs(60))
+                .transpose()
+                .ok()
+                .flatten()
+        }) {
+            Some(e) if e.code == Some(0) => Ok(()),
             _ => bail!(
                 "the producer did not end well; see {}",
                 producer.log.display()
