@@ -30,6 +30,7 @@ pub(crate) async fn retry(
         "task failed; retrying through the retry queue"
     );
     notify_failure(ctx, &tasks[0], attempt, reason).await;
+    release(ctx);
     match delivery
         .acker
         .nack(BasicNackOptions {
@@ -84,10 +85,10 @@ pub(crate) async fn send_results(
         // collector drops the results of it that did get through the second time.
         warn!(%job, %tiles, error = %e, "result not confirmed; returning the task to the queue");
         ctx.publisher_failed();
-        requeue(delivery).await;
+        requeue(ctx, delivery).await;
         return;
     }
-    ack(delivery, &tiles).await;
+    ack(ctx, delivery, &tiles).await;
     if sent.iter().any(|s| matches!(s, results::Sent::Unroutable)) {
         // No results queue: the job was finished and retired, or never announced.
         warn!(%job, %tiles, "job has no results queue (finished or deleted); dropping its task");
@@ -167,7 +168,7 @@ pub(crate) async fn park(
     if let Err(e) = parked {
         warn!(error = %e, %reason, "could not park the task; returning it to the queue");
         ctx.publisher_failed();
-        requeue(delivery).await;
+        requeue(ctx, delivery).await;
         return;
     }
     // One notice per tile: the collector counts tiles, whatever message carried them.
@@ -204,12 +205,12 @@ pub(crate) async fn park(
                 // notice retried.
                 warn!(job = %t.job, tile = %t.tile, error = %e, "could not tell the collector about the parked task; returning it to the queue");
                 ctx.publisher_failed();
-                requeue(delivery).await;
+                requeue(ctx, delivery).await;
                 return;
             }
         }
     }
-    ack(delivery, &tiles).await;
+    ack(ctx, delivery, &tiles).await;
     Stats::bump(&ctx.stats.parked);
     match tasks.first() {
         Some(t) => {
@@ -221,8 +222,16 @@ pub(crate) async fn park(
     }
 }
 
+/// This delivery stops counting as held: called just before it is acked or nacked, since the
+/// broker may send the next one as soon as it has the answer — counted after, the two would
+/// overlap and the worker seem to hold one more than its queue size.
+fn release(ctx: &Ctx) {
+    ctx.stats.held.fetch_sub(1, Ordering::Relaxed);
+}
+
 /// Hands a task back to the queue now (it is redelivered, to this worker or another).
-pub(crate) async fn requeue(delivery: &Delivery) {
+pub(crate) async fn requeue(ctx: &Ctx, delivery: &Delivery) {
+    release(ctx);
     let _ = delivery
         .acker
         .nack(BasicNackOptions {
@@ -232,7 +241,8 @@ pub(crate) async fn requeue(delivery: &Delivery) {
         .await;
 }
 
-pub(crate) async fn ack(delivery: &Delivery, tiles: &Tiles<'_>) {
+pub(crate) async fn ack(ctx: &Ctx, delivery: &Delivery, tiles: &Tiles<'_>) {
+    release(ctx);
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         // The channel died after the result was confirmed: the task will be redone and its
         // result arrive twice, which the collector handles.

@@ -30,8 +30,8 @@ pub(crate) async fn handle(ctx: Arc<Ctx>, delivery: Delivery) {
     Stats::bump(&ctx.stats.received);
     let held = ctx.stats.held.fetch_add(1, Ordering::Relaxed) + 1;
     ctx.stats.max_held.fetch_max(held, Ordering::Relaxed);
+    // Every way through settle acks or nacks the delivery once, which releases it.
     settle(&ctx, delivery).await;
-    ctx.stats.held.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Takes one delivery to its end: results published and acked, retried, or parked. A message
@@ -78,7 +78,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
             let fetching = tokio::select! {
                 p = ctx.fetch.acquire() => p.expect("the semaphore is never closed"),
                 _ = ctx.shutdown.cancelled() => {
-                    requeue(&delivery).await;
+                    requeue(ctx, &delivery).await;
                     return;
                 }
             };
@@ -91,7 +91,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
         _ = ctx.shutdown.cancelled() => {
             // Not started: give it back now rather than make it wait for the channel to close.
-            requeue(&delivery).await;
+            requeue(ctx, &delivery).await;
             return;
         }
     };
@@ -118,7 +118,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         Settlement::Park(reason) => park(ctx, &delivery, &tasks, attempt, reason).await,
         Settlement::Drop => {
             warn!(%job, %tiles, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
-            ack(&delivery, &tiles).await;
+            ack(ctx, &delivery, &tiles).await;
         }
         Settlement::Retry(reason) => retry(ctx, &delivery, &tasks, attempt, &reason).await,
     }
