@@ -163,32 +163,15 @@ fn purpose(ns: &str, name: &str) -> String {
     }
 }
 
-/// GET `path` (`{vhost}` in it replaced) from the management API: the one given, or else each
-/// node's in `AMQP_URL` order until one answers (a node that is down does not).
-fn management_get<T: serde::de::DeserializeOwned>(
-    broker: &BrokerSettings,
-    url: Option<&str>,
-    path: &str,
-) -> Result<T> {
-    let mut last = None;
-    for amqp in &broker.amqp_urls {
-        let management = Management::new(amqp, url)?;
-        match management.get_as(&path.replace("{vhost}", management.vhost())) {
-            Ok(v) => return Ok(v),
-            Err(e) => last = Some(e),
-        }
-        if url.is_some() {
-            break;
-        }
-    }
-    Err(last.expect("at least one URL").into())
-}
-
 /// The broker's nodes and whether each runs.
 pub async fn nodes(broker: &BrokerSettings, url: Option<&str>) -> Result<Vec<NodeFigures>> {
     let (broker, url) = (broker.clone(), url.map(String::from));
     tokio::task::spawn_blocking(move || {
-        management_get(&broker, url.as_deref(), "/api/nodes?columns=name,running")
+        Ok(Management::get_from_any(
+            &broker.amqp_urls,
+            url.as_deref(),
+            "/api/nodes?columns=name,running",
+        )?)
     })
     .await
     .context("the management API request failed")?
@@ -202,8 +185,8 @@ pub async fn queue_figures(
     let ns = broker.namespace.clone();
     let (broker, url) = (broker.clone(), url.map(String::from));
     tokio::task::spawn_blocking(move || -> Result<Vec<QueueFigures>> {
-        let all: Vec<QueueFigures> = management_get(
-            &broker,
+        let all: Vec<QueueFigures> = Management::get_from_any(
+            &broker.amqp_urls,
             url.as_deref(),
             "/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers",
         )?;

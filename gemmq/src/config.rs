@@ -261,11 +261,6 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl BrokerSettings {
-    /// The first node's URL: the one asked for the management API's address.
-    pub fn amqp_url(&self) -> &str {
-        &self.amqp_urls[0]
-    }
-
     /// The URLs with their passwords replaced, for logs.
     pub fn redacted_url(&self) -> String {
         let redacted: Vec<String> = self.amqp_urls.iter().map(|u| redact_url(u)).collect();
@@ -440,7 +435,6 @@ mod tests {
             s.amqp_urls,
             ["amqp://u:p@n1:5672/%2f", "amqp://u:p@n2:5672/%2f"]
         );
-        assert_eq!(s.amqp_url(), "amqp://u:p@n1:5672/%2f");
         assert_eq!(
             s.redacted_url(),
             "amqp://u:***@n1:5672/%2f,amqp://u:***@n2:5672/%2f"

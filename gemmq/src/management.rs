@@ -141,6 +141,32 @@ impl Management {
             })
     }
 
+    /// GET `path` (`{vhost}` in it replaced by the vhost) from a cluster's API: at
+    /// `management_url` when given, or else of each node in `amqp_urls` in turn until one
+    /// answers (every node serves it; one that is down does not).
+    pub fn get_from_any<T: DeserializeOwned>(
+        amqp_urls: &[String],
+        management_url: Option<&str>,
+        path: &str,
+    ) -> Result<T, ManagementError> {
+        let mut last = None;
+        for amqp in amqp_urls {
+            let api = Management::new(amqp, management_url)?;
+            match api.get_as(&path.replace("{vhost}", api.vhost())) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = Some(e),
+            }
+            if management_url.is_some() {
+                break;
+            }
+        }
+        Err(last.unwrap_or_else(|| ManagementError::Url {
+            what: "the AMQP URL",
+            url: String::new(),
+            reason: "no broker URL given".into(),
+        }))
+    }
+
     /// DELETE `path` (from `/api/...`).
     pub fn delete(&self, path: &str) -> Result<(), ManagementError> {
         let url = format!("{}{path}", self.base);

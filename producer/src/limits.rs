@@ -52,9 +52,13 @@ async fn broker_disk(s: &Settings, plan: &Plan) -> Result<()> {
     let need =
         (u128::from(plan.m) * u128::from(plan.k) + u128::from(plan.k) * u128::from(plan.n)) * size;
     let need = u64::try_from(need).unwrap_or(u64::MAX);
-    let (url, mgmt) = (s.broker.amqp_url().to_string(), s.management_url.clone());
+    let (urls, mgmt) = (s.broker.amqp_urls.clone(), s.management_url.clone());
     let nodes = tokio::task::spawn_blocking(move || {
-        gemmq::management::Management::new(&url, mgmt.as_deref()).and_then(|m| m.get("/api/nodes"))
+        gemmq::management::Management::get_from_any::<serde_json::Value>(
+            &urls,
+            mgmt.as_deref(),
+            "/api/nodes",
+        )
     })
     .await?;
     let nodes = match nodes {
