@@ -5,8 +5,9 @@
 //! list), there is a pool per node: a connection comes from the node that answered last, or else
 //! from the next in the list that answers. Getting one retries the round of nodes with capped,
 //! jittered exponential backoff ([`backon`]) and logs every failed try, until the configured
-//! connect timeout; a wrong password is not retried. Publishing goes through publisher confirms: [`ConfirmWindow`] keeps a bounded
-//! number outstanding, so throughput is not one round trip per message and memory stays bounded.
+//! connect timeout; a wrong password is not retried. Publishing goes through publisher
+//! confirms: [`ConfirmWindow`] keeps a bounded number outstanding, so throughput is not one
+//! round trip per message and memory stays bounded.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -186,7 +187,7 @@ impl Broker {
         })
     }
 
-    /// One try at each node, from the one that answered last; the last error when none did.
+    /// One try at each node, from the one that answered last; every node's error when none did.
     async fn round_of_nodes(&self, handshake: Duration) -> Result<deadpool_lapin::Object, String> {
         let n = self.pools.len();
         let first = self.current.load(Ordering::Relaxed) % n;
