@@ -153,8 +153,11 @@ impl Collection<'_> {
         let topology_failed =
             |e: gemmq::topology::TopologyError| permanent_or_lost(e.is_permanent(), e.into());
         self.topo.declare(&ch).await.map_err(topology_failed)?;
+        // Only what it consumes: it has the manifest already, and the manifest's classic queue
+        // is out of reach while its node is down (NOT_FOUND from every other node of a
+        // cluster), which made a collector that lost its node wait for that node to come back.
         self.topo
-            .declare_job(&ch, &self.manifest.job)
+            .declare_results(&ch, &self.manifest.job)
             .await
             .map_err(topology_failed)?;
         ch.basic_qos(self.settings.prefetch, BasicQosOptions { global: false })

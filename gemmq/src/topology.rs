@@ -217,12 +217,17 @@ impl Topology {
         exchange(ch, &self.events_exchange(), ExchangeKind::Fanout).await
     }
 
-    /// Declares one job's results and manifest queues.
-    pub async fn declare_job(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
+    /// Declares one job's results queue, and binds it.
+    pub async fn declare_results(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
         let mut results = plain_quorum();
         results.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         queue(ch, &self.results_queue(job), results).await?;
-        bind(ch, &self.results_queue(job), &self.results_exchange(), job).await?;
+        bind(ch, &self.results_queue(job), &self.results_exchange(), job).await
+    }
+
+    /// Declares one job's results, manifest and operand queues.
+    pub async fn declare_job(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
+        self.declare_results(ch, job).await?;
         // Classic, because the manifest is read by get-and-requeue, which a quorum queue would
         // count towards its delivery limit.
         queue(ch, &self.manifest_queue(job), FieldTable::default()).await?;
