@@ -34,7 +34,7 @@ impl Job<'_> {
             .with_context(|| format!("creating {}", self.dir.display()))?;
         self.reference(run)?;
         let operands = self.cli.operands.unwrap_or_default();
-        let mut producer_env = self.producer_env(operands);
+        let mut producer_env = producer_env(self.spec, self.cli.seed, operands);
         let consumers = self.start_consumers()?;
         if self.cli.warm {
             self.warm_up(&producer_env, &consumers)?;
@@ -187,31 +187,6 @@ impl Job<'_> {
         run.bench_peak_rss_mib = procs::own_peak_rss_mib();
 
         Ok(())
-    }
-
-    fn producer_env(&self, operands: Operands) -> Vec<(&'static str, String)> {
-        let mut producer_env: Vec<(&str, String)> = vec![
-            (
-                "GEMMQ_OPERANDS",
-                match operands {
-                    Operands::Inline => "inline",
-                    Operands::Stream => "stream",
-                }
-                .to_string(),
-            ),
-            ("GEMMQ_M", self.spec.n.to_string()),
-            ("GEMMQ_K", self.spec.n.to_string()),
-            ("GEMMQ_N", self.spec.n.to_string()),
-            ("GEMMQ_DTYPE", self.spec.dtype.to_string()),
-            ("GEMMQ_SEED", self.cli.seed.to_string()),
-        ];
-        if let Some(t) = self.spec.tile {
-            producer_env.push(("GEMMQ_TILE", t.to_string()));
-        }
-        if let Some(g) = self.spec.task_group {
-            producer_env.push(("GEMMQ_GROUP", g.to_string()));
-        }
-        producer_env
     }
 
     /// The job's collector, once it waits for the job.
@@ -473,4 +448,34 @@ pub(crate) fn watch(
         std::thread::sleep(Duration::from_millis(10));
     };
     Ok((collector_exit, producer_exit))
+}
+
+/// The producer's settings for `spec`'s square job, A and B from `seed`.
+pub(crate) fn producer_env(
+    spec: &Spec,
+    seed: u64,
+    operands: Operands,
+) -> Vec<(&'static str, String)> {
+    let mut env: Vec<(&str, String)> = vec![
+        (
+            "GEMMQ_OPERANDS",
+            match operands {
+                Operands::Inline => "inline",
+                Operands::Stream => "stream",
+            }
+            .to_string(),
+        ),
+        ("GEMMQ_M", spec.n.to_string()),
+        ("GEMMQ_K", spec.n.to_string()),
+        ("GEMMQ_N", spec.n.to_string()),
+        ("GEMMQ_DTYPE", spec.dtype.to_string()),
+        ("GEMMQ_SEED", seed.to_string()),
+    ];
+    if let Some(t) = spec.tile {
+        env.push(("GEMMQ_TILE", t.to_string()));
+    }
+    if let Some(g) = spec.task_group {
+        env.push(("GEMMQ_GROUP", g.to_string()));
+    }
+    env
 }

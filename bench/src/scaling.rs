@@ -17,11 +17,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use gemmq::DType;
+use gemmq::tiling::Operands;
 use serde::Serialize;
 
 use crate::hosts::{self, Counters, Hosts, Rate};
 use crate::procs::{Proc, wait_for_log};
-use crate::{COLLECTOR, CONSUMER, Cli, PRODUCER};
+use crate::{CONSUMER, Cli, PRODUCER};
 
 const READY: Duration = Duration::from_secs(60);
 const MIB: f64 = (1 << 20) as f64;
@@ -107,6 +108,12 @@ pub fn run(cli: &Cli, bins: &[PathBuf; 3], extra_env: &[(String, String)]) -> Re
     base.retain(|(k, _)| k != "AMQP_URL");
     base.push(("AMQP_URL".into(), hosts.amqp_url()));
     base.push(("GEMMQ_MANAGEMENT_URL".into(), hosts.management_url()));
+    // The modelled compute: the consumers sleep and send zeros, so the collector cannot verify.
+    base.push((
+        "GEMMQ_MODELLED_GFLOPS".into(),
+        cli.modelled_gflops.to_string(),
+    ));
+    base.push(("GEMMQ_VERIFY".into(), "false".into()));
     let scenario = Scenario {
         cli,
         hosts: &hosts,
@@ -188,41 +195,16 @@ impl Scenario<'_> {
         let consumers = (1..=w)
             .map(|i| {
                 let id = format!("{ns}-w{i}");
-                let extra = [
-                    ("GEMMQ_WORKER_ID", id.clone()),
-                    (
-                        "GEMMQ_MODELLED_GFLOPS",
-                        self.cli.modelled_gflops.to_string(),
-                    ),
-                ];
-                self.env.spawn_in(
-                    Some(&hosts::worker_netns(i)),
-                    CONSUMER,
-                    &id,
-                    dir,
-                    ns,
-                    &extra,
-                )
+                let extra = [("GEMMQ_WORKER_ID", id.clone())];
+                let netns = hosts::worker_netns(i);
+                self.env
+                    .spawn_in(Some(&netns), CONSUMER, &id, dir, ns, &extra)
             })
             .collect::<Result<Vec<_>>>()?;
         for c in &consumers {
             wait_for_log(c, "consuming tasks", READY)?;
         }
-        let collector = self.env.spawn(
-            COLLECTOR,
-            "collector",
-            dir,
-            ns,
-            &[
-                ("GEMMQ_JOB_ID", job.to_string()),
-                ("GEMMQ_OUT", "out".into()),
-                ("GEMMQ_VERIFY", "false".into()),
-                (
-                    "GEMMQ_IDLE_TIMEOUT",
-                    format!("{}s", self.cli.timeout.as_secs().max(1)),
-                ),
-            ],
-        )?;
+        let collector = crate::spawn_collector(self.cli, &self.env, dir, ns, job, "out")?;
         wait_for_log(
             &collector,
             "waiting for the producer to announce the job",
@@ -230,22 +212,21 @@ impl Scenario<'_> {
         )?;
         let before = self.hosts.counters()?;
         let cpu0 = self.hosts.broker_cpu_seconds();
-        let producer = self.env.spawn(
-            PRODUCER,
-            "producer",
-            dir,
-            ns,
-            &[
-                ("GEMMQ_JOB_ID", job.to_string()),
-                ("GEMMQ_M", self.n.to_string()),
-                ("GEMMQ_K", self.n.to_string()),
-                ("GEMMQ_N", self.n.to_string()),
-                ("GEMMQ_DTYPE", "f64".into()),
-                ("GEMMQ_SEED", self.cli.seed.to_string()),
-                ("GEMMQ_TILE", self.tile.to_string()),
-                ("GEMMQ_OPERANDS", "stream".into()),
-            ],
-        )?;
+        let spec = crate::Spec {
+            label: job.to_string(),
+            group: job.to_string(),
+            n: self.n,
+            dtype: DType::F64,
+            tile: Some(self.tile),
+            small_tasks: false,
+            queue_size: None,
+            task_group: None,
+        };
+        let mut producer_env = crate::job::producer_env(&spec, self.cli.seed, Operands::Stream);
+        producer_env.push(("GEMMQ_JOB_ID", job.to_string()));
+        let producer = self
+            .env
+            .spawn(PRODUCER, "producer", dir, ns, &producer_env)?;
         self.finish(&producer, &collector, &consumers)?;
         let traffic = &self.hosts.counters()? - &before;
         row.broker_cpu_seconds = Some(self.hosts.broker_cpu_seconds() - cpu0);

@@ -386,11 +386,12 @@ mod tests {
 
     #[test]
     fn bad_values_are_rejected_with_the_setting_named() {
-        let bad = BrokerOptions {
-            amqp_url: Some("http://x".into()),
-            ..Default::default()
-        };
-        assert!(bad.resolve().unwrap_err().to_string().contains("amqp-url"));
+        assert!(
+            with_url("http://x")
+                .unwrap_err()
+                .to_string()
+                .contains("amqp-url")
+        );
         let bad = BrokerOptions {
             namespace: Some("has space".into()),
             ..Default::default()
@@ -412,25 +413,24 @@ mod tests {
         assert!("soon".parse::<DurationRange>().is_err());
     }
 
-    #[test]
-    fn passwords_stay_out_of_logs() {
-        let s = BrokerOptions {
-            amqp_url: Some("amqp://user:secret@host:5672/%2f".into()),
+    /// The broker settings with `AMQP_URL` = `url` and the rest defaults.
+    fn with_url(url: &str) -> Result<BrokerSettings, ConfigError> {
+        BrokerOptions {
+            amqp_url: Some(url.into()),
             ..Default::default()
         }
         .resolve()
-        .unwrap();
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        let s = with_url("amqp://user:secret@host:5672/%2f").unwrap();
         assert_eq!(s.redacted_url(), "amqp://user:***@host:5672/%2f");
     }
 
     #[test]
     fn a_cluster_is_a_comma_separated_list_of_nodes_tried_in_order() {
-        let s = BrokerOptions {
-            amqp_url: Some("amqp://u:p@n1:5672/%2f, amqp://u:p@n2:5672/%2f,".into()),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        let s = with_url("amqp://u:p@n1:5672/%2f, amqp://u:p@n2:5672/%2f,").unwrap();
         assert_eq!(
             s.amqp_urls,
             ["amqp://u:p@n1:5672/%2f", "amqp://u:p@n2:5672/%2f"]
@@ -440,13 +440,7 @@ mod tests {
             "amqp://u:***@n1:5672/%2f,amqp://u:***@n2:5672/%2f"
         );
         for bad in ["amqp://u:secret@n1/%2f,n2:5672", " , "] {
-            let err = BrokerOptions {
-                amqp_url: Some(bad.into()),
-                ..Default::default()
-            }
-            .resolve()
-            .unwrap_err()
-            .to_string();
+            let err = with_url(bad).unwrap_err().to_string();
             assert!(err.contains("amqp-url"), "{bad}: {err}");
             assert!(!err.contains("secret"), "{bad}: {err}");
         }
