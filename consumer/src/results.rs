@@ -3,29 +3,37 @@
 //!
 //! A handler hands its tile to [`Results::send`] and waits for the broker's confirm before it
 //! acks its task — the same guarantee as publishing alone. One publisher task takes every
-//! result queued while the previous message was awaiting its confirm and sends them as one
-//! [`ResultBatch`] (group commit): with big tiles the queue is nearly always empty and each
-//! result goes alone, as a plain `Result`; with thousands of tiny tiles the broker and the
+//! result queued while it waited for room in its window of unconfirmed messages and sends them
+//! as one [`ResultBatch`] (group commit): with big tiles the queue is nearly always empty and
+//! each result goes alone, as a plain `Result`; with thousands of tiny tiles the broker and the
 //! collector see a fraction of the messages.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use gemmq::broker::{PublishError, persistent, publish_confirmed};
+use gemmq::broker::{InFlight, PublishError, persistent};
 use gemmq::message::{self, BatchedTile, Header, ResultBatch, ResultHeader, kind};
 use gemmq::tiling::HEADER_BUDGET;
 use gemmq::topology::Topology;
 use lapin::Channel;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::Stats;
 
 /// Results up to this size are gathered (and never more than the message limit allows); a
 /// bigger one goes alone.
 const BATCH_BYTES: usize = 1 << 20;
-/// The most tiles in one message: at most ~150 bytes of JSON each keeps the header within the
-/// [`HEADER_BUDGET`] that every message's size limit leaves for it.
-const BATCH_TILES: usize = 24;
+/// The most tiles in one message: a whole group of tiny tiles (`tiling::MAX_GROUP`), so that
+/// the broker and the collector see one result message per task message.
+const BATCH_TILES: usize = gemmq::message::MAX_GROUP;
+/// The largest header a batch of [`BATCH_TILES`] can have (at most ~150 bytes of JSON a tile):
+/// more than the [`HEADER_BUDGET`] a single result keeps, so a batch's payload leaves this
+/// much of the message size limit free instead.
+const BATCH_HEADER_BYTES: u64 = 12 * 1024;
+/// Batches awaiting their confirms at once. One at a time, a group of 64 tiny tiles waited for
+/// three confirm round trips in a row (each a quorum-queue write) and the worker idled between
+/// them; with several in flight they share one.
+const IN_FLIGHT: usize = 8;
 
 /// What became of a result.
 #[derive(Debug)]
@@ -58,7 +66,7 @@ impl Results {
         stats: Arc<Stats>,
     ) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
-        let room = max_message_bytes.saturating_sub(HEADER_BUDGET);
+        let room = max_message_bytes.saturating_sub(BATCH_HEADER_BYTES.max(HEADER_BUDGET));
         let max_bytes = BATCH_BYTES.min(usize::try_from(room).unwrap_or(usize::MAX));
         tokio::spawn(publish_loop(channel, topo, rx, max_bytes, stats));
         Results { queue }
@@ -96,6 +104,7 @@ async fn publish_loop(
     max_bytes: usize,
     stats: Arc<Stats>,
 ) {
+    let window = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carry: Option<Pending> = None;
     loop {
         let first = match carry.take() {
@@ -105,6 +114,11 @@ async fn publish_loop(
                 None => return,
             },
         };
+        // Waiting for room first lets the results that arrive meanwhile join this batch.
+        let room = Arc::clone(&window)
+            .acquire_owned()
+            .await
+            .expect("the window is never closed");
         let mut batch = vec![first];
         let mut bytes = batch[0].bytes.len();
         while batch.len() < BATCH_TILES && bytes < max_bytes {
@@ -120,24 +134,32 @@ async fn publish_loop(
             bytes += next.bytes.len();
             batch.push(next);
         }
-        let outcome = publish(&ch, &topo, &batch).await;
-        tracing::debug!(
-            tiles = batch.len(),
-            bytes,
-            confirmed = outcome.is_ok(),
-            "results published"
-        );
-        if outcome.is_ok() {
-            stats.result_messages.fetch_add(1, Ordering::Relaxed);
-        }
-        for p in batch {
-            let sent = match &outcome {
-                Ok(()) => Sent::Confirmed,
-                Err(e) if e.is_unroutable() => Sent::Unroutable,
-                Err(e) => Sent::Failed(e.to_string()),
+        let sending = publish(&ch, &topo, &batch).await;
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let outcome = match sending {
+                Ok(in_flight) => in_flight.confirmed().await,
+                Err(e) => Err(e),
             };
-            let _ = p.done.send(sent);
-        }
+            drop(room);
+            tracing::debug!(
+                tiles = batch.len(),
+                bytes,
+                confirmed = outcome.is_ok(),
+                "results published"
+            );
+            if outcome.is_ok() {
+                stats.result_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            for p in batch {
+                let sent = match &outcome {
+                    Ok(()) => Sent::Confirmed,
+                    Err(e) if e.is_unroutable() => Sent::Unroutable,
+                    Err(e) => Sent::Failed(e.to_string()),
+                };
+                let _ = p.done.send(sent);
+            }
+        });
     }
 }
 
@@ -179,9 +201,13 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
     )
 }
 
-async fn publish(ch: &Channel, topo: &Topology, batch: &[Pending]) -> Result<(), PublishError> {
+async fn publish(
+    ch: &Channel,
+    topo: &Topology,
+    batch: &[Pending],
+) -> Result<InFlight, PublishError> {
     let (body, id, kind, what) = encode_batch(batch);
-    publish_confirmed(
+    InFlight::publish(
         ch,
         &topo.results_exchange(),
         &batch[0].header.job,
@@ -224,16 +250,23 @@ mod tests {
     }
 
     #[test]
-    fn a_full_batch_leaves_its_header_within_the_budget_every_message_keeps_for_it() {
+    fn a_full_batch_leaves_its_header_within_the_room_kept_for_it() {
         let batch: Vec<_> = (0..BATCH_TILES as u32).map(|r| pending(r, 8)).collect();
         let (body, _, kind, _) = encode_batch(&batch);
         assert_eq!(kind, kind::RESULTS);
         let payload = 8 * BATCH_TILES as u64;
+        let header = body.len() as u64 - payload;
+        assert!(header <= BATCH_HEADER_BYTES, "header of {header} bytes");
         assert!(
-            body.len() as u64 - payload <= HEADER_BUDGET,
-            "header of {} bytes",
-            body.len() as u64 - payload
+            header <= message::MAX_HEADER_BYTES as u64,
+            "the collector refuses a header of {header} bytes"
         );
+    }
+
+    #[test]
+    fn a_single_result_keeps_its_header_within_the_budget_of_every_message() {
+        let (body, _, _, _) = encode_batch(&[pending(7, 8)]);
+        assert!(body.len() as u64 - 8 <= HEADER_BUDGET);
     }
 
     #[test]

@@ -280,6 +280,35 @@ pub async fn publish_confirmed(
     settle(confirm, what).await
 }
 
+/// A mandatory message the broker has been sent but not yet confirmed: a publisher that keeps
+/// several of these in flight waits one confirm round trip for all of them, not one each.
+pub struct InFlight {
+    confirm: PublisherConfirm,
+    what: String,
+}
+
+impl InFlight {
+    /// Publishes one mandatory message; [`InFlight::confirmed`] waits for the broker's confirm.
+    pub async fn publish(
+        ch: &Channel,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        what: impl Into<String>,
+    ) -> Result<InFlight, PublishError> {
+        let what = what.into();
+        let confirm = publish(ch, exchange, key, body, props, &what).await?;
+        Ok(InFlight { confirm, what })
+    }
+
+    /// Waits for the confirm: an error if the broker nacked the message, no queue took it, or
+    /// the channel closed first.
+    pub async fn confirmed(self) -> Result<(), PublishError> {
+        settle(self.confirm, self.what).await
+    }
+}
+
 async fn publish(
     ch: &Channel,
     exchange: &str,
