@@ -5,11 +5,14 @@
 //! the blocks in flight, whatever the size of the job; the producer and the collector walk the
 //! same sources row by row to work out what C·x must be ([`crate::verify`]).
 //!
-//! A seeded matrix is defined entry by entry: the entries of row `i`, columns `s·256 ..
-//! (s+1)·256`, are the draws of a random stream of their own, seeded from the matrix's seed, `i`
-//! and `s`. Any block is then made without making what comes before it, and the same seed gives
-//! the same matrix whatever the tiling. (Before December 2026 a matrix was one stream, row-major:
-//! the same seed gave other numbers.)
+//! A seeded matrix is defined entry by entry: the entry at row `i`, column `j` is the `j`-th
+//! output of a SplitMix64 generator whose state starts from the matrix's seed and `i`
+//! (counter-based: computed from `j` directly). Any block is then made without making what comes
+//! before it, and the same seed gives the same matrix whatever the tiling. SplitMix64 passes
+//! BigCrush and costs a few multiplications an entry, several times cheaper than the ChaCha
+//! streams it replaced (the producer made A and B on the same cores as the job). The same seed
+//! has given other numbers twice: before December 2026 (one stream, row-major) and before
+//! 5 December 2026 (a ChaCha stream per 256 columns of a row).
 //!
 //! A `.npy` file is read where it lies: each row of a block is one positioned read
 //! (`pread`) at its offset, so a file larger than the machine's memory can be published. The
@@ -22,14 +25,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 
 use crate::matrix::{Element, Matrix, MatrixError};
 use crate::message::DType;
-
-/// Columns of a seeded row that share one random stream.
-const SEGMENT: usize = 256;
 
 /// One of A and B.
 #[derive(Debug)]
@@ -248,34 +246,31 @@ impl Operand {
 
 impl Seeded {
     fn fill<T: Element>(&self, i: usize, cols: Range<usize>, out: &mut [T]) {
-        let mut j = cols.start;
-        let mut out = out.iter_mut();
-        while j < cols.end {
-            let segment = j / SEGMENT;
-            let mut rng = StdRng::seed_from_u64(stream_seed(self.seed, i as u64, segment as u64));
-            // Draws before `j` in its segment are made and dropped: at most SEGMENT - 1.
-            for _ in segment * SEGMENT..j {
-                let _: f64 = rng.random_range(-1.0..1.0);
-            }
-            let end = ((segment + 1) * SEGMENT).min(cols.end);
-            for v in out.by_ref().take(end - j) {
-                *v = T::from_f64(rng.random_range(-1.0..1.0));
-            }
-            j = end;
+        let row = row_state(self.seed, i as u64);
+        for (v, j) in out.iter_mut().zip(cols) {
+            *v = T::from_f64(entry(row, j as u64));
         }
     }
 }
 
-/// The seed of one segment's stream: SplitMix64's finaliser over the three numbers, so
-/// neighbouring rows and segments get unrelated streams.
-fn stream_seed(seed: u64, row: u64, segment: u64) -> u64 {
-    fn mix(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    mix(mix(mix(seed) ^ row) ^ segment)
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Where row `row`'s generator starts: mixed, so neighbouring rows get unrelated streams.
+fn row_state(seed: u64, row: u64) -> u64 {
+    mix(mix(seed.wrapping_add(GOLDEN_GAMMA)) ^ row)
+}
+
+/// The `col`-th draw of the row's generator, uniform in [-1, 1): its top 53 bits as a fraction.
+fn entry(row_state: u64, col: u64) -> f64 {
+    let bits = mix(row_state.wrapping_add(col.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA)));
+    (bits >> 11) as f64 * (2.0 / (1u64 << 53) as f64) - 1.0
 }
 
 impl NpyFile {
@@ -459,6 +454,19 @@ mod tests {
         assert!(whole.iter().all(|v| (-1.0..1.0).contains(v)));
         let mean = whole.sum() / whole.len() as f64;
         assert!(mean.abs() < 0.01, "uniform on [-1, 1): mean {mean}");
+        let variance = whole.mapv(|v| v * v).sum() / whole.len() as f64 - mean * mean;
+        assert!((variance - 1.0 / 3.0).abs() < 0.01, "variance {variance}");
+        // Neighbouring rows, and the same row of another seed, are unrelated streams.
+        let other: Array2<f64> = Operand::seeded_pair(300, 700, 5, DType::F64, 43)
+            .0
+            .block(0..1, 0..700)
+            .unwrap();
+        let correlation = |x: ndarray::ArrayView1<f64>, y: ndarray::ArrayView1<f64>| {
+            (&x * &y).sum() / x.len() as f64 * 3.0
+        };
+        let rows = correlation(whole.row(0), whole.row(1));
+        let seeds = correlation(whole.row(0), other.row(0));
+        assert!(rows.abs() < 0.15 && seeds.abs() < 0.15, "{rows} {seeds}");
     }
 
     #[test]
