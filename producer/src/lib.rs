@@ -80,7 +80,7 @@ pub struct ProducerOptions {
     /// [default: auto]
     #[arg(long, env = "GEMMQ_GROUP")]
     pub group: Option<GroupSize>,
-    /// Publisher confirms outstanding at once [default: 256]
+    /// Publisher confirms outstanding at once [default: 64]
     #[arg(long, env = "GEMMQ_CONFIRM_WINDOW")]
     pub confirm_window: Option<usize>,
     /// Refuse a job whose C would be larger than this; the collector's setting of the same
