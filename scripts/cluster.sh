@@ -2,6 +2,7 @@
 # A 3-node RabbitMQ 4 cluster in Docker, to run gemmq against a cluster by hand:
 #
 #   scripts/cluster.sh up      # nodes n1..n3, AMQP on 127.0.0.1:5681..5683, UI on :15681..15683
+#   scripts/cluster.sh stop 1  # lose node n1 (`start 1` brings it back and waits for it)
 #   scripts/cluster.sh down
 #
 # Then, for every program:
@@ -49,8 +50,28 @@ up() {
     | python3 -c 'import json, sys; print("cluster up, running:", " ".join(sorted(json.load(sys.stdin)["running_nodes"])))'
 }
 
+# Stops node n<i> (as a crash of its machine would, but cleanly enough to restart).
+stop_node() {
+  docker stop -t 5 "gemmq-cluster-n$1" >/dev/null
+}
+
+# Starts node n<i> again and waits until the cluster counts it running.
+start_node() {
+  docker start "gemmq-cluster-n$1" >/dev/null
+  for _ in $(seq 90); do
+    if docker exec "gemmq-cluster-n$1" rabbitmq-diagnostics -q check_running >/dev/null 2>&1; then
+      return 0
+    fi
+    sleep 1
+  done
+  echo "node n$1 did not come back within 90 s" >&2
+  return 1
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  stop) stop_node "${2:?which node: 1, 2 or 3}" ;;
+  start) start_node "${2:?which node: 1, 2 or 3}" ;;
+  *) echo "usage: $0 up|down|stop N|start N" >&2; exit 2 ;;
 esac

@@ -153,9 +153,9 @@ impl Collection<'_> {
         let topology_failed =
             |e: gemmq::topology::TopologyError| permanent_or_lost(e.is_permanent(), e.into());
         self.topo.declare(&ch).await.map_err(topology_failed)?;
-        // Only what it consumes: it has the manifest already, and the manifest's classic queue
-        // is out of reach while its node is down (NOT_FOUND from every other node of a
-        // cluster), which made a collector that lost its node wait for that node to come back.
+        // Only what it consumes: it has the manifest already (and a job announced by a gemmq
+        // before 5 December 2026 has a classic manifest queue, out of reach while its node is
+        // down: NOT_FOUND from every other node of a cluster).
         self.topo
             .declare_results(&ch, &self.manifest.job)
             .await

@@ -13,7 +13,7 @@
 //! {ns}.events  exchange (fanout): transient worker heartbeats, for whoever watches
 //! {ns}.results exchange (direct) ─job id─▶ {ns}.job.<id>.results  quorum queue, single active
 //!                                           consumer: one collector assembles, others stand by
-//!                                           {ns}.job.<id>.manifest classic queue holding the
+//!                                           {ns}.job.<id>.manifest quorum queue holding the
 //!                                           job's manifest, read without being consumed
 //! {ns}.operands exchange (topic) ─job id─▶ {ns}.job.<id>.operands stream: each block of A and B
 //!                     │                      once; a worker reads the blocks its tasks need,
@@ -27,7 +27,14 @@
 //! PRECONDITION_FAILED); [`TopologyError::Mismatch`] turns that into advice.
 //!
 //! Why these arguments:
-//! * Quorum queues replicate and survive broker restarts; they are always durable.
+//! * Quorum queues replicate and survive broker restarts; they are always durable. Every queue
+//!   a job needs is a quorum queue or a stream, so a cluster that loses a node (a minority of
+//!   each queue's replicas) loses nothing a job needs. How many replicas each has is the
+//!   broker's setting, not an argument here: RabbitMQ's equivalence check counts
+//!   `x-quorum-initial-group-size` and `x-initial-cluster-size`, so adding them would make every
+//!   existing deployment's shared queues refuse redeclaration (docs/OPERATIONS.md says how to
+//!   set them). Only the workers' notice queues are classic: each lives and dies with its
+//!   worker's connection, which declares a new one on whichever node it reconnects to.
 //! * Quorum dead-lettering is at-most-once unless `x-dead-letter-strategy = at-least-once`, which
 //!   the broker silently ignores unless `x-overflow = reject-publish` is set too. Both are set.
 //! * `x-delivery-limit` bounds crash loops (a task that kills its worker is redelivered with
@@ -56,6 +63,9 @@ use crate::config::ConfigError;
 pub const TASK_KEY: &str = "task";
 /// How many crash-loop redeliveries a task gets before the broker counts it as a failed attempt.
 pub const DELIVERY_LIMIT: i64 = 10;
+/// How often a job's manifest may be read (each read is a delivery and a requeue): never
+/// reached in practice (a read a millisecond for three weeks).
+pub const MANIFEST_READS: i64 = i32::MAX as i64;
 /// The most notices a worker's notice queue holds before the oldest is dropped: a worker that
 /// misses one drops that job's blocks when its cache needs the room.
 pub const NOTICES_MAX: i64 = 1000;
@@ -228,9 +238,15 @@ impl Topology {
     /// Declares one job's results, manifest and operand queues.
     pub async fn declare_job(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
         self.declare_results(ch, job).await?;
-        // Classic, because the manifest is read by get-and-requeue, which a quorum queue would
-        // count towards its delivery limit.
-        queue(ch, &self.manifest_queue(job), FieldTable::default()).await?;
+        // Quorum, so that the manifest outlives any one node of a cluster. It is read by get and
+        // reject-with-requeue, which counts as a delivery: the limit (RabbitMQ 4 defaults it to
+        // 20, and then drops the message) is set out of reach.
+        let mut manifest = plain_quorum();
+        manifest.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(MANIFEST_READS),
+        );
+        queue(ch, &self.manifest_queue(job), manifest).await?;
         // A stream: read by many workers, each from wherever it likes, without consuming it.
         let mut operands = FieldTable::default();
         operands.insert("x-queue-type".into(), text("stream"));
