@@ -128,7 +128,12 @@ async fn a_job_that_cannot_fit_the_collector_or_the_brokers_disk_is_refused_up_f
         "{log}"
     );
     // A and B of 512 × 2³¹ and 2³¹ × 512: 16 TiB for the operand stream, more than any
-    // broker's disk, for a C of 2 MiB.
+    // broker's disk, for a C of 2 MiB. The broker's free disk comes from its management API:
+    // without it the producer would go ahead and publish for hours.
+    if common::broker::management_url().is_none() && common::try_mgmt("/overview").is_none() {
+        eprintln!("the broker's disk check skipped: no management API");
+        return;
+    }
     let k = (1u64 << 31).to_string();
     let (code, _, log) = producer(
         &env,
@@ -137,11 +142,8 @@ async fn a_job_that_cannot_fit_the_collector_or_the_brokers_disk_is_refused_up_f
         ],
         &[],
     );
-    if common::broker::management_url().is_some() || common::try_mgmt("/overview").is_some() {
-        assert_eq!(code, Some(2), "{log}");
-        assert!(log.contains("of the broker's disk"), "{log}");
-    }
-    assert!(!log.contains("all tasks published"), "{log}");
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("of the broker's disk"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -841,3 +841,64 @@ fn run_local_uses_the_same_variables() {
         );
     }
 }
+
+/// docker-compose.cluster.yml, with its merge keys applied.
+fn cluster_compose() -> Value {
+    let mut v: Value = serde_yaml_ng::from_str(&read("docker-compose.cluster.yml"))
+        .expect("docker-compose.cluster.yml is valid YAML");
+    v.apply_merge()
+        .expect("the merge keys of docker-compose.cluster.yml apply");
+    v
+}
+
+#[test]
+fn the_cluster_file_adds_two_nodes_that_join_the_first_and_gives_every_program_all_three() {
+    let c = cluster_compose();
+    let conf = read("config/rabbitmq-cluster.conf");
+    for node in ["rabbitmq", "rabbitmq2", "rabbitmq3"] {
+        let svc = service(&c, node);
+        assert!(
+            conf.contains(&format!("= rabbit@{node}")),
+            "config/rabbitmq-cluster.conf does not list rabbit@{node}"
+        );
+        let mounts = volumes(svc);
+        assert!(
+            mounts
+                .iter()
+                .any(|(src, target, ro)| src == "./config/rabbitmq-cluster.conf"
+                    && target.starts_with("/etc/rabbitmq/conf.d/")
+                    && *ro),
+            "{node} must read the cluster configuration: {mounts:?}"
+        );
+        let env = environment(svc);
+        assert!(
+            env.get("RABBITMQ_COOKIE")
+                .and_then(|v| v.as_deref())
+                .is_some_and(|v| v.contains(":?")),
+            "{node}: the cookie must come from .env, required"
+        );
+    }
+    // Every node but the first has a fixed host name: node names are rabbit@<host name>.
+    for node in ["rabbitmq2", "rabbitmq3"] {
+        assert_eq!(string(&service(&c, node)["hostname"]), node);
+    }
+    for program in ["producer", "consumer", "collector"] {
+        let url = environment(service(&c, program))
+            .remove("AMQP_URL")
+            .flatten()
+            .unwrap_or_else(|| panic!("{program} gets no AMQP_URL"));
+        let hosts: Vec<&str> = url
+            .split(',')
+            .map(|u| u.rsplit_once('@').map_or(u, |(_, h)| h))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "rabbitmq:5672/%2f",
+                "rabbitmq2:5672/%2f",
+                "rabbitmq3:5672/%2f"
+            ],
+            "{program}"
+        );
+    }
+}
