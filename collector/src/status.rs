@@ -49,8 +49,26 @@ pub struct QueueFigures {
     pub messages_unacknowledged: u64,
     #[serde(default)]
     pub consumers: u64,
+    /// The nodes holding a replica of a quorum queue or stream (none for a classic queue).
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Those of them that are up.
+    #[serde(default)]
+    pub online: Vec<String>,
     #[serde(default)]
     pub purpose: String,
+}
+
+impl QueueFigures {
+    /// "online/replicas" for a replicated queue (`2/3`: one node holding a replica is down),
+    /// "-" for a classic one.
+    pub fn replicas(&self) -> String {
+        if self.members.is_empty() {
+            "-".into()
+        } else {
+            format!("{}/{}", self.online.len(), self.members.len())
+        }
+    }
 }
 
 /// A broker node, as the management API reports it.
@@ -188,7 +206,7 @@ pub async fn queue_figures(
         let all: Vec<QueueFigures> = Management::get_from_any(
             &broker.amqp_urls,
             url.as_deref(),
-            "/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers",
+            "/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers,members,online",
         )?;
         let prefix = format!("{ns}.");
         Ok(all
@@ -279,13 +297,18 @@ fn render(s: &Snapshot) -> String {
         }
     }
     out += &format!(
-        "\n{:<44} {:>8} {:>8} {:>9}  {}\n",
-        "QUEUE", "READY", "UNACKED", "CONSUMERS", "WHAT"
+        "\n{:<44} {:>8} {:>8} {:>9} {:>8}  {}\n",
+        "QUEUE", "READY", "UNACKED", "CONSUMERS", "REPLICAS", "WHAT"
     );
     for q in &s.queues {
         out += &format!(
-            "{:<44} {:>8} {:>8} {:>9}  {}\n",
-            q.name, q.messages_ready, q.messages_unacknowledged, q.consumers, q.purpose
+            "{:<44} {:>8} {:>8} {:>9} {:>8}  {}\n",
+            q.name,
+            q.messages_ready,
+            q.messages_unacknowledged,
+            q.consumers,
+            q.replicas(),
+            q.purpose
         );
     }
     if let Some(e) = &s.management_error {
@@ -332,6 +355,33 @@ pub async fn run(args: StatusArgs, shutdown: CancellationToken) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_read_online_over_members_and_a_dash_for_a_classic_queue() {
+        let q = |members: &[&str], online: &[&str]| QueueFigures {
+            name: "gemmq.tasks".into(),
+            messages_ready: 0,
+            messages_unacknowledged: 0,
+            consumers: 0,
+            members: members.iter().map(|s| s.to_string()).collect(),
+            online: online.iter().map(|s| s.to_string()).collect(),
+            purpose: String::new(),
+        };
+        assert_eq!(q(&["n1", "n2", "n3"], &["n2", "n3"]).replicas(), "2/3");
+        assert_eq!(q(&[], &[]).replicas(), "-");
+        let rendered = render(&Snapshot {
+            namespace: "gemmq".into(),
+            taken_ms: 0,
+            workers: Vec::new(),
+            nodes: Vec::new(),
+            queues: vec![q(&["n1", "n2", "n3"], &["n2", "n3"])],
+            management_error: None,
+        });
+        assert!(
+            rendered.contains("REPLICAS") && rendered.contains(" 2/3 "),
+            "{rendered}"
+        );
+    }
 
     #[test]
     fn queues_are_explained() {

@@ -101,6 +101,15 @@ async fn status_lists_live_workers_with_their_prefetch_and_the_queues() {
         figures.purpose.contains("waiting for a worker"),
         "{figures:?}"
     );
+    // A quorum queue lists its replicas, every one of them up on a healthy broker.
+    assert!(
+        !figures.members.is_empty() && figures.online.len() == figures.members.len(),
+        "{figures:?}"
+    );
+    assert_eq!(
+        figures.replicas(),
+        format!("{0}/{0}", figures.members.len())
+    );
     drop((a, b));
     env.cleanup(&[]).await;
 }
