@@ -121,7 +121,10 @@ async fn two_jobs_at_once_on_the_same_workers_each_get_their_own_c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
     let mut env = Env::new("wrong");
-    let receipt = gemmq_producer::run(&env.producer("wrong", (64, 32, 64), 32))
+    // 64 tiles: the worker computes (0, 0) among its first, so its right result reaches the
+    // collector before the job is complete (with 4 tiles it was sometimes last, after the
+    // collector had stopped, and never counted).
+    let receipt = gemmq_producer::run(&env.producer("wrong", (256, 32, 256), 32))
         .await
         .expect("the producer publishes the job");
     // Before any worker: a well-formed result for tile (0, 0) that is all zeros, first on the
@@ -171,7 +174,7 @@ async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
     assert_eq!(gemmq_collector::EXIT_UNVERIFIED, 4);
     // Not a terminal: progress comes as log lines, the last one at 100%.
     assert!(
-        collector.log().contains("progress done=4 total=4"),
+        collector.log().contains("progress done=64 total=64"),
         "{}",
         collector.log()
     );
