@@ -46,6 +46,13 @@ up() {
     docker exec "gemmq-cluster-n$i" rabbitmqctl -q join_cluster rabbit@n1
     docker exec "gemmq-cluster-n$i" rabbitmqctl -q start_app
   done
+  # The management API (status, the tests) starts after the node answers pings.
+  for i in 1 2 3; do
+    for _ in $(seq 60); do
+      curl -sf -u gq:gq "http://127.0.0.1:1568$i/api/overview" >/dev/null && break
+      sleep 1
+    done
+  done
   docker exec gemmq-cluster-n1 rabbitmqctl -q cluster_status --formatter json \
     | python3 -c 'import json, sys; print("cluster up, running:", " ".join(sorted(json.load(sys.stdin)["running_nodes"])))'
 }
