@@ -103,10 +103,9 @@ impl Job<'_> {
         run.collector = Some(proc_stats("collector", &collector_exit));
         if collector_exit.code != Some(0) {
             bail!(
-                "the collector did not verify a complete C ({}: 3 = tasks parked, 4 = verification failed); {} ends:\n{}",
+                "the collector did not verify a complete C ({}: 3 = tasks parked, 4 = verification failed); {}",
                 collector_exit.describe(),
-                collector.log.display(),
-                collector.log_tail(20)
+                collector.log_ends()
             );
         }
         let producer_exit = match producer_exit {
@@ -248,10 +247,9 @@ impl Job<'_> {
         };
         if exit.code != Some(0) {
             bail!(
-                "the warm-up job's collector failed ({}); {} ends:\n{}",
+                "the warm-up job's collector failed ({}); {}",
                 exit.describe(),
-                collector.log.display(),
-                collector.log_tail(20)
+                collector.log_ends()
             );
         }
         match producer.wait(Duration::from_secs(60)) {
@@ -415,10 +413,9 @@ pub(crate) fn watch(
             let e = e?;
             if e.code != Some(0) {
                 bail!(
-                    "the producer failed ({}); {} ends:\n{}",
+                    "the producer failed ({}); {}",
                     e.describe(),
-                    producer.log.display(),
-                    producer.log_tail(20)
+                    producer.log_ends()
                 );
             }
             producer_exit = Some(e);
@@ -430,10 +427,9 @@ pub(crate) fn watch(
             if let Some(e) = c.try_exit() {
                 let how = e.map_or_else(|e| e.to_string(), |e| e.describe());
                 bail!(
-                    "consumer {} ended ({how}) during the job; {} ends:\n{}",
+                    "consumer {} ended ({how}) during the job; {}",
                     c.name,
-                    c.log.display(),
-                    c.log_tail(20)
+                    c.log_ends()
                 );
             }
         }

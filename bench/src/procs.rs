@@ -155,6 +155,11 @@ impl Proc {
         std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains(needle))
     }
 
+    /// "<log path> ends:" and the log's last 20 lines, for error messages.
+    pub fn log_ends(&self) -> String {
+        format!("{} ends:\n{}", self.log.display(), self.log_tail(20))
+    }
+
     /// The last `n` lines of the log, for error messages.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -224,18 +229,16 @@ pub fn wait_for_log(proc: &Proc, needle: &str, within: Duration) -> Result<()> {
         if let Some(exit) = proc.try_exit() {
             let how = exit.map_or_else(|e| e.to_string(), |e| e.describe());
             bail!(
-                "{} ended ({how}) before logging {needle:?}; its log {} ends:\n{}",
+                "{} ended ({how}) before logging {needle:?}; its log {}",
                 proc.name,
-                proc.log.display(),
-                proc.log_tail(20)
+                proc.log_ends()
             );
         }
         if Instant::now() > deadline {
             bail!(
-                "{} did not log {needle:?} within {within:?}; its log {} ends:\n{}",
+                "{} did not log {needle:?} within {within:?}; its log {}",
                 proc.name,
-                proc.log.display(),
-                proc.log_tail(20)
+                proc.log_ends()
             );
         }
         std::thread::sleep(Duration::from_millis(20));

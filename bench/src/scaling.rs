@@ -252,10 +252,9 @@ impl Scenario<'_> {
             crate::job::watch(producer, collector, consumers, self.cli.timeout)?;
         if collector_exit.code != Some(0) {
             bail!(
-                "the collector did not finish the job ({}); {} ends:\n{}",
+                "the collector did not finish the job ({}); {}",
                 collector_exit.describe(),
-                collector.log.display(),
-                collector.log_tail(20)
+                collector.log_ends()
             );
         }
         match producer_exit.or_else(|| {

@@ -17,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use common::Env;
-use gemmq_collector::Outcome;
+use gemmq_collector::{Outcome, status};
 
 struct Cluster {
     urls: Vec<String>,
@@ -51,24 +51,6 @@ impl Cluster {
             .expect("sh runs");
         assert!(status.success(), "`{command}` failed: {status}");
     }
-
-    /// Node names and whether each is running, from a node that stays up.
-    fn running_nodes(&self) -> Vec<(String, bool)> {
-        let m = gemmq::management::Management::new(&self.urls[1], Some(&self.management_url))
-            .expect("valid cluster URLs");
-        let nodes = m.get("/api/nodes").expect("the management API answers");
-        nodes
-            .as_array()
-            .expect("a list of nodes")
-            .iter()
-            .map(|n| {
-                (
-                    n["name"].as_str().unwrap_or_default().to_string(),
-                    n["running"].as_bool().unwrap_or(false),
-                )
-            })
-            .collect()
-    }
 }
 
 /// Runs a 128-tile job with two workers (`per_tile` a tile) and the collector, every one given
@@ -84,14 +66,16 @@ async fn lose_the_first_node_mid_job(name: &str, per_tile: &str, back_after: Opt
     };
     let _one = ONE_AT_A_TIME.lock().await;
     assert_eq!(cluster.urls.len(), 3, "three nodes");
-    assert!(
-        cluster.running_nodes().iter().all(|(_, up)| *up),
-        "every node runs before the test: {:?}",
-        cluster.running_nodes()
-    );
-
     let mut env = Env::new(name);
     env.broker.amqp_urls = cluster.urls.clone();
+    // What `gemmq-collector status` shows, asked of a node that stays up.
+    let broker = env.broker.clone();
+    let nodes = || status::nodes(&broker, Some(&cluster.management_url));
+    let before = nodes().await.expect("the management API answers");
+    assert!(
+        before.iter().all(|n| n.running),
+        "every node runs before the test: {before:?}"
+    );
     for w in ["w1", "w2"] {
         let mut s = env.consumer(w);
         s.delay = per_tile.parse().unwrap();
@@ -111,9 +95,9 @@ async fn lose_the_first_node_mid_job(name: &str, per_tile: &str, back_after: Opt
     // Mid-job: 128 tiles over two workers take 64 tiles' time, at least 2 s.
     tokio::time::sleep(Duration::from_millis(400)).await;
     Cluster::run(&cluster.stop).await;
-    let down = cluster.running_nodes();
+    let down = nodes().await.expect("the management API answers");
     assert_eq!(
-        down.iter().filter(|(_, up)| !*up).count(),
+        down.iter().filter(|n| !n.running).count(),
         1,
         "one node is down: {down:?}"
     );

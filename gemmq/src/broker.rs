@@ -275,9 +275,10 @@ pub async fn publish_confirmed(
     props: BasicProperties,
     what: impl Into<String>,
 ) -> Result<(), PublishError> {
-    let what = what.into();
-    let confirm = publish(ch, exchange, key, body, props, &what).await?;
-    settle(confirm, what).await
+    InFlight::publish(ch, exchange, key, body, props, what)
+        .await?
+        .confirmed()
+        .await
 }
 
 /// A mandatory message the broker has been sent but not yet confirmed: a publisher that keeps
@@ -375,7 +376,7 @@ pub const DEFAULT_CONFIRM_WINDOW: usize = 64;
 /// Publishes with at most `limit` confirms outstanding.
 pub struct ConfirmWindow {
     ch: Channel,
-    pending: VecDeque<(PublisherConfirm, String)>,
+    pending: VecDeque<InFlight>,
     limit: usize,
     confirmed: u64,
 }
@@ -400,19 +401,19 @@ impl ConfirmWindow {
         what: String,
     ) -> Result<(), PublishError> {
         while self.pending.len() >= self.limit {
-            let (confirm, what) = self.pending.pop_front().expect("window is not empty");
-            settle(confirm, what).await?;
+            let oldest = self.pending.pop_front().expect("window is not empty");
+            oldest.confirmed().await?;
             self.confirmed += 1;
         }
-        let confirm = publish(&self.ch, exchange, key, body, props, &what).await?;
-        self.pending.push_back((confirm, what));
+        let sent = InFlight::publish(&self.ch, exchange, key, body, props, what).await?;
+        self.pending.push_back(sent);
         Ok(())
     }
 
     /// Waits for every outstanding confirm.
     pub async fn flush(&mut self) -> Result<(), PublishError> {
-        while let Some((confirm, what)) = self.pending.pop_front() {
-            settle(confirm, what).await?;
+        while let Some(oldest) = self.pending.pop_front() {
+            oldest.confirmed().await?;
             self.confirmed += 1;
         }
         Ok(())
@@ -422,10 +423,10 @@ impl ConfirmWindow {
     /// still be in flight).
     pub async fn settle_through(&mut self, n: u64) -> Result<(), PublishError> {
         while self.confirmed < n {
-            let Some((confirm, what)) = self.pending.pop_front() else {
+            let Some(oldest) = self.pending.pop_front() else {
                 break;
             };
-            settle(confirm, what).await?;
+            oldest.confirmed().await?;
             self.confirmed += 1;
         }
         Ok(())
