@@ -303,11 +303,14 @@ impl Parties {
             .create_channel()
             .await
             .context("opening a channel")?;
+        // The results are a stream, read from its start, as the collector reads them.
+        let mut from_first = FieldTable::default();
+        from_first.insert("x-stream-offset".into(), gemmq::topology::text("first"));
         let collected = consume(
             &collector_ch,
             &topo.results_queue(job),
             COLLECTOR_PREFETCH,
-            FieldTable::default(),
+            from_first,
         )
         .await?;
         let producer_conn = connect(&spec.amqp_url).await?;

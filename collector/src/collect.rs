@@ -1,25 +1,30 @@
-//! Taking a job's results off the broker: one connection at a time, until every task has a
-//! result or a parked notice, the idle timeout passes, or the collector is told to stop. Each
-//! batch is committed to the checkpoint before it is acked, so a crash loses nothing the broker
-//! does not still hold.
+//! Reading a job's results from the broker: one connection at a time, until every task has a
+//! result or a parked notice, the idle timeout passes, or the collector is told to stop.
+//!
+//! The results are a stream, which keeps every message until the job is done: the checkpoint
+//! records how far it has read ([`StreamPosition`]), and reading resumes there. A collector
+//! with an empty checkpoint (a standby on another machine, or one whose disk was lost) reads
+//! from the start and rebuilds C; first-result-wins makes a re-read exact. Only the collector
+//! that holds the job's claim (an exclusive queue, see [`gemmq::topology::Topology::claim_job`])
+//! reads; others stand by and take over when its connection goes.
 
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
-use gemmq::assembly::Assembly;
-use gemmq::broker::Broker;
+use gemmq::assembly::{Assembly, StreamPosition};
+use gemmq::broker::{Broker, PooledConnection};
 use gemmq::message::Manifest;
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::Topology;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use tracing::{info, warn};
 
 use crate::apply::apply;
 use crate::progress::Progress;
-use crate::{Settings, retries};
+use crate::{CollectedElsewhere, Settings, retries};
 
 /// How collecting on one connection ended, when it ended well.
 enum Collected {
@@ -31,7 +36,22 @@ enum Stop {
     Interrupted,
     Fatal(anyhow::Error),
     Lost(anyhow::Error),
+    /// Another collector holds the job's claim.
+    StandingBy,
+    /// The job's results stream is gone: the collector that finished the job removed it.
+    Retired,
+    /// The stream is not the one the checkpoint's position was read from: read it from the
+    /// start.
+    Reread(String),
 }
+
+/// How long a resumed read may take to deliver the message the checkpoint ends at (it is in
+/// the stream, so it comes at once) before the stream is taken for a new one and read from
+/// the start.
+const RESUME_CHECK: Duration = Duration::from_secs(10);
+
+/// How often a standby collector asks for the job's claim.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// Results taken from the stream before a commit and one `ack(multiple)`: amortises the fsync.
 const BATCH: usize = 256;
@@ -54,6 +74,17 @@ pub(crate) struct Collection<'a> {
     /// without `--job-id`): acked once the results queue is ours.
     pub announcement: Option<(Delivery, Channel)>,
     pub shutdown: &'a CancellationToken,
+    /// The connection the job's claim and the results consumer are on, kept for the whole job:
+    /// a claim belongs to a connection, and a pooled one could come back as another.
+    pub conn: Option<PooledConnection>,
+    /// Read the stream from its start next time, whatever the checkpoint says.
+    pub from_start: bool,
+}
+
+/// Where a read of the results stream starts, and the message it must start with.
+struct ReadFrom {
+    offset: AMQPValue,
+    expect: Option<StreamPosition>,
 }
 
 impl Collection<'_> {
@@ -62,8 +93,31 @@ impl Collection<'_> {
     /// says how to resume.
     pub async fn until_done(&mut self) -> anyhow::Result<()> {
         let total = self.manifest.plan.tasks();
+        let mut stood_by = false;
         while !self.asm.is_finished() {
             match self.on_one_connection().await {
+                Err(Stop::StandingBy) => {
+                    if !stood_by {
+                        info!(job = %self.manifest.job, claim = %self.topo.collector_queue(&self.manifest.job),
+                            "standing by: another collector is assembling this job; taking over if it stops");
+                        stood_by = true;
+                    }
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => anyhow::bail!("interrupted while standing by"),
+                        _ = tokio::time::sleep(STANDBY_POLL) => {}
+                    }
+                }
+                Err(Stop::Retired) => {
+                    self.progress.finish();
+                    return Err(CollectedElsewhere {
+                        job: self.manifest.job.clone(),
+                    }
+                    .into());
+                }
+                Err(Stop::Reread(why)) => {
+                    warn!(job = %self.manifest.job, reason = %why, "reading the job's results again from the start of the stream (results already applied count as duplicates)");
+                    self.from_start = true;
+                }
                 Ok(Collected::Finished) => break,
                 Ok(Collected::Idle) => {
                     warn!("no results within the idle timeout; reporting what is missing");
@@ -92,13 +146,16 @@ impl Collection<'_> {
     /// Consumes the job's results on one connection until the job is finished, the connection
     /// is lost, or the idle timeout passes.
     async fn on_one_connection(&mut self) -> Result<Collected, Stop> {
-        let (ch, tag, mut results) = self.subscribe().await?;
+        let (ch, tag, mut results, from) = self.subscribe().await?;
         self.take_announcement().await;
         let plan = &self.manifest.plan;
         info!(
             job = %self.manifest.job, m = plan.m, k = plan.k, n = plan.n, dtype = %plan.dtype,
-            tasks = plan.tasks(), queue = %self.topo.results_queue(&self.manifest.job), "collecting"
+            tasks = plan.tasks(), stream = %self.topo.results_queue(&self.manifest.job),
+            from = %describe(&from.offset), "collecting"
         );
+        let mut expect = from.expect;
+        let subscribed = Instant::now();
         let mut last_result = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         while !self.asm.is_finished() {
@@ -108,6 +165,12 @@ impl Collection<'_> {
                     return Err(Stop::Interrupted);
                 }
                 _ = tick.tick() => {
+                    if expect.is_some() && subscribed.elapsed() >= RESUME_CHECK {
+                        let _ = ch.close(200, "rereading".into()).await;
+                        return Err(Stop::Reread(format!(
+                            "the message the checkpoint ends at did not come within {RESUME_CHECK:?}"
+                        )));
+                    }
                     let idle = last_result.elapsed();
                     if self.settings.idle_timeout.is_some_and(|limit| idle >= limit) {
                         let _ = ch.close(200, "collector idle".into()).await;
@@ -125,6 +188,22 @@ impl Collection<'_> {
                         None => return Err(Stop::Lost(anyhow::anyhow!("the broker cancelled the results consumer"))),
                     };
                     last_result = Instant::now();
+                    if let Some(held) = expect {
+                        let offset = stream_offset(&first)?;
+                        // The broker may start a little before the offset asked for.
+                        if offset < held.offset || held.is(offset, &first.data) {
+                            if offset == held.offset {
+                                expect = None;
+                            }
+                            first.acker.ack(BasicAckOptions::default()).await.map_err(lost("acking results"))?;
+                            continue;
+                        }
+                        let _ = ch.close(200, "rereading".into()).await;
+                        return Err(Stop::Reread(format!(
+                            "the stream's message at offset {offset} is not the one the checkpoint ends at (offset {}): the stream was declared anew",
+                            held.offset
+                        )));
+                    }
                     self.batch(first, &mut results).await?;
                 }
             }
@@ -136,8 +215,9 @@ impl Collection<'_> {
         Ok(Collected::Finished)
     }
 
-    /// A channel consuming the job's results queue, with the collector's prefetch.
-    async fn subscribe(&self) -> Result<(Channel, String, Consumer), Stop> {
+    /// A channel reading the job's results stream from where the checkpoint ends, once the
+    /// job's claim is ours.
+    async fn subscribe(&mut self) -> Result<(Channel, String, Consumer, ReadFrom), Stop> {
         let permanent_or_lost = |permanent: bool, e: anyhow::Error| {
             if permanent {
                 Stop::Fatal(e)
@@ -145,36 +225,89 @@ impl Collection<'_> {
                 Stop::Lost(e)
             }
         };
-        let ch = self
-            .broker
-            .channel()
+        let conn = match self.conn.take() {
+            Some(c) if c.status().connected() => c,
+            _ => self
+                .broker
+                .connection()
+                .await
+                .map_err(|e| permanent_or_lost(e.is_permanent(), e.into()))?,
+        };
+        let ch = conn
+            .create_channel()
             .await
-            .map_err(|e| permanent_or_lost(e.is_permanent(), e.into()))?;
+            .map_err(lost("opening a channel"))?;
+        self.conn = Some(conn);
         let topology_failed =
             |e: gemmq::topology::TopologyError| permanent_or_lost(e.is_permanent(), e.into());
         self.topo.declare(&ch).await.map_err(topology_failed)?;
-        // Only what it consumes: it has the manifest already (and a job announced by a gemmq
-        // before 5 December 2026 has a classic manifest queue, out of reach while its node is
-        // down: NOT_FOUND from every other node of a cluster).
-        self.topo
-            .declare_results(&ch, &self.manifest.job)
+        let job = &self.manifest.job;
+        if !self
+            .topo
+            .claim_job(&ch, job)
             .await
-            .map_err(topology_failed)?;
+            .map_err(topology_failed)?
+        {
+            return Err(Stop::StandingBy);
+        }
+        // Only asked, never declared: a stream declared here after the job was finished and
+        // removed would be waited on forever.
+        let stream = self.topo.results_queue(job);
+        match gemmq::topology::queue_exists(&ch, &stream).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Stop::Retired),
+            Err(e) => return Err(lost("looking for the job's results stream")(e)),
+        }
         ch.basic_qos(self.settings.prefetch, BasicQosOptions { global: false })
             .await
             .map_err(lost("setting the prefetch"))?;
+        let from = self.read_from();
+        let mut args = FieldTable::default();
+        args.insert("x-stream-offset".into(), from.offset.clone());
         let tag = format!("gemmq-collector:{}", self.settings.collector_id);
-        let queue = self.topo.results_queue(&self.manifest.job);
         let results = ch
             .basic_consume(
-                queue.as_str().into(),
+                stream.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
-                FieldTable::default(),
+                args,
             )
             .await
-            .map_err(lost("consuming the job's results"))?;
-        Ok((ch, tag, results))
+            .map_err(|e| {
+                if gemmq::topology::is_refused(&e) {
+                    Stop::Fatal(anyhow::Error::new(e).context(format!(
+                        "cannot read {stream} as a stream: a job announced by an earlier gemmq (before 5 December 2026, afternoon) has a quorum results queue; collect it with that version"
+                    )))
+                } else {
+                    lost("reading the job's results")(e)
+                }
+            })?;
+        Ok((ch, tag, results, from))
+    }
+
+    fn read_from(&self) -> ReadFrom {
+        match self.asm.position().filter(|_| !self.from_start) {
+            Some(p) => ReadFrom {
+                offset: AMQPValue::LongLongInt(p.offset as i64),
+                expect: Some(p),
+            },
+            None => ReadFrom {
+                offset: gemmq::topology::text("first"),
+                expect: None,
+            },
+        }
+    }
+
+    /// The job's claim, taken out of the collection to be held while C is finished.
+    pub fn keep_claim(&mut self) -> Claim {
+        Claim {
+            conn: self.conn.take(),
+            queue: self.topo.collector_queue(&self.manifest.job),
+        }
+    }
+
+    pub async fn release(&mut self) {
+        self.keep_claim().release().await;
     }
 
     /// The job is ours now. The announcement's channel had to stay open until here: closing it
@@ -212,6 +345,8 @@ impl Collection<'_> {
             }
         }
         self.asm
+            .read_through(StreamPosition::of(stream_offset(&last)?, &last.data));
+        self.asm
             .commit()
             .map_err(|e| Stop::Fatal(anyhow::Error::new(e).context("saving the checkpoint")))?;
         last.acker
@@ -224,5 +359,49 @@ impl Collection<'_> {
             self.asm.parked().count() as u64,
         );
         Ok(())
+    }
+}
+
+/// The offset the broker gave a message read from a stream.
+fn stream_offset(d: &Delivery) -> Result<u64, Stop> {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-stream-offset"))
+    {
+        Some(AMQPValue::LongLongInt(o)) if *o >= 0 => Ok(*o as u64),
+        _ => Err(Stop::Fatal(anyhow::anyhow!(
+            "a result came without its stream offset: the job's results queue is not a stream"
+        ))),
+    }
+}
+
+fn describe(offset: &AMQPValue) -> String {
+    match offset {
+        AMQPValue::LongLongInt(o) => format!("offset {o}"),
+        _ => "the start".into(),
+    }
+}
+
+/// The claim on a job (its exclusive queue), held by the connection it was declared on.
+pub(crate) struct Claim {
+    conn: Option<PooledConnection>,
+    queue: String,
+}
+
+impl Claim {
+    /// Gives up the claim, so that a collector standing by need not wait for this process to
+    /// end (the claim goes with the connection anyway).
+    pub async fn release(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(self.queue.as_str().into(), Default::default())
+                .await;
+            let _ = ch.close(200, "released".into()).await;
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! The collector: assembles C from a job's results, exactly once per tile, and checks it.
 //!
 //! It finds its job by id (`--job-id`, waiting for the producer if it has not announced it yet)
-//! or takes the next announced job. It consumes the job's results queue, a single-active-consumer
-//! queue: start a second collector for the same job and it stands by, taking over if the first
-//! one dies. Every result is applied once whatever duplicates arrive ([`gemmq::assembly`]).
+//! or takes the next announced job, and reads the job's results stream. One collector at a time
+//! assembles a job: start a second one for the same job, on this machine or another, and it
+//! stands by, taking over if the first one dies — reading the stream from the start when its
+//! own checkpoint is empty, so no disk needs to be shared. Every result is applied once whatever
+//! duplicates arrive ([`gemmq::assembly`]).
 //! When every task has a result or has been parked it writes `C.npy` and `summary.json`, checks C
 //! against A and B with Freivalds' test, and reports.
 //!
@@ -40,6 +42,26 @@ use tracing::{error, info, warn};
 
 use crate::collect::Collection;
 use crate::progress::Progress;
+
+/// The job was finished by another collector, which removed its results stream: only a job
+/// that is complete and verified is removed, so there is nothing left to do, and it is not a
+/// failure (exit 0).
+#[derive(Debug)]
+pub struct CollectedElsewhere {
+    pub job: String,
+}
+
+impl std::fmt::Display for CollectedElsewhere {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "job {} was collected by another collector, complete and verified (it removed the job's queues); its C.npy and summary.json are in that collector's --out",
+            self.job
+        )
+    }
+}
+
+impl std::error::Error for CollectedElsewhere {}
 
 /// Exit status for a job whose tasks were parked.
 pub const EXIT_INCOMPLETE: u8 = 3;
@@ -240,10 +262,28 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         rejected: 0,
         announcement,
         shutdown: &shutdown,
+        conn: None,
+        from_start: false,
     };
-    job.until_done().await?;
-    let (asm, rejected) = (job.asm, job.rejected);
-    finish(s, &broker, &topo, &manifest, asm, rejected, expected).await
+    if let Err(e) = job.until_done().await {
+        job.release().await;
+        return Err(e);
+    }
+    let mut claim = job.keep_claim();
+    let summary = finish(
+        s,
+        &broker,
+        &topo,
+        &manifest,
+        job.asm,
+        job.rejected,
+        expected,
+    )
+    .await;
+    // Held through finishing, so that a collector standing by takes over only a job that is
+    // still to do, or finds it retired.
+    claim.release().await;
+    summary
 }
 
 /// The job named by `--job-id` (waiting for its announcement), or the next one announced, whose

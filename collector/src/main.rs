@@ -11,7 +11,8 @@ use gemmq_collector::{CollectorOptions, Settings};
 /// Takes the job given by --job-id (waiting for it to be announced) or the next announced job,
 /// applies every tile's result exactly once whatever duplicates arrive, writes OUT/C.npy and
 /// OUT/summary.json, and checks C against A and B (Freivalds). A second collector started for the
-/// same job stands by and takes over if the first one stops.
+/// same job, here or on another machine, stands by and takes over if the first one stops: it
+/// rebuilds C from the job's results stream, so it needs no shared disk.
 ///
 /// Exit status: 0 complete and verified; 3 incomplete (tasks parked: see the report and
 /// summary.json); 4 C failed verification; 2 bad settings; 1 other errors.
@@ -63,6 +64,10 @@ async fn main() -> ExitCode {
     .await;
     match result {
         Ok(summary) => ExitCode::from(summary.status.exit_code()),
+        Err(err) if err.is::<gemmq_collector::CollectedElsewhere>() => {
+            tracing::info!("{err}");
+            ExitCode::SUCCESS
+        }
         Err(err) => {
             tracing::error!("{err:#}");
             ExitCode::from(gemmq::config::exit_code(err.as_ref()))

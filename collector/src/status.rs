@@ -160,8 +160,12 @@ fn purpose(ns: &str, name: &str) -> String {
         "parked" => "tasks whose attempts ran out (see x-gemmq-reason)".into(),
         "jobs" => "job announcements for collectors without --job-id".into(),
         r if r.ends_with(".results") => format!(
-            "results of job {}",
+            "results of job {} (a stream, kept until the job is done)",
             r.trim_start_matches("job.").trim_end_matches(".results")
+        ),
+        r if r.starts_with("job.") && r.ends_with(".collector") => format!(
+            "claim of the collector assembling job {}",
+            r.trim_start_matches("job.").trim_end_matches(".collector")
         ),
         r if r.ends_with(".manifest") => format!(
             "manifest of job {}",
@@ -388,7 +392,7 @@ mod tests {
         assert!(purpose("gemmq", "gemmq.retry").contains("retry delay"));
         assert_eq!(
             purpose("gemmq", "gemmq.job.j1.results"),
-            "results of job j1"
+            "results of job j1 (a stream, kept until the job is done)"
         );
         assert!(purpose("gemmq", "gemmq.job.j1.operands").contains("of job j1"));
         assert_eq!(

@@ -90,6 +90,9 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// A connection from the pool: back in the pool when dropped.
+pub type PooledConnection = deadpool_lapin::Object;
+
 /// The longest one try at connecting may take, TCP and AMQP handshake together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -147,7 +150,7 @@ impl Broker {
     }
 
     /// A live connection, retrying until the connect timeout.
-    pub async fn connection(&self) -> Result<deadpool_lapin::Object, BrokerError> {
+    pub async fn connection(&self) -> Result<PooledConnection, BrokerError> {
         let url = self.settings.redacted_url();
         let started = std::time::Instant::now();
         let backoff = ExponentialBuilder::default()

@@ -14,7 +14,7 @@
 //!    │                                                             │ result (confirmed), THEN ack
 //!    │ manifest                                                    │ attempts exhausted ──▶ [gemmq.parked]
 //!    ▼                                                             ▼
-//!  [gemmq.jobs] + [gemmq.job.J.manifest] ──▶ gemmq-collector ◀── [gemmq.job.J.results] single active consumer
+//!  [gemmq.jobs] + [gemmq.job.J.manifest] ──▶ gemmq-collector ◀── [gemmq.job.J.results] stream; one collector claims it
 //!                                              └─▶ out/C.npy + out/summary.json, verified (Freivalds)
 //! ```
 //!

@@ -11,8 +11,12 @@
 //! {ns}.jobs                                 quorum queue: one manifest per job, for collectors
 //!                                           started without --job-id
 //! {ns}.events  exchange (fanout): transient worker heartbeats, for whoever watches
-//! {ns}.results exchange (direct) ─job id─▶ {ns}.job.<id>.results  quorum queue, single active
-//!                                           consumer: one collector assembles, others stand by
+//! {ns}.results exchange (direct) ─job id─▶ {ns}.job.<id>.results  stream: every result, failure
+//!                                           and parked notice of the job, kept until the job
+//!                                           is done, so a collector on any machine can read
+//!                                           them all again
+//!                                           {ns}.job.<id>.collector  exclusive: held by the
+//!                                           collector assembling the job; others stand by
 //!                                           {ns}.job.<id>.manifest quorum queue holding the
 //!                                           job's manifest, read without being consumed
 //! {ns}.operands exchange (topic) ─job id─▶ {ns}.job.<id>.operands stream: each block of A and B
@@ -48,6 +52,12 @@
 //!   (An earlier design copied every block to a live queue per worker, which saved the broker the
 //!   stream's disk read and CRC32 check per read, at the cost of W × (|A| + |B|) sent for W
 //!   workers; docs/ARCHITECTURE.md.)
+//! * Results go to a stream, not a queue: reading does not remove them, so a collector whose disk
+//!   is lost (or a standby on another machine) rebuilds C by reading the job's results from the
+//!   start. It costs the broker's disk C's size until the job is done, when the collector
+//!   deletes the stream. Streams have no single active consumer over AMQP 0.9.1, so which
+//!   collector assembles is decided by an exclusive queue instead: the broker lets one
+//!   connection declare it, and removes it when that connection goes.
 
 use std::time::Duration;
 
@@ -174,6 +184,10 @@ impl Topology {
     pub fn results_queue(&self, job: &str) -> String {
         format!("{}.job.{job}.results", self.ns)
     }
+    /// The queue whose holder is the one collector assembling `job` (see [`Topology::claim_job`]).
+    pub fn collector_queue(&self, job: &str) -> String {
+        format!("{}.job.{job}.collector", self.ns)
+    }
     pub fn manifest_queue(&self, job: &str) -> String {
         format!("{}.job.{job}.manifest", self.ns)
     }
@@ -227,17 +241,10 @@ impl Topology {
         exchange(ch, &self.events_exchange(), ExchangeKind::Fanout).await
     }
 
-    /// Declares one job's results queue, and binds it.
-    pub async fn declare_results(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
-        let mut results = plain_quorum();
-        results.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        queue(ch, &self.results_queue(job), results).await?;
-        bind(ch, &self.results_queue(job), &self.results_exchange(), job).await
-    }
-
     /// Declares one job's results, manifest and operand queues.
     pub async fn declare_job(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
-        self.declare_results(ch, job).await?;
+        queue(ch, &self.results_queue(job), stream()).await?;
+        bind(ch, &self.results_queue(job), &self.results_exchange(), job).await?;
         // Quorum, so that the manifest outlives any one node of a cluster. It is read by get and
         // reject-with-requeue, which counts as a delivery: the limit (RabbitMQ 4 defaults it to
         // 20, and then drops the message) is set out of reach.
@@ -248,9 +255,7 @@ impl Topology {
         );
         queue(ch, &self.manifest_queue(job), manifest).await?;
         // A stream: read by many workers, each from wherever it likes, without consuming it.
-        let mut operands = FieldTable::default();
-        operands.insert("x-queue-type".into(), text("stream"));
-        queue(ch, &self.operands_queue(job), operands).await?;
+        queue(ch, &self.operands_queue(job), stream()).await?;
         bind(
             ch,
             &self.operands_queue(job),
@@ -294,6 +299,29 @@ impl Topology {
             .map_err(|e| map_err("queue", &name, e))?;
         bind(ch, &name, &self.operands_exchange(), "done.*").await?;
         Ok(name)
+    }
+
+    /// Claims the assembly of `job` for this channel's connection: `true` if it is now ours
+    /// (or was already), `false` if another collector's connection holds it — then the broker
+    /// has closed `ch`. The claim ends when the connection does, so a collector that dies or
+    /// loses its broker node frees it for one standing by.
+    pub async fn claim_job(&self, ch: &Channel, job: &str) -> Result<bool, TopologyError> {
+        let name = self.collector_queue(job);
+        let opts = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        match ch
+            .queue_declare(name.as_str().into(), opts, FieldTable::default())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == RESOURCE_LOCKED) => {
+                Ok(false)
+            }
+            Err(e) => Err(map_err("queue", &name, e)),
+        }
     }
 
     /// Removes a finished job's queues.
@@ -420,6 +448,15 @@ fn quorum_args() -> FieldTable {
     t.insert("x-overflow".into(), text("reject-publish"));
     t
 }
+
+fn stream() -> FieldTable {
+    let mut t = FieldTable::default();
+    t.insert("x-queue-type".into(), text("stream"));
+    t
+}
+
+/// AMQP's reply code for a queue that another connection declared exclusive.
+const RESOURCE_LOCKED: u16 = 405;
 
 fn plain_quorum() -> FieldTable {
     let mut t = FieldTable::default();

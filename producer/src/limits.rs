@@ -44,13 +44,17 @@ fn output(s: &Settings, plan: &Plan) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The job's operand stream must fit the broker's disk above its free-disk limit, where
+/// The job's streams (A and B in, C out) must fit the broker's disk above its free-disk limit, where
 /// RabbitMQ blocks every publisher until space is freed. Asked of the management API; without
 /// one (not enabled, or another port) the job goes ahead unchecked.
 async fn broker_disk(s: &Settings, plan: &Plan) -> Result<()> {
     let size = plan.dtype.size() as u128;
-    let need =
-        (u128::from(plan.m) * u128::from(plan.k) + u128::from(plan.k) * u128::from(plan.n)) * size;
+    // A and B in the operand stream, and C (once per part of k) in the results stream: both
+    // stay until the job is done.
+    let need = (u128::from(plan.m) * u128::from(plan.k)
+        + u128::from(plan.k) * u128::from(plan.n)
+        + u128::from(plan.m) * u128::from(plan.n) * u128::from(plan.parts()))
+        * size;
     let need = u64::try_from(need).unwrap_or(u64::MAX);
     let (urls, mgmt) = (s.broker.amqp_urls.clone(), s.management_url.clone());
     let nodes = tokio::task::spawn_blocking(move || {
@@ -80,7 +84,7 @@ async fn broker_disk(s: &Settings, plan: &Plan) -> Result<()> {
             return Err(ConfigError::invalid(
                 "m/k/n",
                 format!(
-                    "the job's operand stream needs {} of the broker's disk, and node {name} has {} free above its limit of {}: free disk on the broker (or lower its disk_free_limit), or multiply smaller matrices",
+                    "the job's operand and results streams need {} of the broker's disk, and node {name} has {} free above its limit of {}: free disk on the broker (or lower its disk_free_limit), or multiply smaller matrices",
                     gib(need),
                     gib(room),
                     gib(limit)
@@ -88,7 +92,7 @@ async fn broker_disk(s: &Settings, plan: &Plan) -> Result<()> {
             )
             .into());
         }
-        info!(node = %name, need = %gib(need), room = %gib(room), "the operand stream fits the broker's disk");
+        info!(node = %name, need = %gib(need), room = %gib(room), "the job's streams fit the broker's disk");
     }
     Ok(())
 }

@@ -259,6 +259,37 @@ pub async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
+/// How many messages a stream holds (its declare-ok always counts 0): one past the offset of
+/// its last message, read from "last" on a channel of its own.
+#[allow(dead_code)]
+pub async fn stream_len(env: &Env, stream: &str) -> u64 {
+    use futures_util::StreamExt;
+    let ch = env.channel().await;
+    ch.basic_qos(1000, Default::default()).await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-stream-offset".into(), gemmq::topology::text("last"));
+    let mut feed = ch
+        .basic_consume(stream.into(), "".into(), Default::default(), args)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream} can be read: {e}"));
+    let mut len = 0;
+    // "last" starts at the stream's last chunk: what it holds comes at once.
+    let mut wait = Duration::from_millis(200);
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(wait, feed.next()).await {
+        wait = Duration::from_millis(10);
+        if let Some(lapin::types::AMQPValue::LongLongInt(o)) = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-stream-offset"))
+        {
+            len = len.max(*o as u64 + 1);
+        }
+    }
+    let _ = ch.close(200, "counted".into()).await;
+    len
+}
+
 /// The message ids in a stream, front to back: read until `expected` have come (a stream's
 /// declare-ok always counts 0 messages), then for half a second more, to see any beyond them.
 #[allow(dead_code)]

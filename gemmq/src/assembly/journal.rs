@@ -1,10 +1,12 @@
 //! The journal: one line per applied result or parked tile, synced before the results are acked,
 //! replayed when a collector resumes.
 
+use super::position::StreamPosition;
 use crate::message::{ParkedNotice, TileId};
 
-/// One journal line: `T row col part attempt micros worker`, `C row col`, or
-/// `P row col part attempts worker reason…`.
+/// One journal line: `T row col part attempt micros worker`, `C row col`,
+/// `P row col part attempts worker reason…`, `F worker`, or `O offset fingerprint` (the results
+/// stream read through here; collectors before 5 December 2026 skip the line).
 pub(super) enum Record {
     Task {
         tile: TileId,
@@ -20,6 +22,7 @@ pub(super) enum Record {
     Failed {
         worker: String,
     },
+    Position(StreamPosition),
 }
 
 impl Record {
@@ -38,6 +41,7 @@ impl Record {
             }
             Record::Complete { row, col } => format!("C {row} {col}\n"),
             Record::Failed { worker } => format!("F {worker}\n"),
+            Record::Position(p) => format!("O {} {:016x}\n", p.offset, p.fingerprint),
             Record::Parked(n) => format!(
                 "P {} {} {} {} {} {}\n",
                 n.tile.row,
@@ -73,6 +77,10 @@ impl Record {
             "F" => Some(Record::Failed {
                 worker: f.next()?.to_string(),
             }),
+            "O" => Some(Record::Position(StreamPosition {
+                offset: num()?,
+                fingerprint: u64::from_str_radix(f.next()?, 16).ok()?,
+            })),
             "C" => Some(Record::Complete {
                 row: num()? as u32,
                 col: num()? as u32,

@@ -139,6 +139,9 @@ pub struct Assembly {
     pub resumed: u64,
     /// C·x for verification, summed as tiles are written (see [`Assembly::track_product`]).
     running: Option<RunningProduct>,
+    /// The last message of the results stream applied, and whether the journal says so yet.
+    position: Option<StreamPosition>,
+    position_written: bool,
 }
 
 const PLAN_FILE: &str = "plan.json";
@@ -201,6 +204,8 @@ impl Assembly {
             workers: BTreeMap::new(),
             resumed: 0,
             running: None,
+            position: None,
+            position_written: true,
         };
         asm.replay(&journal_path)?;
         Ok(asm)
@@ -312,6 +317,7 @@ impl Assembly {
                         self.parked.insert(n.tile, n);
                     }
                 }
+                Record::Position(p) => self.position = Some(p),
             }
         }
         // Tiles whose parts were all in but whose sum may not have reached C: sum again.
@@ -444,8 +450,28 @@ impl Assembly {
         );
     }
 
+    /// The last message of the job's results stream that this checkpoint holds (see
+    /// [`position`]); `None` before the first, or in a checkpoint written before results were a
+    /// stream.
+    pub fn position(&self) -> Option<StreamPosition> {
+        self.position
+    }
+
+    /// Records that everything in the results stream through `p` has been applied; durable
+    /// with the next [`Assembly::commit`], together with what was applied.
+    pub fn read_through(&mut self, p: StreamPosition) {
+        self.position = Some(p);
+        self.position_written = false;
+    }
+
     /// Makes everything applied so far durable: C's pages, then the journal. Ack after this.
     pub fn commit(&mut self) -> Result<(), AssemblyError> {
+        if !self.position_written
+            && let Some(p) = self.position
+        {
+            self.pending.push_str(&Record::Position(p).to_line());
+            self.position_written = true;
+        }
         if self.dirty {
             self.map.flush().map_err(io(&self.dir.join(C_FILE)))?;
             self.dirty = false;
@@ -645,8 +671,10 @@ impl Assembly {
 
 mod files;
 mod journal;
+pub mod position;
 
 use files::{c_data_offset, lock, reserve, sync_dir, truncate_torn_tail, write_synced};
 use journal::Record;
+pub use position::StreamPosition;
 #[cfg(test)]
 mod tests;

@@ -286,3 +286,25 @@ fn results_that_do_not_fit_the_plan_are_refused() {
     ));
     assert_eq!(asm.tasks_done(), 0);
 }
+
+#[test]
+fn the_checkpoint_remembers_how_far_it_read_the_results_stream_once_committed() {
+    let plan = Plan::new(16, 8, 16, DType::F64, 8, 1 << 20).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = inputs(16, 8, 16);
+    let rs = results(&plan, &a, &b);
+    let at = |i: u64| StreamPosition::of(i, &[i as u8; 3]);
+    {
+        let mut asm = Assembly::open(&plan, "j", "", dir.path()).unwrap();
+        assert_eq!(asm.position(), None, "a new checkpoint has read nothing");
+        asm.apply_result(&rs[0].0, &rs[0].1).unwrap();
+        asm.read_through(at(0));
+        asm.commit().unwrap();
+        asm.apply_result(&rs[1].0, &rs[1].1).unwrap();
+        asm.read_through(at(5));
+        // Killed before committing: offset 5 was never acknowledged as held.
+    }
+    let asm = Assembly::open(&plan, "j", "", dir.path()).unwrap();
+    assert_eq!(asm.position(), Some(at(0)));
+    assert_eq!(asm.tasks_done(), 1);
+}
