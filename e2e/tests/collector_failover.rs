@@ -157,3 +157,106 @@ async fn a_standby_whose_job_was_finished_by_the_active_collector_exits_0_withou
     assert!(!env.dir.path().join(&b_out).join("C.npy").exists());
     finished_exactly(&mut env, job).await;
 }
+
+/// The stream offset the checkpoint in `job/` has read through (its journal's last `O` line).
+fn last_offset_journaled(env: &Env, job: &str) -> u64 {
+    let journal = gemmq_collector::checkpoint_dir(&env.dir.path().join(job), job).join("journal");
+    std::fs::read_to_string(journal)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("O "))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .last()
+        .expect("the journal records the stream offset")
+}
+
+/// Two worker processes computing a tile in 20 ms each.
+fn worker_procs(env: &Env, tag: &str) -> Vec<Proc> {
+    ["w1", "w2"]
+        .iter()
+        .map(|id| {
+            env.spawn(
+                "gemmq-consumer",
+                &format!("{id}-{tag}"),
+                &["--worker-id", id, "--delay", "20ms"],
+            )
+        })
+        .collect()
+}
+
+/// Every message of a stream, front to back, with its properties.
+async fn read_all(env: &Env, stream: &str) -> Vec<(Vec<u8>, lapin::BasicProperties)> {
+    use futures_util::StreamExt;
+    let ch = env.channel().await;
+    ch.basic_qos(1000, Default::default()).await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-stream-offset".into(), gemmq::topology::text("first"));
+    let mut feed = ch
+        .basic_consume(stream.into(), "".into(), Default::default(), args)
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_millis(500), feed.next()).await
+    {
+        all.push((d.data, d.properties));
+    }
+    let _ = ch.close(200, "read".into()).await;
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_does_not_trust_its_offset_in_a_results_stream_declared_anew() {
+    let mut env = Env::new("cf-anew");
+    let job = "cfanew";
+    let topo = env.topology();
+    let mut workers = worker_procs(&env, "a");
+    let mut a = collector(&env, job, job, "collector-a");
+    gemmq_producer::run(&env.producer(job, SHAPE, 16))
+        .await
+        .unwrap();
+    journaled(&env, job, job, 20).await;
+    a.signal("KILL");
+    a.wait(MINUTE).await;
+    // Every result computed so far is in the stream once the workers have stopped cleanly.
+    for w in &workers {
+        w.signal("TERM");
+    }
+    for w in &mut workers {
+        assert_eq!(w.wait(MINUTE).await, Some(0), "{}", w.log());
+    }
+
+    // The stream is deleted and declared again holding the same results in another order: the
+    // ones the checkpoint does not hold first, at offsets it has read past. A collector that
+    // trusted its offset would skip them and never complete.
+    let read_through = last_offset_journaled(&env, job);
+    let stream = topo.results_queue(job);
+    let mut held = read_all(&env, &stream).await;
+    assert!(
+        held.len() as u64 > read_through + 1,
+        "some results are not in the checkpoint"
+    );
+    held.rotate_left(read_through as usize + 1);
+    let ch = env.channel().await;
+    ch.queue_delete(stream.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    topo.declare_job(&ch, job).await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    for (body, props) in held {
+        gemmq::broker::publish_confirmed(&ch, "", &stream, &body, props, "a result")
+            .await
+            .unwrap();
+    }
+
+    let _workers = worker_procs(&env, "b");
+    let mut again = collector(&env, job, job, "collector-a-again");
+    assert_eq!(again.wait(MINUTE).await, Some(0), "{}", again.log());
+    assert!(
+        again
+            .log()
+            .contains("reading the job's results again from the start"),
+        "{}",
+        again.log()
+    );
+    finished_exactly(&mut env, job).await;
+}
