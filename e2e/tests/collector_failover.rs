@@ -164,9 +164,9 @@ fn last_offset_journaled(env: &Env, job: &str) -> u64 {
     std::fs::read_to_string(journal)
         .unwrap()
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("O "))
-        .filter_map(|l| l.split(' ').next()?.parse().ok())
-        .last()
+        .find_map(|l| l.split(' ').next()?.parse().ok())
         .expect("the journal records the stream offset")
 }
 
