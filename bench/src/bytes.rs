@@ -98,6 +98,7 @@ pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerByte
             worker: worker.into(),
             attempt: 1,
             compute_micros: 12_345,
+            recompute: 0,
         });
         results += frame_len(&result, r * c * size);
     }

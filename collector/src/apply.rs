@@ -131,6 +131,7 @@ mod tests {
             worker: "w1".into(),
             attempt: 1,
             compute_micros: 1,
+            recompute: 0,
         };
         message::encode(&Header::TileResult(h), &[&[0u8; 8 * 8 * 8]])
     }

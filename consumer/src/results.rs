@@ -181,6 +181,7 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
             cols: p.header.cols,
             attempt: p.header.attempt,
             compute_micros: p.header.compute_micros,
+            recompute: p.header.recompute,
         })
         .collect();
     let header = Header::ResultBatch(ResultBatch {
@@ -240,6 +241,7 @@ mod tests {
             worker: "w".repeat(128),
             attempt: u32::MAX,
             compute_micros: u64::MAX,
+            recompute: 0,
         };
         let (done, _) = oneshot::channel();
         Pending {

@@ -70,6 +70,7 @@ pub(crate) async fn send_results(
                 worker: ctx.settings.worker_id.clone(),
                 attempt,
                 compute_micros: each,
+                recompute: task.recompute,
             };
             (header, bytes)
         })

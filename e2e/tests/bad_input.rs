@@ -27,6 +27,7 @@ fn task(job: &str, rows: u32, cols: u32, depth: u32) -> Header {
         cols,
         depth,
         at: None,
+        recompute: 0,
     })
 }
 
@@ -171,6 +172,7 @@ async fn junk_on_a_results_queue_is_dropped_and_counted_and_the_job_still_comple
             worker: "liar".into(),
             attempt: 1,
             compute_micros: 0,
+            recompute: 0,
         })
     };
     // A tile that fits, from a task of an earlier job under the same id (another run): its zeros

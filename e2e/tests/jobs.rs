@@ -145,6 +145,7 @@ async fn a_wrong_tile_fails_verification_and_the_collector_exits_4() {
         worker: "forger".into(),
         attempt: 1,
         compute_micros: 1,
+        recompute: 0,
     });
     ch.basic_publish(
         env.topology().results_exchange().as_str().into(),

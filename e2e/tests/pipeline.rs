@@ -135,6 +135,7 @@ async fn a_task_left_over_from_an_earlier_job_under_the_same_id_is_dropped_not_c
         cols: 32,
         depth: 64,
         at: None,
+        recompute: 0,
     });
     ch.basic_publish(
         env.topology().tasks_exchange().as_str().into(),
@@ -570,6 +571,7 @@ async fn a_result_delivered_twice_is_assembled_once() {
             worker: "doomed".into(),
             attempt: 1,
             compute_micros: 1,
+            recompute: 0,
         });
         // Published twice, as a redelivered result would be: both copies reach the collector
         // before the job can complete.

@@ -543,6 +543,7 @@ mod tests {
             cols: plan.cols(id.col).len() as u32,
             depth: 20,
             at: None,
+            recompute: 0,
         };
         let bytes = compute_tile(
             &header,

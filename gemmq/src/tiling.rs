@@ -326,6 +326,7 @@ impl Plan {
             cols: self.cols(tile.col).len() as u32,
             depth: self.depth(tile.part).len() as u32,
             at: None,
+            recompute: 0,
         }
     }
 

@@ -5,8 +5,10 @@ use super::position::StreamPosition;
 use crate::message::{ParkedNotice, TileId};
 
 /// One journal line: `T row col part attempt micros worker`, `C row col`,
-/// `P row col part attempts worker reason…`, `F worker`, or `O offset fingerprint` (the results
-/// stream read through here; collectors before 5 December 2026 skip the line).
+/// `P row col part attempts worker reason…`, `F worker`, `O offset fingerprint` (the results
+/// stream read through here), `H row col round` (a wrong tile is computed again) or
+/// `R row col part round worker` (its new result applied). Collectors built before a kind of
+/// line existed skip it.
 pub(super) enum Record {
     Task {
         tile: TileId,
@@ -23,6 +25,18 @@ pub(super) enum Record {
         worker: String,
     },
     Position(StreamPosition),
+    /// A tile that failed verification is being computed again, in this round.
+    Recompute {
+        row: u32,
+        col: u32,
+        round: u32,
+    },
+    /// A task's result of a recompute round, applied over the wrong one.
+    Recomputed {
+        tile: TileId,
+        round: u32,
+        worker: String,
+    },
 }
 
 impl Record {
@@ -42,6 +56,15 @@ impl Record {
             Record::Complete { row, col } => format!("C {row} {col}\n"),
             Record::Failed { worker } => format!("F {worker}\n"),
             Record::Position(p) => format!("O {} {:016x}\n", p.offset, p.fingerprint),
+            Record::Recompute { row, col, round } => format!("H {row} {col} {round}\n"),
+            Record::Recomputed {
+                tile,
+                round,
+                worker,
+            } => format!(
+                "R {} {} {} {round} {worker}\n",
+                tile.row, tile.col, tile.part
+            ),
             Record::Parked(n) => format!(
                 "P {} {} {} {} {} {}\n",
                 n.tile.row,
@@ -77,6 +100,24 @@ impl Record {
             "F" => Some(Record::Failed {
                 worker: f.next()?.to_string(),
             }),
+            "H" => Some(Record::Recompute {
+                row: num()? as u32,
+                col: num()? as u32,
+                round: num()? as u32,
+            }),
+            "R" => {
+                let tile = TileId {
+                    row: num()? as u32,
+                    col: num()? as u32,
+                    part: num()? as u32,
+                };
+                let round = num()? as u32;
+                Some(Record::Recomputed {
+                    tile,
+                    round,
+                    worker: f.next()?.to_string(),
+                })
+            }
             "O" => Some(Record::Position(StreamPosition {
                 offset: num()?,
                 fingerprint: u64::from_str_radix(f.next()?, 16).ok()?,

@@ -21,6 +21,9 @@
 //!
 //! A task whose attempts ran out arrives as a [`ParkedNotice`] instead: the job can then finish
 //! (incomplete) instead of waiting forever. A result for a parked task still counts if it comes.
+//!
+//! A tile found wrong by verification is computed again ([`Assembly::recompute`]): results of
+//! that recompute round — and only those — replace it, once per task, whatever else arrives.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -142,6 +145,21 @@ pub struct Assembly {
     /// The last message of the results stream applied, and whether the journal says so yet.
     position: Option<StreamPosition>,
     position_written: bool,
+    /// Who sent each task's result (an index into `senders`), to name the sender of a wrong
+    /// tile. Indices, not names: a job may have a million tiles and a handful of workers.
+    sent_by: HashMap<TileId, u32>,
+    senders: Vec<String>,
+    /// Tiles computed again after failing verification: the round their value is from.
+    rounds: HashMap<(u32, u32), u32>,
+    /// Tiles being computed again, and the parts of the round that are in.
+    recomputing: HashMap<(u32, u32), Recomputing>,
+}
+
+/// A tile being computed again: the round, and the parts (of k) of it applied so far.
+#[derive(Debug, Default)]
+struct Recomputing {
+    round: u32,
+    parts: HashSet<u32>,
 }
 
 const PLAN_FILE: &str = "plan.json";
@@ -206,6 +224,10 @@ impl Assembly {
             running: None,
             position: None,
             position_written: true,
+            sent_by: HashMap::new(),
+            senders: Vec::new(),
+            rounds: HashMap::new(),
+            recomputing: HashMap::new(),
         };
         asm.replay(&journal_path)?;
         Ok(asm)
@@ -296,6 +318,7 @@ impl Assembly {
                     worker,
                 } => {
                     if self.plan.contains(tile) && self.received.insert(tile) {
+                        self.note_sender(tile, &worker);
                         self.parked.remove(&tile);
                         self.count(attempt, &worker, micros);
                         *self.parts_seen.entry((tile.row, tile.col)).or_default() += 1;
@@ -308,11 +331,50 @@ impl Assembly {
                 }
                 Record::Complete { row, col } => {
                     self.complete.insert((row, col));
+                    // The sum of a recomputed k-split tile reached C.
+                    if self
+                        .recomputing
+                        .get(&(row, col))
+                        .is_some_and(|r| r.parts.len() as u32 == self.plan.parts())
+                    {
+                        let done = self.recomputing.remove(&(row, col));
+                        self.rounds.insert((row, col), done.map_or(0, |r| r.round));
+                    }
+                }
+                Record::Recompute { row, col, round } => {
+                    self.recomputing.insert(
+                        (row, col),
+                        Recomputing {
+                            round,
+                            parts: HashSet::new(),
+                        },
+                    );
+                }
+                Record::Recomputed {
+                    tile,
+                    round,
+                    worker,
+                } => {
+                    if self.plan.contains(tile) {
+                        self.note_sender(tile, &worker);
+                        let key = (tile.row, tile.col);
+                        if self.plan.parts() == 1 {
+                            // C's pages were synced before this line was written.
+                            self.recomputing.remove(&key);
+                            self.rounds.insert(key, round);
+                        } else {
+                            let r = self.recomputing.entry(key).or_default();
+                            r.round = round;
+                            r.parts.insert(tile.part);
+                        }
+                    }
                 }
                 Record::Failed { worker } => {
                     self.workers.entry(worker).or_default().failures += 1;
                 }
                 Record::Parked(n) => {
+                    // A recompute whose task was parked is given up.
+                    self.recomputing.remove(&(n.tile.row, n.tile.col));
                     if self.plan.contains(n.tile) && !self.received.contains(&n.tile) {
                         self.parked.insert(n.tile, n);
                     }
@@ -332,6 +394,22 @@ impl Assembly {
         };
         for (row, col) in pending {
             self.complete_split_tile(row, col)?;
+        }
+        // Recomputed k-split tiles whose parts were all in but whose sum may not have reached C.
+        let resum: Vec<(u32, u32)> = self
+            .recomputing
+            .iter()
+            .filter(|(_, r)| r.parts.len() as u32 == self.plan.parts())
+            .map(|(rc, _)| *rc)
+            .collect();
+        for (row, col) in resum {
+            let round = self.recomputing.remove(&(row, col)).map_or(0, |r| r.round);
+            self.complete_split_tile(row, col)?;
+            self.rounds.insert((row, col), round);
+        }
+        if !self.rounds.is_empty() {
+            // Recomputed tiles replaced what a running product would have summed.
+            self.running = None;
         }
         if self.plan.parts() > 1 {
             self.summed.extend(self.complete.iter().copied());
@@ -354,27 +432,9 @@ impl Assembly {
         payload: &[u8],
     ) -> Result<Applied, AssemblyError> {
         let tile = h.tile;
-        if !self.plan.contains(tile) {
-            return Err(AssemblyError::UnknownTile {
-                tile,
-                rows: self.plan.row_blocks(),
-                cols: self.plan.col_blocks(),
-            });
-        }
-        let (rows, cols) = (self.plan.rows(tile.row), self.plan.cols(tile.col));
-        if h.rows as usize != rows.len()
-            || h.cols as usize != cols.len()
-            || h.dtype != self.plan.dtype
-        {
-            return Err(AssemblyError::Shape {
-                tile,
-                got_rows: h.rows,
-                got_cols: h.cols,
-                got_dtype: h.dtype,
-                rows: rows.len(),
-                cols: cols.len(),
-                dtype: self.plan.dtype,
-            });
+        let (rows, cols) = self.check_shape(h)?;
+        if h.recompute > 0 {
+            return self.apply_recomputed(h, payload);
         }
         if self.received.contains(&tile) {
             self.duplicates += 1;
@@ -390,6 +450,7 @@ impl Assembly {
         }
         self.received.insert(tile);
         self.parked.remove(&tile);
+        self.note_sender(tile, &h.worker);
         self.count(h.attempt, &h.worker, h.compute_micros);
         self.pending.push_str(
             &Record::Task {
@@ -420,6 +481,132 @@ impl Assembly {
         Ok(Applied::TileComplete)
     }
 
+    /// The tile's rows and columns of C, once `h` is known to fit them.
+    fn check_shape(&self, h: &ResultHeader) -> Result<(Range<usize>, Range<usize>), AssemblyError> {
+        let tile = h.tile;
+        if !self.plan.contains(tile) {
+            return Err(AssemblyError::UnknownTile {
+                tile,
+                rows: self.plan.row_blocks(),
+                cols: self.plan.col_blocks(),
+            });
+        }
+        let (rows, cols) = (self.plan.rows(tile.row), self.plan.cols(tile.col));
+        if h.rows as usize != rows.len()
+            || h.cols as usize != cols.len()
+            || h.dtype != self.plan.dtype
+        {
+            return Err(AssemblyError::Shape {
+                tile,
+                got_rows: h.rows,
+                got_cols: h.cols,
+                got_dtype: h.dtype,
+                rows: rows.len(),
+                cols: cols.len(),
+                dtype: self.plan.dtype,
+            });
+        }
+        Ok((rows, cols))
+    }
+
+    /// A result of a recompute round: replaces the tile (its part) if that round is the one
+    /// asked for and the part is not in yet; a duplicate otherwise, like any result sent twice
+    /// — or sent for a round nobody asked for.
+    fn apply_recomputed(
+        &mut self,
+        h: &ResultHeader,
+        payload: &[u8],
+    ) -> Result<Applied, AssemblyError> {
+        let (tile, key) = (h.tile, (h.tile.row, h.tile.col));
+        let wanted = self
+            .recomputing
+            .get(&key)
+            .is_some_and(|r| r.round == h.recompute && !r.parts.contains(&tile.part));
+        if !wanted {
+            self.duplicates += 1;
+            return Ok(Applied::Duplicate);
+        }
+        let (rows, cols) = (self.plan.rows(tile.row), self.plan.cols(tile.col));
+        if self.plan.parts() == 1 {
+            self.assign(rows, cols, payload)?;
+        } else {
+            let path = self.part_path(tile);
+            let tmp = path.with_extension("tmp");
+            write_synced(&tmp, payload)?;
+            fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
+        self.note_sender(tile, &h.worker);
+        self.pending.push_str(
+            &Record::Recomputed {
+                tile,
+                round: h.recompute,
+                worker: h.worker.clone(),
+            }
+            .to_line(),
+        );
+        let r = self.recomputing.get_mut(&key).expect("checked above");
+        r.parts.insert(tile.part);
+        if (r.parts.len() as u32) < self.plan.parts() {
+            return Ok(Applied::Part);
+        }
+        self.recomputing.remove(&key);
+        self.rounds.insert(key, h.recompute);
+        if self.plan.parts() > 1 {
+            self.complete_split_tile(tile.row, tile.col)?;
+        }
+        // The running product summed the wrong tile: C is read again to verify.
+        self.running = None;
+        Ok(Applied::TileComplete)
+    }
+
+    fn note_sender(&mut self, tile: TileId, worker: &str) {
+        let i = match self.senders.iter().position(|w| w == worker) {
+            Some(i) => i,
+            None => {
+                self.senders.push(worker.to_string());
+                self.senders.len() - 1
+            }
+        };
+        self.sent_by.insert(tile, i as u32);
+    }
+
+    /// Who sent the value C holds for tile (row, col): one name per part of k, each once.
+    pub fn senders_of(&self, row: u32, col: u32) -> Vec<String> {
+        let mut names: Vec<String> = (0..self.plan.parts())
+            .filter_map(|part| self.sent_by.get(&TileId { row, col, part }))
+            .map(|&i| self.senders[i as usize].clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// How many times tile (row, col) has been computed again (0: never).
+    pub fn round_of(&self, row: u32, col: u32) -> u32 {
+        self.rounds.get(&(row, col)).copied().unwrap_or(0)
+    }
+
+    /// Asks for tile (row, col) to be computed again: from now on the results of the next
+    /// round, and only those, replace it. Returns that round; durable with the next commit.
+    pub fn recompute(&mut self, row: u32, col: u32) -> u32 {
+        let round = self.round_of(row, col) + 1;
+        self.recomputing.insert(
+            (row, col),
+            Recomputing {
+                round,
+                parts: HashSet::new(),
+            },
+        );
+        self.pending
+            .push_str(&Record::Recompute { row, col, round }.to_line());
+        round
+    }
+
+    /// Tiles being computed again whose results are not all in.
+    pub fn recomputing(&self) -> usize {
+        self.recomputing.len()
+    }
+
     /// Records that a task will not be computed.
     pub fn apply_parked(&mut self, notice: &ParkedNotice) -> Result<Applied, AssemblyError> {
         if !self.plan.contains(notice.tile) {
@@ -428,6 +615,14 @@ impl Assembly {
                 rows: self.plan.row_blocks(),
                 cols: self.plan.col_blocks(),
             });
+        }
+        let key = (notice.tile.row, notice.tile.col);
+        if self.recomputing.remove(&key).is_some() {
+            // Its recompute ran out of attempts: the tile stays as it is, and verification
+            // says whether that is good enough.
+            self.pending
+                .push_str(&Record::Parked(notice.clone()).to_line());
+            return Ok(Applied::Parked);
         }
         if self.received.contains(&notice.tile) || self.parked.contains_key(&notice.tile) {
             self.duplicates += 1;
@@ -488,9 +683,12 @@ impl Assembly {
             self.journal.sync_data().map_err(io(&path))?;
             self.pending.clear();
         }
-        // Only now, with the sum in C and the journal saying so, are a tile's parts garbage.
+        // Only now, with the sum in C and the journal saying so, are a tile's parts garbage —
+        // unless the tile is being computed again, and they are its new parts.
         for (row, col) in std::mem::take(&mut self.summed) {
-            self.remove_parts(row, col);
+            if !self.recomputing.contains_key(&(row, col)) {
+                self.remove_parts(row, col);
+            }
         }
         Ok(())
     }
@@ -609,6 +807,7 @@ impl Assembly {
     /// Every task has either its result or a parked notice: waiting longer will not help.
     pub fn is_finished(&self) -> bool {
         self.received.len() as u64 + self.parked.len() as u64 >= self.plan.tasks()
+            && self.recomputing.is_empty()
     }
 
     /// Every tile of C is there.

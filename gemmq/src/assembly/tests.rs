@@ -22,6 +22,7 @@ fn results(plan: &Plan, a: &Array2<f64>, b: &Array2<f64>) -> Vec<(ResultHeader, 
                 worker: "w".into(),
                 attempt: 1,
                 compute_micros: 1,
+                recompute: 0,
             };
             (h, bytes)
         })
@@ -273,6 +274,7 @@ fn results_that_do_not_fit_the_plan_are_refused() {
         worker: "w".into(),
         attempt: 1,
         compute_micros: 0,
+        recompute: 0,
     };
     assert!(matches!(
         asm.apply_result(&h, &[0; 128]),
@@ -307,4 +309,114 @@ fn the_checkpoint_remembers_how_far_it_read_the_results_stream_once_committed() 
     let asm = Assembly::open(&plan, "j", "", dir.path()).unwrap();
     assert_eq!(asm.position(), Some(at(0)));
     assert_eq!(asm.tasks_done(), 1);
+}
+
+/// A result for `tile` from `worker`, of recompute `round`, carrying `bytes`.
+fn from(
+    rs: &[(ResultHeader, Vec<u8>)],
+    tile: TileId,
+    worker: &str,
+    round: u32,
+    bytes: Option<Vec<u8>>,
+) -> (ResultHeader, Vec<u8>) {
+    let (h, p) = rs.iter().find(|(h, _)| h.tile == tile).unwrap();
+    let h = ResultHeader {
+        worker: worker.into(),
+        recompute: round,
+        ..h.clone()
+    };
+    (h, bytes.unwrap_or_else(|| p.clone()))
+}
+
+#[test]
+fn a_wrong_tile_is_replaced_by_its_recompute_and_by_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = inputs(16, 8, 16);
+    let plan = Plan::new(16, 8, 16, DType::F64, 8, 1 << 20).unwrap();
+    let rs = results(&plan, &a, &b);
+    let t = TileId {
+        row: 1,
+        col: 0,
+        part: 0,
+    };
+    let forged = from(&rs, t, "forger", 0, Some(vec![0u8; 8 * 8 * 8]));
+    let mut asm = Assembly::open(&plan, "j", "", dir.path()).unwrap();
+    // The forged result comes first: first-result-wins keeps it.
+    asm.apply_result(&forged.0, &forged.1).unwrap();
+    for (h, p) in &rs {
+        asm.apply_result(h, p).unwrap();
+    }
+    assert!(asm.is_finished());
+    assert!(max_error(&asm, &a.dot(&b)) > 0.1, "C holds the forged tile");
+    assert_eq!(asm.senders_of(1, 0), ["forger"]);
+
+    assert_eq!(asm.recompute(1, 0), 1);
+    assert!(!asm.is_finished(), "waiting for the recompute");
+    // A right result of no round, or of a round nobody asked for, changes nothing.
+    for round in [0, 2] {
+        let (h, p) = from(&rs, t, "w", round, None);
+        assert_eq!(asm.apply_result(&h, &p).unwrap(), Applied::Duplicate);
+    }
+    let (h, p) = from(&rs, t, "w2", 1, None);
+    assert_eq!(asm.apply_result(&h, &p).unwrap(), Applied::TileComplete);
+    let again = from(&rs, t, "forger", 1, Some(vec![0u8; 8 * 8 * 8]));
+    assert_eq!(
+        asm.apply_result(&again.0, &again.1).unwrap(),
+        Applied::Duplicate,
+        "the round's first result wins, as any other"
+    );
+    assert!(asm.is_finished());
+    assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
+    assert_eq!(asm.senders_of(1, 0), ["w2"]);
+    assert_eq!(asm.round_of(1, 0), 1);
+}
+
+#[test]
+fn a_k_split_recompute_takes_every_part_of_its_round_and_survives_a_crash_halfway() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = inputs(20, 90, 13);
+    let plan = split_plan(20, 90, 13);
+    let parts = plan.parts();
+    assert!(parts > 2);
+    let rs = results(&plan, &a, &b);
+    let part = |p| TileId {
+        row: 0,
+        col: 1,
+        part: p,
+    };
+    {
+        let mut asm = Assembly::open(&plan, "j", "", &dir.path().join("ck")).unwrap();
+        let forged = from(&rs, part(0), "forger", 0, None);
+        let mut wrong = forged.1.clone();
+        wrong[7] ^= 0x40; // the exponent of the first number
+        asm.apply_result(&forged.0, &wrong).unwrap();
+        for (h, p) in &rs {
+            asm.apply_result(h, p).unwrap();
+        }
+        assert!(max_error(&asm, &a.dot(&b)) > 1e-6);
+        assert_eq!(asm.recompute(0, 1), 1);
+        // Half the parts of the round come in; then the collector dies.
+        for p in 0..parts / 2 {
+            let (h, bytes) = from(&rs, part(p), "w", 1, None);
+            assert_eq!(asm.apply_result(&h, &bytes).unwrap(), Applied::Part);
+        }
+        asm.commit().unwrap();
+    }
+    let mut asm = Assembly::open(&plan, "j", "", &dir.path().join("ck")).unwrap();
+    assert!(!asm.is_finished(), "the recompute is still to finish");
+    for p in 0..parts {
+        let (h, bytes) = from(&rs, part(p), "w", 1, None);
+        let applied = asm.apply_result(&h, &bytes).unwrap();
+        let want = if p < parts / 2 {
+            Applied::Duplicate
+        } else if p + 1 < parts {
+            Applied::Part
+        } else {
+            Applied::TileComplete
+        };
+        assert_eq!(applied, want, "part {p}");
+    }
+    asm.commit().unwrap();
+    assert!(asm.is_finished());
+    assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
 }

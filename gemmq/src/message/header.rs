@@ -53,6 +53,11 @@ pub struct TaskHeader {
     /// A worker reads just those messages. Absent for inline tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<[u64; 2]>,
+    /// Nonzero for a task the collector published again because its tile failed verification:
+    /// the round of recomputing, which the result carries back so that it may replace the
+    /// wrong tile (first-result-wins would drop it). Absent on the wire when zero.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recompute: u32,
 }
 
 /// Several streamed tasks of one job in one message: the unit of delivery, retry and
@@ -119,6 +124,7 @@ impl TaskGroup {
             cols: t.cols,
             depth: t.depth,
             at: t.at,
+            recompute: 0,
         })
     }
 }
@@ -139,6 +145,9 @@ pub struct ResultHeader {
     /// 1 for the first try; read from the broker's x-death count.
     pub attempt: u32,
     pub compute_micros: u64,
+    /// The task's [`TaskHeader::recompute`] round: nonzero for a tile computed again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recompute: u32,
 }
 
 /// Several computed tiles in one message: the results a worker had ready at the same moment.
@@ -168,6 +177,12 @@ pub struct BatchedTile {
     pub cols: u32,
     pub attempt: u32,
     pub compute_micros: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recompute: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ResultBatch {
@@ -192,6 +207,7 @@ impl ResultBatch {
                 worker: self.worker.clone(),
                 attempt: t.attempt,
                 compute_micros: t.compute_micros,
+                recompute: t.recompute,
             };
             (h, bytes)
         })

@@ -206,6 +206,7 @@ mod tests {
             worker: "w".into(),
             attempt: 1,
             compute_micros: 1,
+            recompute: 0,
         });
         let failed = Header::Failed(FailureNotice {
             job: "j".into(),
@@ -261,6 +262,7 @@ mod tests {
             cols,
             depth,
             at: None,
+            recompute: 0,
         })
     }
 
@@ -325,6 +327,7 @@ mod tests {
                 cols: 16,
                 depth: 1024,
                 at: None,
+                recompute: 0,
             })
             .collect();
         match TaskGroup::of(&ts) {
@@ -448,6 +451,7 @@ mod tests {
                     cols,
                     attempt: 1,
                     compute_micros: 5,
+                    recompute: 0,
                 })
                 .collect(),
         }
