@@ -13,9 +13,12 @@
 //! and why); 4 C failed verification; 2 bad settings; 1 any other error.
 
 mod apply;
+mod check;
 mod collect;
 mod progress;
 pub mod status;
+
+pub use check::{MAX_RECOMPUTES, WrongTile};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,12 +30,11 @@ use gemmq::TileId;
 use gemmq::assembly::{Assembly, AssemblyError, WorkerTally};
 use gemmq::broker::{self, Broker};
 use gemmq::config::{BrokerSettings, ConfigError, ConfigFile, Layered};
-use gemmq::inputs::Operand;
 use gemmq::job;
 use gemmq::message::{self, Inputs, Manifest};
 use gemmq::shutdown::CancellationToken;
 use gemmq::topology::{self, Topology};
-use gemmq::verify::{self, Expected, Verdict};
+use gemmq::verify::{Expected, Verdict};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -200,6 +202,9 @@ pub struct Summary {
     pub gflops: f64,
     pub verification: Option<Verdict>,
     pub output: Option<PathBuf>,
+    /// Tiles that failed verification and were computed again, with who sent them.
+    #[serde(default)]
+    pub wrong_tiles: Vec<WrongTile>,
 }
 
 fn unix_ms() -> u64 {
@@ -251,7 +256,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
             "resuming from the checkpoint"
         );
     }
-    let expected = s.verify.then(|| start_verification(&manifest, &mut asm));
+    let expected = s.verify.then(|| check::start(&manifest, &mut asm));
     let mut job = Collection {
         broker: &broker,
         topo: &topo,
@@ -265,25 +270,50 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         conn: None,
         from_start: false,
     };
-    if let Err(e) = job.until_done().await {
-        job.release().await;
-        return Err(e);
-    }
+    let (verdict, wrong) = match collect_and_check(&mut job, expected).await {
+        Ok(c) => c,
+        Err(e) => {
+            job.release().await;
+            return Err(e);
+        }
+    };
     let mut claim = job.keep_claim();
-    let summary = finish(
-        s,
-        &broker,
-        &topo,
-        &manifest,
-        job.asm,
-        job.rejected,
-        expected,
-    )
-    .await;
+    let done = Checked {
+        asm: job.asm,
+        rejected: job.rejected,
+        verdict,
+        wrong,
+    };
+    let summary = finish(s, &broker, &topo, &manifest, done).await;
     // Held through finishing, so that a collector standing by takes over only a job that is
     // still to do, or finds it retired.
     claim.release().await;
     summary
+}
+
+/// Collects every result, then (when verifying and C is complete) checks C, healing wrong tiles.
+async fn collect_and_check(
+    job: &mut Collection<'_>,
+    expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
+) -> Result<(Option<Verdict>, Vec<WrongTile>)> {
+    job.until_done().await?;
+    let Some(expected) = expected else {
+        return Ok((None, Vec::new()));
+    };
+    let expected = expected.await.context("the verification task failed")??;
+    if !job.asm.is_complete() {
+        return Ok((None, Vec::new()));
+    }
+    let (verdict, wrong) = check::verify_and_heal(job, &expected).await?;
+    Ok((Some(verdict), wrong))
+}
+
+/// A job collected and checked: what `finish` writes and reports.
+struct Checked {
+    asm: Assembly,
+    rejected: u64,
+    verdict: Option<Verdict>,
+    wrong: Vec<WrongTile>,
 }
 
 /// The job named by `--job-id` (waiting for its announcement), or the next one announced, whose
@@ -325,25 +355,6 @@ fn check_output_size(s: &Settings, manifest: &Manifest) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// What C·x must be, worked out from A and B while the workers compute C; and C·x itself,
-/// summed as the tiles come in.
-fn start_verification(
-    manifest: &Manifest,
-    asm: &mut Assembly,
-) -> tokio::task::JoinHandle<Result<Expected>> {
-    // A manifest's check names its vectors; a malformed one (too many) is not trusted with
-    // memory, and the check at the end then falls back to reading C.
-    let (rounds, seed) = match &manifest.check {
-        Some(c) if (1..=verify::MAX_ROUNDS as usize).contains(&c.abx.len()) => {
-            (c.abx.len() as u32, c.seed)
-        }
-        _ => (verify::ROUNDS, verify::VECTOR_SEED),
-    };
-    asm.track_product(rounds, seed);
-    let manifest = manifest.clone();
-    tokio::task::spawn_blocking(move || expectation(&manifest))
 }
 
 /// The checkpoint directory of a job under `out`.
@@ -418,13 +429,19 @@ async fn finish(
     broker: &Broker,
     topo: &Topology,
     manifest: &Manifest,
-    asm: Assembly,
-    rejected: u64,
-    expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
+    done: Checked,
 ) -> Result<Summary> {
+    let Checked {
+        asm,
+        rejected,
+        verdict,
+        wrong,
+    } = done;
     let mut summary = Summary::of(manifest, &asm, rejected);
+    summary.wrong_tiles = wrong;
     if asm.is_complete() {
-        let (path, verdict) = verify_and_write(s, asm, expected).await?;
+        let path = s.out.join("C.npy");
+        asm.finish(&path).context("writing C.npy")?;
         summary.output = Some(path);
         summary.status = match &verdict {
             Some(v) if !v.passed => Outcome::VerificationFailed,
@@ -479,35 +496,9 @@ impl Summary {
             gflops: 0.0,
             verification: None,
             output: None,
+            wrong_tiles: Vec::new(),
         }
     }
-}
-
-/// Checks the complete C (when verifying) and writes it as C.npy.
-async fn verify_and_write(
-    s: &Settings,
-    asm: Assembly,
-    expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
-) -> Result<(PathBuf, Option<Verdict>)> {
-    let verdict = match expected {
-        Some(handle) => {
-            let expected = handle.await.context("the verification task failed")??;
-            Some(
-                match asm
-                    .running_product()
-                    .and_then(|r| expected.check_running(r))
-                {
-                    Some(v) => v,
-                    // Resumed from a checkpoint: some tiles were written by an earlier run.
-                    None => asm.with_c(|c| expected.check(c))?,
-                },
-            )
-        }
-        None => None,
-    };
-    let path = s.out.join("C.npy");
-    asm.finish(&path).context("writing C.npy")?;
-    Ok((path, verdict))
 }
 
 /// Whole or not at all: a standby collector (and scripts) read it while it may be written.
@@ -540,35 +531,6 @@ async fn retire(broker: &Broker, topo: &Topology, manifest: &Manifest) {
     }
 }
 
-/// Freivalds' expectation for the job's A and B: as the producer computed it and sent it with
-/// the manifest; otherwise (a tall job, or the producer's expectation unreadable) walked from the
-/// seed row by row (no A or B in memory), or computed from the input files.
-fn expectation(manifest: &Manifest) -> Result<Expected> {
-    let plan = &manifest.plan;
-    let (m, k, n) = (plan.m as usize, plan.k as usize, plan.n as usize);
-    if let Some(check) = &manifest.check {
-        match Expected::from_check(check, m, k, n, plan.dtype) {
-            Ok(e) => return Ok(e),
-            Err(e) => {
-                warn!(job = %manifest.job, error = %e, "the manifest's verification vectors are unusable; computing them here")
-            }
-        }
-    }
-    let (rounds, seed) = (verify::ROUNDS, verify::VECTOR_SEED);
-    match &manifest.inputs {
-        Inputs::Seed(s) => Ok(verify::expect_seeded(m, k, n, plan.dtype, *s, rounds, seed)),
-        Inputs::Files { a, b } => {
-            // A row at a time, as the producer did: the files may be larger than memory.
-            let a = Operand::open(Path::new(a)).context("re-reading A to verify C")?;
-            let b = Operand::open(Path::new(b)).context("re-reading B to verify C")?;
-            if a.shape() != (m, k) || b.shape() != (k, n) {
-                bail!("A or B changed since the job was published: cannot verify C");
-            }
-            Ok(verify::expect_rows(&a, &b, rounds, seed)?)
-        }
-    }
-}
-
 fn report(s: &Summary) {
     let v = s
         .verification
@@ -590,8 +552,11 @@ fn report(s: &Summary) {
     for p in &s.parked {
         error!(tile = %p.tile, attempts = p.attempts, worker = %p.worker, reason = %p.reason, "missing: tile parked");
     }
+    for w in &s.wrong_tiles {
+        warn!(tile = %w.tile, sent_by = ?w.sent_by, recompute = w.recompute, "tile was wrong and was computed again");
+    }
     for (w, t) in &s.workers {
-        info!(worker = %w, tasks = t.tasks, failures = t.failures, compute_s = format!("{:.2}", t.compute_seconds), "per worker");
+        info!(worker = %w, tasks = t.tasks, failures = t.failures, wrong_tiles = t.wrong_tiles, compute_s = format!("{:.2}", t.compute_seconds), "per worker");
     }
 }
 

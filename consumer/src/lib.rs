@@ -62,6 +62,11 @@ pub struct ConsumerOptions {
     /// [default: 0]
     #[arg(long, env = "GEMMQ_FAILURE_RATE")]
     pub failure_rate: Option<f64>,
+    /// Probability that a computed tile is made wrong on purpose before it is sent, 0 to 1: a
+    /// worker with bad memory, to watch the collector find the tile, name this worker and have
+    /// the tile computed again [default: 0]
+    #[arg(long, env = "GEMMQ_CORRUPT_RATE")]
+    pub corrupt_rate: Option<f64>,
     /// Simulated extra time per task: a duration (500ms) or a range (1s..3s) [default: 0]
     #[arg(long, env = "GEMMQ_DELAY")]
     pub delay: Option<DurationRange>,
@@ -101,6 +106,7 @@ gemmq::layered!(ConsumerOptions {
     queue_size,
     concurrency,
     failure_rate,
+    corrupt_rate,
     delay,
     max_attempts,
     worker_id,
@@ -117,6 +123,7 @@ pub struct Settings {
     pub queue_size: u16,
     pub concurrency: usize,
     pub failure_rate: f64,
+    pub corrupt_rate: f64,
     pub delay: DurationRange,
     pub max_attempts: u32,
     pub worker_id: String,
@@ -141,6 +148,7 @@ impl Settings {
             queue_size: o.queue_size.unwrap_or(10),
             concurrency: o.concurrency.unwrap_or(1),
             failure_rate: o.failure_rate.unwrap_or(0.0),
+            corrupt_rate: o.corrupt_rate.unwrap_or(0.0),
             delay: o.delay.unwrap_or_default(),
             max_attempts: o.max_attempts.unwrap_or(5),
             worker_id: o.worker_id.unwrap_or_else(broker::default_worker_id),
@@ -179,11 +187,16 @@ impl Settings {
                 ),
             ));
         }
-        if !(0.0..=1.0).contains(&s.failure_rate) {
-            return Err(ConfigError::invalid(
-                "failure-rate",
-                format!("{} is not between 0 and 1", s.failure_rate),
-            ));
+        for (name, rate) in [
+            ("failure-rate", s.failure_rate),
+            ("corrupt-rate", s.corrupt_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::invalid(
+                    name,
+                    format!("{rate} is not between 0 and 1"),
+                ));
+            }
         }
         if s.max_attempts == 0 {
             return Err(ConfigError::invalid("max-attempts", "must be at least 1"));
@@ -241,7 +254,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
     let span = info_span!("consumer", worker = %s.worker_id);
     info!(
         parent: &span,
-        queue_size = s.queue_size, concurrency = s.concurrency, failure_rate = s.failure_rate,
+        queue_size = s.queue_size, concurrency = s.concurrency, failure_rate = s.failure_rate, corrupt_rate = s.corrupt_rate,
         delay = %s.delay, max_attempts = s.max_attempts, broker = %s.broker.redacted_url(),
         "worker starting"
     );

@@ -321,18 +321,50 @@ async fn work(
         (r, data)
     };
     // A tiny tile is cheaper to multiply than to hand to another thread.
-    if total <= TINY_FLOPS {
-        return compute();
+    let (r, data) = if total <= TINY_FLOPS {
+        compute()
+    } else {
+        match tokio::task::spawn_blocking(compute).await {
+            Ok(done) => done,
+            // The multiplication panicked: a bug, not bad luck. The body went with the thread.
+            Err(e) => (
+                Err(Failure::Transient(format!("computation failed: {e}"))),
+                Vec::new(),
+            ),
+        }
+    };
+    (r.map(|products| corrupt(ctx, tasks, products)), data)
+}
+
+/// With `--corrupt-rate`, makes some products wrong on purpose (the first number doubled, plus
+/// one): a worker with bad memory, for seeing the collector find and heal the tiles.
+fn corrupt(ctx: &Ctx, tasks: &[TaskHeader], mut products: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let rate = ctx.settings.corrupt_rate;
+    if rate <= 0.0 {
+        return products;
     }
-    let joined = tokio::task::spawn_blocking(compute).await;
-    match joined {
-        Ok((r, data)) => (r, data),
-        // The multiplication panicked: a bug, not bad luck. The body went with the thread.
-        Err(e) => (
-            Err(Failure::Transient(format!("computation failed: {e}"))),
-            Vec::new(),
-        ),
+    let mut rng = rand::rng();
+    for (task, product) in tasks.iter().zip(&mut products) {
+        if !rng.random_bool(rate) {
+            continue;
+        }
+        match task.dtype {
+            gemmq::DType::F32 => {
+                if let Some(b) = product.get_mut(..4) {
+                    let v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+                    b.copy_from_slice(&(v * 2.0 + 1.0).to_le_bytes());
+                }
+            }
+            gemmq::DType::F64 => {
+                if let Some(b) = product.get_mut(..8) {
+                    let v = f64::from_le_bytes(b.try_into().expect("8 bytes"));
+                    b.copy_from_slice(&(v * 2.0 + 1.0).to_le_bytes());
+                }
+            }
+        }
+        tracing::warn!(job = %task.job, tile = %task.tile, "tile made wrong on purpose (--corrupt-rate)");
     }
+    products
 }
 
 #[cfg(test)]

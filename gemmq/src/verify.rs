@@ -7,6 +7,10 @@
 //! The tolerance is derived, not tuned: a dot product of length k computed in a format with unit
 //! roundoff u is off by at most about k·u·(|A|·|B|)ᵢⱼ, so row i of C·x may differ from A·(B·x) by
 //! up to (k + n + 2)·u·(|A|·|B|·|x|)ᵢ; the check allows twice that, per row. Sums run in f64.
+//!
+//! When C fails, [`wrong_tiles`] says which tiles: the rows that failed narrow it to block rows,
+//! and each tile (r, c) of those is checked on its own, C_rc·x_c against A_r·(B_c·x_c) with x_c
+//! the slice of x over the tile's columns — one pass over B and over the suspect rows of A.
 
 use ndarray::{Array1, ArrayView2};
 use rand::rngs::StdRng;
@@ -294,13 +298,34 @@ impl Expected {
         same.then(|| self.judge(&r.cx, r.n))
     }
 
+    /// The rows of C that fail the check in any round: where its wrong tiles are.
+    pub fn failing_rows(&self, c: MatrixView<'_>) -> Vec<usize> {
+        fn typed<T: Element>(e: &Expected, c: ArrayView2<'_, T>) -> Vec<usize> {
+            let gamma = gamma(e.dtype, e.k, c.ncols());
+            let mut rows = std::collections::BTreeSet::new();
+            for r in &e.rounds {
+                if r.x.len() != c.ncols() || r.abx.len() != c.nrows() {
+                    return (0..c.nrows()).collect();
+                }
+                let cx = matvec(c, &r.x, &r.x.mapv(f64::abs)).0;
+                for i in 0..cx.len() {
+                    let diff = (cx[i] - r.abx[i]).abs();
+                    if diff.is_nan() || diff > gamma * r.bound[i] + f64::MIN_POSITIVE {
+                        rows.insert(i);
+                    }
+                }
+            }
+            rows.into_iter().collect()
+        }
+        match c {
+            MatrixView::F32(c) => typed(self, c),
+            MatrixView::F64(c) => typed(self, c),
+        }
+    }
+
     /// Compares C·x, per round, with A·(B·x) within the rounding bound.
     fn judge(&self, cxs: &[Array1<f64>], n: usize) -> Verdict {
-        let eps = match self.dtype {
-            crate::DType::F32 => <f32 as Element>::EPSILON,
-            crate::DType::F64 => <f64 as Element>::EPSILON,
-        };
-        let gamma = 2.0 * (self.k + n + 2) as f64 * eps;
+        let gamma = gamma(self.dtype, self.k, n);
         let (mut worst_ratio, mut worst_row) = (0.0f64, None);
         let mut passed = true;
         for (r, cx) in self.rounds.iter().zip(cxs) {
@@ -330,6 +355,98 @@ impl Expected {
             worst_ratio,
             worst_row,
         }
+    }
+}
+
+/// The relative error a product of depth k summed into n columns may have from rounding, doubled.
+fn gamma(dtype: crate::DType, k: usize, n: usize) -> f64 {
+    let eps = match dtype {
+        crate::DType::F32 => <f32 as Element>::EPSILON,
+        crate::DType::F64 => <f64 as Element>::EPSILON,
+    };
+    2.0 * (k + n + 2) as f64 * eps
+}
+
+/// Most numbers (k × block columns) of B·x per block column held at once: 64 MiB of f64 and
+/// their bounds; more block columns take more passes over B.
+const MAX_BX_VALUES: usize = 4 << 20;
+
+/// The tiles of C that are wrong, (block row, block column), among the block rows holding
+/// `rows` (from [`Expected::failing_rows`]): each checked on its own against A and B, read a
+/// row at a time. A k-split tile is named once, whichever part is wrong.
+pub fn wrong_tiles(
+    a: &crate::inputs::Operand,
+    b: &crate::inputs::Operand,
+    c: MatrixView<'_>,
+    plan: &crate::Plan,
+    rows: &[usize],
+    rounds: u32,
+    vseed: u64,
+) -> Result<Vec<(u32, u32)>, MatrixError> {
+    fn typed<T: Element>(
+        a: &crate::inputs::Operand,
+        b: &crate::inputs::Operand,
+        c: ArrayView2<'_, T>,
+        plan: &crate::Plan,
+        block_rows: &[u32],
+        xs: &[Array1<f64>],
+    ) -> Result<Vec<(u32, u32)>, MatrixError> {
+        let (k, n) = b.shape();
+        let gamma = gamma(plan.dtype, k, n);
+        let col_blocks: Vec<u32> = (0..plan.col_blocks()).collect();
+        let chunk = (MAX_BX_VALUES / k.max(1)).max(1);
+        let mut wrong = std::collections::BTreeSet::new();
+        let (mut brow, mut arow) = (vec![T::zero(); n], vec![T::zero(); k]);
+        for x in xs {
+            for cols in col_blocks.chunks(chunk) {
+                // B_c·x_c for each block column c of the chunk, a k-vector each, and its bound.
+                let mut bx = vec![(0.0f64, 0.0f64); k * cols.len()];
+                for i in 0..k {
+                    b.row(i, 0..n, &mut brow)?;
+                    for (ci, &cb) in cols.iter().enumerate() {
+                        let (mut s, mut sa) = (0.0, 0.0);
+                        for j in plan.cols(cb) {
+                            let v = brow[j].to_f64();
+                            s += v * x[j];
+                            sa += v.abs() * x[j].abs();
+                        }
+                        bx[i * cols.len() + ci] = (s, sa);
+                    }
+                }
+                for &rb in block_rows {
+                    for i in plan.rows(rb) {
+                        a.row(i, 0..k, &mut arow)?;
+                        for (ci, &cb) in cols.iter().enumerate() {
+                            let (mut want, mut bound) = (0.0, 0.0);
+                            for (kk, &v) in arow.iter().enumerate() {
+                                let (s, sa) = bx[kk * cols.len() + ci];
+                                let v = v.to_f64();
+                                want += v * s;
+                                bound += v.abs() * sa;
+                            }
+                            let got: f64 = plan.cols(cb).map(|j| c[[i, j]].to_f64() * x[j]).sum();
+                            let diff = (got - want).abs();
+                            if diff.is_nan() || diff > gamma * bound + f64::MIN_POSITIVE {
+                                wrong.insert((rb, cb));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(wrong.into_iter().collect())
+    }
+    crate::matrix::check_conformable(a.describe(), b.describe())?;
+    let mut block_rows: Vec<u32> = rows
+        .iter()
+        .map(|&i| (i as u64 / plan.tile.max(1)) as u32)
+        .filter(|&r| r < plan.row_blocks())
+        .collect();
+    block_rows.dedup();
+    let xs = vectors(plan.n as usize, rounds, vseed);
+    match c {
+        MatrixView::F32(c) => typed(a, b, c, plan, &block_rows, &xs),
+        MatrixView::F64(c) => typed(a, b, c, plan, &block_rows, &xs),
     }
 }
 
@@ -540,5 +657,54 @@ mod tests {
         // Summed for other vectors: not comparable.
         let other = RunningProduct::new(37, 29, ROUNDS, VECTOR_SEED + 1);
         assert!(e.check_running(&other).is_none());
+    }
+
+    #[test]
+    fn the_wrong_tiles_are_named_and_only_they_in_both_precisions_and_with_k_split() {
+        for (dtype, limit) in [
+            (DType::F32, 1 << 20),
+            (DType::F64, 1 << 20),
+            (DType::F64, 3000),
+        ] {
+            let (m, k, n) = (40, 90, 33);
+            let plan =
+                crate::Plan::new(m, k, n, dtype, 8, crate::tiling::HEADER_BUDGET + limit).unwrap();
+            let (a, b) =
+                crate::inputs::Operand::seeded_pair(m as usize, k as usize, n as usize, dtype, 5);
+            let c = a.to_matrix().unwrap().dot(&b.to_matrix().unwrap()).unwrap();
+            let e = expect_seeded(
+                m as usize,
+                k as usize,
+                n as usize,
+                dtype,
+                5,
+                ROUNDS,
+                VECTOR_SEED,
+            );
+            assert!(
+                e.failing_rows(c.view()).is_empty(),
+                "{dtype}: a right C fails no row"
+            );
+            // Tile (1, 2) off by a quarter in one number; tile (4, 0) (the short last block row)
+            // all zeros.
+            let mut wrong = c.clone();
+            match &mut wrong {
+                Matrix::F32(w) => {
+                    w[[9, 17]] += 0.25;
+                    w.slice_mut(ndarray::s![32.., 0..8]).fill(0.0);
+                }
+                Matrix::F64(w) => {
+                    w[[9, 17]] += 0.25;
+                    w.slice_mut(ndarray::s![32.., 0..8]).fill(0.0);
+                }
+            }
+            let rows = e.failing_rows(wrong.view());
+            assert!(
+                rows.contains(&9) && rows.iter().all(|&r| r == 9 || r >= 32),
+                "{rows:?}"
+            );
+            let tiles = wrong_tiles(&a, &b, wrong.view(), &plan, &rows, ROUNDS, 77).unwrap();
+            assert_eq!(tiles, [(1, 2), (4, 0)], "{dtype}, {} parts", plan.parts());
+        }
     }
 }

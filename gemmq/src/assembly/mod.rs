@@ -114,6 +114,9 @@ pub struct WorkerTally {
     /// Attempts that failed on this worker and were retried.
     pub failures: u64,
     pub compute_seconds: f64,
+    /// Tiles from this worker that failed verification and were computed again.
+    #[serde(default)]
+    pub wrong_tiles: u64,
 }
 
 /// C under construction, with the bookkeeping that makes every task count once.
