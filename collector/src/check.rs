@@ -132,7 +132,7 @@ pub(crate) async fn verify_and_heal(
         };
         if let Some(&(row, col)) = wrong
             .iter()
-            .find(|&&(r, c)| job.asm.round_of(r, c) >= MAX_RECOMPUTES)
+            .find(|&&(r, c)| job.asm.recomputes(r, c) >= MAX_RECOMPUTES)
         {
             let tile = TileId { row, col, part: 0 };
             error!(%tile, recomputes = MAX_RECOMPUTES, sent_by = ?job.asm.senders_of(row, col),

@@ -154,6 +154,9 @@ pub struct Assembly {
     senders: Vec<String>,
     /// Tiles computed again after failing verification: the round their value is from.
     rounds: HashMap<(u32, u32), u32>,
+    /// The last recompute round asked for each tile, whether or not it came (its task may
+    /// have been parked): what bounds the recomputes of a tile.
+    asked: HashMap<(u32, u32), u32>,
     /// Tiles being computed again, and the parts of the round that are in.
     recomputing: HashMap<(u32, u32), Recomputing>,
 }
@@ -230,6 +233,7 @@ impl Assembly {
             sent_by: HashMap::new(),
             senders: Vec::new(),
             rounds: HashMap::new(),
+            asked: HashMap::new(),
             recomputing: HashMap::new(),
         };
         asm.replay(&journal_path)?;
@@ -345,6 +349,7 @@ impl Assembly {
                     }
                 }
                 Record::Recompute { row, col, round } => {
+                    self.asked.insert((row, col), round);
                     self.recomputing.insert(
                         (row, col),
                         Recomputing {
@@ -584,15 +589,23 @@ impl Assembly {
         names
     }
 
-    /// How many times tile (row, col) has been computed again (0: never).
+    /// The recompute round tile (row, col)'s value is from (0: as first computed).
     pub fn round_of(&self, row: u32, col: u32) -> u32 {
         self.rounds.get(&(row, col)).copied().unwrap_or(0)
+    }
+
+    /// How many times tile (row, col) has been asked to be computed again, whether or not the
+    /// results came.
+    pub fn recomputes(&self, row: u32, col: u32) -> u32 {
+        let asked = self.asked.get(&(row, col)).copied().unwrap_or(0);
+        asked.max(self.round_of(row, col))
     }
 
     /// Asks for tile (row, col) to be computed again: from now on the results of the next
     /// round, and only those, replace it. Returns that round; durable with the next commit.
     pub fn recompute(&mut self, row: u32, col: u32) -> u32 {
-        let round = self.round_of(row, col) + 1;
+        let round = self.recomputes(row, col) + 1;
+        self.asked.insert((row, col), round);
         self.recomputing.insert(
             (row, col),
             Recomputing {

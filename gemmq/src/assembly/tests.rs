@@ -420,3 +420,41 @@ fn a_k_split_recompute_takes_every_part_of_its_round_and_survives_a_crash_halfwa
     assert!(asm.is_finished());
     assert!(max_error(&asm, &a.dot(&b)) < 1e-12);
 }
+
+#[test]
+fn a_recompute_whose_task_is_parked_is_given_up_but_still_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = inputs(16, 8, 16);
+    let plan = Plan::new(16, 8, 16, DType::F64, 8, 1 << 20).unwrap();
+    let mut asm = Assembly::open(&plan, "j", "", dir.path()).unwrap();
+    for (h, p) in results(&plan, &a, &b) {
+        asm.apply_result(&h, &p).unwrap();
+    }
+    assert_eq!(asm.recompute(0, 0), 1);
+    let notice = ParkedNotice {
+        job: "j".into(),
+        run: String::new(),
+        tile: TileId {
+            row: 0,
+            col: 0,
+            part: 0,
+        },
+        reason: "attempts ran out".into(),
+        attempts: 3,
+        worker: "w".into(),
+    };
+    assert_eq!(asm.apply_parked(&notice).unwrap(), Applied::Parked);
+    assert!(asm.is_finished(), "nothing left to wait for");
+    assert_eq!(asm.parked().count(), 0, "the tile itself is not missing");
+    assert_eq!(asm.round_of(0, 0), 0, "its value is still the first one");
+    assert_eq!(asm.recomputes(0, 0), 1, "but the recompute was asked for");
+    asm.commit().unwrap();
+    drop(asm);
+    let mut asm = Assembly::open(&plan, "j", "", dir.path()).unwrap();
+    assert!(asm.is_finished());
+    assert_eq!(
+        asm.recompute(0, 0),
+        2,
+        "the next round, after a restart too"
+    );
+}
