@@ -6,6 +6,8 @@ use gemmq::assembly::{Applied, Assembly, AssemblyError};
 use gemmq::message::{self, Header, Manifest, ResultHeader};
 use tracing::{error, info, warn};
 
+use crate::web::Live;
+
 /// Applies one message to C: how many tiles of it were rejected (and dropped); duplicates and
 /// applied tiles count 0. A disk error is returned: the message must not be acked.
 pub(crate) fn apply(
@@ -13,6 +15,7 @@ pub(crate) fn apply(
     manifest: &Manifest,
     data: &[u8],
     limit: u64,
+    live: Option<&Live>,
 ) -> Result<u64, AssemblyError> {
     let frame = match message::decode(data, limit) {
         Ok(f) => f,
@@ -34,11 +37,11 @@ pub(crate) fn apply(
         return Ok(1);
     }
     match &frame.header {
-        Header::TileResult(h) => apply_result(asm, h, frame.payload),
+        Header::TileResult(h) => apply_result(asm, h, frame.payload, live),
         Header::ResultBatch(batch) => {
             let mut rejected = 0;
             for (h, bytes) in batch.results(frame.payload) {
-                rejected += apply_result(asm, &h, bytes)?;
+                rejected += apply_result(asm, &h, bytes, live)?;
             }
             Ok(rejected)
         }
@@ -48,6 +51,9 @@ pub(crate) fn apply(
                 Ok(0)
             }
             Ok(Applied::Parked) => {
+                if let Some(live) = live {
+                    live.parked(n.tile);
+                }
                 error!(
                     tile = %n.tile, attempts = n.attempts, reason = %n.reason, worker = %n.worker,
                     "tile parked: it will not be computed"
@@ -72,13 +78,21 @@ pub(crate) fn apply(
     }
 }
 
-fn apply_result(asm: &mut Assembly, h: &ResultHeader, bytes: &[u8]) -> Result<u64, AssemblyError> {
+fn apply_result(
+    asm: &mut Assembly,
+    h: &ResultHeader,
+    bytes: &[u8],
+    live: Option<&Live>,
+) -> Result<u64, AssemblyError> {
     match asm.apply_result(h, bytes) {
         Ok(Applied::Duplicate) => {
             info!(tile = %h.tile, "duplicate dropped (already assembled)");
             Ok(0)
         }
         Ok(_) => {
+            if let Some(live) = live {
+                live.task(h.tile, &h.worker, h.attempt, h.recompute);
+            }
             tracing::debug!(tile = %h.tile, worker = %h.worker, attempt = h.attempt, "result assembled");
             Ok(0)
         }
@@ -145,9 +159,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (manifest, mut asm) = job(dir.path());
         let msg = result("j", "r1", tile(0, 1));
-        assert_eq!(apply(&mut asm, &manifest, &msg, LIMIT).unwrap(), 0);
+        assert_eq!(apply(&mut asm, &manifest, &msg, LIMIT, None).unwrap(), 0);
         assert_eq!(asm.tasks_done(), 1);
-        assert_eq!(apply(&mut asm, &manifest, &msg, LIMIT).unwrap(), 0);
+        assert_eq!(apply(&mut asm, &manifest, &msg, LIMIT, None).unwrap(), 0);
         assert_eq!((asm.tasks_done(), asm.duplicates), (1, 1));
     }
 
@@ -182,7 +196,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                apply(&mut asm, &manifest, &msg, LIMIT).unwrap(),
+                apply(&mut asm, &manifest, &msg, LIMIT, None).unwrap(),
                 1,
                 "{what} is rejected"
             );
@@ -195,7 +209,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (manifest, mut asm) = job(dir.path());
         assert_eq!(
-            apply(&mut asm, &manifest, &result("j", "", tile(1, 1)), LIMIT).unwrap(),
+            apply(
+                &mut asm,
+                &manifest,
+                &result("j", "", tile(1, 1)),
+                LIMIT,
+                None
+            )
+            .unwrap(),
             0
         );
         assert_eq!(asm.tasks_done(), 1);

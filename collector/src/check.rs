@@ -167,6 +167,9 @@ async fn recompute(job: &mut Collection<'_>, row: u32, col: u32) -> Result<Wrong
         job.asm.workers.entry(w.clone()).or_default().wrong_tiles += 1;
     }
     let round = job.asm.recompute(row, col);
+    if let Some(live) = &job.live {
+        live.wrong(row, col);
+    }
     let tile = TileId { row, col, part: 0 };
     warn!(%tile, ?sent_by, round, "wrong tile: computing it again");
     let (plan, m) = (&job.manifest.plan, job.manifest);

@@ -79,6 +79,8 @@ pub(crate) struct Collection<'a> {
     pub conn: Option<PooledConnection>,
     /// Read the stream from its start next time, whatever the checkpoint says.
     pub from_start: bool,
+    /// The live page's view of the job, with `--web`.
+    pub live: Option<std::sync::Arc<crate::web::Live>>,
 }
 
 /// Where a read of the results stream starts, and the message it must start with.
@@ -330,14 +332,26 @@ impl Collection<'_> {
     async fn batch(&mut self, first: Delivery, results: &mut Consumer) -> Result<(), Stop> {
         let limit = self.settings.broker.max_message_bytes;
         let mut last = first;
-        self.rejected += apply(&mut self.asm, self.manifest, &last.data, limit)
-            .map_err(|e| Stop::Fatal(e.into()))?;
+        self.rejected += apply(
+            &mut self.asm,
+            self.manifest,
+            &last.data,
+            limit,
+            self.live.as_deref(),
+        )
+        .map_err(|e| Stop::Fatal(e.into()))?;
         let mut taken = 1;
         while taken < BATCH && !self.asm.is_finished() {
             match results.next().now_or_never() {
                 Some(Some(Ok(d))) => {
-                    self.rejected += apply(&mut self.asm, self.manifest, &d.data, limit)
-                        .map_err(|e| Stop::Fatal(e.into()))?;
+                    self.rejected += apply(
+                        &mut self.asm,
+                        self.manifest,
+                        &d.data,
+                        limit,
+                        self.live.as_deref(),
+                    )
+                    .map_err(|e| Stop::Fatal(e.into()))?;
                     last = d;
                     taken += 1;
                 }

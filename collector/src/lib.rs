@@ -17,6 +17,7 @@ mod check;
 mod collect;
 mod progress;
 pub mod status;
+pub mod web;
 
 pub use check::{MAX_RECOMPUTES, WrongTile};
 
@@ -95,6 +96,14 @@ pub struct CollectorOptions {
     /// Refuse jobs whose C would take more memory than this [default: 8GiB]
     #[arg(long, env = "GEMMQ_MAX_OUTPUT_BYTES", value_name = "SIZE")]
     pub max_output_bytes: Option<bytesize::ByteSize>,
+    /// Serve a live page of the job on this address while collecting, e.g. 127.0.0.1:8080
+    /// (read-only: the tile map filling in, progress, workers, queues) [default: off]
+    #[arg(long, env = "GEMMQ_WEB_ADDR", value_name = "ADDR")]
+    pub web: Option<std::net::SocketAddr>,
+    /// The management API, for the live page's queues
+    /// [default: http://<the AMQP host>:15672 with the AMQP account]
+    #[arg(long, env = "GEMMQ_MANAGEMENT_URL", value_name = "URL")]
+    pub management_url: Option<String>,
 }
 
 gemmq::layered!(CollectorOptions {
@@ -103,7 +112,9 @@ gemmq::layered!(CollectorOptions {
     prefetch,
     idle_timeout,
     verify,
-    max_output_bytes
+    max_output_bytes,
+    web,
+    management_url
 });
 
 #[derive(Debug, Clone)]
@@ -116,6 +127,8 @@ pub struct Settings {
     pub verify: bool,
     pub max_output_bytes: u64,
     pub collector_id: String,
+    pub web: Option<std::net::SocketAddr>,
+    pub management_url: Option<String>,
 }
 
 impl Settings {
@@ -141,6 +154,8 @@ impl Settings {
             verify: o.verify.unwrap_or(true),
             max_output_bytes: o.max_output_bytes.map_or(8 << 30, |b| b.as_u64()),
             collector_id: broker::default_worker_id(),
+            web: o.web,
+            management_url: o.management_url,
         })
     }
 }
@@ -158,6 +173,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// As summary.json spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Incomplete => "incomplete",
+            Outcome::VerificationFailed => "verification_failed",
+        }
+    }
+
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Complete => 0,
@@ -257,6 +281,13 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         );
     }
     let expected = s.verify.then(|| check::start(&manifest, &mut asm));
+    let page = match s.web {
+        Some(addr) => Some(
+            web::Page::start(addr, &manifest, s.broker.clone(), s.management_url.clone()).await?,
+        ),
+        None => None,
+    };
+    let live = page.as_ref().map(|p| p.live.clone());
     let mut job = Collection {
         broker: &broker,
         topo: &topo,
@@ -269,6 +300,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         shutdown: &shutdown,
         conn: None,
         from_start: false,
+        live: live.clone(),
     };
     let (verdict, wrong) = match collect_and_check(&mut job, expected).await {
         Ok(c) => c,
@@ -285,6 +317,12 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         wrong,
     };
     let summary = finish(s, &broker, &topo, &manifest, done).await;
+    if let Some(page) = page {
+        if let Ok(summary) = &summary {
+            page.live.done(summary.status.name());
+        }
+        page.close().await;
+    }
     // Held through finishing, so that a collector standing by takes over only a job that is
     // still to do, or finds it retired.
     claim.release().await;
@@ -719,6 +757,22 @@ async fn next_job(
                 warn!(error = %e, "unreadable job announcement dropped");
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_is_named_as_summary_json_spells_it() {
+        for o in [
+            Outcome::Complete,
+            Outcome::Incomplete,
+            Outcome::VerificationFailed,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.name());
         }
     }
 }

@@ -237,7 +237,7 @@ pub async fn snapshot(
     Ok(take(broker, &w, url).await)
 }
 
-async fn take(broker: &BrokerSettings, w: &Watcher, url: Option<&str>) -> Snapshot {
+pub(crate) async fn take(broker: &BrokerSettings, w: &Watcher, url: Option<&str>) -> Snapshot {
     let figures = async {
         Ok::<_, anyhow::Error>((nodes(broker, url).await?, queue_figures(broker, url).await?))
     };
