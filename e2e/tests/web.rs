@@ -251,19 +251,20 @@ impl Drop for Browser {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn in_a_real_browser_the_map_fills_in_as_the_job_runs_and_is_whole_at_the_end() {
+async fn in_a_real_browser_a_64_by_64_map_fills_in_as_the_job_runs_and_is_whole_at_the_end() {
     let Some(browser) = tokio::task::spawn_blocking(Browser::start).await.unwrap() else {
         return;
     };
     let mut env = Env::new("web-browser");
     let job = "webbrowser";
-    gemmq_producer::run(&env.producer(job, (512, 64, 512), 32))
+    // 64×64 tiles of 16, grouped 64 to a task message: 4,096 tiles, each drawn as it comes.
+    gemmq_producer::run(&env.producer(job, (1024, 32, 1024), 16))
         .await
         .unwrap();
     let (mut collector, url) = collector_with_page(&env, job).await;
     for (id, failure_rate) in [("worker-1", 0.0), ("worker-2", 0.15)] {
         let mut w = env.consumer(id);
-        w.delay = "40ms".parse().unwrap();
+        w.delay = "3ms".parse().unwrap();
         w.failure_rate = failure_rate;
         env.spawn_consumer(w);
     }
@@ -283,7 +284,7 @@ async fn in_a_real_browser_the_map_fills_in_as_the_job_runs_and_is_whole_at_the_
     })
     .await
     .unwrap();
-    assert_eq!(mid.1, 256, "a 16×16 map");
+    assert_eq!(mid.1, 4096, "a 64×64 map");
     assert!(
         mid.0 < mid.1,
         "loaded mid-job: part of the map filled, the rest empty ({mid:?})"
@@ -306,7 +307,7 @@ async fn in_a_real_browser_the_map_fills_in_as_the_job_runs_and_is_whole_at_the_
     .unwrap();
     assert_eq!(
         end,
-        (256, 256, "complete".to_string()),
+        (4096, 4096, "complete".to_string()),
         "the whole map, and the job done"
     );
     if let Ok(to) = std::env::var("GEMMQ_SCREENSHOT_TO") {
