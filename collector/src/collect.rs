@@ -264,6 +264,8 @@ impl Collection<'_> {
             .await
             .map_err(lost("setting the prefetch"))?;
         let from = self.read_from();
+        // Once read from the start, the checkpoint's position is this stream's again.
+        self.from_start = false;
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), from.offset.clone());
         let tag = format!("gemmq-collector:{}", self.settings.collector_id);
