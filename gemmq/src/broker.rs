@@ -163,10 +163,10 @@ enum Failure {
 
 impl Failure {
     fn of(err: PoolError<lapin::Error>) -> Failure {
-        let detail = err.to_string();
-        let problem = match &err {
-            PoolError::Backend(e) => TlsProblem::of(e),
-            _ => None,
+        // lapin's own error, without the pool's "Error occurred while creating a new object".
+        let (detail, problem) = match &err {
+            PoolError::Backend(e) => (e.to_string(), TlsProblem::of(e)),
+            other => (other.to_string(), None),
         };
         match problem {
             Some(problem) => Failure::Tls { problem, detail },
