@@ -18,6 +18,8 @@ set -euo pipefail
 dir="${1:?usage: scripts/tls-certs.sh DIR}"
 names="DNS:localhost,IP:127.0.0.1${TLS_SERVER_NAMES:+,$TLS_SERVER_NAMES}"
 mkdir -p "$dir"
+# The broker's user in a container reads them through a mount (mktemp -d makes a 700 directory).
+chmod 755 "$dir"
 cd "$dir"
 
 ca() { # name subject
