@@ -86,8 +86,7 @@ impl TlsBroker {
             .expect("a broker handle")
             .connection()
             .await
-            .err()
-            .expect("the connection is refused");
+            .expect_err("the connection is refused");
         let took = started.elapsed();
         eprintln!("refused after {took:?}: {err}");
         (err, took)
