@@ -48,8 +48,8 @@ COPY --from=builder /src/target/release/gemmq-producer /src/target/release/gemmq
 COPY config/ /app/config/
 RUN mkdir -p /app/out && chown 10001:10001 /app/out
 USER 10001:10001
-# No TLS in the build (see Cargo.toml): point AMQP_URL at an amqp:// broker. Logs go to stderr,
-# filtered by RUST_LOG (default: info).
+# amqps:// works with the bundled public roots; for a private CA mount its PEM and set
+# GEMMQ_TLS_CA_FILE (docs/OPERATIONS.md#tls). Logs go to stderr, filtered by RUST_LOG (default: info).
 # Run one of the three programs; a worker by default. Use `docker run --init` (compose:
 # `init: true`): the consumer and the collector handle SIGTERM gracefully, but a PID 1 without a
 # handler (the producer) would ignore it.

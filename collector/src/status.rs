@@ -190,7 +190,7 @@ pub async fn nodes(broker: &BrokerSettings, url: Option<&str>) -> Result<Vec<Nod
     let (broker, url) = (broker.clone(), url.map(String::from));
     tokio::task::spawn_blocking(move || {
         Ok(Management::get_from_any(
-            &broker.amqp_urls,
+            &broker,
             url.as_deref(),
             "/api/nodes?columns=name,running",
         )?)
@@ -208,7 +208,7 @@ pub async fn queue_figures(
     let (broker, url) = (broker.clone(), url.map(String::from));
     tokio::task::spawn_blocking(move || -> Result<Vec<QueueFigures>> {
         let all: Vec<QueueFigures> = Management::get_from_any(
-            &broker.amqp_urls,
+            &broker,
             url.as_deref(),
             "/api/queues/{vhost}?columns=name,messages_ready,messages_unacknowledged,consumers,members,online",
         )?;

@@ -323,7 +323,7 @@ struct Ctx {
     /// fetch at once made the first tile wait for nearly all of them).
     fetch: Semaphore,
     shutdown: CancellationToken,
-    conn: deadpool_lapin::Object,
+    conn: gemmq::broker::PooledConnection,
     operands: operands::OperandBlocks,
     /// Cancelled when publishing finds the publisher channel dead: the connection is then
     /// rebuilt, instead of every task failing the same way in a loop.

@@ -1,11 +1,11 @@
 //! Reaching RabbitMQ: pooled connections, patient reconnection, confirmed publishing.
 //!
-//! Connections come from a [`deadpool_lapin`] pool, which hands back a live connection or makes a
+//! Connections come from a [`deadpool`] pool, which hands back a live connection or makes a
 //! new one when the old one died. Given several nodes of a cluster (`AMQP_URL` a comma-separated
 //! list), there is a pool per node: a connection comes from the node that answered last, or else
 //! from the next in the list that answers. Getting one retries the round of nodes with capped,
 //! jittered exponential backoff ([`backon`]) and logs every failed try, until the configured
-//! connect timeout; a wrong password is not retried. Publishing goes through publisher
+//! connect timeout; a wrong password or a TLS certificate problem is not retried. Publishing goes through publisher
 //! confirms: [`ConfirmWindow`] keeps a bounded number outstanding, so throughput is not one
 //! round trip per message and memory stays bounded.
 
@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use deadpool_lapin::{Config, Pool, Runtime};
+use deadpool::managed::{self, Metrics, Pool, PoolError, RecycleError, RecycleResult};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, ConnectionProperties, options::BasicPublishOptions};
-use lapin::{Confirmation, PublisherConfirm};
+use lapin::{Confirmation, DefaultConnectionBuilder, PublisherConfirm};
 use tracing::{info, warn};
 
-use crate::config::BrokerSettings;
+use crate::config::{BrokerSettings, redact_url};
+use crate::tls::TlsProblem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -37,6 +39,13 @@ pub enum BrokerError {
         "RabbitMQ at {url} refused the credentials: {message}. Check the user and password in AMQP_URL"
     )]
     AccessRefused { url: String, message: String },
+    #[error("TLS with RabbitMQ at {url} failed: {advice} ({detail})")]
+    Tls {
+        url: String,
+        problem: TlsProblem,
+        advice: String,
+        detail: String,
+    },
     #[error("shutdown requested while connecting to RabbitMQ at {url}")]
     Interrupted { url: String },
     #[error("cannot build the connection pool: {0}")]
@@ -47,7 +56,7 @@ pub enum BrokerError {
 
 impl BrokerError {
     /// Whether trying again cannot help: the broker stayed unreachable for the whole connect
-    /// timeout, refused the credentials, or the pool could not be built.
+    /// timeout, refused the credentials or the TLS handshake, or the pool could not be built.
     pub fn is_permanent(&self) -> bool {
         !matches!(self, BrokerError::Amqp(_))
     }
@@ -91,7 +100,94 @@ pub fn default_worker_id() -> String {
 }
 
 /// A connection from the pool: back in the pool when dropped.
-pub type PooledConnection = deadpool_lapin::Object;
+pub type PooledConnection = managed::Object<Manager>;
+
+/// Makes the pool's connections to one node, with the TLS settings (deadpool-lapin's manager
+/// cannot take them), and sends a dead one away instead of handing it out again.
+pub struct Manager {
+    url: String,
+    name: String,
+    tls: OwnedTLSConfig,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("url", &redact_url(&self.url))
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl managed::Manager for Manager {
+    type Type = lapin::Connection;
+    type Error = lapin::Error;
+
+    async fn create(&self) -> Result<lapin::Connection, lapin::Error> {
+        DefaultConnectionBuilder::new()?
+            .with_uri_str(self.url.clone())
+            .with_properties(
+                ConnectionProperties::default().with_connection_name(self.name.clone().into()),
+            )
+            .with_tls_config(self.tls.clone())
+            .connect()
+            .await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut lapin::Connection,
+        _: &Metrics,
+    ) -> RecycleResult<lapin::Error> {
+        if conn.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message(format!(
+                "the connection is not open: {:?}",
+                conn.status()
+            )))
+        }
+    }
+}
+
+/// Why no node gave a connection this round.
+#[derive(Debug)]
+enum Failure {
+    /// Maybe not next time: the broker is down, restarting, overloaded.
+    Passing(String),
+    /// The same on every try: the credentials.
+    AccessRefused(String),
+    /// The same on every try: the certificates, or a port that does not speak TLS.
+    Tls { problem: TlsProblem, detail: String },
+}
+
+impl Failure {
+    fn of(err: PoolError<lapin::Error>) -> Failure {
+        // lapin's own error, without the pool's "Error occurred while creating a new object".
+        let (detail, problem) = match &err {
+            PoolError::Backend(e) => (e.to_string(), TlsProblem::of(e)),
+            other => (other.to_string(), None),
+        };
+        match problem {
+            Some(problem) => Failure::Tls { problem, detail },
+            None if is_access_refused(&detail) => Failure::AccessRefused(detail),
+            None => Failure::Passing(detail),
+        }
+    }
+
+    fn is_permanent(&self) -> bool {
+        !matches!(self, Failure::Passing(_))
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Passing(m) | Failure::AccessRefused(m) => f.write_str(m),
+            Failure::Tls { detail, .. } => f.write_str(detail),
+        }
+    }
+}
 
 /// The longest one try at connecting may take, TCP and AMQP handshake together.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,7 +196,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Broker {
     /// One pool per node, in `settings.amqp_urls`' order.
-    pools: Arc<[Pool]>,
+    pools: Arc<[Pool<Manager>]>,
     /// The node that answered last: where the next connection is asked for first.
     current: Arc<AtomicUsize>,
     settings: BrokerSettings,
@@ -113,22 +209,20 @@ pub struct Broker {
 impl Broker {
     /// `name` appears as the connection's name in the management UI, e.g. `gemmq-consumer w1`.
     pub fn new(settings: &BrokerSettings, name: &str) -> Result<Self, BrokerError> {
+        warn_once(settings);
+        let tls = settings.tls.amqp_config();
         let pools = settings
             .amqp_urls
             .iter()
             .map(|url| {
-                let cfg = Config {
-                    url: Some(url.clone()),
-                    ..Default::default()
+                let manager = Manager {
+                    url: url.clone(),
+                    name: name.to_string(),
+                    tls: tls.clone(),
                 };
-                let name = name.to_string();
-                cfg.create_pool(
-                    move || {
-                        ConnectionProperties::default().with_connection_name(name.clone().into())
-                    },
-                    Runtime::Tokio1,
-                )
-                .map_err(|e| BrokerError::Pool(e.to_string()))
+                Pool::builder(manager)
+                    .build()
+                    .map_err(|e| BrokerError::Pool(e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Broker {
@@ -166,7 +260,7 @@ impl Broker {
         let attempt = || self.round_of_nodes(handshake);
         let retried = attempt
             .retry(backoff)
-            .when(|e| !is_access_refused(e))
+            .when(|e| !e.is_permanent())
             .notify(|e, wait| {
                 warn!(broker = %url, error = %e, retry_in = ?wait, "broker unreachable; retrying")
             });
@@ -177,53 +271,53 @@ impl Broker {
             },
             None => retried.await,
         };
-        result.map_err(|message| {
-            if is_access_refused(&message) {
-                BrokerError::AccessRefused { url, message }
-            } else {
-                BrokerError::Unreachable {
-                    url,
-                    waited: started.elapsed(),
-                    last: message,
-                }
-            }
+        result.map_err(|failure| match failure {
+            Failure::AccessRefused(message) => BrokerError::AccessRefused { url, message },
+            Failure::Tls { problem, detail } => BrokerError::Tls {
+                url,
+                problem,
+                advice: problem.advice(&self.settings.tls),
+                detail,
+            },
+            Failure::Passing(last) => BrokerError::Unreachable {
+                url,
+                waited: started.elapsed(),
+                last,
+            },
         })
     }
 
     /// One try at each node, from the one that answered last; every node's error when none did.
-    async fn round_of_nodes(&self, handshake: Duration) -> Result<deadpool_lapin::Object, String> {
+    async fn round_of_nodes(&self, handshake: Duration) -> Result<PooledConnection, Failure> {
         let n = self.pools.len();
         let first = self.current.load(Ordering::Relaxed) % n;
         let mut errors = Vec::new();
         for i in (0..n).map(|i| (first + i) % n) {
             let got = match tokio::time::timeout(handshake, self.pools[i].get()).await {
-                Ok(got) => got.map_err(|e| e.to_string()),
-                Err(_) => Err(format!(
+                Ok(got) => got.map_err(Failure::of),
+                Err(_) => Err(Failure::Passing(format!(
                     "the broker took the TCP connection but did not answer the AMQP handshake within {handshake:?}; \
                      it may be overloaded or out of file descriptors (see `rabbitmq-diagnostics status`)"
-                )),
+                ))),
             };
             match got {
                 Ok(conn) => {
                     if i != first {
                         info!(
-                            node = %crate::config::redact_url(&self.settings.amqp_urls[i]),
+                            node = %redact_url(&self.settings.amqp_urls[i]),
                             "connected to another broker node"
                         );
                         self.current.store(i, Ordering::Relaxed);
                     }
                     return Ok(conn);
                 }
-                // A wrong password is wrong on every node.
-                Err(e) if is_access_refused(&e) => return Err(e),
-                Err(e) if n == 1 => return Err(e),
-                Err(e) => errors.push(format!(
-                    "{}: {e}",
-                    crate::config::redact_url(&self.settings.amqp_urls[i])
-                )),
+                // A wrong password is wrong on every node, and a certificate problem is a
+                // misconfiguration to fix, not to wait out on the other nodes.
+                Err(e) if e.is_permanent() || n == 1 => return Err(e),
+                Err(e) => errors.push(format!("{}: {e}", redact_url(&self.settings.amqp_urls[i]))),
             }
         }
-        Err(errors.join("; "))
+        Err(Failure::Passing(errors.join("; ")))
     }
 
     /// A new channel on a live connection.
@@ -242,6 +336,19 @@ impl Broker {
 
 fn is_access_refused(message: &str) -> bool {
     message.contains("ACCESS_REFUSED") || message.contains("access refused")
+}
+
+/// Logs [`BrokerSettings::transport_warnings`] once per process and set of URLs: every program
+/// makes its `Broker` at startup, some make more than one.
+fn warn_once(settings: &BrokerSettings) {
+    static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    for warning in settings.transport_warnings() {
+        let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+        if !warned.contains(&warning) {
+            warn!("{warning}");
+            warned.push(warning);
+        }
+    }
 }
 
 /// Properties of a persistent gemmq message.

@@ -171,6 +171,17 @@ pub struct BrokerOptions {
     #[arg(long, env = "GEMMQ_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// PEM file of the CA that signed the broker's certificate, for amqps:// URLs and an https
+    /// management API [default: only the bundled public roots are trusted]
+    #[arg(long, env = "GEMMQ_TLS_CA_FILE", value_name = "FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate to present to a broker that asks for one (RabbitMQ's
+    /// ssl_options.verify = verify_peer); needs --tls-key-file
+    #[arg(long, env = "GEMMQ_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The unencrypted PEM private key of --tls-cert-file
+    #[arg(long, env = "GEMMQ_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 crate::layered!(BrokerOptions {
@@ -178,11 +189,14 @@ crate::layered!(BrokerOptions {
     namespace,
     max_message_bytes,
     retry_delay,
-    connect_timeout
+    connect_timeout,
+    tls_ca_file,
+    tls_cert_file,
+    tls_key_file
 });
 
 /// [`BrokerOptions`] with defaults applied and checked.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BrokerSettings {
     /// The nodes to try, in order (one for a single broker).
     pub amqp_urls: Vec<String>,
@@ -190,6 +204,22 @@ pub struct BrokerSettings {
     pub max_message_bytes: u64,
     pub retry_delay: Duration,
     pub connect_timeout: Duration,
+    /// The CA to trust and the client certificate, for amqps:// and https.
+    pub tls: crate::tls::TlsSettings,
+}
+
+/// The URLs with their passwords masked: settings end up in logs and panic messages.
+impl std::fmt::Debug for BrokerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerSettings")
+            .field("amqp_urls", &self.redacted_url())
+            .field("namespace", &self.namespace)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("retry_delay", &self.retry_delay)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl BrokerOptions {
@@ -210,12 +240,18 @@ impl BrokerOptions {
             return Err(ConfigError::invalid("retry-delay", "too long"));
         }
         let amqp_urls = parse_urls(self.amqp_url.as_deref().unwrap_or(DEFAULT_AMQP_URL))?;
+        let tls = crate::tls::TlsSettings::load(
+            self.tls_ca_file.as_deref(),
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+        )?;
         Ok(BrokerSettings {
             amqp_urls,
             namespace,
             max_message_bytes,
             retry_delay,
             connect_timeout: self.connect_timeout.unwrap_or(Duration::from_secs(60)),
+            tls,
         })
     }
 }
@@ -269,6 +305,27 @@ impl BrokerSettings {
 
     pub fn topology(&self) -> crate::Topology {
         crate::Topology::new(&self.namespace, self.retry_delay)
+    }
+
+    /// What to warn about how the broker is reached: an `amqp://` URL to another machine sends
+    /// everything, password included, in the clear; TLS settings with no `amqps://` URL protect
+    /// nothing on AMQP (they still serve an https management API, so they are not an error).
+    pub fn transport_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let remote = crate::tls::plaintext_remote_hosts(&self.amqp_urls);
+        if !remote.is_empty() {
+            warnings.push(format!(
+                "AMQP to {} is not encrypted: the traffic, password included, crosses the network in plaintext; use amqps:// (see README, workers on other machines)",
+                remote.join(", ")
+            ));
+        }
+        let any_amqps = self.amqp_urls.iter().any(|u| u.starts_with("amqps://"));
+        if self.tls.is_configured() && !any_amqps {
+            warnings.push(
+                "TLS settings are given but no broker URL is amqps://: AMQP does not use them (only an https management URL does)".into(),
+            );
+        }
+        warnings
     }
 }
 
@@ -426,6 +483,47 @@ mod tests {
     fn passwords_stay_out_of_logs() {
         let s = with_url("amqp://user:secret@host:5672/%2f").unwrap();
         assert_eq!(s.redacted_url(), "amqp://user:***@host:5672/%2f");
+    }
+
+    #[test]
+    fn debug_output_of_the_settings_masks_every_password() {
+        let s = with_url("amqp://u:secret1@n1:5672/%2f,amqps://u:secret2@n2:5671/%2f").unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("u:***@n2:5671"), "{shown}");
+    }
+
+    #[test]
+    fn plaintext_amqp_to_another_machine_is_warned_about_once_for_all_its_hosts() {
+        let local = with_url("amqp://u:p@127.0.0.1:5672/%2f,amqp://u:p@localhost/%2f").unwrap();
+        assert!(local.transport_warnings().is_empty());
+        let tls = with_url("amqps://u:p@broker.example:5671/%2f").unwrap();
+        assert!(tls.transport_warnings().is_empty());
+
+        let remote =
+            with_url("amqp://u:secret@10.0.0.5:5672/%2f,amqp://u:secret@broker.example/%2f")
+                .unwrap();
+        let warnings = remote.transport_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("10.0.0.5, broker.example"),
+            "{warnings:?}"
+        );
+        assert!(warnings[0].contains("plaintext"), "{warnings:?}");
+        assert!(warnings[0].contains("amqps://"), "{warnings:?}");
+        assert!(!warnings[0].contains("secret"), "{warnings:?}");
+    }
+
+    #[test]
+    fn tls_files_that_cannot_be_read_are_config_errors_naming_the_setting() {
+        let opts = BrokerOptions {
+            tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let err = opts.resolve().unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("tls-ca-file"), "{err}");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
     }
 
     #[test]

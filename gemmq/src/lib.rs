@@ -49,6 +49,7 @@ pub mod message;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tiling;
+pub mod tls;
 pub mod topology;
 pub mod verify;
 

@@ -7,20 +7,25 @@
 //! `queue_declare` is exact and immediate where it is enough.
 //!
 //! Where the API is and who logs in: a management URL when one is given (`GEMMQ_MANAGEMENT_URL`;
-//! it may carry `user:password@`), otherwise `http://<AMQP host>:15672`; the account is the URL's
-//! own or else the AMQP URL's, so a deployment with one account needs no second setting.
+//! it may carry `user:password@`), otherwise `http://<AMQP host>:15672`, or
+//! `https://<AMQP host>:15671` for an `amqps://` URL; the account is the URL's own or else the
+//! AMQP URL's, so a deployment with one account needs no second setting. Over https the CA file
+//! and client certificate are AMQP's ([`crate::tls`]).
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::config::redact_url as redact;
+use crate::config::{BrokerSettings, redact_url as redact};
+use crate::tls::TlsSettings;
 
 /// How long one call may take before it fails.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The management API's default port, for a base URL derived from the AMQP URL.
+/// The management API's default port, for a base URL derived from an `amqp://` URL.
 pub const DEFAULT_PORT: u16 = 15672;
+/// RabbitMQ's usual https port for it (`management.ssl.port`), for one derived from `amqps://`.
+pub const DEFAULT_TLS_PORT: u16 = 15671;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagementError {
@@ -71,8 +76,18 @@ impl std::fmt::Debug for Management {
 }
 
 impl Management {
-    /// The API of the broker at `amqp_url`, at `management_url` when given.
+    /// The API of the broker at `amqp_url`, at `management_url` when given; https trusts only the
+    /// bundled public roots (see [`Management::new_with_tls`]).
     pub fn new(amqp_url: &str, management_url: Option<&str>) -> Result<Self, ManagementError> {
+        Self::new_with_tls(amqp_url, management_url, &TlsSettings::default())
+    }
+
+    /// Like [`Management::new`], with the CA file and client certificate of `tls` for https.
+    pub fn new_with_tls(
+        amqp_url: &str,
+        management_url: Option<&str>,
+        tls: &TlsSettings,
+    ) -> Result<Self, ManagementError> {
         let uri: lapin::uri::AMQPUri = amqp_url.parse().map_err(|reason| ManagementError::Url {
             what: "the AMQP URL",
             url: redact(amqp_url),
@@ -80,10 +95,16 @@ impl Management {
         })?;
         let (base, account) = match management_url.map(str::trim).filter(|u| !u.is_empty()) {
             Some(url) => split_userinfo(url)?,
-            None => (
-                format!("http://{}:{DEFAULT_PORT}", uri.authority.host),
-                None,
-            ),
+            None => match uri.scheme {
+                lapin::uri::AMQPScheme::AMQPS => (
+                    format!("https://{}:{DEFAULT_TLS_PORT}", uri.authority.host),
+                    None,
+                ),
+                lapin::uri::AMQPScheme::AMQP => (
+                    format!("http://{}:{DEFAULT_PORT}", uri.authority.host),
+                    None,
+                ),
+            },
         };
         let (user, pass) = account.unwrap_or_else(|| {
             let info = &uri.authority.userinfo;
@@ -100,6 +121,7 @@ impl Management {
             vhost: encode_path_segment(vhost),
             agent: ureq::Agent::config_builder()
                 .timeout_global(Some(TIMEOUT))
+                .tls_config(tls.http_config())
                 .build()
                 .into(),
         })
@@ -142,16 +164,16 @@ impl Management {
     }
 
     /// GET `path` (`{vhost}` in it replaced by the vhost) from a cluster's API: at
-    /// `management_url` when given, or else of each node in `amqp_urls` in turn until one
+    /// `management_url` when given, or else of each of `broker`'s nodes in turn until one
     /// answers (every node serves it; one that is down does not).
     pub fn get_from_any<T: DeserializeOwned>(
-        amqp_urls: &[String],
+        broker: &BrokerSettings,
         management_url: Option<&str>,
         path: &str,
     ) -> Result<T, ManagementError> {
         let mut last = None;
-        for amqp in amqp_urls {
-            let api = Management::new(amqp, management_url)?;
+        for amqp in &broker.amqp_urls {
+            let api = Management::new_with_tls(amqp, management_url, &broker.tls)?;
             match api.get_as(&path.replace("{vhost}", api.vhost())) {
                 Ok(v) => return Ok(v),
                 Err(e) => last = Some(e),
@@ -302,6 +324,12 @@ mod tests {
         assert_eq!(m.vhost(), "%2F");
         assert_eq!(m.authorization, basic_auth("gemmq", "s3cret"));
         assert_eq!(basic_auth("guest", "guest"), "Basic Z3Vlc3Q6Z3Vlc3Q=");
+    }
+
+    #[test]
+    fn an_amqps_broker_has_its_api_over_https_on_15671() {
+        let m = Management::new("amqps://gemmq:pw@broker.example:5671/%2f", None).unwrap();
+        assert_eq!(m.base(), "https://broker.example:15671");
     }
 
     #[test]

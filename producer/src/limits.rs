@@ -56,10 +56,10 @@ async fn broker_disk(s: &Settings, plan: &Plan) -> Result<()> {
         + u128::from(plan.m) * u128::from(plan.n) * u128::from(plan.parts()))
         * size;
     let need = u64::try_from(need).unwrap_or(u64::MAX);
-    let (urls, mgmt) = (s.broker.amqp_urls.clone(), s.management_url.clone());
+    let (broker, mgmt) = (s.broker.clone(), s.management_url.clone());
     let nodes = tokio::task::spawn_blocking(move || {
         gemmq::management::Management::get_from_any::<serde_json::Value>(
-            &urls,
+            &broker,
             mgmt.as_deref(),
             "/api/nodes",
         )
