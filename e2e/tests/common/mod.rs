@@ -348,24 +348,34 @@ pub fn max_error_against_seed(env: &Env, job: &str, (m, k, n): (u64, u64, u64), 
 pub fn bin(name: &str) -> std::path::PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("the test knows its path");
-    let dir = exe
+    let profile_dir = exe
         .parent()
         .and_then(|d| d.parent())
         .expect("target/<profile>/deps/<test>");
-    let path = dir.join(name);
+    let target = profile_dir.parent().expect("target/<profile>");
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .unwrap_or("debug");
+    // A target directory of its own: `cargo test -p gemmq-e2e` unifies dependency features
+    // otherwise than a workspace build of the binaries (rustls, ring), and in one shared
+    // directory each would rebuild them after the other — 40 s per test binary.
+    let bins = target.join("e2e-bins");
     // `cargo test -p gemmq-e2e` alone does not build the other packages' binaries, nor rebuild
     // them when their code changed: build once per test process (nothing to do when fresh).
-    {
-        BUILD.call_once(|| {
-            let ok = std::process::Command::new(env!("CARGO"))
-                .args(["build", "--bins"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "cargo build --bins failed");
-        });
-    }
-    path
+    BUILD.call_once(|| {
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--bins", "--target-dir"])
+            .arg(&bins)
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        if profile == "release" {
+            cargo.arg("--release");
+        }
+        let ok = cargo.status().is_ok_and(|s| s.success());
+        assert!(ok, "cargo build --bins failed");
+    });
+    bins.join(profile).join(name)
 }
 
 /// A gemmq program running as its own process, with its log in the test's directory.
