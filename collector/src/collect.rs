@@ -329,31 +329,30 @@ impl Collection<'_> {
         let _ = jobs_ch.close(200, "job taken".into()).await;
     }
 
-    /// Applies `first` and whatever else has already arrived, commits once for all of it, then
-    /// acks them all with one `ack(multiple)`.
-    async fn batch(&mut self, first: Delivery, results: &mut Consumer) -> Result<(), Stop> {
+    /// Applies one message to C (not yet committed), counting what it rejected.
+    fn apply(&mut self, data: &[u8]) -> Result<(), Stop> {
         let limit = self.settings.broker.max_message_bytes;
-        let mut last = first;
         self.rejected += apply(
             &mut self.asm,
             self.manifest,
-            &last.data,
+            data,
             limit,
             self.live.as_deref(),
         )
         .map_err(|e| Stop::Fatal(e.into()))?;
+        Ok(())
+    }
+
+    /// Applies `first` and whatever else has already arrived, commits once for all of it, then
+    /// acks them all with one `ack(multiple)`.
+    async fn batch(&mut self, first: Delivery, results: &mut Consumer) -> Result<(), Stop> {
+        let mut last = first;
+        self.apply(&last.data)?;
         let mut taken = 1;
         while taken < BATCH && !self.asm.is_finished() {
             match results.next().now_or_never() {
                 Some(Some(Ok(d))) => {
-                    self.rejected += apply(
-                        &mut self.asm,
-                        self.manifest,
-                        &d.data,
-                        limit,
-                        self.live.as_deref(),
-                    )
-                    .map_err(|e| Stop::Fatal(e.into()))?;
+                    self.apply(&d.data)?;
                     last = d;
                     taken += 1;
                 }

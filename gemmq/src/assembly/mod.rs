@@ -448,14 +448,7 @@ impl Assembly {
             self.duplicates += 1;
             return Ok(Applied::Duplicate);
         }
-        if self.plan.parts() == 1 {
-            self.assign(rows, cols, payload)?;
-        } else {
-            let path = self.part_path(tile);
-            let tmp = path.with_extension("tmp");
-            write_synced(&tmp, payload)?;
-            fs::rename(&tmp, &path).map_err(io(&path))?;
-        }
+        self.store(tile, rows, cols, payload)?;
         self.received.insert(tile);
         self.parked.remove(&tile);
         self.note_sender(tile, &h.worker);
@@ -535,14 +528,7 @@ impl Assembly {
             return Ok(Applied::Duplicate);
         }
         let (rows, cols) = (self.plan.rows(tile.row), self.plan.cols(tile.col));
-        if self.plan.parts() == 1 {
-            self.assign(rows, cols, payload)?;
-        } else {
-            let path = self.part_path(tile);
-            let tmp = path.with_extension("tmp");
-            write_synced(&tmp, payload)?;
-            fs::rename(&tmp, &path).map_err(io(&path))?;
-        }
+        self.store(tile, rows, cols, payload)?;
         self.note_sender(tile, &h.worker);
         self.pending.push_str(
             &Record::Recomputed {
@@ -565,6 +551,24 @@ impl Assembly {
         // The running product summed the wrong tile: C is read again to verify.
         self.running = None;
         Ok(Applied::TileComplete)
+    }
+
+    /// A task's result on disk: assigned to C (a whole tile), or its part of k in a file of
+    /// its own (written aside, then renamed), summed once all are in.
+    fn store(
+        &mut self,
+        tile: TileId,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        payload: &[u8],
+    ) -> Result<(), AssemblyError> {
+        if self.plan.parts() == 1 {
+            return self.assign(rows, cols, payload);
+        }
+        let path = self.part_path(tile);
+        let tmp = path.with_extension("tmp");
+        write_synced(&tmp, payload)?;
+        fs::rename(&tmp, &path).map_err(io(&path))
     }
 
     fn note_sender(&mut self, tile: TileId, worker: &str) {
