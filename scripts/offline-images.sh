@@ -5,8 +5,11 @@
 #   gemmq-offline/rabbitmq:4           RabbitMQ 4 from Debian trixie, like rabbitmq:4-management
 #   gemmq-offline/rust:bookworm        this machine's Rust toolchain + gcc, like rust:*-slim-bookworm
 #   gemmq-offline/debian:bookworm-slim a minimal Debian bookworm, like debian:bookworm-slim
+#   gemmq-offline/prometheus:2         Prometheus from Debian bookworm, like prom/prometheus
+#                                      (only with --prometheus: compose's `metrics` profile)
 #
 #   scripts/offline-images.sh          # build what is missing (idempotent), print the settings
+#   scripts/offline-images.sh --prometheus  # the same, and the Prometheus stand-in
 #   scripts/offline-images.sh --env    # print only the settings, e.g. >> .env
 #
 # Then: RABBITMQ_IMAGE=gemmq-offline/rabbitmq:4 RUST_IMAGE=gemmq-offline/rust:bookworm \
@@ -21,14 +24,20 @@ mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 RABBITMQ_IMAGE=gemmq-offline/rabbitmq:4
 RUST_IMAGE=gemmq-offline/rust:bookworm
 RUNTIME_IMAGE=gemmq-offline/debian:bookworm-slim
+PROMETHEUS_IMAGE=gemmq-offline/prometheus:2
+with_prometheus=0
 
 settings() {
   echo "RABBITMQ_IMAGE=$RABBITMQ_IMAGE"
   echo "RUST_IMAGE=$RUST_IMAGE"
   echo "RUNTIME_IMAGE=$RUNTIME_IMAGE"
+  if docker image inspect "$PROMETHEUS_IMAGE" >/dev/null 2>&1; then
+    echo "PROMETHEUS_IMAGE=$PROMETHEUS_IMAGE"
+  fi
 }
 case "${1:-}" in
   --env) settings; exit 0 ;;
+  --prometheus) with_prometheus=1 ;;
   -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
   "") ;;
   *) echo "offline-images.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -90,6 +99,13 @@ if ! have "$RUST_IMAGE"; then
     -f "$here/offline-images/rust.Dockerfile" "$ctx" >/dev/null
   rm -rf "$ctx"
   log "built $RUST_IMAGE"
+fi
+
+if [ "$with_prometheus" = 1 ] && ! have "$PROMETHEUS_IMAGE"; then
+  log "building $PROMETHEUS_IMAGE (prometheus from bookworm)"
+  docker build -q -t "$PROMETHEUS_IMAGE" --build-arg BASE="$(base bookworm)" \
+    -f "$here/offline-images/prometheus.Dockerfile" "$here/offline-images" >/dev/null
+  log "built $PROMETHEUS_IMAGE"
 fi
 
 settings

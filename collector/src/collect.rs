@@ -10,6 +10,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::metrics::JobState;
 use futures_util::{FutureExt, StreamExt};
 use gemmq::assembly::{Assembly, StreamPosition};
 use gemmq::broker::{Broker, PooledConnection};
@@ -81,6 +82,8 @@ pub(crate) struct Collection<'a> {
     pub from_start: bool,
     /// The live page's view of the job, with `--web`.
     pub live: Option<std::sync::Arc<crate::web::Live>>,
+    /// What `--metrics-addr` serves.
+    pub figures: std::sync::Arc<crate::metrics::JobFigures>,
 }
 
 /// Where a read of the results stream starts, and the message it must start with.
@@ -99,6 +102,7 @@ impl Collection<'_> {
         while !self.asm.is_finished() {
             match self.on_one_connection().await {
                 Err(Stop::StandingBy) => {
+                    self.figures.set_state(JobState::StandingBy);
                     if !stood_by {
                         info!(job = %self.manifest.job, claim = %self.topo.collector_queue(&self.manifest.job),
                             "standing by: another collector is assembling this job; taking over if it stops");
@@ -368,6 +372,8 @@ impl Collection<'_> {
             .ack(BasicAckOptions { multiple: true })
             .await
             .map_err(lost("acking results"))?;
+        self.figures.set_state(JobState::Collecting);
+        self.figures.update(&self.asm, self.rejected);
         self.progress.update(
             self.asm.tasks_done(),
             retries(&self.asm.attempts),

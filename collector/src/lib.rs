@@ -15,6 +15,7 @@
 mod apply;
 mod check;
 mod collect;
+mod metrics;
 mod progress;
 pub mod status;
 pub mod web;
@@ -44,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::collect::Collection;
+use crate::metrics::{JobFigures, JobState};
 use crate::progress::Progress;
 
 /// The job was finished by another collector, which removed its results stream: only a job
@@ -104,6 +106,16 @@ pub struct CollectorOptions {
     /// [default: http://<the AMQP host>:15672 with the AMQP account]
     #[arg(long, env = "GEMMQ_MANAGEMENT_URL", value_name = "URL")]
     pub management_url: Option<String>,
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9101: the job's
+    /// tasks and tiles done and total, duplicates, rejected messages, its state and outcome
+    /// [default: off]
+    #[arg(long, env = "GEMMQ_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// With --metrics-addr: how long the metrics stay up after the job, so that Prometheus's
+    /// next scrape sees how it ended (Ctrl-C cuts it short) [default: 15s]
+    #[arg(long, env = "GEMMQ_METRICS_LINGER", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde")]
+    pub metrics_linger: Option<Duration>,
 }
 
 gemmq::layered!(CollectorOptions {
@@ -114,7 +126,9 @@ gemmq::layered!(CollectorOptions {
     verify,
     max_output_bytes,
     web,
-    management_url
+    management_url,
+    metrics_addr,
+    metrics_linger
 });
 
 #[derive(Debug, Clone)]
@@ -129,6 +143,8 @@ pub struct Settings {
     pub collector_id: String,
     pub web: Option<std::net::SocketAddr>,
     pub management_url: Option<String>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics_linger: Duration,
 }
 
 impl Settings {
@@ -156,6 +172,8 @@ impl Settings {
             collector_id: broker::default_worker_id(),
             web: o.web,
             management_url: o.management_url,
+            metrics_addr: o.metrics_addr,
+            metrics_linger: o.metrics_linger.unwrap_or(Duration::from_secs(15)),
         })
     }
 }
@@ -269,8 +287,13 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
 
     let (manifest, announcement) = find_job(s, &broker, &topo, &ch, &shutdown).await?;
     check_output_size(s, &manifest)?;
+    let figures = JobFigures::new(&manifest);
+    let metrics = match s.metrics_addr {
+        Some(addr) => Some(metrics::serve(addr, &figures).await?),
+        None => None,
+    };
     std::fs::create_dir_all(&s.out).with_context(|| format!("creating {}", s.out.display()))?;
-    let mut asm = match open_checkpoint(s, &manifest, &shutdown).await? {
+    let mut asm = match open_checkpoint(s, &manifest, &figures, &shutdown).await? {
         Opened::Assembly(asm) => *asm,
         Opened::Finished(output) => return already_collected(s, &manifest.job, &output).await,
     };
@@ -301,6 +324,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         conn: None,
         from_start: false,
         live: live.clone(),
+        figures: figures.clone(),
     };
     let (verdict, wrong) = match collect_and_check(&mut job, expected).await {
         Ok(c) => c,
@@ -317,6 +341,10 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
         wrong,
     };
     let summary = finish(s, &broker, &topo, &manifest, done).await;
+    if let Ok(summary) = &summary {
+        figures.set_state(JobState::of(summary.status));
+        figures.set_wrong_tiles(summary.wrong_tiles.len() as u64);
+    }
     if let Some(page) = page {
         if let Ok(summary) = &summary {
             page.live.done(summary.status.name());
@@ -326,7 +354,26 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     // Held through finishing, so that a collector standing by takes over only a job that is
     // still to do, or finds it retired.
     claim.release().await;
+    if let Some(server) = metrics {
+        linger(s.metrics_linger, server, &shutdown).await;
+    }
     summary
+}
+
+/// Keeps the metrics up a little after the job, for Prometheus's last scrape of it.
+async fn linger(
+    linger: Duration,
+    server: gemmq::metrics::MetricsServer,
+    shutdown: &CancellationToken,
+) {
+    if !linger.is_zero() && !shutdown.is_cancelled() {
+        info!(for_ = ?linger, url = %format!("http://{}/metrics", server.addr()), "job over; metrics stay up for a last scrape (--metrics-linger; Ctrl-C ends it)");
+        tokio::select! {
+            _ = tokio::time::sleep(linger) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    server.close().await;
 }
 
 /// Collects every result, then (when verifying and C is complete) checks C, healing wrong tiles.
@@ -335,6 +382,7 @@ async fn collect_and_check(
     expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
 ) -> Result<(Option<Verdict>, Vec<WrongTile>)> {
     job.until_done().await?;
+    job.figures.update(&job.asm, job.rejected);
     let Some(expected) = expected else {
         return Ok((None, Vec::new()));
     };
@@ -342,6 +390,7 @@ async fn collect_and_check(
     if !job.asm.is_complete() {
         return Ok((None, Vec::new()));
     }
+    job.figures.set_state(JobState::Verifying);
     let (verdict, wrong) = check::verify_and_heal(job, &expected).await?;
     Ok((Some(verdict), wrong))
 }
@@ -410,15 +459,20 @@ enum Opened {
 async fn open_checkpoint(
     s: &Settings,
     manifest: &Manifest,
+    figures: &JobFigures,
     shutdown: &CancellationToken,
 ) -> Result<Opened> {
     let dir = checkpoint_dir(&s.out, &manifest.job);
     let mut said = false;
     loop {
         match Assembly::open(&manifest.plan, &manifest.job, &manifest.run, &dir) {
-            Ok(asm) => return Ok(Opened::Assembly(Box::new(asm))),
+            Ok(asm) => {
+                figures.set_state(JobState::Collecting);
+                return Ok(Opened::Assembly(Box::new(asm)));
+            }
             Err(AssemblyError::AlreadyFinished { output }) => return Ok(Opened::Finished(output)),
             Err(e) if Assembly::is_locked(&e) => {
+                figures.set_state(JobState::StandingBy);
                 if !said {
                     info!(job = %manifest.job, checkpoint = %dir.display(), "standing by: another collector is assembling this job; taking over if it stops");
                     said = true;
@@ -455,7 +509,7 @@ async fn already_collected(s: &Settings, job: &str, output: &Path) -> Result<Sum
     )
 }
 
-fn retries(attempts: &BTreeMap<u32, u64>) -> u64 {
+pub(crate) fn retries(attempts: &BTreeMap<u32, u64>) -> u64 {
     attempts
         .iter()
         .map(|(a, n)| (*a as u64).saturating_sub(1) * n)

@@ -25,6 +25,7 @@
 
 mod heartbeat;
 pub mod memory;
+mod metrics;
 mod operands;
 mod results;
 mod session;
@@ -100,6 +101,11 @@ pub struct ConsumerOptions {
     /// [default: off, multiply]
     #[arg(long, env = "GEMMQ_MODELLED_GFLOPS", value_name = "GFLOPS")]
     pub modelled_gflops: Option<f64>,
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g. 127.0.0.1:9100: tasks
+    /// done, failed, retried and parked, compute time, operand bytes and cache hits, results
+    /// published, reconnects [default: off]
+    #[arg(long, env = "GEMMQ_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 gemmq::layered!(ConsumerOptions {
@@ -114,7 +120,8 @@ gemmq::layered!(ConsumerOptions {
     heartbeat,
     threads,
     operand_cache,
-    modelled_gflops
+    modelled_gflops,
+    metrics_addr
 });
 
 #[derive(Debug, Clone)]
@@ -134,6 +141,8 @@ pub struct Settings {
     pub threads: usize,
     /// `--modelled-gflops`: sleep instead of multiplying (benchmarks of scale only).
     pub modelled_gflops: Option<f64>,
+    /// `--metrics-addr`: where Prometheus scrapes this worker.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -157,6 +166,7 @@ impl Settings {
             operand_cache: o.operand_cache.map_or(1 << 30, |b| b.as_u64()),
             threads: o.threads.unwrap_or(1),
             modelled_gflops: o.modelled_gflops,
+            metrics_addr: o.metrics_addr,
         };
         if s.modelled_gflops
             .is_some_and(|g| !(g.is_finite() && g > 0.0))
@@ -214,7 +224,8 @@ impl Settings {
     }
 }
 
-/// Counters of one worker's life, returned when it stops.
+/// Counters of one worker's life, returned when it stops. The heartbeat and the metrics
+/// endpoint read them.
 #[derive(Debug, Default, Serialize)]
 pub struct Stats {
     pub received: AtomicU64,
@@ -236,6 +247,13 @@ pub struct Stats {
     pub operand_bytes: AtomicU64,
     pub operand_reads: AtomicU64,
     pub operand_rereads: AtomicU64,
+    /// Blocks a task found in the cache (or being read for another task) rather than read.
+    pub operand_hits: AtomicU64,
+    /// Tiles whose results the broker confirmed (`result_messages` carried them).
+    pub results_published: AtomicU64,
+    /// Seconds computing each task message.
+    #[serde(skip)]
+    pub compute: metrics::ComputeSeconds,
 }
 
 impl Stats {
@@ -252,6 +270,14 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
     let span = info_span!("consumer", worker = %s.worker_id);
+    let _metrics = match s.metrics_addr {
+        Some(addr) => Some(
+            metrics::serve(addr, s, &stats)
+                .instrument(span.clone())
+                .await?,
+        ),
+        None => None,
+    };
     info!(
         parent: &span,
         queue_size = s.queue_size, concurrency = s.concurrency, failure_rate = s.failure_rate, corrupt_rate = s.corrupt_rate,

@@ -150,6 +150,9 @@ async fn publish_loop(
             );
             if outcome.is_ok() {
                 stats.result_messages.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .results_published
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             for p in batch {
                 let sent = match &outcome {

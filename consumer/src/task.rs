@@ -107,7 +107,9 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
     };
     drop(permit);
 
-    let micros = started.elapsed().as_micros() as u64;
+    let took = started.elapsed();
+    ctx.stats.compute.observe(took);
+    let micros = took.as_micros() as u64;
     if matches!(outcome, Err(Failure::Transient(_))) {
         Stats::bump(&ctx.stats.failed);
     }

@@ -289,7 +289,7 @@ fn binaries_in_image(instructions: &[(String, String)]) -> BTreeSet<String> {
 }
 
 #[test]
-fn the_deployment_has_the_broker_and_the_three_programs() {
+fn the_deployment_has_the_broker_the_three_programs_and_an_optional_prometheus() {
     let c = compose();
     let names: BTreeSet<String> = c
         .get("services")
@@ -298,10 +298,16 @@ fn the_deployment_has_the_broker_and_the_three_programs() {
         .keys()
         .map(string)
         .collect();
-    let want: BTreeSet<String> = ["rabbitmq", "producer", "consumer", "collector"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let want: BTreeSet<String> = [
+        "rabbitmq",
+        "producer",
+        "consumer",
+        "collector",
+        "prometheus",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(names, want);
 }
 
@@ -392,8 +398,9 @@ fn ports_are_published_on_localhost_only() {
             published += 1;
         }
     }
-    // AMQP (for programs run outside compose) and the management UI.
-    assert_eq!(published, 2);
+    // AMQP (for programs run outside compose), the management UI, and Prometheus's UI (the
+    // `metrics` profile).
+    assert_eq!(published, 3);
     let ports: Vec<String> = service(&c, "rabbitmq")
         .get("ports")
         .and_then(Value::as_sequence)
@@ -403,6 +410,12 @@ fn ports_are_published_on_localhost_only() {
         .collect();
     assert!(ports.iter().any(|p| p.ends_with(":5672")), "{ports:?}");
     assert!(ports.iter().any(|p| p.ends_with(":15672")), "{ports:?}");
+    let prometheus = service(&c, "prometheus");
+    assert_eq!(
+        prometheus.get("profiles").map(words),
+        Some(vec!["metrics".to_string()]),
+        "Prometheus starts only with --profile metrics"
+    );
 }
 
 #[test]
@@ -628,7 +641,9 @@ fn every_setting_can_be_overridden_from_the_environment() {
             );
         }
         // Settings left to the config file are passed through, never forced to a value here,
-        // so config/demo.toml (GEMMQ_CONFIG) still decides them.
+        // so config/demo.toml (GEMMQ_CONFIG) still decides them. Those forced are about the
+        // container, not the job: the job both sides name, where C goes, the stop grace, and
+        // the metrics address (the container's own network, for the `metrics` profile).
         for (name, value) in &env {
             if let Some(v) = value
                 && name.starts_with("GEMMQ_")
@@ -636,7 +651,10 @@ fn every_setting_can_be_overridden_from_the_environment() {
                 assert!(
                     matches!(
                         name.as_str(),
-                        "GEMMQ_JOB_ID" | "GEMMQ_OUT" | "GEMMQ_SHUTDOWN_TIMEOUT"
+                        "GEMMQ_JOB_ID"
+                            | "GEMMQ_OUT"
+                            | "GEMMQ_SHUTDOWN_TIMEOUT"
+                            | "GEMMQ_METRICS_ADDR"
                     ),
                     "the {p} service forces {name}={v}; pass it through (`{name}:`) so the config file applies"
                 );

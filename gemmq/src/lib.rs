@@ -46,6 +46,7 @@ pub mod kernel;
 pub mod management;
 pub mod matrix;
 pub mod message;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tiling;

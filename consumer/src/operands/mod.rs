@@ -137,6 +137,7 @@ impl OperandBlocks {
             loop {
                 let mut changed = j.changed.subscribe();
                 if let Some(m) = j.cached(&want.id) {
+                    self.read.stats.operand_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok(m);
                 }
                 if let Some(e) = j.sweep.failed() {
@@ -158,7 +159,10 @@ impl OperandBlocks {
             // Subscribed before looking, so that a read that ends in between is not missed.
             let mut changed = j.changed.subscribe();
             let from = match j.claim(&want.id, want.at, small) {
-                Claim::Cached(m) => return Ok(m),
+                Claim::Cached(m) => {
+                    self.read.stats.operand_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(m);
+                }
                 Claim::Wait => {
                     if tokio::time::timeout_at(deadline, changed.changed())
                         .await
