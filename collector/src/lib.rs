@@ -367,7 +367,7 @@ async fn linger(
     shutdown: &CancellationToken,
 ) {
     if !linger.is_zero() && !shutdown.is_cancelled() {
-        info!(for_ = ?linger, url = %format!("http://{}/metrics", server.addr()), "job over; metrics stay up for a last scrape (--metrics-linger; Ctrl-C ends it)");
+        info!(linger = ?linger, url = %format!("http://{}/metrics", server.addr()), "job over; metrics stay up for a last scrape (--metrics-linger; Ctrl-C ends it)");
         tokio::select! {
             _ = tokio::time::sleep(linger) => {}
             _ = shutdown.cancelled() => {}
