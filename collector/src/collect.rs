@@ -372,7 +372,7 @@ impl Collection<'_> {
             .ack(BasicAckOptions { multiple: true })
             .await
             .map_err(lost("acking results"))?;
-        self.figures.set_state(JobState::Collecting);
+        self.figures.claimed();
         self.figures.update(&self.asm, self.rejected);
         self.progress.update(
             self.asm.tasks_done(),

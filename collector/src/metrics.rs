@@ -106,6 +106,17 @@ impl JobFigures {
         set(&self.parked, asm.parked().count() as u64);
     }
 
+    /// The job's results are being read by this collector: a standby that got the claim is now
+    /// collecting; any later state (verifying, which reads the recomputed tiles) stays.
+    pub fn claimed(&self) {
+        let _ = self.state.compare_exchange(
+            JobState::StandingBy as u8,
+            JobState::Collecting as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     pub fn set_state(&self, state: JobState) {
         self.state.store(state as u8, Ordering::Relaxed);
     }
@@ -258,6 +269,17 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+
+        figures.claimed();
+        let text = gemmq::metrics::render(&registry(&figures));
+        assert!(
+            text.contains("status=\"verifying\"} 1\n"),
+            "the recomputed tiles read while verifying leave the job verifying"
+        );
+        figures.set_state(JobState::StandingBy);
+        figures.claimed();
+        let text = gemmq::metrics::render(&registry(&figures));
+        assert!(text.contains("status=\"collecting\"} 1\n"), "{text}");
 
         figures.set_state(JobState::of(crate::Outcome::Complete));
         let text = gemmq::metrics::render(&registry(&figures));
