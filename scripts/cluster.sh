@@ -40,6 +40,10 @@ up() {
       docker exec "gemmq-cluster-n$i" rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break
       sleep 1
     done
+    # A node answers pings while it is still booting, and `stop_app` then ends its runtime
+    # ("Runtime terminating during boot"; the container exits and CI with it): wait until it
+    # has finished starting.
+    docker exec "gemmq-cluster-n$i" rabbitmqctl -q await_startup --timeout 120 >/dev/null
   done
   for i in 2 3; do
     docker exec "gemmq-cluster-n$i" rabbitmqctl -q stop_app
