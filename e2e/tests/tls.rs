@@ -155,6 +155,49 @@ async fn a_job_completes_over_amqps_and_the_management_api_answers_over_https() 
         "every worker connection is TLS: {ours:?}"
     );
 
+    // `gemmq-collector status` as an operator runs it on another machine: the workers'
+    // heartbeats over amqps:// and the queues from the management API over https, both trusting
+    // the CA file.
+    let ca = tls.file("ca.pem").expect("the CA file");
+    let (url, mgmt, ns) = (tls.url.clone(), tls.management_url.clone(), env.ns.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(common::bin("gemmq-collector"))
+            .args(["status", "--once", "--json", "--management-url", &mgmt])
+            .env("AMQP_URL", url)
+            .env("GEMMQ_TLS_CA_FILE", ca)
+            .env("GEMMQ_NAMESPACE", ns)
+            .env_remove("GEMMQ_CONFIG")
+            .output()
+            .expect("gemmq-collector status runs")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status over TLS failed: {stderr}");
+    let snap: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let mut workers: Vec<&str> = snap["workers"]
+        .as_array()
+        .expect("a list of workers")
+        .iter()
+        .filter_map(|w| w["worker"].as_str())
+        .collect();
+    workers.sort();
+    assert_eq!(
+        workers,
+        ["w1", "w2"],
+        "both workers' heartbeats came over amqps://"
+    );
+    assert!(
+        snap["management_error"].is_null(),
+        "the management API answered over https: {}",
+        snap["management_error"]
+    );
+    assert!(
+        snap["queues"].as_array().is_some_and(|q| !q.is_empty()),
+        "queue figures over https: {snap}"
+    );
+
     env.stop_consumers().await;
     env.cleanup(&["tlsjob"]).await;
 }
