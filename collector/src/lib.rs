@@ -344,11 +344,11 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Summary> {
     if let Ok(summary) = &summary {
         figures.set_state(JobState::of(summary.status));
         figures.set_wrong_tiles(summary.wrong_tiles.len() as u64);
-    }
-    if let Some(page) = page {
-        if let Ok(summary) = &summary {
+        if let Some(page) = &page {
             page.live.done(summary.status.name());
         }
+    }
+    if let Some(page) = page {
         page.close().await;
     }
     // Held through finishing, so that a collector standing by takes over only a job that is
@@ -382,6 +382,8 @@ async fn collect_and_check(
     expected: Option<tokio::task::JoinHandle<Result<Expected>>>,
 ) -> Result<(Option<Verdict>, Vec<WrongTile>)> {
     job.until_done().await?;
+    // A job resumed from a checkpoint that already held every tile reads no batch: the figures
+    // come from the checkpoint here.
     job.figures.update(&job.asm, job.rejected);
     let Some(expected) = expected else {
         return Ok((None, Vec::new()));

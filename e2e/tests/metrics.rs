@@ -40,15 +40,10 @@ fn prometheus_binary() -> Option<PathBuf> {
 
 /// The `host:port` a program logged it serves metrics on.
 async fn metrics_target(p: &Proc) -> String {
-    p.wait_for("serving metrics for Prometheus", 1, MINUTE)
-        .await;
-    let log = p.log();
-    let url = log
-        .split("url=http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the program logs its metrics URL");
-    url.trim_end_matches("/metrics").to_string()
+    let url = p.logged_url("serving metrics for Prometheus").await;
+    url.trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string()
 }
 
 fn free_port() -> u16 {

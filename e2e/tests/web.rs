@@ -18,14 +18,7 @@ async fn collector_with_page(env: &Env, job: &str) -> (Proc, String) {
         "collector",
         &["--job-id", job, "--out", job, "--web", "127.0.0.1:0"],
     );
-    collector.wait_for("live page of the job", 1, MINUTE).await;
-    let log = collector.log();
-    let url = log
-        .split("url=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the collector logs the page's URL")
-        .to_string();
+    let url = collector.logged_url("live page of the job").await;
     (collector, url)
 }
 

@@ -40,6 +40,7 @@ pub mod assembly;
 pub mod broker;
 pub mod config;
 pub mod events;
+pub mod http;
 pub mod inputs;
 pub mod job;
 pub mod kernel;

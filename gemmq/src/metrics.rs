@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -18,11 +19,14 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
+
+use crate::http::HttpServer;
 
 /// What Prometheus is told it gets: OpenMetrics 1.0 text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -39,59 +43,35 @@ pub struct MetricsError {
 }
 
 /// `GET /metrics` on one address, until [`MetricsServer::close`] (or drop).
-pub struct MetricsServer {
-    addr: SocketAddr,
-    stop: CancellationToken,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
+pub struct MetricsServer(HttpServer);
 
 impl MetricsServer {
     /// Serves `registry` on `addr` (port 0 picks a free one; [`MetricsServer::addr`] says which).
     pub async fn start(addr: SocketAddr, registry: Registry) -> Result<Self, MetricsError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| MetricsError { addr, source })?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| MetricsError { addr, source })?;
+        let error = |source| MetricsError { addr, source };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(error)?;
         let app = Router::new()
             .route("/metrics", get(scrape))
             .with_state(Arc::new(registry));
-        let stop = CancellationToken::new();
-        let until = stop.clone();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { until.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "the metrics endpoint stopped");
-            }
-        });
-        info!(url = %format!("http://{addr}/metrics"), "serving metrics for Prometheus");
-        Ok(MetricsServer {
-            addr,
-            stop,
-            task: Some(task),
-        })
+        let server = HttpServer::serve(
+            listener,
+            app,
+            CancellationToken::new(),
+            "the metrics endpoint",
+        )
+        .map_err(error)?;
+        info!(url = %format!("http://{}/metrics", server.addr()), "serving metrics for Prometheus");
+        Ok(MetricsServer(server))
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.0.addr()
     }
 
     /// Stops serving, letting a scrape in progress finish.
-    pub async fn close(mut self) {
-        self.stop.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
+    pub async fn close(self) {
+        self.0.close(Duration::from_secs(5)).await;
     }
 }
 
@@ -141,16 +121,8 @@ impl<'a, 'e> Figures<'a, 'e> {
         help: &str,
         samples: &[(S, u64)],
     ) -> std::fmt::Result {
-        let mut family = self.encoder.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (labels, value) in samples {
-            ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
-        }
-        Ok(())
+        let samples = samples.iter().map(|(l, v)| (l, ConstCounter::new(*v)));
+        self.family(name, help, MetricType::Counter, samples)
     }
 
     /// A gauge with one sample per label set.
@@ -160,14 +132,20 @@ impl<'a, 'e> Figures<'a, 'e> {
         help: &str,
         samples: &[(S, i64)],
     ) -> std::fmt::Result {
-        let mut family = self.encoder.encode_descriptor(
-            name,
-            help,
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (labels, value) in samples {
-            ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+        let samples = samples.iter().map(|(l, v)| (l, ConstGauge::new(*v)));
+        self.family(name, help, MetricType::Gauge, samples)
+    }
+
+    fn family<'s, S: EncodeLabelSet + 's, M: EncodeMetric>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: impl Iterator<Item = (&'s S, M)>,
+    ) -> std::fmt::Result {
+        let mut family = self.encoder.encode_descriptor(name, help, None, kind)?;
+        for (labels, metric) in samples {
+            metric.encode(family.encode_family(labels)?)?;
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use futures_util::Stream;
 use gemmq::config::BrokerSettings;
+use gemmq::http::HttpServer;
 use gemmq::message::Manifest;
 use gemmq::shutdown::CancellationToken;
 use tokio::sync::broadcast::error::RecvError;
@@ -39,8 +40,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(2);
 pub struct Page {
     pub live: Arc<Live>,
     pub addr: SocketAddr,
-    server: tokio::task::JoinHandle<()>,
-    stop: CancellationToken,
+    /// Its token also ends the event streams and the status pump: dropping the page stops all.
+    server: HttpServer,
 }
 
 impl Page {
@@ -55,48 +56,32 @@ impl Page {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
             format!("cannot serve the live page on {addr} (--web): is the address in use, or not this machine's?")
         })?;
-        let bound = listener.local_addr().context("the live page's address")?;
         let live = Arc::new(Live::new(manifest));
         let stop = CancellationToken::new();
         let app = Router::new()
             .route("/", get(page))
             .route("/events", get(events))
             .with_state((live.clone(), stop.clone()));
-        let until = stop.clone();
-        let server = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { until.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "the live page stopped");
-            }
-        });
+        let server = HttpServer::serve(listener, app, stop.clone(), "the live page")
+            .context("the live page's address")?;
         tokio::spawn(status_pump(
             live.clone(),
             broker,
             management_url,
             stop.clone(),
         ));
-        info!(url = %format!("http://{bound}/"), "live page of the job");
+        info!(url = %format!("http://{}/", server.addr()), "live page of the job");
         Ok(Page {
             live,
-            addr: bound,
+            addr: server.addr(),
             server,
-            stop,
         })
     }
 
     /// Ends every page's event stream after what was sent (the `done` event), and waits a
     /// moment for them to go out before the collector exits.
-    pub async fn close(mut self) {
-        self.stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.server).await;
-    }
-}
-
-impl Drop for Page {
-    fn drop(&mut self) {
-        self.stop.cancel();
+    pub async fn close(self) {
+        self.server.close(Duration::from_secs(2)).await;
     }
 }
 

@@ -436,6 +436,19 @@ impl Proc {
     }
 
     /// Waits until the log has `n` lines containing `needle`.
+    /// The `url=` field of the first line that says `event` (waiting up to a minute for it):
+    /// where a program serving on port 0 listens.
+    pub async fn logged_url(&self, event: &str) -> String {
+        self.wait_for(event, 1, Duration::from_secs(60)).await;
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains(event)).unwrap_or_default();
+        line.split("url=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{} logs a url= with {event:?}:\n{log}", self.name))
+            .to_string()
+    }
+
     pub async fn wait_for(&self, needle: &str, n: usize, within: Duration) {
         let started = std::time::Instant::now();
         while self.count(needle) < n {
