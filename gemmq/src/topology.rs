@@ -418,9 +418,24 @@ pub fn is_access_refused(e: &lapin::Error) -> bool {
 
 /// Whether the broker refused the operation for good: 403 ACCESS_REFUSED, or 406
 /// PRECONDITION_FAILED (the queue exists with other arguments). Asking again will not help.
+///
+/// Not a stream without a running replica on the node asked: RabbitMQ answers a consumer that
+/// way (406 too) while the stream's members restart after a node of the cluster is lost, and
+/// the same consumer opened a moment later, or on another node, reads on.
 pub fn is_refused(e: &lapin::Error) -> bool {
-    is_access_refused(e)
-        || matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 406)
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => {
+            p.get_id() == 403
+                || (p.get_id() == 406 && !no_local_replica_reply(&p.get_message().to_string()))
+        }
+        _ => false,
+    }
+}
+
+/// RabbitMQ 3.x says "queue 'q' does not a have a replica on the local node", 3.13 and 4.x
+/// "stream queue 'q' in vhost '/' does not have a running replica on the local node".
+fn no_local_replica_reply(text: &str) -> bool {
+    text.contains("replica on the local node")
 }
 
 fn missing_queue_reply(code: u16, text: &str) -> bool {
@@ -576,5 +591,35 @@ mod tests {
             "NOT_FOUND - home node 'rabbit@localhost' of durable queue 'ns.job.j.operands' in vhost '/' is down or inaccessible"
         ));
         assert!(!missing_queue_reply(406, "PRECONDITION_FAILED - no queue"));
+    }
+
+    fn reply(code: u16, text: &str) -> lapin::Error {
+        let e = lapin::protocol::AMQPError::from_id(code, text.into()).expect("a reply code");
+        lapin::ErrorKind::ProtocolError(e).into()
+    }
+
+    #[test]
+    fn a_stream_whose_replica_is_restarting_is_asked_again_not_refused_for_good() {
+        assert!(is_refused(&reply(
+            403,
+            "ACCESS_REFUSED - access to queue 'q' refused"
+        )));
+        assert!(is_refused(&reply(
+            406,
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/'"
+        )));
+        // RabbitMQ 4, right after the node that led the stream was lost.
+        assert!(!is_refused(&reply(
+            406,
+            "PRECONDITION_FAILED - stream queue 'ns.job.j.results' in vhost '/' does not have a running replica on the local node"
+        )));
+        assert!(!is_refused(&reply(
+            406,
+            "PRECONDITION_FAILED - queue 'ns.job.j.results' in vhost '/' does not a have a replica on the local node"
+        )));
+        assert!(!is_refused(&reply(
+            404,
+            "NOT_FOUND - no queue 'q' in vhost '/'"
+        )));
     }
 }
