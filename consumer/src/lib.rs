@@ -87,8 +87,9 @@ pub struct ConsumerOptions {
     #[arg(long, env = "GEMMQ_HEARTBEAT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub heartbeat: Option<Duration>,
-    /// Threads one multiplication may use. One suits a worker per core; raise it for a single
-    /// worker on a many-core machine [default: 1]
+    /// Threads one multiplication may use [default: the machine's cores / --concurrency]. A
+    /// worker alone on its machine uses every core; workers that share one share its cores,
+    /// and the one still busy at a job's end takes those the others left idle
     #[arg(long, env = "GEMMQ_THREADS")]
     pub threads: Option<usize>,
     /// Memory for the operand blocks of streamed jobs; beyond it the least recently used
@@ -145,6 +146,17 @@ pub struct Settings {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// The machine's cores over the tasks a worker computes at once. Not one thread: the tasks
+/// of a job are handed out when they are published, up to each worker's queue size, so at a
+/// job's end one worker often computes alone; with one thread it left the other cores idle
+/// (4096³ on 2 cores, 2 workers: 2.30× the in-process reference with one thread, 2.15× with
+/// two; BENCHMARKS.md). When every worker is busy the kernel's threads share the cores and
+/// measured no slower. gemm multiplies a small tile on one thread whatever this says.
+fn default_threads(concurrency: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / concurrency.max(1)).clamp(1, 64)
+}
+
 impl Settings {
     pub fn resolve(
         flags: ConsumerOptions,
@@ -164,7 +176,9 @@ impl Settings {
             shutdown_timeout: o.shutdown_timeout.unwrap_or(Duration::from_secs(30)),
             heartbeat: o.heartbeat.unwrap_or(gemmq::events::DEFAULT_HEARTBEAT),
             operand_cache: o.operand_cache.map_or(1 << 30, |b| b.as_u64()),
-            threads: o.threads.unwrap_or(1),
+            threads: o
+                .threads
+                .unwrap_or_else(|| default_threads(o.concurrency.unwrap_or(1))),
             modelled_gflops: o.modelled_gflops,
             metrics_addr: o.metrics_addr,
         };
@@ -281,7 +295,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
     info!(
         parent: &span,
         queue_size = s.queue_size, concurrency = s.concurrency, failure_rate = s.failure_rate, corrupt_rate = s.corrupt_rate,
-        delay = %s.delay, max_attempts = s.max_attempts, broker = %s.broker.redacted_url(),
+        delay = %s.delay, max_attempts = s.max_attempts, threads = s.threads, broker = %s.broker.redacted_url(),
         "worker starting"
     );
     if let Some(g) = s.modelled_gflops {
@@ -361,5 +375,18 @@ impl Ctx {
         if !self.publisher.status().connected() {
             self.lost.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_threads;
+
+    #[test]
+    fn by_default_a_worker_multiplies_on_the_cores_its_concurrent_tasks_leave_it() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(default_threads(1), cores.min(64));
+        assert_eq!(default_threads(2), (cores / 2).clamp(1, 64));
+        assert_eq!(default_threads(cores * 4), 1, "never fewer than one thread");
     }
 }

@@ -8,8 +8,9 @@
 //! Either way the product is the same up to rounding, and gemmq's verification bound (k·ε per
 //! dot product) holds for any summation order.
 //!
-//! A worker multiplies with one thread by default (one worker per core is how gemmq scales);
-//! more threads run on gemm's rayon pool.
+//! More than one thread runs on gemm's rayon pool. A worker uses the machine's cores by default
+//! (`--threads`, consumer crate): alone on a machine it needs them, and where workers share one,
+//! the last one busy at a job's end takes the cores the others left idle.
 
 use ndarray::{Array2, ArrayView2};
 
