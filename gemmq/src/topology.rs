@@ -423,13 +423,9 @@ pub fn is_access_refused(e: &lapin::Error) -> bool {
 /// way (406 too) while the stream's members restart after a node of the cluster is lost, and
 /// the same consumer opened a moment later, or on another node, reads on.
 pub fn is_refused(e: &lapin::Error) -> bool {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(p) => {
-            p.get_id() == 403
-                || (p.get_id() == 406 && !no_local_replica_reply(&p.get_message().to_string()))
-        }
-        _ => false,
-    }
+    is_access_refused(e)
+        || matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+            if p.get_id() == 406 && !no_local_replica_reply(&p.get_message().to_string()))
 }
 
 /// RabbitMQ 3.x says "queue 'q' does not a have a replica on the local node", 3.13 and 4.x

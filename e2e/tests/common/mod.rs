@@ -435,7 +435,6 @@ impl Proc {
         self.log().lines().filter(|l| l.contains(needle)).count()
     }
 
-    /// Waits until the log has `n` lines containing `needle`.
     /// The `url=` field of the first line that says `event` (waiting up to a minute for it):
     /// where a program serving on port 0 listens.
     pub async fn logged_url(&self, event: &str) -> String {
@@ -449,6 +448,7 @@ impl Proc {
             .to_string()
     }
 
+    /// Waits until the log has `n` lines containing `needle`.
     pub async fn wait_for(&self, needle: &str, n: usize, within: Duration) {
         let started = std::time::Instant::now();
         while self.count(needle) < n {
