@@ -191,6 +191,20 @@ async fn a_worker_reads_only_the_blocks_of_the_tasks_it_takes_and_each_of_them_o
     p.group = gemmq::tiling::GroupSize::Fixed(4);
     let receipt = gemmq_producer::run(&p).await.expect("the job is published");
     assert_eq!((receipt.tasks, receipt.messages), (16, 4));
+    // Each block is followed on the stream by a chunk end (the broker reads a stream consumer
+    // one chunk ahead: that chunk is the empty marker, not the next block). The places the
+    // tasks carry count the markers: the reads below would pass other blocks otherwise.
+    let stream = env.topology().operands_queue("need");
+    let on_stream = common::stream_message_ids(&env.channel().await, &stream, 16).await;
+    assert_eq!(
+        on_stream.len(),
+        16,
+        "8 blocks and their chunk ends: {on_stream:?}"
+    );
+    for pair in on_stream.chunks(2) {
+        assert!(pair[0] != "need/chunk-end", "{on_stream:?}");
+        assert_eq!(pair[1], "need/chunk-end", "{on_stream:?}");
+    }
     // Three of the four messages held elsewhere: the first worker can take only one.
     let holder = env.channel().await;
     let tasks = env.topology().tasks_queue();

@@ -1,14 +1,27 @@
 //! The messages of a job and the order they go out in.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use gemmq::Plan;
 use gemmq::message::{BlockId, Side};
 use gemmq::tiling::Operands;
 
+/// Blocks from this size on are written to the stream each in a chunk of its own and followed
+/// by a [`Item::ChunkEnd`], so that a worker reading one makes the broker read that one. Smaller
+/// blocks are written several to a chunk (a round trip each would cost tiny tiles more than the
+/// bytes a chunk's neighbours waste) and read front to back by a worker's sweep.
+pub(crate) const CHUNK_ALONE_BYTES: usize = 1 << 20;
+
 /// One message the producer publishes.
 pub(crate) enum Item {
     Block(BlockId),
+    /// An empty message on the stream right after a large block, in a chunk of its own. A
+    /// consumer that RabbitMQ starts at an offset is read one chunk ahead of what it is sent:
+    /// after a block read on its own, the broker reads (from disk, CRC32 checked) the chunk
+    /// that follows too, and drops it when the worker cancels. Without the marker that is the
+    /// next block, and every block read costs the broker two; with it, a few bytes.
+    ChunkEnd,
     /// One task, or a group of them (a rectangle of tiles that share their blocks).
     Tasks(Vec<gemmq::TileId>),
 }
@@ -17,8 +30,9 @@ pub(crate) enum Item {
 /// job's operand stream.
 pub(crate) struct Order {
     pub items: Vec<Item>,
-    /// Each block's place among the blocks, which is its offset on a stream that holds each
-    /// block once; tasks carry the places of their blocks, so that a worker reads just those.
+    /// Each block's place among the stream's messages (blocks and chunk ends), which is its
+    /// offset on a stream that holds each once; tasks carry the places of their blocks, so
+    /// that a worker reads just those.
     pub places: HashMap<BlockId, u64>,
 }
 
@@ -32,13 +46,19 @@ impl Order {
         let streamed = plan.operands == Operands::Stream;
         let mut places = HashMap::new();
         let mut items = Vec::new();
+        let mut on_stream = 0;
         for tiles in plan.groups(group.max(1) as u64) {
             if streamed {
                 for tile in &tiles {
                     for block in blocks_of(*tile) {
-                        if !places.contains_key(&block) {
-                            places.insert(block, places.len() as u64);
+                        if let Entry::Vacant(place) = places.entry(block) {
+                            place.insert(on_stream);
                             items.push(Item::Block(block));
+                            on_stream += 1;
+                            if is_large(plan, block) {
+                                items.push(Item::ChunkEnd);
+                                on_stream += 1;
+                            }
                         }
                     }
                 }
@@ -53,6 +73,22 @@ impl Order {
         let [a, b] = blocks_of(tile);
         Some([*self.places.get(&a)?, *self.places.get(&b)?])
     }
+}
+
+impl Item {
+    /// Whether it goes to the job's operand stream (a block or a chunk end), not to the tasks.
+    pub(crate) fn on_stream(&self) -> bool {
+        matches!(self, Item::Block(_) | Item::ChunkEnd)
+    }
+}
+
+/// Whether `block`'s numbers make a message that is written to the stream alone.
+pub(crate) fn is_large(plan: &Plan, block: BlockId) -> bool {
+    let (rows, cols) = match block.side {
+        Side::A => (plan.rows(block.index), plan.depth(block.part)),
+        Side::B => (plan.depth(block.part), plan.cols(block.index)),
+    };
+    rows.len() * cols.len() * plan.dtype.size() >= CHUNK_ALONE_BYTES
 }
 
 /// The A and B blocks a tile (or its slice of k) is the product of.
@@ -85,6 +121,7 @@ mod tests {
         for item in &order.items {
             match item {
                 Item::Block(b) => published.push(*b),
+                Item::ChunkEnd => panic!("a chunk end after a block of 16 × 32 f64s"),
                 Item::Tasks(tiles) => {
                     for &tile in tiles {
                         let [a, b] = order.places_of(tile).expect("placed");
@@ -97,5 +134,36 @@ mod tests {
         assert_eq!(published.len(), 8, "4 blocks of A and 4 of B, once each");
         let messages = order.items.len() - published.len();
         assert_eq!(messages, 4, "4 × 4 tiles in 2 × 2 rectangles");
+    }
+
+    #[test]
+    fn a_large_block_is_followed_by_a_chunk_end_and_places_count_both() {
+        // A's blocks are 512 × 512 f64s (2 MiB), B's one 512 × 256 (exactly 1 MiB): all large.
+        let plan = Plan::with_operands(1024, 512, 256, DType::F64, 512, 64 << 20, Operands::Stream)
+            .unwrap();
+        let order = Order::of(&plan, 1);
+        let mut stream = Vec::new();
+        for (i, item) in order.items.iter().enumerate() {
+            match item {
+                Item::Block(b) => {
+                    assert!(is_large(&plan, *b));
+                    assert!(matches!(order.items.get(i + 1), Some(Item::ChunkEnd)));
+                    stream.push(Some(*b));
+                }
+                Item::ChunkEnd => stream.push(None),
+                Item::Tasks(tiles) => {
+                    for &tile in tiles {
+                        let [a, b] = order.places_of(tile).expect("placed");
+                        assert_eq!(stream[a as usize], Some(blocks_of(tile)[0]));
+                        assert_eq!(stream[b as usize], Some(blocks_of(tile)[1]));
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            stream.len(),
+            2 * 3,
+            "2 blocks of A, 1 of B, each with its chunk end"
+        );
     }
 }

@@ -16,7 +16,7 @@ use gemmq::topology::Topology;
 use tracing::{info, warn};
 
 use crate::Settings;
-use crate::order::{Item, Order};
+use crate::order::Order;
 use crate::prepare::Prepared;
 use crate::resume::{Resuming, is_fatal, job_queues, resume_after, stream_lost};
 use crate::send::{Out, Resume, publish_messages};
@@ -123,7 +123,7 @@ impl<'a> Publisher<'a> {
         let again = if self.blocks_lost {
             self.order.items[..self.confirmed as usize]
                 .iter()
-                .filter(|i| matches!(i, Item::Block(_)))
+                .filter(|i| i.on_stream())
                 .count() as u64
         } else {
             0

@@ -11,14 +11,9 @@ use gemmq::tiling::Operands;
 use gemmq::topology::{self, TASK_KEY};
 use tracing::info;
 
-use crate::order::{Item, Order};
+use crate::order::{self, Item, Order};
 use crate::resume::StreamVanished;
 use crate::unix_ms;
-
-/// Blocks from this size on are written to the stream one at a time, each its own chunk, so a
-/// worker that reads one receives that one. Smaller blocks are written several to a chunk (a
-/// round trip each would cost tiny tiles more than the bytes a chunk's neighbours waste).
-const CHUNK_ALONE_BYTES: usize = 1 << 20;
 
 /// Where the producer's messages go: the confirm window, the channel that checks the job's
 /// stream, and the count of bytes published.
@@ -61,10 +56,11 @@ pub(crate) async fn publish_messages(
     let again = items
         .iter()
         .take(skip)
-        .filter(|item| from.blocks_again && matches!(item, Item::Block(_)));
+        .filter(|item| from.blocks_again && item.on_stream());
     for item in again.chain(items.iter().skip(skip)) {
         match item {
             Item::Block(block) => send.block(*block).await?,
+            Item::ChunkEnd => send.chunk_end().await?,
             Item::Tasks(tiles) => send.tasks(tiles).await?,
         }
     }
@@ -89,9 +85,9 @@ struct Sender<'a, 'o> {
     a: &'a Operand,
     b: &'a Operand,
     order: &'a Order,
-    /// How many messages the window had published with the last block, and whether it was
-    /// large: a large block is written alone, neither after nor before another block in its
-    /// chunk.
+    /// How many messages the window had published with the last message to the stream, and
+    /// whether it must end its chunk: a large block is written alone, neither after nor before
+    /// another block in its chunk, and its chunk end alone after it.
     last_block: Option<(u64, bool)>,
 }
 
@@ -125,18 +121,16 @@ impl Sender<'_, '_> {
             .append_le(rows, cols, &mut body)
             .with_context(|| format!("making block {block} of job {job}"))?;
         *self.out.bytes += body.len() as u64;
-        let large = body.len() >= CHUNK_ALONE_BYTES;
-        if let Some((n, previous_large)) = self.last_block
-            && (large || previous_large)
+        let large = order::is_large(plan, block);
+        if let Some((n, previous_alone)) = self.last_block
+            && (large || previous_alone)
         {
             // The broker hands out a stream a chunk at a time, and writes what arrived together
             // as one chunk: a block sent before the one ahead of it is written would share its
             // chunk, and go to every worker that reads the other. Tasks keep flowing meanwhile.
-            self.out
-                .window
-                .settle_through(n)
-                .await
-                .with_context(|| format!("waiting for the confirm of the block before {block}"))?;
+            self.out.window.settle_through(n).await.with_context(|| {
+                format!("waiting for the confirm of the message before {block}")
+            })?;
         }
         let props = persistent(kind::OPERAND, format!("{job}/{block}"));
         self.out
@@ -152,6 +146,27 @@ impl Sender<'_, '_> {
             .with_context(|| format!("publishing block {block} of job {job}"))?;
         self.last_block = Some((self.out.window.published(), large));
         info!(%job, %block, bytes = body.len(), "operand block published");
+        Ok(())
+    }
+
+    /// The marker after a large block (see [`Item::ChunkEnd`]). Not waited for: it reaches the
+    /// broker while the block is being written, so it starts the next chunk; the next block
+    /// waits for its confirm, so that it does not share that chunk.
+    async fn chunk_end(&mut self) -> Result<()> {
+        let job = &self.manifest.job;
+        let props = persistent(kind::CHUNK_END, format!("{job}/chunk-end"));
+        self.out
+            .window
+            .publish(
+                &self.topo.operands_exchange(),
+                job,
+                &[],
+                props,
+                "a chunk end".to_string(),
+            )
+            .await
+            .with_context(|| format!("publishing a chunk end of job {job}"))?;
+        self.last_block = Some((self.out.window.published(), true));
         Ok(())
     }
 

@@ -5,7 +5,9 @@
 //! not cached reads from the stream at the block's offset, with a prefetch of one. RabbitMQ sends
 //! a stream a chunk at a time — the messages it wrote together — and the producer writes each
 //! large block as a chunk of its own, so a read brings that block (and small ones, a few
-//! neighbours, which are cached too). So the broker sends each worker only the blocks its own
+//! neighbours, which are cached too). A large block is followed by an empty chunk end, which
+//! readers pass: the broker reads one chunk past what it sends, and that should not be the
+//! next block (docs/ARCHITECTURE.md). So the broker sends each worker only the blocks its own
 //! tasks need, each once while the worker's cache holds it — not every block to every worker —
 //! and the producer groups tasks into rectangles of tiles that share their blocks, so that the
 //! tasks a worker takes need few of them (`gemmq::Plan::groups`).

@@ -199,6 +199,9 @@ pub(super) fn take_in(
         offset,
         block: None,
     });
+    if is_chunk_end(&d) {
+        return skipped;
+    }
     let Some((header, start)) = decode_frame(ctx, &j.job, &d.data, "operand stream") else {
         return skipped;
     };
@@ -226,6 +229,15 @@ pub(super) fn take_in(
         offset,
         block: Some((h.block, stored)),
     })
+}
+
+/// The empty message that ends a large block's chunk (its read-ahead is what the broker reads
+/// past the block; see gemmq::topology).
+fn is_chunk_end(d: &Delivery) -> bool {
+    d.properties
+        .kind()
+        .as_ref()
+        .is_some_and(|k| k.as_str() == gemmq::message::kind::CHUNK_END)
 }
 
 /// One delivery taken in, for a read that wants block `want`.

@@ -40,6 +40,8 @@ pub mod kind {
     pub const PARKED: &str = "gemmq.parked";
     pub const FAILED: &str = "gemmq.failed";
     pub const OPERAND: &str = "gemmq.operand";
+    /// An empty message that ends a large block's chunk on the operand stream; readers pass it.
+    pub const CHUNK_END: &str = "gemmq.chunk_end";
     pub const JOB_DONE: &str = "gemmq.job_done";
     pub const MANIFEST: &str = "gemmq.manifest";
 }
