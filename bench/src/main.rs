@@ -473,7 +473,9 @@ fn check_options(cli: &Cli) -> Result<Vec<(String, String)>> {
 /// The producer, consumer and collector to run, built first unless told not to.
 fn binaries(cli: &Cli) -> Result<[PathBuf; 3]> {
     let bin_dir = match &cli.bin_dir {
-        Some(d) => d.clone(),
+        // Absolute: the programs are started from their job's own directory.
+        Some(d) => std::path::absolute(d)
+            .with_context(|| format!("--bin-dir {}: no such directory", d.display()))?,
         None => std::env::current_exe()?
             .parent()
             .context("the bench binary has no directory")?
