@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::{DType, TileId};
+use crate::message::{BlockId, DType, Side, TileId};
 
 /// Bytes kept free in every message for the frame prefix and JSON header.
 pub const HEADER_BUDGET: u64 = 4096;
@@ -121,6 +121,12 @@ pub fn auto_tile(
 /// The fewest task messages `auto` grouping leaves, as the auto tile size leaves 16 tiles: enough
 /// to spread over the workers and to balance their load.
 pub const GROUP_SPREAD: u64 = 16;
+
+/// Blocks whose numbers take this many bytes or more are large: the producer writes each to
+/// the operand stream in a chunk of its own, followed by an empty chunk end, and a worker reads
+/// each at its offset. Smaller ones share chunks (a round trip each would cost tiny tiles more
+/// than the bytes a chunk's neighbours waste), and a worker reads them by sweeping the stream.
+pub const LARGE_BLOCK_BYTES: u64 = 1 << 20;
 
 /// The most tasks of `plan` one message may hold: a group's results must fit one message (so a
 /// worker holds no more for a group than for one big task), and never more than
@@ -310,6 +316,15 @@ impl Plan {
         start as usize..(start + self.tile).min(self.n) as usize
     }
 
+    /// The bytes of `block`'s numbers.
+    pub fn block_bytes(&self, block: BlockId) -> u64 {
+        let (rows, cols) = match block.side {
+            Side::A => (self.rows(block.index), self.depth(block.part)),
+            Side::B => (self.depth(block.part), self.cols(block.index)),
+        };
+        (rows.len() * cols.len() * self.dtype.size()) as u64
+    }
+
     pub fn depth(&self, part: u32) -> Range<usize> {
         let p = part as usize;
         self.k_splits[p] as usize..self.k_splits[p + 1] as usize
@@ -422,6 +437,19 @@ mod tests {
     use crate::message::MAX_GROUP;
 
     const MIB16: u64 = 16 << 20;
+
+    #[test]
+    fn a_blocks_bytes_are_those_of_its_numbers_at_the_ragged_edges_too() {
+        let plan = Plan::new(100, 60, 70, DType::F32, 64, MIB16).unwrap();
+        let block = |side, index| BlockId {
+            side,
+            index,
+            part: 0,
+        };
+        assert_eq!(plan.block_bytes(block(Side::A, 0)), 64 * 60 * 4);
+        assert_eq!(plan.block_bytes(block(Side::A, 1)), 36 * 60 * 4);
+        assert_eq!(plan.block_bytes(block(Side::B, 1)), 60 * 6 * 4);
+    }
 
     #[test]
     fn auto_groups_leave_sixteen_messages_and_never_more_than_a_group_may_hold() {

@@ -7,12 +7,6 @@ use gemmq::Plan;
 use gemmq::message::{BlockId, Side};
 use gemmq::tiling::Operands;
 
-/// Blocks from this size on are written to the stream each in a chunk of its own and followed
-/// by a [`Item::ChunkEnd`], so that a worker reading one makes the broker read that one. Smaller
-/// blocks are written several to a chunk (a round trip each would cost tiny tiles more than the
-/// bytes a chunk's neighbours waste) and read front to back by a worker's sweep.
-pub(crate) const CHUNK_ALONE_BYTES: usize = 1 << 20;
-
 /// One message the producer publishes.
 pub(crate) enum Item {
     Block(BlockId),
@@ -82,13 +76,9 @@ impl Item {
     }
 }
 
-/// Whether `block`'s numbers make a message that is written to the stream alone.
+/// Whether `block` is written to the stream alone (see [`gemmq::tiling::LARGE_BLOCK_BYTES`]).
 pub(crate) fn is_large(plan: &Plan, block: BlockId) -> bool {
-    let (rows, cols) = match block.side {
-        Side::A => (plan.rows(block.index), plan.depth(block.part)),
-        Side::B => (plan.depth(block.part), plan.cols(block.index)),
-    };
-    rows.len() * cols.len() * plan.dtype.size() >= CHUNK_ALONE_BYTES
+    plan.block_bytes(block) >= gemmq::tiling::LARGE_BLOCK_BYTES
 }
 
 /// The A and B blocks a tile (or its slice of k) is the product of.

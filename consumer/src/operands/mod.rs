@@ -54,9 +54,6 @@ const MAX_JOBS: usize = 16;
 /// Stream reads in flight at once: enough to overlap a group's blocks and the next task's with
 /// the computation, few enough that the broker is not asked for a whole prefetch's worth at once.
 const READS_IN_FLIGHT: usize = 4;
-/// Blocks under this size share their stream chunks with their neighbours (the producer writes
-/// larger ones alone): a read of one brings the next few.
-const SMALL_BLOCK: u64 = 1 << 20;
 /// How long opening a job's stream is tried again (the broker may not serve it yet) before the
 /// task fails and is retried through the retry queue.
 const OPEN_PATIENCE: Duration = Duration::from_secs(5);
@@ -131,7 +128,8 @@ impl OperandBlocks {
     pub async fn get(&self, conn: &Connection, want: Wanted<'_>) -> Result<Arc<Block>, FetchError> {
         let j = job_entry(&self.jobs, &self.read.total, want.job, want.run);
         let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
-        let small = want.bytes < SMALL_BLOCK;
+        // Small blocks share their stream chunks with their neighbours: a read brings the next few.
+        let small = want.bytes < gemmq::tiling::LARGE_BLOCK_BYTES;
         if let Some(at) = want.at.and_then(|a| i64::try_from(a).ok())
             && small
         {
