@@ -12,7 +12,7 @@
 //! worker reads the stream.
 
 use gemmq::Plan;
-use gemmq::message::{self, Header, OperandHeader, ResultHeader, Side, TaskGroup, TaskHeader};
+use gemmq::message::{self, Header, OperandHeader, ResultHeader, TaskGroup, TaskHeader};
 use gemmq::tiling::Operands;
 use serde::Serialize;
 
@@ -54,10 +54,8 @@ pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerByte
     let run = gemmq::message::run_of(&[job.as_bytes()]);
     if plan.operands == Operands::Stream {
         for block in plan.operand_ids() {
-            let (rows, cols) = match block.side {
-                Side::A => (plan.rows(block.index).len(), plan.depth(block.part).len()),
-                Side::B => (plan.depth(block.part).len(), plan.cols(block.index).len()),
-            };
+            let (rows, cols) = plan.block_shape(block);
+            let (rows, cols) = (rows.len(), cols.len());
             let h = Header::Operand(OperandHeader {
                 job: job.into(),
                 run: run.clone(),
@@ -66,7 +64,7 @@ pub fn from_plan(plan: &Plan, group: u64, job: &str, worker: &str) -> BrokerByte
                 rows: rows as u32,
                 cols: cols as u32,
             });
-            produced += frame_len(&h, (rows * cols) as u64 * size);
+            produced += frame_len(&h, plan.block_bytes(block));
         }
     }
     let tiles: Vec<_> = plan.task_ids().collect();

@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use gemmq::broker::{ConfirmWindow, DEFAULT_CONFIRM_WINDOW, publish_confirmed};
-use gemmq::message::Side;
 use gemmq::topology::Topology;
 use gemmq::{DType, Plan};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
@@ -200,16 +199,9 @@ async fn drain(mut consumer: Consumer, count: usize, what: &str) -> Result<()> {
 
 /// The bytes of each block of A and B, in publishing order.
 fn block_sizes(plan: &Plan) -> Vec<u64> {
-    let size = plan.dtype.size() as u64;
     plan.operand_ids()
         .into_iter()
-        .map(|b| {
-            let (rows, cols) = match b.side {
-                Side::A => (plan.rows(b.index).len(), plan.depth(b.part).len()),
-                Side::B => (plan.depth(b.part).len(), plan.cols(b.index).len()),
-            };
-            (rows * cols) as u64 * size
-        })
+        .map(|b| plan.block_bytes(b))
         .collect()
 }
 

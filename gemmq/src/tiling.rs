@@ -316,12 +316,17 @@ impl Plan {
         start as usize..(start + self.tile).min(self.n) as usize
     }
 
-    /// The bytes of `block`'s numbers.
-    pub fn block_bytes(&self, block: BlockId) -> u64 {
-        let (rows, cols) = match block.side {
+    /// The rows and columns of its operand that `block` holds.
+    pub fn block_shape(&self, block: BlockId) -> (Range<usize>, Range<usize>) {
+        match block.side {
             Side::A => (self.rows(block.index), self.depth(block.part)),
             Side::B => (self.depth(block.part), self.cols(block.index)),
-        };
+        }
+    }
+
+    /// The bytes of `block`'s numbers.
+    pub fn block_bytes(&self, block: BlockId) -> u64 {
+        let (rows, cols) = self.block_shape(block);
         (rows.len() * cols.len() * self.dtype.size()) as u64
     }
 

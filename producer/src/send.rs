@@ -97,10 +97,7 @@ impl Sender<'_, '_> {
     /// stream that is gone sends it back, and the try fails (`resume::stream_lost`).
     async fn block(&mut self, block: BlockId) -> Result<()> {
         let (plan, job) = (&self.manifest.plan, &self.manifest.job);
-        let (rows, cols) = match block.side {
-            Side::A => (plan.rows(block.index), plan.depth(block.part)),
-            Side::B => (plan.depth(block.part), plan.cols(block.index)),
-        };
+        let (rows, cols) = plan.block_shape(block);
         let operand = match block.side {
             Side::A => self.a,
             Side::B => self.b,
@@ -115,8 +112,7 @@ impl Sender<'_, '_> {
         });
         // Made or read now, straight into the message, and dropped once published: the
         // producer never holds A or B.
-        let size = rows.len() * cols.len() * plan.dtype.size();
-        let mut body = message::encode_header(&header, size);
+        let mut body = message::encode_header(&header, plan.block_bytes(block) as usize);
         operand
             .append_le(rows, cols, &mut body)
             .with_context(|| format!("making block {block} of job {job}"))?;
@@ -133,18 +129,8 @@ impl Sender<'_, '_> {
             })?;
         }
         let props = persistent(kind::OPERAND, format!("{job}/{block}"));
-        self.out
-            .window
-            .publish(
-                &self.topo.operands_exchange(),
-                job,
-                &body,
-                props,
-                format!("block {block}"),
-            )
-            .await
-            .with_context(|| format!("publishing block {block} of job {job}"))?;
-        self.last_block = Some((self.out.window.published(), large));
+        self.onto_stream(&body, props, format!("block {block}"), large)
+            .await?;
         info!(%job, %block, bytes = body.len(), "operand block published");
         Ok(())
     }
@@ -153,20 +139,28 @@ impl Sender<'_, '_> {
     /// broker while the block is being written, so it starts the next chunk; the next block
     /// waits for its confirm, so that it does not share that chunk.
     async fn chunk_end(&mut self) -> Result<()> {
+        let props = persistent(kind::CHUNK_END, format!("{}/chunk-end", self.manifest.job));
+        self.onto_stream(&[], props, "a chunk end".to_string(), true)
+            .await
+    }
+
+    /// Publishes a message to the job's operand stream and remembers it as the last one there,
+    /// `alone` if the next block must not share its chunk.
+    async fn onto_stream(
+        &mut self,
+        body: &[u8],
+        props: lapin::BasicProperties,
+        what: String,
+        alone: bool,
+    ) -> Result<()> {
         let job = &self.manifest.job;
-        let props = persistent(kind::CHUNK_END, format!("{job}/chunk-end"));
+        let context = format!("publishing {what} of job {job}");
         self.out
             .window
-            .publish(
-                &self.topo.operands_exchange(),
-                job,
-                &[],
-                props,
-                "a chunk end".to_string(),
-            )
+            .publish(&self.topo.operands_exchange(), job, body, props, what)
             .await
-            .with_context(|| format!("publishing a chunk end of job {job}"))?;
-        self.last_block = Some((self.out.window.published(), true));
+            .context(context)?;
+        self.last_block = Some((self.out.window.published(), alone));
         Ok(())
     }
 
