@@ -407,7 +407,7 @@ async fn a_stream_deleted_while_a_worker_reads_it_is_noticed_and_refilled() {
         let announced = gemmq::topology::queue_exists(&env.channel().await, &results)
             .await
             .unwrap();
-        if announced && common::stream_len(&env, &results).await >= 20 {
+        if announced && common::result_tiles(&env, &results).await >= 20 {
             break;
         }
         assert!(started.elapsed() < MINUTE, "no results came");

@@ -220,7 +220,7 @@ async fn a_worker_reads_only_the_blocks_of_the_tasks_it_takes_and_each_of_them_o
     env.spawn_consumer(w);
     let results = env.topology().results_queue("need");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while common::stream_len(&env, &results).await < 1 {
+    while common::result_tiles(&env, &results).await < 1 {
         assert!(
             Instant::now() < deadline,
             "the first group was not computed in 30 s"
@@ -345,14 +345,14 @@ async fn a_job_id_used_again_for_other_inputs_is_computed_from_its_new_blocks_no
     let results = env.topology().results_queue("rerun");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let count = common::stream_len(&env, &results).await;
+        let count = common::result_tiles(&env, &results).await;
         // (More if a result went twice: a redelivered task.)
         if count >= 16 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the first run computed in 30 s ({count} results)"
+            "the first run computed in 30 s ({count} result tiles)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

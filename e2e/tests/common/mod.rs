@@ -259,35 +259,37 @@ pub async fn message_count(ch: &lapin::Channel, queue: &str) -> u32 {
     .message_count()
 }
 
-/// How many messages a stream holds (its declare-ok always counts 0): one past the offset of
-/// its last message, read from "last" on a channel of its own.
+/// How many tiles a job's results stream holds, read from its first message on a channel of
+/// its own. Tiles, not messages: a worker batches the results it has ready at the same moment
+/// (up to 64 tiles in one message), so a message count says little of how far a job is.
 #[allow(dead_code)]
-pub async fn stream_len(env: &Env, stream: &str) -> u64 {
+pub async fn result_tiles(env: &Env, results: &str) -> usize {
     use futures_util::StreamExt;
+    use gemmq::message::Header;
     let ch = env.channel().await;
     ch.basic_qos(1000, Default::default()).await.unwrap();
     let mut args = lapin::types::FieldTable::default();
-    args.insert("x-stream-offset".into(), gemmq::topology::text("last"));
+    args.insert("x-stream-offset".into(), gemmq::topology::text("first"));
     let mut feed = ch
-        .basic_consume(stream.into(), "".into(), Default::default(), args)
+        .basic_consume(results.into(), "".into(), Default::default(), args)
         .await
-        .unwrap_or_else(|e| panic!("stream {stream} can be read: {e}"));
-    let mut len = 0;
-    // "last" starts at the stream's last chunk: what it holds comes at once.
+        .unwrap_or_else(|e| panic!("stream {results} can be read: {e}"));
+    let mut tiles = 0;
+    // The stream sends what it holds at once: a short quiet means the end was reached.
     let mut wait = Duration::from_millis(200);
     while let Ok(Some(Ok(d))) = tokio::time::timeout(wait, feed.next()).await {
-        wait = Duration::from_millis(10);
-        if let Some(lapin::types::AMQPValue::LongLongInt(o)) = d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-stream-offset"))
-        {
-            len = len.max(*o as u64 + 1);
-        }
+        wait = Duration::from_millis(20);
+        let frame = gemmq::message::decode(&d.data, 1 << 30)
+            .unwrap_or_else(|e| panic!("a message in {results} is unreadable: {e}"));
+        tiles += match frame.header {
+            Header::TileResult(_) => 1,
+            Header::ResultBatch(batch) => batch.tiles.len(),
+            _ => 0,
+        };
+        d.acker.ack(Default::default()).await.unwrap();
     }
     let _ = ch.close(200, "counted".into()).await;
-    len
+    tiles
 }
 
 /// The message ids in a stream, front to back: read until `expected` have come (a stream's
