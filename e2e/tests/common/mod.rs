@@ -267,13 +267,7 @@ pub async fn result_tiles(env: &Env, results: &str) -> usize {
     use futures_util::StreamExt;
     use gemmq::message::Header;
     let ch = env.channel().await;
-    ch.basic_qos(1000, Default::default()).await.unwrap();
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-stream-offset".into(), gemmq::topology::text("first"));
-    let mut feed = ch
-        .basic_consume(results.into(), "".into(), Default::default(), args)
-        .await
-        .unwrap_or_else(|e| panic!("stream {results} can be read: {e}"));
+    let mut feed = read_from_first(&ch, results, 1000).await;
     let mut tiles = 0;
     // The stream sends what it holds at once: a short quiet means the end was reached.
     let mut wait = Duration::from_millis(200);
@@ -297,13 +291,7 @@ pub async fn result_tiles(env: &Env, results: &str) -> usize {
 #[allow(dead_code)]
 pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str, expected: usize) -> Vec<String> {
     use futures_util::StreamExt;
-    ch.basic_qos(100, Default::default()).await.unwrap();
-    let mut args = lapin::types::FieldTable::default();
-    args.insert("x-stream-offset".into(), gemmq::topology::text("first"));
-    let mut feed = ch
-        .basic_consume(stream.into(), "".into(), Default::default(), args)
-        .await
-        .unwrap_or_else(|e| panic!("stream {stream} can be read: {e}"));
+    let mut feed = read_from_first(ch, stream, 100).await;
     let mut ids = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -324,6 +312,17 @@ pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str, expected: usi
         d.acker.ack(Default::default()).await.unwrap();
     }
     ids
+}
+
+/// A consumer of `stream` from its first message on, `prefetch` unacked at a time (a stream
+/// sends no more until they are acked).
+async fn read_from_first(ch: &lapin::Channel, stream: &str, prefetch: u16) -> lapin::Consumer {
+    ch.basic_qos(prefetch, Default::default()).await.unwrap();
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-stream-offset".into(), gemmq::topology::text("first"));
+    ch.basic_consume(stream.into(), "".into(), Default::default(), args)
+        .await
+        .unwrap_or_else(|e| panic!("stream {stream} can be read: {e}"))
 }
 
 /// The largest |C − A·B| over the product computed here.
