@@ -261,6 +261,9 @@ pub struct Stats {
     pub operand_bytes: AtomicU64,
     pub operand_reads: AtomicU64,
     pub operand_rereads: AtomicU64,
+    /// Sweeps started: a job's operand stream read front to back, for its small blocks. One
+    /// per job, unless a sweep failed (the broker restarted) or the cache dropped what it read.
+    pub operand_sweeps: AtomicU64,
     /// Blocks a task found in the cache (or being read for another task) rather than read.
     pub operand_hits: AtomicU64,
     /// Tiles whose results the broker confirmed (`result_messages` carried them).
@@ -336,6 +339,7 @@ pub async fn run(s: &Settings, shutdown: CancellationToken) -> Result<Arc<Stats>
         operand_mib = stats.operand_bytes.load(Ordering::Relaxed) >> 20,
         operand_reads = stats.operand_reads.load(Ordering::Relaxed),
         operand_rereads = stats.operand_rereads.load(Ordering::Relaxed),
+        operand_sweeps = stats.operand_sweeps.load(Ordering::Relaxed),
         "worker stopped"
     );
     Ok(stats)

@@ -149,6 +149,11 @@ impl Collector for Counters {
             get(&s.operand_rereads),
         )?;
         f.counter(
+            "operand_sweeps",
+            "Reads of a job's whole stream front to back, for its blocks under 1 MiB",
+            get(&s.operand_sweeps),
+        )?;
+        f.counter(
             "reconnects",
             "Connections to the broker after the first",
             get(&s.connections).saturating_sub(1),
@@ -181,6 +186,7 @@ mod tests {
         stats.operand_bytes.store(4096, Ordering::Relaxed);
         stats.operand_hits.store(20, Ordering::Relaxed);
         stats.operand_reads.store(4, Ordering::Relaxed);
+        stats.operand_sweeps.store(2, Ordering::Relaxed);
         stats.results_published.store(12, Ordering::Relaxed);
         stats.connections.store(3, Ordering::Relaxed);
         stats.compute.observe(std::time::Duration::from_millis(30));
@@ -195,6 +201,7 @@ mod tests {
             "gemmq_consumer_operand_bytes_total 4096\n",
             "gemmq_consumer_operand_cache_hits_total 20\n",
             "gemmq_consumer_operand_cache_misses_total 4\n",
+            "gemmq_consumer_operand_sweeps_total 2\n",
             "gemmq_consumer_results_published_total 12\n",
             "gemmq_consumer_reconnects_total 2\n",
             "gemmq_consumer_compute_seconds_count 1\n",

@@ -319,6 +319,10 @@ async fn a_worker_started_after_the_blocks_were_published_reads_them_from_the_st
         "the blocks came from the stream, each once ({all} bytes)"
     );
     assert_eq!(stats[0].operand_reads.load(Ordering::Relaxed), 0);
+    // Its 16 tasks came at once and all waited for blocks: one of them opened the sweep, the
+    // others waited for it (a stream consumer each would cost the broker a reader and the
+    // chunks it sent before the cancel).
+    assert_eq!(stats[0].operand_sweeps.load(Ordering::Relaxed), 1);
     env.cleanup(&["late"]).await;
 }
 

@@ -29,6 +29,9 @@ pub(super) struct Sweep {
 enum SweepTask {
     #[default]
     Idle,
+    /// A task is opening the stream consumer: the others wait for its blocks rather than open
+    /// their own (each would cost the broker a reader and the chunks sent before its cancel).
+    Starting,
     Running(tokio::task::JoinHandle<()>),
     /// Stopped with this error: the next task to wait reports it, and may start it again.
     Failed(FetchError),
@@ -53,8 +56,17 @@ impl Sweep {
         }
     }
 
-    fn running(&self) -> bool {
-        matches!(&*self.task.lock().expect("never poisoned"), SweepTask::Running(h) if !h.is_finished())
+    /// Claims the start of the sweep: false if it runs or another task is starting it.
+    fn claim_start(&self) -> bool {
+        let mut task = self.task.lock().expect("never poisoned");
+        match &*task {
+            SweepTask::Starting => false,
+            SweepTask::Running(h) if !h.is_finished() => false,
+            _ => {
+                *task = SweepTask::Starting;
+                true
+            }
+        }
     }
 }
 
@@ -76,21 +88,44 @@ impl OperandBlocks {
         j: &Arc<JobOperands>,
         dtype: DType,
     ) -> Result<(), FetchError> {
-        if j.sweep.running() {
+        if !j.sweep.claim_start() {
             return Ok(());
         }
+        let start = Start(j);
         let (ch, scan) = self
             .open(conn, &j.job, gemmq::topology::text("first"))
             .await?;
-        let mut task = j.sweep.task.lock().expect("never poisoned");
-        if matches!(&*task, SweepTask::Running(h) if !h.is_finished()) {
-            drop(task);
-            close_quietly(ch, scan.tag());
-            return Ok(());
-        }
+        self.read
+            .stats
+            .operand_sweeps
+            .fetch_add(1, Ordering::Relaxed);
         let (ctx, weak) = (self.read.clone(), Arc::downgrade(j));
-        *task = SweepTask::Running(tokio::spawn(sweep(ctx, weak, ch, scan, dtype)));
+        start.running(tokio::spawn(sweep(ctx, weak, ch, scan, dtype)));
         Ok(())
+    }
+}
+
+/// A start of the sweep under way. Dropped before the sweep runs (the stream could not be
+/// opened, or the task starting it was cancelled), it gives the start back: the tasks waiting
+/// for the sweep are woken and one of them tries again.
+struct Start<'a>(&'a JobOperands);
+
+impl Start<'_> {
+    fn running(self, sweep: tokio::task::JoinHandle<()>) {
+        *self.0.sweep.task.lock().expect("never poisoned") = SweepTask::Running(sweep);
+        // Started: nothing to give back.
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Start<'_> {
+    fn drop(&mut self) {
+        let mut task = self.0.sweep.task.lock().expect("never poisoned");
+        if matches!(&*task, SweepTask::Starting) {
+            *task = SweepTask::Idle;
+        }
+        drop(task);
+        self.0.changed.send_modify(|n| *n += 1);
     }
 }
 
