@@ -205,6 +205,11 @@ async fn a_worker_reads_only_the_blocks_of_the_tasks_it_takes_and_each_of_them_o
         assert!(pair[0] != "need/chunk-end", "{on_stream:?}");
         assert_eq!(pair[1], "need/chunk-end", "{on_stream:?}");
     }
+    // Each in a chunk of its own, the chunk end too: were it written with its block, the
+    // stream would end with a block's chunk, whose CRC32 RabbitMQ checks for every reader
+    // that opens the stream.
+    let chunks = common::stream_chunks(&env.channel().await, &stream, 16).await;
+    assert_eq!(chunks, vec![1; 16], "messages per chunk");
     // Three of the four messages held elsewhere: the first worker can take only one.
     let holder = env.channel().await;
     let tasks = env.topology().tasks_queue();

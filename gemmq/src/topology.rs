@@ -50,7 +50,8 @@
 //!   is there. So the broker sends a block to a worker once (while the worker caches it), not to
 //!   every worker: its egress grows with what the workers compute, not with how many there are.
 //!   Each large block is followed by an empty `gemmq.chunk_end` message in a chunk of its own:
-//!   the broker reads a consumer one chunk ahead, and that chunk should be small.
+//!   the broker reads a consumer one chunk ahead, and checks the CRC32 of the stream's last chunk
+//!   for every consumer that opens it; both should be small.
 //!   (An earlier design copied every block to a live queue per worker, which saved the broker the
 //!   stream's disk read and CRC32 check per read, at the cost of W × (|A| + |B|) sent for W
 //!   workers; docs/ARCHITECTURE.md.)

@@ -314,6 +314,34 @@ pub async fn stream_message_ids(ch: &lapin::Channel, stream: &str, expected: usi
     ids
 }
 
+/// How many messages each chunk of a stream holds, front to back, for its first `messages`.
+/// The broker sends a stream consumer a whole chunk whatever its prefetch: with a prefetch of
+/// one and no ack, what comes before a short quiet is one chunk; the ack lets the next come.
+pub async fn stream_chunks(ch: &lapin::Channel, stream: &str, messages: usize) -> Vec<usize> {
+    use futures_util::StreamExt;
+    let mut feed = read_from_first(ch, stream, 1).await;
+    let (mut chunks, mut seen) = (Vec::new(), 0);
+    while seen < messages {
+        let first = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("{stream}: no chunk after {seen} messages"))
+            .expect("the consumer is open")
+            .expect("a delivery");
+        let mut last = first;
+        let mut in_chunk = 1;
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(300), feed.next()).await
+        {
+            (last, in_chunk) = (d, in_chunk + 1);
+        }
+        chunks.push(in_chunk);
+        seen += in_chunk;
+        let multiple = lapin::options::BasicAckOptions { multiple: true };
+        last.acker.ack(multiple).await.unwrap();
+    }
+    chunks
+}
+
 /// A consumer of `stream` from its first message on, `prefetch` unacked at a time (a stream
 /// sends no more until they are acked).
 async fn read_from_first(ch: &lapin::Channel, stream: &str, prefetch: u16) -> lapin::Consumer {
