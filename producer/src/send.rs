@@ -118,16 +118,6 @@ impl Sender<'_, '_> {
             .with_context(|| format!("making block {block} of job {job}"))?;
         *self.out.bytes += body.len() as u64;
         let large = order::is_large(plan, block);
-        if let Some((n, previous_alone)) = self.last_block
-            && (large || previous_alone)
-        {
-            // The broker hands out a stream a chunk at a time, and writes what arrived together
-            // as one chunk: a block sent before the one ahead of it is written would share its
-            // chunk, and go to every worker that reads the other. Tasks keep flowing meanwhile.
-            self.out.window.settle_through(n).await.with_context(|| {
-                format!("waiting for the confirm of the message before {block}")
-            })?;
-        }
         let props = persistent(kind::OPERAND, format!("{job}/{block}"));
         self.onto_stream(&body, props, format!("block {block}"), large)
             .await?;
@@ -135,27 +125,19 @@ impl Sender<'_, '_> {
         Ok(())
     }
 
-    /// The marker after a large block (see [`Item::ChunkEnd`]), sent once the block is
-    /// confirmed (written): sent at once, it reached the broker's stream writer with the block
-    /// and was written in the block's chunk, which then ended the stream while workers opened
-    /// readers — and RabbitMQ checks the CRC32 of a stream's last chunk, twice, for every
-    /// consumer that opens it (14 MiB blocks: 704 MiB checked in a 4096³ job whose 30 block
-    /// reads read 384 MiB). The next block waits for its confirm in turn, so that it does not share its chunk.
+    /// The marker after a large block (see [`Item::ChunkEnd`]): a chunk of its own, like the
+    /// block. Sent with the block, it reached the broker's stream writer with it and was written
+    /// in the block's chunk, which then ended the stream while workers opened readers — and
+    /// RabbitMQ checks the CRC32 of a stream's last chunk, twice, for every consumer that opens
+    /// it (14 MiB blocks: 704 MiB checked in a 4096³ job whose 30 block reads read 384 MiB).
     async fn chunk_end(&mut self) -> Result<()> {
-        if let Some((n, _)) = self.last_block {
-            self.out
-                .window
-                .settle_through(n)
-                .await
-                .context("waiting for the confirm of the block before a chunk end")?;
-        }
         let props = persistent(kind::CHUNK_END, format!("{}/chunk-end", self.manifest.job));
         self.onto_stream(&[], props, "a chunk end".to_string(), true)
             .await
     }
 
-    /// Publishes a message to the job's operand stream and remembers it as the last one there,
-    /// `alone` if the next block must not share its chunk.
+    /// Publishes a message to the job's operand stream, in a chunk of its own if it or the
+    /// message before it is `alone`, and remembers it as the last one there.
     async fn onto_stream(
         &mut self,
         body: &[u8],
@@ -164,6 +146,18 @@ impl Sender<'_, '_> {
         alone: bool,
     ) -> Result<()> {
         let job = &self.manifest.job;
+        if let Some((n, previous_alone)) = self.last_block
+            && (alone || previous_alone)
+        {
+            // The broker hands out a stream a chunk at a time, and writes what arrived together
+            // as one chunk: a message sent before the one ahead of it is written (confirmed)
+            // would share its chunk. Tasks keep flowing meanwhile.
+            self.out
+                .window
+                .settle_through(n)
+                .await
+                .with_context(|| format!("waiting for the confirm of the message before {what}"))?;
+        }
         let context = format!("publishing {what} of job {job}");
         self.out
             .window

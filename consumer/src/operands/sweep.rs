@@ -55,19 +55,6 @@ impl Sweep {
             }
         }
     }
-
-    /// Claims the start of the sweep: false if it runs or another task is starting it.
-    fn claim_start(&self) -> bool {
-        let mut task = self.task.lock().expect("never poisoned");
-        match &*task {
-            SweepTask::Starting => false,
-            SweepTask::Running(h) if !h.is_finished() => false,
-            _ => {
-                *task = SweepTask::Starting;
-                true
-            }
-        }
-    }
 }
 
 impl Drop for Sweep {
@@ -88,10 +75,9 @@ impl OperandBlocks {
         j: &Arc<JobOperands>,
         dtype: DType,
     ) -> Result<(), FetchError> {
-        if !j.sweep.claim_start() {
+        let Some(start) = Start::claim(j) else {
             return Ok(());
-        }
-        let start = Start(j);
+        };
         let (ch, scan) = self
             .open(conn, &j.job, gemmq::topology::text("first"))
             .await?;
@@ -110,7 +96,20 @@ impl OperandBlocks {
 /// for the sweep are woken and one of them tries again.
 struct Start<'a>(&'a JobOperands);
 
-impl Start<'_> {
+impl<'a> Start<'a> {
+    /// The start of the job's sweep, unless it runs or another task is starting it.
+    fn claim(j: &'a JobOperands) -> Option<Self> {
+        let mut task = j.sweep.task.lock().expect("never poisoned");
+        match &*task {
+            SweepTask::Starting => None,
+            SweepTask::Running(h) if !h.is_finished() => None,
+            _ => {
+                *task = SweepTask::Starting;
+                Some(Start(j))
+            }
+        }
+    }
+
     fn running(self, sweep: tokio::task::JoinHandle<()>) {
         *self.0.sweep.task.lock().expect("never poisoned") = SweepTask::Running(sweep);
         // Started: nothing to give back.

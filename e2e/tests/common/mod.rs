@@ -322,12 +322,11 @@ pub async fn stream_chunks(ch: &lapin::Channel, stream: &str, messages: usize) -
     let mut feed = read_from_first(ch, stream, 1).await;
     let (mut chunks, mut seen) = (Vec::new(), 0);
     while seen < messages {
-        let first = tokio::time::timeout(Duration::from_secs(10), feed.next())
+        let mut last = tokio::time::timeout(Duration::from_secs(10), feed.next())
             .await
             .unwrap_or_else(|_| panic!("{stream}: no chunk after {seen} messages"))
             .expect("the consumer is open")
             .expect("a delivery");
-        let mut last = first;
         let mut in_chunk = 1;
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_millis(300), feed.next()).await
