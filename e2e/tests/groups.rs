@@ -49,6 +49,31 @@ async fn tiny_tiles_travel_several_to_a_message_and_c_is_still_exactly_a_times_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_largest_group_goes_out_as_one_message_and_comes_back_as_one_result() {
+    let mut env = Env::new("biggest");
+    env.spawn_consumer(env.consumer("w1"));
+    let shape = (256, 48, 256);
+    let mut producer = env.producer("biggest", shape, 16);
+    producer.group = GroupSize::Fixed(gemmq::message::MAX_GROUP as u64);
+    let (receipt, summary) = run_job_with(&env, producer, env.collector("biggest")).await;
+
+    assert_eq!(receipt.tasks, 256, "16 × 16 tiles of 16");
+    assert_eq!(receipt.messages, 1, "all 256 in one task message");
+    assert_eq!(summary.status, Outcome::Complete);
+    assert_eq!(summary.tasks_done, 256);
+    let err = common::max_error_against_local_product(&env, "biggest", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    assert_eq!(stats[0].received.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats[0].result_messages.load(Ordering::Relaxed),
+        1,
+        "the group's 256 results in one message, its header within the limit"
+    );
+    env.cleanup(&["biggest"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_group_is_retried_whole_and_its_tiles_share_their_attempt_number() {
     let mut env = Env::new("grpretry");
     for id in ["w1", "w2"] {

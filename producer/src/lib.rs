@@ -270,9 +270,9 @@ mod tests {
             assert!(err.contains("group") && err.contains(says), "{err}");
         };
         refused("0", Operands::Stream, "at least 1");
-        refused("65", Operands::Stream, "64 tasks");
+        refused("257", Operands::Stream, "256 tasks");
         refused("8", Operands::Inline, "--operands stream");
-        for ok in ["auto", "1", "64"] {
+        for ok in ["auto", "1", "256"] {
             assert!(resolve(ok, Operands::Stream).is_ok(), "{ok}");
         }
         assert!(resolve("1", Operands::Inline).is_ok());
