@@ -74,7 +74,7 @@ pub struct ProducerOptions {
     pub operands: Option<Operands>,
     /// Tasks per task message, or `auto`: a message holds a rectangle of tiles that share their
     /// blocks, so a worker receives fewer blocks per tile; `auto` takes as many as leave 16
-    /// messages, up to 64. Workers take, retry and acknowledge a group together; each tile still
+    /// messages, up to 256. Workers take, retry and acknowledge a group together; each tile still
     /// has its own result, and a group's results must fit one message. With more than 8
     /// workers, lower it so that each gets two messages or more. Streamed operands only
     /// [default: auto]
