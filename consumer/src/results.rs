@@ -26,10 +26,9 @@ const BATCH_BYTES: usize = 1 << 20;
 /// The most tiles in one message: a whole group of tiny tiles (`tiling::MAX_GROUP`), so that
 /// the broker and the collector see one result message per task message.
 const BATCH_TILES: usize = gemmq::message::MAX_GROUP;
-/// The largest header a batch of [`BATCH_TILES`] can have (at most ~150 bytes of JSON a tile,
-/// 38 KiB for 256):
-/// more than the [`HEADER_BUDGET`] a single result keeps, so a batch's payload leaves this
-/// much of the message size limit free instead.
+/// The largest header a batch of [`BATCH_TILES`] can have (at most ~150 bytes of JSON a tile:
+/// 38 KiB for 256), more than the [`HEADER_BUDGET`] a single result keeps, so a batch's payload
+/// leaves this much of the message size limit free instead.
 const BATCH_HEADER_BYTES: u64 = BATCH_TILES as u64 * 160;
 /// Batches awaiting their confirms at once. One at a time, a group of 64 tiny tiles waited for
 /// three confirm round trips in a row (each a quorum-queue write) and the worker idled between
