@@ -179,6 +179,12 @@ impl Job<'_> {
             );
         }
         run.reference = Some(reference);
+        run.fresh_write_mb_s = machine::fresh_write_mb_per_s(&self.cli.work_dir);
+        if let Some(rate) = run.fresh_write_mb_s {
+            eprintln!(
+                "   machine: fresh page cache written at {rate:.0} MB/s (slow when the VM's host takes freed memory back)"
+            );
+        }
         eprintln!(
             "   bench's own peak RSS {:.0} MiB (a floor under the children's ru_maxrss)",
             procs::own_peak_rss_mib()

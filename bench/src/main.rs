@@ -256,6 +256,9 @@ struct Run {
     /// How long the bench waited for the machine to quieten before this run, and how busy it
     /// was when it stopped waiting.
     idle_wait: Option<machine::IdleWait>,
+    /// How fast the machine wrote into fresh page cache just before the job (MB/s; see
+    /// `machine::fresh_write_mb_per_s`).
+    fresh_write_mb_s: Option<f64>,
     /// The bench's own peak RSS when it started the programs. Linux carries a parent's peak
     /// into a spawned child's ru_maxrss, so the children's figures are exact only above it;
     /// the reference runs in its own process to keep this small.
@@ -751,6 +754,7 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         programs_cpu_seconds: None,
         others_cpu_seconds: None,
         idle_wait: None,
+        fresh_write_mb_s: None,
         bench_peak_rss_mib: 0.0,
         producer: None,
         consumers: Vec::new(),
