@@ -13,18 +13,16 @@
 //!   (malformed), the task is copied to the parking-lot queue with its reason in headers, the
 //!   collector is told, and the task is acked.
 //! * **Groups.** Tiny tiles arrive several to a message (see `gemmq::message::TaskGroup`): the
-//!   group is retried, parked and acked as one, and acked only once every one of its results is
-//!   confirmed; its tiles are multiplied as their blocks arrive (`arrivals`).
+//!   group is fetched, computed, retried, parked and acked as one, and acked only once every one
+//!   of its results is confirmed.
 //! * **Graceful shutdown.** On SIGTERM the consumer stops taking tasks, lets the ones being
 //!   computed finish (up to a timeout), returns the ones not started, and closes.
 //!
 //! Read in this order: [`run`] here (reconnecting), `session` (one connection), `task` (one task
-//! message: the decision), `arrivals` (its blocks from `operands`, each tile multiplied once its
-//! two are in), `settle` (carrying
+//! message: its blocks from `operands`, the multiplication, the decision), `settle` (carrying
 //! the decision out on the broker), `results` (results published with confirms, several to a
 //! message).
 
-mod arrivals;
 mod heartbeat;
 pub mod memory;
 mod metrics;

@@ -6,14 +6,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use gemmq::kernel::Threads;
-use gemmq::matrix;
-use gemmq::message::{self, TaskHeader, Tiles, Work};
+use gemmq::matrix::{self, Block};
+use gemmq::message::{self, BlockId, Side, TaskHeader, Tiles, Work};
 use gemmq::topology;
 use lapin::message::Delivery;
 use rand::RngExt;
 use tracing::{info, warn};
 
-use crate::arrivals::{BlockPair, Multiplied, multiply_as_blocks_arrive};
 use crate::settle::{ack, park, requeue, retry, send_results};
 use crate::{Ctx, Stats, operands};
 
@@ -72,27 +71,10 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         return park(ctx, &delivery, &tasks, attempt, reason).await;
     }
 
-    let (outcome, took) = match inline_at {
-        Some(offset) => {
-            let permit = tokio::select! {
-                p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
-                _ = ctx.shutdown.cancelled() => {
-                    // Not started: give it back now rather than make it wait for the channel
-                    // to close.
-                    requeue(ctx, &delivery).await;
-                    return;
-                }
-            };
-            let started = Instant::now();
-            let data = std::mem::take(&mut delivery.data);
-            let (outcome, data) = work_inline(ctx, &tasks[0], data, offset).await;
-            delivery.data = data;
-            drop(permit);
-            (outcome, started.elapsed())
-        }
+    // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
+    let blocks = match inline_at {
+        Some(offset) => Ok(TaskBlocks::Inline(offset)),
         None => {
-            // Fetching blocks overlaps with the computation of other tasks: the fetch permit
-            // is taken in the order messages came, before any compute permit.
             let fetching = tokio::select! {
                 p = ctx.fetch.acquire() => p.expect("the semaphore is never closed"),
                 _ = ctx.shutdown.cancelled() => {
@@ -100,16 +82,32 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
                     return;
                 }
             };
-            match multiply_as_blocks_arrive(ctx, &tasks, fetching).await {
-                Multiplied::Done(outcome, took) => (outcome, took),
-                Multiplied::Stopped => {
-                    requeue(ctx, &delivery).await;
-                    return;
-                }
-            }
+            let blocks = fetch_blocks(ctx, &tasks).await.map(TaskBlocks::Blocks);
+            drop(fetching);
+            blocks
         }
     };
-    let outcome = outcome.map(|products| corrupt(ctx, &tasks, products));
+    let permit = tokio::select! {
+        p = ctx.compute.acquire() => p.expect("the semaphore is never closed"),
+        _ = ctx.shutdown.cancelled() => {
+            // Not started: give it back now rather than make it wait for the channel to close.
+            requeue(ctx, &delivery).await;
+            return;
+        }
+    };
+    let started = Instant::now();
+    let outcome = match blocks {
+        Ok(blocks) => {
+            let data = std::mem::take(&mut delivery.data);
+            let (outcome, data) = work(ctx, &tasks, data, blocks).await;
+            delivery.data = data;
+            outcome
+        }
+        Err(f) => Err(f),
+    };
+    drop(permit);
+
+    let took = started.elapsed();
     ctx.stats.compute.observe(took);
     let micros = took.as_micros() as u64;
     if matches!(outcome, Err(Failure::Transient(_))) {
@@ -169,6 +167,100 @@ impl From<operands::FetchError> for Failure {
     }
 }
 
+/// Where a task's blocks are.
+enum TaskBlocks {
+    /// In the task's own body, from this offset.
+    Inline(usize),
+    /// Fetched from the job's operand stream: the A and B blocks of each task, in order.
+    Blocks(Vec<(Arc<Block>, Arc<Block>)>),
+}
+
+type BlockPair = (Arc<Block>, Arc<Block>);
+
+/// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
+/// a group share their blocks: each distinct one is fetched once, all of them at once.
+async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>, Failure> {
+    let mut wanted: Vec<(BlockId, Option<u64>, u64)> = Vec::new();
+    for task in tasks {
+        let size = task.dtype.size() as u64;
+        let (r, c, d) = (task.rows as u64, task.cols as u64, task.depth as u64);
+        for ((id, at), bytes) in blocks_of(task)
+            .into_iter()
+            .zip([r * d * size, d * c * size])
+        {
+            if !wanted.iter().any(|(w, _, _)| *w == id) {
+                wanted.push((id, at, bytes));
+            }
+        }
+    }
+    let first = &tasks[0];
+    let fetched = futures_util::future::try_join_all(wanted.iter().map(|&(id, at, bytes)| {
+        ctx.operands.get(
+            &ctx.conn,
+            operands::Wanted {
+                job: &first.job,
+                run: &first.run,
+                id,
+                dtype: first.dtype,
+                at,
+                bytes,
+            },
+        )
+    }))
+    .await
+    .map_err(Failure::from)?;
+    let block = |id: BlockId| {
+        let i = wanted
+            .iter()
+            .position(|(w, _, _)| *w == id)
+            .expect("wanted");
+        fetched[i].clone()
+    };
+    tasks
+        .iter()
+        .map(|task| {
+            let [(a_id, _), (b_id, _)] = blocks_of(task);
+            check_shapes(task, block(a_id), block(b_id))
+        })
+        .collect()
+}
+
+/// A task's A and B blocks, with where the task says they are on the stream.
+fn blocks_of(task: &TaskHeader) -> [(BlockId, Option<u64>); 2] {
+    let t = task.tile;
+    let at = |i: usize| task.at.map(|at| at[i]);
+    [
+        (
+            BlockId {
+                side: Side::A,
+                index: t.row,
+                part: t.part,
+            },
+            at(0),
+        ),
+        (
+            BlockId {
+                side: Side::B,
+                index: t.col,
+                part: t.part,
+            },
+            at(1),
+        ),
+    ]
+}
+
+fn check_shapes(task: &TaskHeader, a: Arc<Block>, b: Arc<Block>) -> Result<BlockPair, Failure> {
+    let (r, c, d) = (task.rows as usize, task.cols as usize, task.depth as usize);
+    let (a_shape, b_shape) = (a.view().shape(), b.view().shape());
+    if a_shape != (r, d) || b_shape != (d, c) {
+        let t = task.tile;
+        return Err(Failure::Permanent(format!(
+            "the task {t} is {r}x{d} · {d}x{c} but its blocks are {a_shape:?} and {b_shape:?}"
+        )));
+    }
+    Ok((a, b))
+}
+
 /// Tiles up to this many flops (~20 µs of work) are multiplied on the async thread.
 const TINY_FLOPS: u64 = 1 << 20;
 
@@ -176,9 +268,15 @@ pub(crate) fn flops(task: &TaskHeader) -> u64 {
     2 * task.rows as u64 * task.cols as u64 * task.depth as u64
 }
 
-/// Simulated delay and failure (`--delay`, `--failure-rate`): once per message, so a group
-/// fails as one, under the compute permit before its first multiplication.
-pub(crate) async fn simulate(ctx: &Ctx) -> Result<(), Failure> {
+/// Simulated delay and failure (once per message: a group fails as one), then the
+/// multiplications on the blocking pool. Returns each task's product, and the body so the
+/// caller can still park it.
+async fn work(
+    ctx: &Ctx,
+    tasks: &[TaskHeader],
+    data: Vec<u8>,
+    blocks: TaskBlocks,
+) -> (Result<Vec<Vec<u8>>, Failure>, Vec<u8>) {
     let (delay, fail) = {
         let mut rng = rand::rng();
         let d = &ctx.settings.delay;
@@ -193,87 +291,51 @@ pub(crate) async fn simulate(ctx: &Ctx) -> Result<(), Failure> {
         tokio::time::sleep(delay).await;
     }
     if fail {
-        return Err(Failure::Transient(
-            "simulated failure (--failure-rate)".into(),
-        ));
+        return (
+            Err(Failure::Transient(
+                "simulated failure (--failure-rate)".into(),
+            )),
+            data,
+        );
     }
-    Ok(())
-}
-
-/// Multiplies each task's blocks (in the same order), on the blocking pool unless they are
-/// tiny; with `--modelled-gflops`, sleeps for the time that would take instead.
-pub(crate) async fn multiply(
-    ctx: &Ctx,
-    tasks: &[TaskHeader],
-    pairs: Vec<BlockPair>,
-) -> Result<Vec<Vec<u8>>, Failure> {
-    if let Some(products) = modelled(ctx, tasks).await {
-        return Ok(products);
-    }
-    let threads = Threads::Exactly(ctx.settings.threads);
-    let compute = move || {
-        pairs
-            .iter()
-            .map(|(a, b)| matrix::multiply_blocks(a.view(), b.view(), threads))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}")))
-    };
-    // A tiny tile is cheaper to multiply than to hand to another thread.
-    if tasks.iter().map(flops).sum::<u64>() <= TINY_FLOPS {
-        return compute();
-    }
-    tokio::task::spawn_blocking(compute)
-        .await
-        // The multiplication panicked: a bug, not bad luck.
-        .unwrap_or_else(|e| Err(Failure::Transient(format!("computation failed: {e}"))))
-}
-
-/// With `--modelled-gflops`, the time the tasks' multiplications would take, slept, and zeros
-/// for their products.
-async fn modelled(ctx: &Ctx, tasks: &[TaskHeader]) -> Option<Vec<Vec<u8>>> {
-    let gflops = ctx.settings.modelled_gflops?;
     let total: u64 = tasks.iter().map(flops).sum();
-    tokio::time::sleep(Duration::from_secs_f64(total as f64 / (gflops * 1e9))).await;
-    Some(
-        tasks
+    if let Some(gflops) = ctx.settings.modelled_gflops {
+        tokio::time::sleep(Duration::from_secs_f64(total as f64 / (gflops * 1e9))).await;
+        let zeros = tasks
             .iter()
             .map(|t| vec![0; t.rows as usize * t.cols as usize * t.dtype.size()])
-            .collect(),
-    )
-}
-
-/// A task that carries its blocks: simulated delay and failure, then its multiplication.
-/// Returns the body too, so that the caller can still park it.
-async fn work_inline(
-    ctx: &Ctx,
-    task: &TaskHeader,
-    data: Vec<u8>,
-    offset: usize,
-) -> (Result<Vec<Vec<u8>>, Failure>, Vec<u8>) {
-    if let Err(f) = simulate(ctx).await {
-        return (Err(f), data);
+            .collect();
+        return (Ok(zeros), data);
     }
-    if let Some(products) = modelled(ctx, std::slice::from_ref(task)).await {
-        return (Ok(products), data);
-    }
-    let (first, threads) = (task.clone(), Threads::Exactly(ctx.settings.threads));
+    let first = tasks[0].clone();
+    let threads = Threads::Exactly(ctx.settings.threads);
     let compute = move || {
-        let r = matrix::compute_tile(&first, &data[offset..], threads)
-            .map(|product| vec![product])
-            .map_err(|e| Failure::Permanent(format!("malformed task: {e}")));
+        let r = match blocks {
+            TaskBlocks::Inline(offset) => matrix::compute_tile(&first, &data[offset..], threads)
+                .map(|product| vec![product])
+                .map_err(|e| Failure::Permanent(format!("malformed task: {e}"))),
+            TaskBlocks::Blocks(pairs) => pairs
+                .iter()
+                .map(|(a, b)| matrix::multiply_blocks(a.view(), b.view(), threads))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Failure::Permanent(format!("cannot multiply the blocks: {e}"))),
+        };
         (r, data)
     };
-    if flops(task) <= TINY_FLOPS {
-        return compute();
-    }
-    match tokio::task::spawn_blocking(compute).await {
-        Ok(done) => done,
-        // The multiplication panicked: a bug, not bad luck. The body went with the thread.
-        Err(e) => (
-            Err(Failure::Transient(format!("computation failed: {e}"))),
-            Vec::new(),
-        ),
-    }
+    // A tiny tile is cheaper to multiply than to hand to another thread.
+    let (r, data) = if total <= TINY_FLOPS {
+        compute()
+    } else {
+        match tokio::task::spawn_blocking(compute).await {
+            Ok(done) => done,
+            // The multiplication panicked: a bug, not bad luck. The body went with the thread.
+            Err(e) => (
+                Err(Failure::Transient(format!("computation failed: {e}"))),
+                Vec::new(),
+            ),
+        }
+    };
+    (r.map(|products| corrupt(ctx, tasks, products)), data)
 }
 
 /// With `--corrupt-rate`, makes some products wrong on purpose (the first number doubled, plus
