@@ -186,21 +186,24 @@ const PROBE_BYTES: usize = 128 << 20;
 /// blocks into fresh memory — slows with it. Printed beside each run so that a slow run can be
 /// told from a slow machine.
 pub fn fresh_write_mb_per_s(dir: &Path) -> Option<f64> {
-    use std::io::Write;
     let path = dir.join(format!("fresh-write-probe-{}", std::process::id()));
-    let chunk = vec![1u8; 1 << 20];
     let started = std::time::Instant::now();
-    let written = (|| {
-        let mut f = std::fs::File::create(&path)?;
-        for _ in 0..PROBE_BYTES / chunk.len() {
-            f.write_all(&chunk)?;
-        }
-        std::io::Result::Ok(())
-    })();
+    let written = write_probe_file(&path);
     let seconds = started.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
     written.ok()?;
     Some(PROBE_BYTES as f64 / 1e6 / seconds)
+}
+
+/// [`PROBE_BYTES`] into a new file at `path`, a MiB at a time.
+fn write_probe_file(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let chunk = vec![1u8; 1 << 20];
+    let mut f = std::fs::File::create(path)?;
+    for _ in 0..PROBE_BYTES / chunk.len() {
+        f.write_all(&chunk)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

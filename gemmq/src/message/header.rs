@@ -92,9 +92,9 @@ pub struct GroupedTask {
 /// within [`MAX_HEADER_BYTES`](super::MAX_HEADER_BYTES), and a group of tiny tiles' results go
 /// back as one result batch. 256 (a rectangle of 16 × 16 tiles) rather than 64: the 16,384
 /// tiles of 16² of a 2048³ job travel as 64 messages instead of 256, and the broker's, the
-/// workers' and the collector's cost per message is shared four times as widely — ~17,500 →
-/// ~21,000 tiles/s on 2 cores (BENCHMARKS.md). Workers built before this park larger groups as
-/// malformed.
+/// workers' and the collector's cost per message is shared four times as widely: ~17,500 →
+/// ~21,000 tiles/s on 2 cores in one hour's alternating runs, not in every phase of the machine
+/// (BENCHMARKS.md). Workers built before this park larger groups as malformed.
 pub const MAX_GROUP: usize = 256;
 
 impl TaskGroup {
