@@ -8,11 +8,12 @@
 //! each result goes alone, as a plain `Result`; with thousands of tiny tiles the broker and the
 //! collector see a fraction of the messages.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use gemmq::broker::{InFlight, PublishError, persistent};
-use gemmq::message::{self, BatchedTile, Header, ResultBatch, ResultHeader, kind};
+use gemmq::message::{self, BatchedTile, Header, Product, ResultBatch, ResultHeader, kind};
 use gemmq::tiling::HEADER_BUDGET;
 use gemmq::topology::Topology;
 use lapin::Channel;
@@ -47,7 +48,7 @@ pub enum Sent {
 
 struct Pending {
     header: ResultHeader,
-    bytes: Vec<u8>,
+    product: Product,
     done: oneshot::Sender<Sent>,
 }
 
@@ -75,14 +76,14 @@ impl Results {
     /// Publishes the results of one task message (one tile, or a group's) and waits for the
     /// broker's confirms: what became of each, in order. Queued together, a group's results
     /// go in as few messages as the batch limits allow.
-    pub async fn send(&self, results: Vec<(ResultHeader, Vec<u8>)>) -> Vec<Sent> {
+    pub async fn send(&self, results: Vec<(ResultHeader, Product)>) -> Vec<Sent> {
         let stopped = || Sent::Failed("the result publisher has stopped".into());
         let mut outcomes = Vec::with_capacity(results.len());
-        for (header, bytes) in results {
+        for (header, product) in results {
             let (done, outcome) = oneshot::channel();
             let pending = Pending {
                 header,
-                bytes,
+                product,
                 done,
             };
             // A send error drops `done`, so its outcome reads as "stopped" below.
@@ -120,21 +121,21 @@ async fn publish_loop(
             .await
             .expect("the window is never closed");
         let mut batch = vec![first];
-        let mut bytes = batch[0].bytes.len();
+        let mut bytes = batch[0].product.len();
         while batch.len() < BATCH_TILES && bytes < max_bytes {
             let Ok(next) = rx.try_recv() else { break };
             let fits = next.header.job == batch[0].header.job
                 && next.header.run == batch[0].header.run
                 && next.header.dtype == batch[0].header.dtype
-                && bytes + next.bytes.len() <= max_bytes;
+                && bytes + next.product.len() <= max_bytes;
             if !fits {
                 carry = Some(next);
                 break;
             }
-            bytes += next.bytes.len();
+            bytes += next.product.len();
             batch.push(next);
         }
-        let sending = publish(&ch, &topo, &batch).await;
+        let sending = publish(&ch, &topo, &mut batch).await;
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
             let outcome = match sending {
@@ -167,15 +168,19 @@ async fn publish_loop(
 }
 
 /// One message for the batch: body, message id, AMQP type, and what it is for error messages.
-fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
-    let first = &batch[0].header;
-    let t = first.tile;
-    let payload: Vec<&[u8]> = batch.iter().map(|p| p.bytes.as_slice()).collect();
+/// A result alone is framed where its product lies; a batch's products are copied into one
+/// message (they are small: a batch holds at most [`BATCH_BYTES`]).
+fn encode_batch(batch: &mut [Pending]) -> (Cow<'_, [u8]>, String, &'static str, String) {
     if let [one] = batch {
-        let id = format!("{}/{}/{}/{}", first.job, t.row, t.col, t.part);
-        let body = message::encode(&Header::TileResult(one.header.clone()), &payload);
+        let t = one.header.tile;
+        let id = format!("{}/{}/{}/{}", one.header.job, t.row, t.col, t.part);
+        let header = Header::TileResult(one.header.clone());
+        let body = Cow::Borrowed(one.product.frame(&header));
         return (body, id, kind::RESULT, format!("the result of {t}"));
     }
+    let first = &batch[0].header;
+    let t = first.tile;
+    let payload: Vec<&[u8]> = batch.iter().map(|p| p.product.bytes()).collect();
     let tiles = batch
         .iter()
         .map(|p| BatchedTile {
@@ -196,7 +201,7 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
     });
     let more = batch.len() - 1;
     let id = format!("{}/{}/{}/{}+{more}", first.job, t.row, t.col, t.part);
-    let body = message::encode(&header, &payload);
+    let body = Cow::Owned(message::encode(&header, &payload));
     (
         body,
         id,
@@ -208,13 +213,14 @@ fn encode_batch(batch: &[Pending]) -> (Vec<u8>, String, &'static str, String) {
 async fn publish(
     ch: &Channel,
     topo: &Topology,
-    batch: &[Pending],
+    batch: &mut [Pending],
 ) -> Result<InFlight, PublishError> {
+    let job = batch[0].header.job.clone();
     let (body, id, kind, what) = encode_batch(batch);
     InFlight::publish(
         ch,
         &topo.results_exchange(),
-        &batch[0].header.job,
+        &job,
         &body,
         persistent(kind, id),
         what,
@@ -249,15 +255,15 @@ mod tests {
         let (done, _) = oneshot::channel();
         Pending {
             header,
-            bytes: vec![0; bytes],
+            product: Product::zeroed(bytes),
             done,
         }
     }
 
     #[test]
     fn a_full_batch_leaves_its_header_within_the_room_kept_for_it() {
-        let batch: Vec<_> = (0..BATCH_TILES as u32).map(|r| pending(r, 8)).collect();
-        let (body, _, kind, _) = encode_batch(&batch);
+        let mut batch: Vec<_> = (0..BATCH_TILES as u32).map(|r| pending(r, 8)).collect();
+        let (body, _, kind, _) = encode_batch(&mut batch);
         assert_eq!(kind, kind::RESULTS);
         let payload = 8 * BATCH_TILES as u64;
         let header = body.len() as u64 - payload;
@@ -270,14 +276,21 @@ mod tests {
 
     #[test]
     fn a_single_result_keeps_its_header_within_the_budget_of_every_message() {
-        let (body, _, _, _) = encode_batch(&[pending(7, 8)]);
+        let mut alone = [pending(7, 8)];
+        let (body, _, _, _) = encode_batch(&mut alone);
         assert!(body.len() as u64 - 8 <= HEADER_BUDGET);
     }
 
     #[test]
     fn a_result_alone_goes_as_a_plain_result() {
-        let (body, id, kind, _) = encode_batch(&[pending(3, 16)]);
+        let mut alone = [pending(3, 16)];
+        let numbers = alone[0].product.bytes().as_ptr();
+        let (body, id, kind, _) = encode_batch(&mut alone);
         assert_eq!(kind, kind::RESULT);
+        assert!(
+            matches!(body, Cow::Borrowed(b) if b[b.len() - 16..].as_ptr() == numbers),
+            "even the largest result header is framed in front of the product, not copied"
+        );
         assert!(id.ends_with("/3/4294967295/4294967295"));
         let frame = message::decode(&body, u64::MAX / 2).map(|f| f.header);
         // Its dimensions are absurd on purpose (decode refuses them); only the kind matters.

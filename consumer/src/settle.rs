@@ -2,7 +2,7 @@
 //! the ack, a retry through the retry queue, a copy in the parking lot, or the task handed back.
 
 use gemmq::broker::{self, persistent, publish_confirmed};
-use gemmq::message::{self, Header, ParkedNotice, ResultHeader, TaskHeader, Tiles, kind};
+use gemmq::message::{self, Header, ParkedNotice, Product, ResultHeader, TaskHeader, Tiles, kind};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -52,14 +52,14 @@ pub(crate) async fn send_results(
     delivery: &Delivery,
     tasks: &[TaskHeader],
     attempt: u32,
-    products: Vec<Vec<u8>>,
+    products: Vec<Product>,
     micros: u64,
 ) {
     let each = micros / tasks.len() as u64;
     let results = tasks
         .iter()
         .zip(products)
-        .map(|(task, bytes)| {
+        .map(|(task, product)| {
             let header = ResultHeader {
                 job: task.job.clone(),
                 run: task.run.clone(),
@@ -72,7 +72,7 @@ pub(crate) async fn send_results(
                 compute_micros: each,
                 recompute: task.recompute,
             };
-            (header, bytes)
+            (header, product)
         })
         .collect();
     let sent = ctx.results.send(results).await;

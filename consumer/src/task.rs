@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use gemmq::kernel::Threads;
 use gemmq::matrix::{self, Block};
-use gemmq::message::{self, BlockId, Side, TaskHeader, Tiles, Work};
+use gemmq::message::{self, BlockId, Product, Side, TaskHeader, Tiles, Work};
 use gemmq::topology;
 use lapin::message::Delivery;
 use rand::RngExt;
@@ -131,7 +131,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
 #[derive(Debug, PartialEq)]
 enum Settlement {
     /// Publish its results, then ack.
-    Done(Vec<Vec<u8>>),
+    Done(Vec<Product>),
     /// Park it with this reason (the collector is told), then ack.
     Park(String),
     /// Its job is gone: ack it and drop it.
@@ -141,7 +141,7 @@ enum Settlement {
 }
 
 fn settlement(
-    outcome: Result<Vec<Vec<u8>>, Failure>,
+    outcome: Result<Vec<Product>, Failure>,
     attempt: u32,
     max_attempts: u32,
 ) -> Settlement {
@@ -276,7 +276,7 @@ async fn work(
     tasks: &[TaskHeader],
     data: Vec<u8>,
     blocks: TaskBlocks,
-) -> (Result<Vec<Vec<u8>>, Failure>, Vec<u8>) {
+) -> (Result<Vec<Product>, Failure>, Vec<u8>) {
     let (delay, fail) = {
         let mut rng = rand::rng();
         let d = &ctx.settings.delay;
@@ -303,7 +303,7 @@ async fn work(
         tokio::time::sleep(Duration::from_secs_f64(total as f64 / (gflops * 1e9))).await;
         let zeros = tasks
             .iter()
-            .map(|t| vec![0; t.rows as usize * t.cols as usize * t.dtype.size()])
+            .map(|t| Product::zeroed(t.rows as usize * t.cols as usize * t.dtype.size()))
             .collect();
         return (Ok(zeros), data);
     }
@@ -340,7 +340,7 @@ async fn work(
 
 /// With `--corrupt-rate`, makes some products wrong on purpose (the first number doubled, plus
 /// one): a worker with bad memory, for seeing the collector find and heal the tiles.
-fn corrupt(ctx: &Ctx, tasks: &[TaskHeader], mut products: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+fn corrupt(ctx: &Ctx, tasks: &[TaskHeader], mut products: Vec<Product>) -> Vec<Product> {
     let rate = ctx.settings.corrupt_rate;
     if rate <= 0.0 {
         return products;
@@ -352,13 +352,13 @@ fn corrupt(ctx: &Ctx, tasks: &[TaskHeader], mut products: Vec<Vec<u8>>) -> Vec<V
         }
         match task.dtype {
             gemmq::DType::F32 => {
-                if let Some(b) = product.get_mut(..4) {
+                if let Some(b) = product.bytes_mut().get_mut(..4) {
                     let v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
                     b.copy_from_slice(&(v * 2.0 + 1.0).to_le_bytes());
                 }
             }
             gemmq::DType::F64 => {
-                if let Some(b) = product.get_mut(..8) {
+                if let Some(b) = product.bytes_mut().get_mut(..8) {
                     let v = f64::from_le_bytes(b.try_into().expect("8 bytes"));
                     b.copy_from_slice(&(v * 2.0 + 1.0).to_le_bytes());
                 }
@@ -375,7 +375,7 @@ mod tests {
 
     #[test]
     fn a_computed_task_publishes_its_results() {
-        let products = vec![vec![1u8, 2, 3]];
+        let products = vec![Product::from_bytes(&[1, 2, 3])];
         assert_eq!(
             settlement(Ok(products.clone()), 1, 5),
             Settlement::Done(products)

@@ -603,7 +603,7 @@ async fn a_result_delivered_twice_is_assembled_once() {
                 topo.results_exchange().as_str().into(),
                 task.job.as_str().into(),
                 BasicPublishOptions::default(),
-                &message::encode(&header, &[&bytes]),
+                &message::encode(&header, &[bytes.bytes()]),
                 Default::default(),
             )
             .await

@@ -12,7 +12,7 @@
 //! (`--threads`, consumer crate): alone on a machine it needs them, and where workers share one,
 //! the last one busy at a job's end takes the cores the others left idle.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::matrix::Element;
 
@@ -45,21 +45,45 @@ pub fn matmul<T: Element>(
     b: ArrayView2<'_, T>,
     threads: Threads,
 ) -> Array2<T> {
+    let mut c = Array2::<T>::zeros((a.nrows(), b.ncols()));
+    matmul_into(a, b, c.view_mut(), threads);
+    c
+}
+
+/// c = A·B, overwriting `c` (never read): for writing a product straight where it goes.
+///
+/// # Panics
+/// If A's columns differ from B's rows, or `c` is not A's rows × B's columns (bugs in the
+/// caller, as for [`matmul`]).
+pub fn matmul_into<T: Element>(
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    mut c: ArrayViewMut2<'_, T>,
+    threads: Threads,
+) {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     assert_eq!(
         k, k2,
         "matmul of {m}x{k} by {k2}x{n}: inner dimensions differ"
     );
-    let mut c = Array2::<T>::zeros((m, n));
+    assert_eq!(
+        c.dim(),
+        (m, n),
+        "the product of {m}x{k} by {k2}x{n} is {m}x{n}"
+    );
     if m == 0 || n == 0 {
-        return c;
+        return;
+    }
+    if k == 0 {
+        c.fill(T::zero());
+        return;
     }
     let (sa, sb, sc) = (a.strides(), b.strides(), c.strides());
     let (c_rs, c_cs) = (sc[0], sc[1]);
-    // SAFETY: every pointer comes from a live ndarray view or array of the stated shape, and the
-    // strides (in elements, as gemm takes them) are that view's own, so gemm reads and writes
-    // only inside them; `c` is not aliased by `a` or `b` (it was just allocated). With
-    // `read_dst = false` gemm writes c = 1·(a·b) and ignores alpha.
+    // SAFETY: every pointer comes from a live ndarray view of the stated shape, and the strides
+    // (in elements, as gemm takes them) are that view's own, so gemm reads and writes only
+    // inside them; `c` is a mutable view, so neither `a` nor `b` aliases it. With
+    // `read_dst = false` gemm writes c = 1·(a·b), ignoring alpha and c's old contents.
     unsafe {
         gemm::gemm(
             m,
@@ -83,7 +107,6 @@ pub fn matmul<T: Element>(
             threads.parallelism(),
         );
     }
-    c
 }
 
 #[cfg(test)]
@@ -134,6 +157,18 @@ mod tests {
         agrees_with_ndarray(sa, sb, Threads::Exactly(2));
         let bt = numbers::<f64>(165, 250, 7);
         agrees_with_ndarray(sa, bt.t(), Threads::All);
+    }
+
+    #[test]
+    fn a_product_written_into_a_view_overwrites_what_was_there() {
+        let (a, b) = (numbers::<f64>(70, 90, 8), numbers::<f64>(90, 50, 9));
+        let mut c = Array2::from_elem((70, 50), f64::NAN);
+        matmul_into(a.view(), b.view(), c.view_mut(), Threads::Exactly(2));
+        assert_eq!(c, matmul(a.view(), b.view(), Threads::Exactly(2)));
+        let (a, b) = (numbers::<f64>(2, 0, 1), numbers::<f64>(0, 3, 2));
+        let mut c = Array2::from_elem((2, 3), f64::NAN);
+        matmul_into(a.view(), b.view(), c.view_mut(), Threads::All);
+        assert_eq!(c, Array2::<f64>::zeros((2, 3)), "an empty sum is zero");
     }
 
     #[test]

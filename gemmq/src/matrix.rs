@@ -5,10 +5,10 @@
 
 use std::path::Path;
 
-use ndarray::{Array2, ArrayView2, LinalgScalar, s};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, LinalgScalar, s};
 
 use crate::kernel::{self, Threads};
-use crate::message::{DType, MessageError, TaskHeader};
+use crate::message::{DType, MessageError, Product, TaskHeader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -327,16 +327,15 @@ pub fn task_payload<T: Element>(
     out
 }
 
-/// Multiplies two blocks and returns the product as little-endian bytes.
+/// Multiplies two blocks into a [`Product`]: its little-endian bytes, made where its result
+/// message will be.
 pub fn multiply_blocks(
     a: MatrixView<'_>,
     b: MatrixView<'_>,
     threads: Threads,
-) -> Result<Vec<u8>, MatrixError> {
-    fn typed<T: Element>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>, threads: Threads) -> Vec<u8> {
-        let mut out = Vec::new();
-        extend_le(kernel::matmul(a, b, threads).view(), &mut out);
-        out
+) -> Result<Product, MatrixError> {
+    fn typed<T: Element>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>, threads: Threads) -> Product {
+        product_of(a, b, threads)
     }
     let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
     if a_cols != b_rows {
@@ -352,6 +351,23 @@ pub fn multiply_blocks(
         (MatrixView::F64(a), MatrixView::F64(b)) => Ok(typed(a, b, threads)),
         _ => Err(MatrixError::Mixed(a.dtype(), b.dtype())),
     }
+}
+
+/// A·B as a [`Product`]: the kernel writes its little-endian bytes in place when the machine is
+/// little-endian and the buffer aligned (always, in practice), through an array otherwise.
+fn product_of<T: Element>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>, threads: Threads) -> Product {
+    let (m, n) = (a.nrows(), b.ncols());
+    let mut product = Product::zeroed(m * n * size_of::<T>());
+    if cfg!(target_endian = "little")
+        && let Ok(numbers) = bytemuck::try_cast_slice_mut::<u8, T>(product.bytes_mut())
+        && let Ok(c) = ArrayViewMut2::from_shape((m, n), numbers)
+    {
+        kernel::matmul_into(a, b, c, threads);
+        return product;
+    }
+    let mut bytes = Vec::new();
+    extend_le(kernel::matmul(a, b, threads).view(), &mut bytes);
+    Product::from_bytes(&bytes)
 }
 
 /// A block of A or B kept in the message body it arrived in. Frames put payloads 8-byte
@@ -455,22 +471,20 @@ impl Block {
     }
 }
 
-/// Multiplies the blocks of a decoded task and returns C's tile as little-endian bytes.
+/// Multiplies the blocks of a decoded task into C's tile as a [`Product`].
 ///
 /// The payload's length was checked against the header by [`crate::message::decode`].
 pub fn compute_tile(
     task: &TaskHeader,
     payload: &[u8],
     threads: Threads,
-) -> Result<Vec<u8>, MessageError> {
-    fn typed<T: Element>(t: &TaskHeader, payload: &[u8], threads: Threads) -> Vec<u8> {
+) -> Result<Product, MessageError> {
+    fn typed<T: Element>(t: &TaskHeader, payload: &[u8], threads: Threads) -> Product {
         let (r, c, d) = (t.rows as usize, t.cols as usize, t.depth as usize);
         let (pa, pb) = payload.split_at(r * d * size_of::<T>());
-        let a = from_le::<T>(pa, r, d);
-        let b = from_le::<T>(pb, d, c);
-        let mut out = Vec::new();
-        extend_le(kernel::matmul(a.view(), b.view(), threads).view(), &mut out);
-        out
+        with_le::<T, _>(pa, r, d, |a| {
+            with_le::<T, _>(pb, d, c, |b| product_of(a, b, threads))
+        })
     }
     let need = (task.rows as u64 * task.depth as u64 + task.depth as u64 * task.cols as u64)
         * task.dtype.size() as u64;
@@ -551,7 +565,7 @@ mod tests {
             Threads::Exactly(1),
         )
         .unwrap();
-        let tile = from_le::<f64>(&bytes, 6, 1);
+        let tile = from_le::<f64>(bytes.bytes(), 6, 1);
         // The whole product by another implementation (ndarray's): equal up to the rounding
         // of a length-20 dot product of numbers in [-1, 1), whatever order each sums in.
         let full = a.dot(&b);

@@ -24,7 +24,7 @@ fn results(plan: &Plan, a: &Array2<f64>, b: &Array2<f64>) -> Vec<(ResultHeader, 
                 compute_micros: 1,
                 recompute: 0,
             };
-            (h, bytes)
+            (h, bytes.bytes().to_vec())
         })
         .collect()
 }

@@ -15,15 +15,18 @@
 //! The job [`Manifest`] is plain JSON: it has no payload and people read it.
 //!
 //! Here: the frame ([`encode`], [`decode`]); then `ids` (dtypes, tiles, blocks), `header` (every
-//! kind of header and the payload each implies) and `manifest` (the job's manifest and runs).
+//! kind of header and the payload each implies), `manifest` (the job's manifest and runs) and
+//! `product` (a tile's product computed into the room of its result message).
 
 mod header;
 mod ids;
 mod manifest;
+mod product;
 
 pub use header::*;
 pub use ids::*;
 pub use manifest::*;
+pub use product::Product;
 
 const MAGIC: &[u8; 3] = b"GMQ";
 /// The frame version this build writes and reads.
@@ -75,7 +78,6 @@ pub enum MessageError {
     Manifest(String),
 }
 
-/// Element type of A, B and C.
 /// A decoded frame borrowing its payload from the message body.
 #[derive(Debug)]
 pub struct Frame<'a> {
@@ -98,13 +100,22 @@ pub fn encode(header: &Header, payload: &[&[u8]]) -> Vec<u8> {
 /// JSON) so the payload starts 8-byte aligned, which lets a reader view f32 and f64 numbers in
 /// the body it received instead of copying them out.
 pub fn encode_header(header: &Header, payload_len: usize) -> Vec<u8> {
-    let mut json = serde_json::to_vec(header).expect("headers are plain data and always serialize");
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(PREFIX + json.len() + payload_len);
+    let head = header_bytes(header);
+    let mut out = Vec::with_capacity(head.len() + payload_len);
+    out.extend_from_slice(&head);
+    out
+}
+
+/// The prefix and the padded header: everything a frame holds before its payload.
+fn header_bytes(header: &Header) -> Vec<u8> {
+    let json = serde_json::to_vec(header).expect("headers are plain data and always serialize");
+    let padded = json.len().next_multiple_of(8);
+    let mut out = Vec::with_capacity(PREFIX + padded);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
-    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(padded as u32).to_le_bytes());
     out.extend_from_slice(&json);
+    out.resize(PREFIX + padded, b' ');
     out
 }
 
