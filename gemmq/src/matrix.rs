@@ -334,9 +334,6 @@ pub fn multiply_blocks(
     b: MatrixView<'_>,
     threads: Threads,
 ) -> Result<Product, MatrixError> {
-    fn typed<T: Element>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>, threads: Threads) -> Product {
-        product_of(a, b, threads)
-    }
     let ((a_rows, a_cols), (b_rows, b_cols)) = (a.shape(), b.shape());
     if a_cols != b_rows {
         return Err(MatrixError::Shapes {
@@ -347,8 +344,8 @@ pub fn multiply_blocks(
         });
     }
     match (a, b) {
-        (MatrixView::F32(a), MatrixView::F32(b)) => Ok(typed(a, b, threads)),
-        (MatrixView::F64(a), MatrixView::F64(b)) => Ok(typed(a, b, threads)),
+        (MatrixView::F32(a), MatrixView::F32(b)) => Ok(product_of(a, b, threads)),
+        (MatrixView::F64(a), MatrixView::F64(b)) => Ok(product_of(a, b, threads)),
         _ => Err(MatrixError::Mixed(a.dtype(), b.dtype())),
     }
 }
