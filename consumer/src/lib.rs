@@ -51,9 +51,12 @@ use tracing::{Instrument, info, info_span, warn};
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ConsumerOptions {
-    /// Tasks this worker may hold at once (its queue). This is the AMQP prefetch: the broker
-    /// sends no more until one is acked. For tiles that take microseconds raise it to ~100, so
-    /// the broker's few-millisecond confirm round trips overlap [default: 10]
+    /// Task messages this worker may hold at once (its queue): each is one task or a group of
+    /// them (`--group` on the producer). This is the AMQP prefetch: the broker sends no more
+    /// until one is acked. When a job has fewer messages than the workers' queues hold, the
+    /// broker deals them all out at once, in turn. For one tile a message and tiles that take
+    /// microseconds raise it to ~100, so the broker's few-millisecond confirm round trips
+    /// overlap [default: 10]
     #[arg(long, env = "GEMMQ_QUEUE_SIZE")]
     pub queue_size: Option<u16>,
     /// Tasks computed at the same time [default: 1]

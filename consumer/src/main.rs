@@ -9,8 +9,9 @@ use gemmq_consumer::{ConsumerOptions, Settings};
 
 /// Compute tiles of C = A·B from RabbitMQ's task queue.
 ///
-/// Holds at most --queue-size tasks at once (the AMQP prefetch), computes --concurrency of them
-/// at a time, publishes each result and waits for the broker's confirm before acking the task.
+/// Holds at most --queue-size task messages at once (the AMQP prefetch; a message is one task or
+/// a group), computes --concurrency of them at a time, publishes each result and waits for the
+/// broker's confirm before acking the task.
 /// Failed tasks go back through the retry queue; after --max-attempts they are parked. Run as
 /// many as you like, on any machine that reaches the broker. SIGTERM/Ctrl-C stops gracefully.
 ///
