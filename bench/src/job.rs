@@ -358,6 +358,11 @@ impl Job<'_> {
                 .filter_map(|t| t["compute_seconds"].as_f64())
                 .sum()
         });
+        run.tasks_per_worker = summary["workers"].as_object().map(|w| {
+            let mut each: Vec<u64> = w.values().filter_map(|t| t["tasks"].as_u64()).collect();
+            each.sort_unstable_by(|a, b| b.cmp(a));
+            each
+        });
         let flops = plan.flops();
         run.e2e_seconds = Some(e2e);
         run.e2e_gflops = Some(flops / e2e / 1e9);

@@ -242,6 +242,9 @@ struct Run {
     producer_publish_seconds: Option<f64>,
     /// Sum of the consumers' multiply times as reported in summary.json's `workers`.
     consumers_compute_seconds: Option<f64>,
+    /// Tasks each worker did (summary.json's `workers`), most first: how evenly the broker
+    /// dealt the job out.
+    tasks_per_worker: Option<Vec<u64>>,
     retries: Option<u64>,
     duplicates_dropped: Option<u64>,
     /// CPU seconds RabbitMQ (beam.smp) used from the producer's start to the collector's exit.
@@ -747,6 +750,7 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         broker: None,
         producer_publish_seconds: None,
         consumers_compute_seconds: None,
+        tasks_per_worker: None,
         retries: None,
         duplicates_dropped: None,
         broker_cpu_seconds: None,

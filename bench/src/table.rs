@@ -15,7 +15,7 @@ pub(crate) fn print_table(r: &Report) {
     print_where_the_time_went(&mut out, r);
     let _ = writeln!(
         out,
-        "floor s: the job's bytes through the broker alone, nothing computed (an estimate of the least time a job on this topology takes), fl/ref: floor / reference, fl rmq: RabbitMQ's CPU during the floor; bnd/ref: bound / reference, where the bound is the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer (an estimate of the least e2e the machine allows)\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
+        "floor s: the job's bytes through the broker alone, nothing computed (an estimate of the least time a job on this topology takes), fl/ref: floor / reference, fl rmq: RabbitMQ's CPU during the floor; bnd/ref: bound / reference, where the bound is the floor, or the floor's CPU (broker and clients) plus the reference's spread over every core, whichever is longer (an estimate of the least e2e the machine allows)\npublish s: producer connect → last confirm (its log); compute s: summed over consumers (summary.json); tasks each: the tasks each worker did, most first (how evenly the broker dealt the job out); cpu othr: other work on the machine (cpu all − ours − broker); cpu all: the whole machine busy; ref cores: the reference's CPU/wall and the machine's busy cores during it (2.00/2.00 = it had both cores to itself); peak prod: producer peak RSS MiB"
     );
     let _ = writeln!(
         out,
@@ -112,7 +112,7 @@ fn print_where_the_time_went(out: &mut impl Write, r: &Report) {
     );
     let _ = writeln!(
         out,
-        "{:<18} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+        "{:<18} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
         "run",
         "floor s",
         "fl/ref",
@@ -121,6 +121,7 @@ fn print_where_the_time_went(out: &mut impl Write, r: &Report) {
         "start s",
         "publish s",
         "compute s",
+        "tasks each",
         "cpu prod",
         "cpu cons",
         "cpu coll",
@@ -135,7 +136,7 @@ fn print_where_the_time_went(out: &mut impl Write, r: &Report) {
         let cons: f64 = run.consumers.iter().map(|c| c.cpu_seconds).sum();
         let _ = writeln!(
             out,
-            "{:<18} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "{:<18} {:>8} {:>7} {:>7} {:>8} {:>8} {:>9} {:>9} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>9}",
             run.label,
             opt(run.floor.as_ref().map(|f| f.seconds), 2),
             opt(run.ratio_floor_to_reference, 2),
@@ -144,6 +145,11 @@ fn print_where_the_time_went(out: &mut impl Write, r: &Report) {
             opt(run.e2e_seconds, 2),
             opt(run.producer_publish_seconds, 2),
             opt(run.consumers_compute_seconds, 2),
+            run.tasks_per_worker.as_ref().map_or("-".into(), |each| each
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join("/")),
             opt(run.producer.as_ref().map(|p| p.cpu_seconds), 2),
             opt(Some(cons), 2),
             opt(run.collector.as_ref().map(|c| c.cpu_seconds), 2),
