@@ -123,6 +123,8 @@ pub struct WorkerTally {
 pub struct Assembly {
     plan: Plan,
     dir: PathBuf,
+    /// Populates C's pages ahead of the results (a thread with a map of its own).
+    _warming: Warming,
     map: MmapMut,
     /// Where C's numbers start in the mapped file (after the .npy header), checked once when
     /// the checkpoint is opened: parsing the header for every tile cost more than the tile.
@@ -209,9 +211,11 @@ impl Assembly {
                 path: c_path.clone(),
                 message,
             })?;
+        let warming = Warming::start(&c_file, data_offset as u64..map.len() as u64);
         let mut asm = Assembly {
             plan: plan.clone(),
             dir: dir.to_path_buf(),
+            _warming: warming,
             map,
             data_offset,
             journal,
@@ -891,9 +895,11 @@ impl Assembly {
 mod files;
 mod journal;
 pub mod position;
+mod warm;
 
 use files::{c_data_offset, lock, reserve, sync_dir, truncate_torn_tail, write_synced};
 use journal::Record;
 pub use position::StreamPosition;
+use warm::Warming;
 #[cfg(test)]
 mod tests;
