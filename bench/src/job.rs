@@ -386,7 +386,9 @@ impl Job<'_> {
         run: &mut Run,
     ) {
         let per_message = match self.spec.task_group.unwrap_or_default() {
-            GroupSize::Auto => gemmq::tiling::auto_group(plan, self.max_message_bytes),
+            GroupSize::Auto => {
+                gemmq::tiling::auto_group(plan, self.max_message_bytes, consumers.len() as u64)
+            }
             GroupSize::Fixed(g) => g,
         };
         run.tasks_per_message = Some(per_message);

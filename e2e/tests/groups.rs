@@ -49,6 +49,49 @@ async fn tiny_tiles_travel_several_to_a_message_and_c_is_still_exactly_a_times_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_groups_leave_every_worker_consuming_two_messages_when_they_are_more_than_eight() {
+    let mut env = Env::new("manyworkers");
+    let workers = 12;
+    for i in 0..workers {
+        env.spawn_consumer(env.consumer(&format!("w{i}")));
+    }
+    // The producer counts the workers consuming when it reaches the broker.
+    let ch = env.channel().await;
+    let topo = env.topology();
+    topo.declare(&ch).await.expect("topology declared");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while topo.task_consumers(&ch).await.expect("counted") < workers {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{workers} workers consuming within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let shape = (128, 24, 128);
+    let mut producer = env.producer("manyworkers", shape, 16);
+    producer.group = GroupSize::Auto;
+    let (receipt, summary) = run_job_with(&env, producer, env.collector("manyworkers")).await;
+
+    assert_eq!(receipt.tasks, 64, "8 × 8 tiles of 16");
+    assert_eq!(
+        receipt.messages, 32,
+        "two or more messages per worker: 32 rectangles of 1 × 2 tiles, not auto's usual 16 of 4"
+    );
+    assert_eq!(summary.status, Outcome::Complete);
+    assert_eq!(summary.tasks_done, 64);
+    assert!(summary.verification.as_ref().unwrap().passed);
+    let err = common::max_error_against_local_product(&env, "manyworkers", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    let stats = env.stop_consumers().await;
+    let idle = stats
+        .iter()
+        .filter(|s| s.received.load(Ordering::Relaxed) == 0)
+        .count();
+    assert_eq!(idle, 0, "every one of the {workers} workers got work");
+    env.cleanup(&["manyworkers"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_largest_group_goes_out_as_one_message_and_comes_back_as_one_result() {
     let mut env = Env::new("biggest");
     env.spawn_consumer(env.consumer("w1"));

@@ -122,6 +122,12 @@ pub fn auto_tile(
 /// to spread over the workers and to balance their load.
 pub const GROUP_SPREAD: u64 = 16;
 
+/// Task messages `auto` grouping leaves per worker consuming when the job is published, when that
+/// is more than [`GROUP_SPREAD`]: two, so that every worker gets work and its rectangles still
+/// share blocks (a worker receives about 2·√(tiles it computes) blocks; docs/ARCHITECTURE.md).
+/// With a fixed spread of 16, a 17th worker got nothing to do.
+pub const MESSAGES_PER_WORKER: u64 = 2;
+
 /// Blocks whose numbers take this many bytes or more are large: the producer writes each to
 /// the operand stream in a chunk of its own, followed by an empty chunk end, and a worker reads
 /// each at its offset. Smaller ones share chunks (a round trip each would cost tiny tiles more
@@ -138,17 +144,20 @@ pub fn max_group(plan: &Plan, max_message_bytes: u64) -> u64 {
         .clamp(1, crate::message::MAX_GROUP as u64)
 }
 
-/// Tasks per message `auto` picks: as many as still leave [`GROUP_SPREAD`] messages, within
-/// [`max_group`]. A message's tasks are a rectangle of tiles ([`Plan::groups`]) that share their
-/// blocks, and a worker receives only the blocks of the messages it takes: the larger the
-/// rectangles, the fewer blocks per tile travel. Tiny tiles gain twice: the broker's cost per
-/// message (~0.25 ms of CPU through a quorum queue) is shared by many tiles. One when operands
-/// are inline, since those tasks carry their blocks.
-pub fn auto_group(plan: &Plan, max_message_bytes: u64) -> u64 {
+/// Tasks per message `auto` picks for `workers` workers (those consuming when the job is
+/// published; 0 when not known): as many as still leave [`GROUP_SPREAD`] messages, or
+/// [`MESSAGES_PER_WORKER`] per worker if that is more, within [`max_group`]. A message's tasks
+/// are a rectangle of tiles ([`Plan::groups`]) that share their blocks, and a worker receives
+/// only the blocks of the messages it takes: the larger the rectangles, the fewer blocks per
+/// tile travel. Tiny tiles gain twice: the broker's cost per message (~0.25 ms of CPU through a
+/// quorum queue) is shared by many tiles. One when operands are inline, since those tasks carry
+/// their blocks.
+pub fn auto_group(plan: &Plan, max_message_bytes: u64, workers: u64) -> u64 {
     if plan.operands == Operands::Inline {
         return 1;
     }
-    (plan.tasks() / GROUP_SPREAD).clamp(1, max_group(plan, max_message_bytes))
+    let spread = GROUP_SPREAD.max(workers.saturating_mul(MESSAGES_PER_WORKER));
+    (plan.tasks() / spread).clamp(1, max_group(plan, max_message_bytes))
 }
 
 /// How the blocks of A and B reach the workers.
@@ -462,14 +471,14 @@ mod tests {
             Plan::with_operands(n, n, n, DType::F64, tile, MIB16, Operands::Stream).unwrap()
         };
         // 64 tiles: 16 messages of 4.
-        assert_eq!(auto_group(&stream(2048, 256), MIB16), 4);
-        assert_eq!(auto_group(&stream(512, 8), MIB16), MAX_GROUP as u64);
+        assert_eq!(auto_group(&stream(2048, 256), MIB16, 0), 4);
+        assert_eq!(auto_group(&stream(512, 8), MIB16, 0), MAX_GROUP as u64);
         // 16 tiles: one to a message.
-        assert_eq!(auto_group(&stream(4096, 1024), MIB16), 1);
+        assert_eq!(auto_group(&stream(4096, 1024), MIB16, 0), 1);
         for n in [256, 1024, 2048, 4096] {
             let auto = auto_tile(n, n, n, DType::F64, MIB16, Operands::Stream);
             let p = stream(n, auto);
-            let messages = p.groups(auto_group(&p, MIB16)).len() as u64;
+            let messages = p.groups(auto_group(&p, MIB16, 2)).len() as u64;
             assert!(
                 messages >= GROUP_SPREAD,
                 "{n}: {messages} messages, fewer than the 16 tiles auto leaves"
@@ -477,13 +486,47 @@ mod tests {
         }
         let inline = Plan::new(1024, 1024, 1024, DType::F64, 16, MIB16).unwrap();
         assert_eq!(
-            auto_group(&inline, MIB16),
+            auto_group(&inline, MIB16, 0),
             1,
             "inline tasks carry blocks: one to a message"
         );
         // A group's results fit one message: 448² f64 results are 1.6 MB, 10 to 16 MiB.
         assert_eq!(max_group(&stream(4096, 448), MIB16), 10);
         assert_eq!(max_group(&stream(1024, 16), HEADER_BUDGET + 2048 * 4), 4);
+    }
+
+    #[test]
+    fn auto_groups_leave_every_worker_two_messages_once_they_are_more_than_eight() {
+        let stream = |n, tile| {
+            Plan::with_operands(n, n, n, DType::F64, tile, MIB16, Operands::Stream).unwrap()
+        };
+        // 16,384 tiles of 16²: 64 messages of 256 for up to 32 workers, then two or more each
+        // (128 a message for 64 workers: rectangles of 11 × 11, 144 of them).
+        let tiny = stream(2048, 16);
+        for (workers, group, messages) in
+            [(0, 256, 64), (2, 256, 64), (32, 256, 64), (64, 128, 144)]
+        {
+            let g = auto_group(&tiny, MIB16, workers);
+            assert_eq!(
+                (g, tiny.groups(g).len()),
+                (group, messages),
+                "{workers} workers"
+            );
+        }
+        // 64 tiles of 256: 16 messages of 4 up to 8 workers; 12 workers get 32 messages of
+        // 1 × 2 tiles, 64 or more one tile each.
+        let plan = stream(2048, 256);
+        assert_eq!(auto_group(&plan, MIB16, 8), 4);
+        assert_eq!(plan.groups(auto_group(&plan, MIB16, 12)).len(), 32);
+        assert_eq!(auto_group(&plan, MIB16, 64), 1);
+        assert_eq!(auto_group(&plan, MIB16, u64::MAX), 1, "no overflow");
+        for workers in [9, 16, 20, 31] {
+            let messages = plan.groups(auto_group(&plan, MIB16, workers)).len() as u64;
+            assert!(
+                messages >= 2 * workers,
+                "{workers} workers: {messages} messages"
+            );
+        }
     }
 
     #[test]

@@ -239,6 +239,19 @@ impl Topology {
         Ok(())
     }
 
+    /// The workers consuming from the tasks queue now (declared: call after [`Self::declare`]).
+    pub async fn task_consumers(&self, ch: &Channel) -> Result<u32, TopologyError> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let name = self.tasks_queue();
+        ch.queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+            .map(|q| q.consumer_count())
+            .map_err(|e| map_err("queue", &name, e))
+    }
+
     /// Declares only the events exchange: all a status watcher needs, whatever the retry delay.
     pub async fn declare_events(&self, ch: &Channel) -> Result<(), TopologyError> {
         exchange(ch, &self.events_exchange(), ExchangeKind::Fanout).await

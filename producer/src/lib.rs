@@ -74,9 +74,10 @@ pub struct ProducerOptions {
     pub operands: Option<Operands>,
     /// Tasks per task message, or `auto`: a message holds a rectangle of tiles that share their
     /// blocks, so a worker receives fewer blocks per tile; `auto` takes as many as leave 16
-    /// messages, up to 256. Workers take, retry and acknowledge a group together; each tile still
-    /// has its own result, and a group's results must fit one message. With more than 8
-    /// workers, lower it so that each gets two messages or more. Streamed operands only
+    /// messages, or two per worker consuming when the job is published if that is more, up to
+    /// 256 a message. Workers take, retry and acknowledge a group together; each tile still
+    /// has its own result, and a group's results must fit one message. Workers started after
+    /// the job share what is left: start them first. Streamed operands only
     /// [default: auto]
     #[arg(long, env = "GEMMQ_GROUP")]
     pub group: Option<GroupSize>,
@@ -233,14 +234,14 @@ pub struct Receipt {
 /// Loads or generates the inputs, announces the job and publishes every task.
 pub async fn run(s: &Settings) -> Result<Receipt> {
     let job = prepare::prepare(s).await?;
-    let (tasks, messages) = (job.manifest.plan.tasks(), job.messages);
+    let tasks = job.manifest.plan.tasks();
     let mut publisher = publisher::Publisher::new(s, job)?;
     let started = Instant::now();
     publisher.run().await?;
     publisher.log_done(started);
     Ok(Receipt {
         tasks,
-        messages,
+        messages: publisher.messages(),
         bytes: publisher.bytes,
         announced: publisher.announced.unwrap_or(Announced::New),
         tries: publisher.tries,

@@ -24,6 +24,26 @@ pub(crate) struct Prepared {
     pub group: usize,
     /// Task messages.
     pub messages: u64,
+    /// Whether `group` is `auto`'s, and so fitted to the workers consuming once the producer
+    /// reaches the broker ([`Prepared::fit_group_to`]).
+    pub auto_group: bool,
+    /// The workers the group was fitted to, when counted.
+    pub workers: Option<u32>,
+}
+
+impl Prepared {
+    /// `auto`'s group for `workers` workers; true when that changed it.
+    pub fn fit_group_to(&mut self, workers: u32, max_message_bytes: u64) -> bool {
+        let plan = &self.manifest.plan;
+        let group = gemmq::tiling::auto_group(plan, max_message_bytes, workers.into()) as usize;
+        self.workers = Some(workers);
+        if group == self.group {
+            return false;
+        }
+        self.group = group;
+        self.messages = plan.groups(group as u64).len() as u64;
+        true
+    }
 }
 
 pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
@@ -62,6 +82,8 @@ pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
         manifest,
         group,
         messages,
+        auto_group: s.group == GroupSize::Auto,
+        workers: None,
     })
 }
 
@@ -187,12 +209,13 @@ async fn verification(
     Ok((a, b, check))
 }
 
-/// Tasks per message: `auto`, or a fixed size whose results fit one message.
+/// Tasks per message: a fixed size whose results fit one message, or `auto`'s for an unknown
+/// number of workers (fitted to those consuming once the broker is reached).
 fn group_size(s: &Settings, plan: &Plan) -> Result<usize> {
     let max_bytes = s.broker.max_message_bytes;
     let most = gemmq::tiling::max_group(plan, max_bytes);
     Ok(match s.group {
-        GroupSize::Auto => gemmq::tiling::auto_group(plan, max_bytes),
+        GroupSize::Auto => gemmq::tiling::auto_group(plan, max_bytes, 0),
         GroupSize::Fixed(g) if g > most => {
             let tile = plan.tile;
             return Err(ConfigError::invalid(

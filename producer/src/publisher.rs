@@ -13,7 +13,7 @@ use gemmq::job::{self, Announced};
 use gemmq::message::Manifest;
 use gemmq::tiling::Operands;
 use gemmq::topology::Topology;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Settings;
 use crate::order::Order;
@@ -100,6 +100,9 @@ impl<'a> Publisher<'a> {
             .await
             .context("connecting to RabbitMQ")?;
         self.topo.declare(&ch).await?;
+        if self.job.auto_group && self.job.workers.is_none() && self.confirmed == 0 {
+            self.fit_group_to_workers(&ch).await;
+        }
         if self.confirmed > 0
             && self.job.manifest.plan.operands == Operands::Stream
             && self.resuming().await? == Resuming::Done
@@ -151,6 +154,30 @@ impl<'a> Publisher<'a> {
         let _ = checker.close(200, "done".into()).await;
         let _ = ch.close(200, "done".into()).await;
         r
+    }
+
+    /// `auto` grouping leaves two messages per worker consuming now, when they are more than
+    /// eight (`gemmq::tiling::auto_group`): once, before the first message, so that every try
+    /// publishes the same messages. Workers that start later share what is left.
+    async fn fit_group_to_workers(&mut self, ch: &lapin::Channel) {
+        let workers = match self.topo.task_consumers(ch).await {
+            Ok(n) => n,
+            Err(e) => {
+                // The queue was declared on this channel just now: if even so it cannot be
+                // counted, the try fails on its next step and the count is tried again.
+                debug!(error = %e, "the workers consuming could not be counted");
+                return;
+            }
+        };
+        let max_bytes = self.settings.broker.max_message_bytes;
+        if self.job.fit_group_to(workers, max_bytes) {
+            self.order = Order::of(&self.job.manifest.plan, self.job.group);
+        }
+    }
+
+    /// Task messages, in the grouping this job is published with.
+    pub fn messages(&self) -> u64 {
+        self.job.messages
     }
 
     /// After an interrupted try, before the job's queues are declared again: a stream that is
@@ -214,10 +241,12 @@ impl<'a> Publisher<'a> {
 fn log_announced(job: &Prepared, announced: Announced) {
     let (manifest, group, messages) = (&job.manifest, job.group, job.messages);
     let p = &manifest.plan;
+    // The workers `auto` grouping counted; "-" when the group was given.
+    let workers = job.workers.map_or("-".to_string(), |n| n.to_string());
     match announced {
         Announced::New => info!(
             job = %manifest.job, run = %manifest.run, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,
-            tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(), group, messages,
+            tiles = p.tiles(), k_parts = p.parts(), tasks = p.tasks(), group, messages, workers,
             "job announced"
         ),
         Announced::AlreadyThere => info!(
