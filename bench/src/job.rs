@@ -385,11 +385,18 @@ impl Job<'_> {
         traffic: Option<(u64, u64)>,
         run: &mut Run,
     ) {
-        let per_message = match self.spec.task_group.unwrap_or_default() {
-            GroupSize::Auto => {
+        let producer_log = std::fs::read_to_string(&producer.log).unwrap_or_default();
+        // The group the producer published with: `auto`'s depends on the workers it counted.
+        let announced = producer_log
+            .lines()
+            .find(|l| l.contains("job announced"))
+            .and_then(|l| bytes::log_field(l, "group"));
+        let per_message = match (announced, self.spec.task_group.unwrap_or_default()) {
+            (Some(g), _) => g as u64,
+            (None, GroupSize::Auto) => {
                 gemmq::tiling::auto_group(plan, self.max_message_bytes, consumers.len() as u64)
             }
-            GroupSize::Fixed(g) => g,
+            (None, GroupSize::Fixed(g)) => g,
         };
         run.tasks_per_message = Some(per_message);
         let mut broker = bytes::from_plan(plan, per_message, &self.spec.label, &consumers[0].name);
@@ -397,7 +404,6 @@ impl Job<'_> {
             broker.consumers_received_bytes = Some(received);
             broker.consumers_sent_bytes = Some(sent);
         }
-        let producer_log = std::fs::read_to_string(&producer.log).unwrap_or_default();
         if let Some(line) = producer_log
             .lines()
             .rev()

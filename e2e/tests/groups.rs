@@ -83,11 +83,16 @@ async fn auto_groups_leave_every_worker_consuming_two_messages_when_they_are_mor
     let err = common::max_error_against_local_product(&env, "manyworkers", shape);
     assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
     let stats = env.stop_consumers().await;
-    let idle = stats
+    let fewest = stats
         .iter()
-        .filter(|s| s.received.load(Ordering::Relaxed) == 0)
-        .count();
-    assert_eq!(idle, 0, "every one of the {workers} workers got work");
+        .map(|s| s.received.load(Ordering::Relaxed))
+        .min();
+    // Dealt out in turn, 32 messages give each of 12 workers 2 or 3; auto's usual 16 left
+    // 8 of them with one.
+    assert!(
+        fewest.is_some_and(|n| n >= 2),
+        "every one of the {workers} workers took two messages or more: the fewest {fewest:?}"
+    );
     env.cleanup(&["manyworkers"]).await;
 }
 

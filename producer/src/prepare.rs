@@ -26,7 +26,7 @@ pub(crate) struct Prepared {
     pub messages: u64,
     /// Whether `group` is `auto`'s, and so fitted to the workers consuming once the producer
     /// reaches the broker ([`Prepared::fit_group_to`]).
-    pub auto_group: bool,
+    pub group_is_auto: bool,
     /// The workers the group was fitted to, when counted.
     pub workers: Option<u32>,
 }
@@ -82,7 +82,7 @@ pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
         manifest,
         group,
         messages,
-        auto_group: s.group == GroupSize::Auto,
+        group_is_auto: s.group == GroupSize::Auto,
         workers: None,
     })
 }

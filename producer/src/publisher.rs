@@ -13,7 +13,7 @@ use gemmq::job::{self, Announced};
 use gemmq::message::Manifest;
 use gemmq::tiling::Operands;
 use gemmq::topology::Topology;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::Settings;
 use crate::order::Order;
@@ -100,7 +100,7 @@ impl<'a> Publisher<'a> {
             .await
             .context("connecting to RabbitMQ")?;
         self.topo.declare(&ch).await?;
-        if self.job.auto_group && self.job.workers.is_none() && self.confirmed == 0 {
+        if self.job.group_is_auto && self.job.workers.is_none() && self.confirmed == 0 {
             self.fit_group_to_workers(&ch).await;
         }
         if self.confirmed > 0
@@ -165,7 +165,7 @@ impl<'a> Publisher<'a> {
             Err(e) => {
                 // The queue was declared on this channel just now: if even so it cannot be
                 // counted, the try fails on its next step and the count is tried again.
-                debug!(error = %e, "the workers consuming could not be counted");
+                warn!(error = %e, "the workers consuming could not be counted");
                 return;
             }
         };
@@ -241,8 +241,8 @@ impl<'a> Publisher<'a> {
 fn log_announced(job: &Prepared, announced: Announced) {
     let (manifest, group, messages) = (&job.manifest, job.group, job.messages);
     let p = &manifest.plan;
-    // The workers `auto` grouping counted; "-" when the group was given.
-    let workers = job.workers.map_or("-".to_string(), |n| n.to_string());
+    // The workers `auto` grouping counted; left out when the group was given.
+    let workers = job.workers;
     match announced {
         Announced::New => info!(
             job = %manifest.job, run = %manifest.run, m = p.m, k = p.k, n = p.n, dtype = %p.dtype, tile = p.tile,

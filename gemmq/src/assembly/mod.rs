@@ -123,8 +123,8 @@ pub struct WorkerTally {
 pub struct Assembly {
     plan: Plan,
     dir: PathBuf,
-    /// Populates C's pages ahead of the results (a thread with a map of its own).
-    _warming: Warming,
+    /// Populates a fresh C's pages ahead of the results (a thread with a map of its own).
+    _warming: Option<Warming>,
     map: MmapMut,
     /// Where C's numbers start in the mapped file (after the .npy header), checked once when
     /// the checkpoint is opened: parsing the header for every tile cost more than the tile.
@@ -211,11 +211,10 @@ impl Assembly {
                 path: c_path.clone(),
                 message,
             })?;
-        let warming = Warming::start(&c_file, data_offset as u64..map.len() as u64);
         let mut asm = Assembly {
             plan: plan.clone(),
             dir: dir.to_path_buf(),
-            _warming: warming,
+            _warming: None,
             map,
             data_offset,
             journal,
@@ -241,6 +240,10 @@ impl Assembly {
             recomputing: HashMap::new(),
         };
         asm.replay(&journal_path)?;
+        if asm.received.is_empty() && asm.parked.is_empty() {
+            let data = asm.data_offset as u64..asm.map.len() as u64;
+            asm._warming = Some(Warming::start(&c_file, data));
+        }
         Ok(asm)
     }
 
