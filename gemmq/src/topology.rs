@@ -241,12 +241,8 @@ impl Topology {
 
     /// The workers consuming from the tasks queue now (declared: call after [`Self::declare`]).
     pub async fn task_consumers(&self, ch: &Channel) -> Result<u32, TopologyError> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
         let name = self.tasks_queue();
-        ch.queue_declare(name.as_str().into(), passive, FieldTable::default())
+        ch.queue_declare(name.as_str().into(), passive(), FieldTable::default())
             .await
             .map(|q| q.consumer_count())
             .map_err(|e| map_err("queue", &name, e))
@@ -511,17 +507,21 @@ fn map_err(what: &'static str, name: &str, e: lapin::Error) -> TopologyError {
 /// missing queue with a 404 ([`is_queue_missing`]), which closes the channel it was asked on:
 /// use one that may go. Other errors (the connection, a queue still starting) are errors.
 pub async fn queue_exists(ch: &Channel, queue: &str) -> Result<bool, lapin::Error> {
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
     match ch
-        .queue_declare(queue.into(), passive, FieldTable::default())
+        .queue_declare(queue.into(), passive(), FieldTable::default())
         .await
     {
         Ok(_) => Ok(true),
         Err(e) if is_queue_missing(&e) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// A declare that only asks: it fails (closing the channel) if the queue is not there.
+fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
     }
 }
 

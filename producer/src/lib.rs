@@ -75,9 +75,10 @@ pub struct ProducerOptions {
     /// Tasks per task message, or `auto`: a message holds a rectangle of tiles that share their
     /// blocks, so a worker receives fewer blocks per tile; `auto` takes as many as leave 16
     /// messages, or two per worker consuming when the job is published if that is more (as far
-    /// as the tiles allow), up to 256 a message. Workers take, retry and acknowledge a group together; each tile still
-    /// has its own result, and a group's results must fit one message. Workers started after
-    /// the job share what is left: start them first. Streamed operands only
+    /// as the tiles allow), up to 256 a message. Workers take, retry and acknowledge a group
+    /// together; each tile still has its own result, and a group's results must fit one
+    /// message. Workers started after the job share what is left: start them first. Streamed
+    /// operands only
     /// [default: auto]
     #[arg(long, env = "GEMMQ_GROUP")]
     pub group: Option<GroupSize>,

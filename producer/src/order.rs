@@ -62,6 +62,14 @@ impl Order {
         Order { items, places }
     }
 
+    /// Task messages: fewer than tasks when tiny tiles travel in groups.
+    pub(crate) fn task_messages(&self) -> u64 {
+        self.items
+            .iter()
+            .filter(|i| matches!(i, Item::Tasks(_)))
+            .count() as u64
+    }
+
     /// The stream places of a tile's A and B blocks.
     pub(crate) fn places_of(&self, tile: gemmq::TileId) -> Option<[u64; 2]> {
         let [a, b] = blocks_of(tile);

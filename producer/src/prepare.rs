@@ -22,8 +22,6 @@ pub(crate) struct Prepared {
     pub manifest: Manifest,
     /// Tasks per task message.
     pub group: usize,
-    /// Task messages.
-    pub messages: u64,
     /// Whether `group` is `auto`'s, and so fitted to the workers consuming once the producer
     /// reaches the broker ([`Prepared::fit_group_to`]).
     pub group_is_auto: bool,
@@ -41,7 +39,6 @@ impl Prepared {
             return false;
         }
         self.group = group;
-        self.messages = plan.groups(group as u64).len() as u64;
         true
     }
 }
@@ -75,13 +72,11 @@ pub(crate) async fn prepare(s: &Settings) -> Result<Prepared> {
         check,
     };
     let group = group_size(s, &manifest.plan)?;
-    let messages = manifest.plan.groups(group as u64).len() as u64;
     Ok(Prepared {
         a,
         b,
         manifest,
         group,
-        messages,
         group_is_auto: s.group == GroupSize::Auto,
         workers: None,
     })

@@ -112,7 +112,7 @@ impl<'a> Publisher<'a> {
         let first = job::announce(&ch, &self.topo, &mut self.job.manifest).await?;
         if self.announced.is_none() {
             self.announced = Some(first);
-            log_announced(&self.job, first);
+            log_announced(&self.job, self.messages(), first);
         }
         let mut window = ConfirmWindow::new(ch.clone(), self.settings.confirm_window);
         // Its own channel: on the publishing one, each check would wait behind every block
@@ -177,7 +177,7 @@ impl<'a> Publisher<'a> {
 
     /// Task messages, in the grouping this job is published with.
     pub fn messages(&self) -> u64 {
-        self.job.messages
+        self.order.task_messages()
     }
 
     /// After an interrupted try, before the job's queues are declared again: a stream that is
@@ -228,7 +228,7 @@ impl<'a> Publisher<'a> {
         info!(
             job = %self.job.manifest.job,
             tasks = p.tasks(),
-            messages = self.job.messages,
+            messages = self.messages(),
             mib,
             seconds = secs,
             mib_per_s = mib / secs.max(1e-9),
@@ -238,8 +238,8 @@ impl<'a> Publisher<'a> {
     }
 }
 
-fn log_announced(job: &Prepared, announced: Announced) {
-    let (manifest, group, messages) = (&job.manifest, job.group, job.messages);
+fn log_announced(job: &Prepared, messages: u64, announced: Announced) {
+    let (manifest, group) = (&job.manifest, job.group);
     let p = &manifest.plan;
     // The workers `auto` grouping counted; left out when the group was given.
     let workers = job.workers;
