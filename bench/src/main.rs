@@ -13,6 +13,7 @@
 
 mod bytes;
 mod child;
+mod dask;
 mod floor;
 mod hosts;
 mod job;
@@ -139,6 +140,12 @@ struct Cli {
     /// Extra environment for every program under test, e.g. --env GEMMQ_QUEUE_SIZE=4 (repeatable)
     #[arg(long = "env", value_name = "KEY=VALUE")]
     extra_env: Vec<String>,
+    /// After each f64 job of --sizes, the same multiplication on Dask distributed, divided by the
+    /// same reference: PYTHON is an interpreter with dask[distributed] and numpy (`python3 -m
+    /// venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy`, then
+    /// --dask target/dask/bin/python). The job is bench/compare/dask_job.py
+    #[arg(long, value_name = "PYTHON")]
+    dask: Option<PathBuf>,
     /// The scaling scenario instead of the usual runs: one job (the first of --sizes, f64, with
     /// --tile) per worker count given, e.g. 1,2,4,8,16, every consumer on an emulated host of its
     /// own — a network namespace whose link to the broker is shaped with tc — and the broker a
@@ -247,6 +254,8 @@ struct Run {
     tasks_per_worker: Option<Vec<u64>>,
     retries: Option<u64>,
     duplicates_dropped: Option<u64>,
+    /// The same job on Dask distributed (--dask), right after this one.
+    dask: Option<dask::DaskRun>,
     /// CPU seconds RabbitMQ (beam.smp) used from the producer's start to the collector's exit.
     broker_cpu_seconds: Option<f64>,
     /// CPU seconds the whole machine was busy over the same window (anyone's work); compare
@@ -343,7 +352,7 @@ async fn cleanup(url: &str, ns: &str, job: &str) -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("bench/ is inside the workspace")
@@ -415,7 +424,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
             i + 1,
             specs.len()
         );
-        let run = run_one(
+        let mut run = run_one(
             &cli,
             spec,
             &ns,
@@ -425,6 +434,9 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         );
         if let Err(e) = rt.block_on(cleanup(&cli.amqp_url, &ns, &spec.label)) {
             eprintln!("warning: could not delete namespace {ns}'s queues: {e:#}");
+        }
+        if let Some(python) = cli.dask.as_deref() {
+            compare_with_dask(&cli, python, spec, &mut run);
         }
         match &run.error {
             Some(e) => eprintln!("!! {} FAILED: {e}", spec.label),
@@ -440,6 +452,32 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
     table::print_table(&report);
     eprintln!("\nresults written to {}", cli.json.display());
     Ok(report.runs.iter().all(|r| r.ok))
+}
+
+/// With --dask, runs the f64 job of --sizes on Dask once, on an idle machine, and records it
+/// beside the gemmq run whose reference it is divided by.
+fn compare_with_dask(cli: &Cli, python: &Path, spec: &Spec, run: &mut Run) {
+    let Some(reference) = run.reference.as_ref().map(|r| r.best_seconds) else {
+        return;
+    };
+    if spec.small_tasks || spec.dtype != DType::F64 {
+        return;
+    }
+    machine::wait_idle(cli.wait_idle, IDLE_CORES);
+    match dask::run(python, spec.n, cli.consumers, reference) {
+        Ok(d) => {
+            eprintln!(
+                "   dask: {:.2} s = {:.2}× the reference ({} worker processes, {} BLAS threads each{})",
+                d.e2e_seconds,
+                d.ratio_to_reference,
+                cli.consumers,
+                d.blas_threads,
+                if d.verified { "" } else { "; C WRONG" }
+            );
+            run.dask = Some(d);
+        }
+        Err(e) => eprintln!("   dask: {e:#}"),
+    }
 }
 
 /// The options the bench cannot run with, refused up front; returns `--env` as pairs.
@@ -753,6 +791,7 @@ fn run_one(cli: &Cli, spec: &Spec, ns: &str, dir: &Path, env: &Env, max_message_
         tasks_per_worker: None,
         retries: None,
         duplicates_dropped: None,
+        dask: None,
         broker_cpu_seconds: None,
         machine_busy_cpu_seconds: None,
         programs_cpu_seconds: None,

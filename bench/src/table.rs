@@ -179,7 +179,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\nrepeated runs: median (best) of each; a failed run counts as missing\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+        "\nrepeated runs: median (best) of each; a failed run counts as missing; dask/ref: the same job on Dask distributed (--dask) over the same reference\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>14}",
         "job",
         "runs",
         "e2e s",
@@ -188,7 +188,8 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         "bound/ref",
         "start s",
         "start/ref",
-        "tasks/s"
+        "tasks/s",
+        "dask/ref"
     );
     for base in labels {
         let runs: Vec<&Run> = r
@@ -216,7 +217,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16}",
+            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>14}",
             base,
             runs.len(),
             pick(&|r| r.summary_wall_seconds, false),
@@ -226,6 +227,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
             pick(&|r| r.e2e_seconds, false),
             pick(&|r| r.ratio_e2e_to_reference, false),
             pick(&|r| r.tasks_per_second, true),
+            pick(&|r| r.dask.as_ref().map(|d| d.ratio_to_reference), false),
         );
     }
 }

@@ -1,0 +1,94 @@
+//! The same job on Dask distributed (`--dask PYTHON`), measured right after gemmq's and divided
+//! by the same reference, so that "faster than Dask" is a figure of one run on one machine
+//! rather than a comparison with a number from another machine.
+//!
+//! The job itself is `bench/compare/dask_job.py` (what it does and times is in its docstring):
+//! a LocalCluster with as many worker processes as the bench runs consumers, A and B scattered
+//! in blocks, one task per tile, C gathered. The cluster's start is not timed.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DaskRun {
+    /// From handing A and B to the cluster to C whole in the driver.
+    pub e2e_seconds: f64,
+    /// e2e / the gemmq run's reference (best), the same divisor as gemmq's e2e/ref.
+    pub ratio_to_reference: f64,
+    /// BLAS threads each Dask worker used.
+    pub blas_threads: u32,
+    /// C checked against A·(B·x) after the clock stopped.
+    pub verified: bool,
+}
+
+#[derive(Deserialize)]
+struct Printed {
+    blas_threads: u32,
+    runs: Vec<PrintedRun>,
+}
+
+#[derive(Deserialize)]
+struct PrintedRun {
+    e2e_seconds: f64,
+    verified: bool,
+}
+
+/// Runs the Dask job once for n×n f64 on `workers` worker processes with `python`, and divides
+/// its time by `reference_seconds`.
+pub fn run(python: &Path, n: u64, workers: usize, reference_seconds: f64) -> Result<DaskRun> {
+    let script = crate::workspace_root().join("bench/compare/dask_job.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--n", &n.to_string(), "--workers", &workers.to_string()])
+        .args(["--runs", "1"])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("--dask {}: could not run it", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the Dask job failed ({}); --dask needs a Python with dask[distributed] and numpy: python3 -m venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy",
+            out.status
+        );
+    }
+    parse(&String::from_utf8_lossy(&out.stdout), reference_seconds)
+}
+
+/// The Dask job's result from what it printed: JSON on its last line (Dask may log above it).
+fn parse(stdout: &str, reference_seconds: f64) -> Result<DaskRun> {
+    let last = stdout.lines().last().unwrap_or_default();
+    let printed: Printed = serde_json::from_str(last)
+        .with_context(|| format!("reading the Dask job's result from {last:?}"))?;
+    let Some(first) = printed.runs.first() else {
+        bail!("the Dask job printed no run");
+    };
+    Ok(DaskRun {
+        e2e_seconds: first.e2e_seconds,
+        ratio_to_reference: first.e2e_seconds / reference_seconds,
+        blas_threads: printed.blas_threads,
+        verified: first.verified,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_result_is_the_last_line_divided_by_the_gemmq_runs_reference() {
+        let printed = "a log line\n{\"n\": 4096, \"workers\": 2, \"blas_threads\": 1, \"splits\": 4, \"runs\": [{\"e2e_seconds\": 2.5, \"relative_error\": 1e-15, \"verified\": true}]}\n";
+        let d = parse(printed, 1.25).unwrap();
+        assert_eq!((d.e2e_seconds, d.ratio_to_reference), (2.5, 2.0));
+        assert!(d.verified);
+        assert_eq!(d.blas_threads, 1);
+    }
+
+    #[test]
+    fn a_job_that_printed_no_result_is_an_error_that_quotes_what_it_printed() {
+        let e = parse("Traceback: no module named dask\n", 1.0).unwrap_err();
+        assert!(format!("{e:#}").contains("no module named dask"), "{e:#}");
+        assert!(parse("{\"blas_threads\": 1, \"runs\": []}", 1.0).is_err());
+    }
+}
