@@ -95,6 +95,11 @@ pub struct OperandBlocks {
     jobs: Arc<Jobs>,
     /// What reading blocks needs.
     read: ReadCtx,
+    /// Held while asking the broker whether a job whose stream is missing is gone, so that the
+    /// tasks of a finished or cancelled job ask one at a time: asked at once, their throwaway
+    /// channels (each closed by the broker's 404) were seen to take the worker's tasks channel
+    /// down with them, and the worker reconnected over and over.
+    gone_check: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What reading blocks needs: the message limit, the cache budget and the bytes cached over all
@@ -120,6 +125,7 @@ impl OperandBlocks {
                 reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)),
                 stats,
             },
+            gone_check: Arc::default(),
         }
     }
 

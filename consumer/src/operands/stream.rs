@@ -53,6 +53,7 @@ impl OperandBlocks {
     ) -> Result<(Channel, Consumer), FetchError> {
         match self.open_stream(conn, job, offset).await {
             Err(FetchError::JobGone) => {
+                let _one_at_a_time = self.gone_check.lock().await;
                 let Ok(ch) = conn.create_channel().await else {
                     return Err(FetchError::Other(format!(
                         "the operand stream of job {job} is missing, and the broker cannot be asked whether the job is"
