@@ -13,6 +13,7 @@
 //! and why); 4 C failed verification; 2 bad settings; 1 any other error.
 
 mod apply;
+pub mod cancel;
 mod check;
 mod collect;
 mod metrics;
@@ -804,9 +805,9 @@ async fn next_job(
                 return Ok((m, d, ch));
             }
             Ok(m) => {
-                // A collector started with --job-id finished it and removed its queues; or it
-                // did, and the id is running again for other inputs, announced further on.
-                info!(job = %m.job, run = %m.run, "skipping the announcement of a job that is already finished");
+                // A collector started with --job-id finished it and removed its queues, or the
+                // job was cancelled; or it was, and the id is running again for other inputs, announced further on.
+                info!(job = %m.job, run = %m.run, "skipping the announcement of a job that is finished or cancelled");
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
             Err(e) => {

@@ -40,6 +40,10 @@ enum Command {
     /// Show the live workers (from their heartbeats) and the queues' ready/unacked/consumer
     /// figures (from the management API); `--once --json` prints one snapshot for scripts
     Status(gemmq_collector::status::StatusArgs),
+    /// Give a job up: delete its operand stream, results stream and manifest from the broker and
+    /// tell the workers, which then drop its tasks still queued (not computed, not parked).
+    /// Refused while a collector assembles the job. Exit status 0 also when there was no such job
+    Cancel(gemmq_collector::cancel::CancelArgs),
 }
 
 #[tokio::main]
@@ -47,8 +51,15 @@ async fn main() -> ExitCode {
     gemmq::telemetry::init();
     let cli = Cli::parse();
     let shutdown = gemmq::shutdown::on_signals();
-    if let Some(Command::Status(args)) = cli.command {
-        return match gemmq_collector::status::run(args, shutdown).await {
+    let command = match cli.command {
+        Some(Command::Status(args)) => {
+            Some(gemmq_collector::status::run(args, shutdown.clone()).await)
+        }
+        Some(Command::Cancel(args)) => Some(gemmq_collector::cancel::run(args).await.map(|_| ())),
+        None => None,
+    };
+    if let Some(done) = command {
+        return match done {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 tracing::error!("{err:#}");

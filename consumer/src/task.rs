@@ -119,7 +119,7 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         }
         Settlement::Park(reason) => park(ctx, &delivery, &tasks, attempt, reason).await,
         Settlement::Drop => {
-            warn!(%job, %tiles, "job has no operand stream (finished or deleted), or its stream holds a later job under the same id; dropping its task");
+            warn!(%job, %tiles, "job has no operand stream (finished, cancelled or deleted), or its stream holds a later job under the same id; dropping its task");
             ack(ctx, &delivery, &tiles).await;
         }
         Settlement::Retry(reason) => retry(ctx, &delivery, &tasks, attempt, &reason).await,

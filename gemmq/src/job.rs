@@ -18,7 +18,7 @@ use crate::topology::{Topology, TopologyError};
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error(
-        "job {0} already exists with a different plan or inputs; choose another --job-id, or delete the job's queues to start it over"
+        "job {0} already exists with a different plan or inputs; choose another --job-id, or cancel the job (gemmq-collector cancel JOB) to start it over"
     )]
     Conflict(String),
     #[error("job {job}'s manifest is unreadable: {source}")]

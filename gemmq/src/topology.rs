@@ -336,13 +336,18 @@ impl Topology {
         }
     }
 
-    /// Removes a finished job's queues.
-    pub async fn delete_job(&self, ch: &Channel, job: &str) -> Result<(), lapin::Error> {
-        for q in [
+    /// A job's own queues: its results stream, manifest queue and operand stream.
+    pub fn job_queues(&self, job: &str) -> [String; 3] {
+        [
             self.results_queue(job),
             self.manifest_queue(job),
             self.operands_queue(job),
-        ] {
+        ]
+    }
+
+    /// Removes a finished job's queues.
+    pub async fn delete_job(&self, ch: &Channel, job: &str) -> Result<(), lapin::Error> {
+        for q in self.job_queues(job) {
             ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await?;
         }

@@ -1,0 +1,110 @@
+//! `gemmq-collector cancel JOB`: a job given up on, removed from the broker.
+//!
+//! A job nobody finishes keeps its operand stream (all of A and B) on the broker's disk and its
+//! tasks in the shared queue for ever, and its id cannot be used for another job. Cancelling
+//! takes the job's claim as a collector does — so it is refused while a collector assembles the
+//! job, and no collector can start on it meanwhile — then deletes the job's operand stream,
+//! results stream and manifest and tells the workers. They drop the job's cached blocks, and
+//! every task of the job they still receive finds no operand stream: acked and dropped with a
+//! log line, not computed, not parked. A checkpoint of C on a collector's disk is left alone.
+
+use anyhow::{Context, Result, bail};
+use gemmq::Topology;
+use gemmq::broker::Broker;
+use gemmq::config::CommonArgs;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tracing::{info, warn};
+
+#[derive(clap::Args, Debug)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// The job to cancel (the producer's --job-id)
+    #[arg(value_name = "JOB")]
+    pub job: String,
+}
+
+/// What a cancel found and removed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The job's queues were there and are gone.
+    Removed,
+    /// No queue of the job was there: nothing to do.
+    NoSuchJob,
+}
+
+pub async fn run(args: CancelArgs) -> Result<Cancelled> {
+    let (_, settings) = args.common.load()?;
+    gemmq::topology::check_name("job", &args.job)?;
+    let broker = Broker::new(&settings, "gemmq-collector cancel")?;
+    let topo = settings.topology();
+    cancel(&broker, &topo, &args.job).await
+}
+
+/// Cancels `job` in `topo`'s namespace (see the module's docs).
+pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cancelled> {
+    // The claim belongs to the connection it is declared on: keep one connection throughout.
+    let conn = broker.connection().await?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    if !topo.claim_job(&ch, job).await? {
+        bail!(
+            "job {job} is being assembled by a running collector; stop that collector (Ctrl-C or SIGTERM) and cancel again, or let it finish"
+        );
+    }
+    let run = match gemmq::job::peek_manifest(&ch, topo, job).await {
+        Ok(manifest) => manifest.map(|m| m.run),
+        // No manifest queue (the broker closed the channel): look for the rest of the job anyway.
+        Err(_) => None,
+    };
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    let mut found = false;
+    for queue in topo.job_queues(job) {
+        if exists(&conn, &queue).await? {
+            found = true;
+            ch.queue_delete(queue.as_str().into(), Default::default())
+                .await
+                .with_context(|| format!("deleting {queue}"))?;
+            info!(%job, %queue, "deleted");
+        }
+    }
+    if let Some(run) = &run
+        && let Err(e) = gemmq::job::announce_done(&ch, topo, job, run).await
+    {
+        warn!(%job, error = %e, "could not tell the workers; they drop the job's blocks when they need the room");
+    }
+    let _ = ch
+        .queue_delete(
+            topo.collector_queue(job).as_str().into(),
+            Default::default(),
+        )
+        .await;
+    Ok(if found {
+        info!(%job, "job cancelled: its tasks still queued are dropped by the workers that take them");
+        Cancelled::Removed
+    } else {
+        info!(%job, "no such job in this namespace: nothing to cancel");
+        Cancelled::NoSuchJob
+    })
+}
+
+/// Whether `queue` exists, asked on a channel of its own (a passive declare of a missing queue
+/// closes its channel).
+async fn exists(conn: &lapin::Connection, queue: &str) -> Result<bool> {
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    let opts = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    match ch
+        .queue_declare(queue.into(), opts, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(e) if gemmq::topology::is_queue_missing(&e) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("looking for {queue}")),
+    }
+}
