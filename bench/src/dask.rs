@@ -4,7 +4,9 @@
 //!
 //! The job itself is `bench/compare/dask_job.py` (what it does and times is in its docstring):
 //! a LocalCluster with as many worker processes as the bench runs consumers, A and B scattered
-//! in blocks, one task per tile, C gathered. The cluster's start is not timed.
+//! in blocks, one task per tile, C gathered. The cluster's start is not timed. For the large
+//! jobs C is cut in 4 × 4 tiles, Dask's best here; for the tiny-task job in the same tiles as
+//! gemmq's (16,384 tasks of 16² at N = 2048), so that both count tasks per second.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,11 +24,16 @@ pub struct DaskRun {
     pub blas_threads: u32,
     /// C checked against A·(B·x) after the clock stopped.
     pub verified: bool,
+    /// Tiles of C, one task each (splits²).
+    pub tasks: u64,
+    /// tasks / e2e.
+    pub tasks_per_second: f64,
 }
 
 #[derive(Deserialize)]
 struct Printed {
     blas_threads: u32,
+    splits: u64,
     runs: Vec<PrintedRun>,
 }
 
@@ -36,20 +43,26 @@ struct PrintedRun {
     verified: bool,
 }
 
-/// Runs the Dask job once for n×n f64 on `workers` worker processes with `python`, and divides
-/// its time by `reference_seconds`.
-pub fn run(python: &Path, n: u64, workers: usize, reference_seconds: f64) -> Result<DaskRun> {
+/// Runs the Dask job once for n×n f64 on `workers` worker processes with `python`, C cut into
+/// `splits` × `splits` tiles (a task each), and divides its time by `reference_seconds`.
+pub fn run(
+    python: &Path,
+    n: u64,
+    workers: usize,
+    splits: u64,
+    reference_seconds: f64,
+) -> Result<DaskRun> {
     let script = crate::workspace_root().join("bench/compare/dask_job.py");
     let out = Command::new(python)
         .arg(&script)
         .args(["--n", &n.to_string(), "--workers", &workers.to_string()])
-        .args(["--runs", "1"])
+        .args(["--splits", &splits.to_string(), "--runs", "1"])
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("--dask {}: could not run it", python.display()))?;
     if !out.status.success() {
         bail!(
-            "the Dask job failed ({}); --dask needs a Python with dask[distributed] and numpy: python3 -m venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy",
+            "the Dask job failed ({}; its error is above); --dask needs a Python with dask[distributed] and numpy: python3 -m venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy",
             out.status
         );
     }
@@ -64,11 +77,14 @@ fn parse(stdout: &str, reference_seconds: f64) -> Result<DaskRun> {
     let Some(first) = printed.runs.first() else {
         bail!("the Dask job printed no run");
     };
+    let tasks = printed.splits * printed.splits;
     Ok(DaskRun {
         e2e_seconds: first.e2e_seconds,
         ratio_to_reference: first.e2e_seconds / reference_seconds,
         blas_threads: printed.blas_threads,
         verified: first.verified,
+        tasks,
+        tasks_per_second: tasks as f64 / first.e2e_seconds,
     })
 }
 
@@ -81,6 +97,7 @@ mod tests {
         let printed = "a log line\n{\"n\": 4096, \"workers\": 2, \"blas_threads\": 1, \"splits\": 4, \"runs\": [{\"e2e_seconds\": 2.5, \"relative_error\": 1e-15, \"verified\": true}]}\n";
         let d = parse(printed, 1.25).unwrap();
         assert_eq!((d.e2e_seconds, d.ratio_to_reference), (2.5, 2.0));
+        assert_eq!((d.tasks, d.tasks_per_second), (16, 6.4));
         assert!(d.verified);
         assert_eq!(d.blas_threads, 1);
     }

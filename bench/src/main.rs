@@ -454,22 +454,40 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
     Ok(report.runs.iter().all(|r| r.ok))
 }
 
-/// With --dask, runs the f64 job of --sizes on Dask once, on an idle machine, and records it
-/// beside the gemmq run whose reference it is divided by.
+/// With --dask, runs the job on Dask once, on an idle machine, and records it beside the gemmq
+/// run whose reference it is divided by: the f64 jobs of --sizes in 4 × 4 tiles, the tiny-task
+/// job in its own tiles, once (it takes Dask a minute or more; one per --small-queue-sizes,
+/// --small-groups and --repeat would measure the same Dask job again).
 fn compare_with_dask(cli: &Cli, python: &Path, spec: &Spec, run: &mut Run) {
     let Some(reference) = run.reference.as_ref().map(|r| r.best_seconds) else {
         return;
     };
-    if spec.small_tasks || spec.dtype != DType::F64 {
+    if spec.dtype != DType::F64 {
+        return;
+    }
+    let splits = match spec.tile {
+        Some(tile) if spec.small_tasks => spec.n.div_ceil(tile),
+        _ => 4,
+    };
+    let first_tiny = format!(
+        "n{}-f64-tile{}-q{}-g{}",
+        cli.small_n,
+        cli.small_tile,
+        cli.small_queue_sizes.first().copied().unwrap_or_default(),
+        cli.small_groups.first().copied().unwrap_or_default()
+    );
+    if spec.small_tasks && spec.label != first_tiny && spec.label != format!("{first_tiny}-run1") {
         return;
     }
     machine::wait_idle(cli.wait_idle, IDLE_CORES);
-    match dask::run(python, spec.n, cli.consumers, reference) {
+    match dask::run(python, spec.n, cli.consumers, splits, reference) {
         Ok(d) => {
             eprintln!(
-                "   dask: {:.2} s = {:.2}× the reference ({} worker processes, {} BLAS threads each{})",
+                "   dask: {:.2} s = {:.2}× the reference, {:.0} tasks/s ({} tasks on {} worker processes, {} BLAS threads each{})",
                 d.e2e_seconds,
                 d.ratio_to_reference,
+                d.tasks_per_second,
+                d.tasks,
                 cli.consumers,
                 d.blas_threads,
                 if d.verified { "" } else { "; C WRONG" }

@@ -179,7 +179,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
     }
     let _ = writeln!(
         out,
-        "\nrepeated runs: median (best) of each; a failed run counts as missing; dask/ref: the same job on Dask distributed (--dask) over the same reference\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>14}",
+        "\nrepeated runs: median (best) of each; a failed run counts as missing; dask/ref, dask tasks/s: the same job on Dask distributed (--dask) over the same reference\n{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>14} {:>18}",
         "job",
         "runs",
         "e2e s",
@@ -189,7 +189,8 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         "start s",
         "start/ref",
         "tasks/s",
-        "dask/ref"
+        "dask/ref",
+        "dask tasks/s"
     );
     for base in labels {
         let runs: Vec<&Run> = r
@@ -217,7 +218,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>14}",
+            "{:<22} {:>5} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14} {:>16} {:>14} {:>18}",
             base,
             runs.len(),
             pick(&|r| r.summary_wall_seconds, false),
@@ -228,6 +229,7 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
             pick(&|r| r.ratio_e2e_to_reference, false),
             pick(&|r| r.tasks_per_second, true),
             pick(&|r| r.dask.as_ref().map(|d| d.ratio_to_reference), false),
+            pick(&|r| r.dask.as_ref().map(|d| d.tasks_per_second), true),
         );
     }
 }
