@@ -27,8 +27,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096, help="side of A, B and C")
     p.add_argument("--workers", type=int, default=2, help="Dask worker processes")
-    # One thread each was faster than the machine's cores each (2.15 against 2.97 s at 4096 on
-    # 2 cores: two workers with two BLAS threads each oversubscribe the cores).
+    # The bench passes cores / workers: on 2 cores with 2 workers one each, which was faster than
+    # two each (2.15 against 2.97 s at 4096: two BLAS threads each oversubscribe the cores).
     p.add_argument("--blas-threads", type=int, default=1, help="BLAS threads in each worker")
     p.add_argument("--splits", type=int, default=4, help="C is cut into splits × splits tiles")
     p.add_argument("--runs", type=int, default=3, help="timed runs on one cluster")

@@ -6,7 +6,9 @@
 //! a LocalCluster with as many worker processes as the bench runs consumers, A and B scattered
 //! in blocks, one task per tile, C gathered. The cluster's start is not timed. For the large
 //! jobs C is cut in 4 × 4 tiles, Dask's best here; for the tiny-task job in the same tiles as
-//! gemmq's (16,384 tasks of 16² at N = 2048), so that both count tasks per second.
+//! gemmq's (`--small-n` / `--small-tile`: 16,384 tasks at N = 2048), one task each, so that both
+//! count tasks per second. Each Dask worker gets the cores over the workers as BLAS threads, as
+//! gemmq's consumers share the cores' kernel threads.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -53,9 +55,12 @@ pub fn run(
     reference_seconds: f64,
 ) -> Result<DaskRun> {
     let script = crate::workspace_root().join("bench/compare/dask_job.py");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let blas_threads = (cores / workers.max(1)).max(1);
     let out = Command::new(python)
         .arg(&script)
         .args(["--n", &n.to_string(), "--workers", &workers.to_string()])
+        .args(["--blas-threads", &blas_threads.to_string()])
         .args(["--splits", &splits.to_string(), "--runs", "1"])
         .stderr(Stdio::inherit())
         .output()

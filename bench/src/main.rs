@@ -140,8 +140,9 @@ struct Cli {
     /// Extra environment for every program under test, e.g. --env GEMMQ_QUEUE_SIZE=4 (repeatable)
     #[arg(long = "env", value_name = "KEY=VALUE")]
     extra_env: Vec<String>,
-    /// After each f64 job of --sizes, the same multiplication on Dask distributed, divided by the
-    /// same reference: PYTHON is an interpreter with dask[distributed] and numpy (`python3 -m
+    /// After each f64 job of --sizes, and once after the first tiny-task job, the same
+    /// multiplication on Dask distributed, divided by the same reference: PYTHON is an
+    /// interpreter with dask[distributed] and numpy (`python3 -m
     /// venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy`, then
     /// --dask target/dask/bin/python). The job is bench/compare/dask_job.py
     #[arg(long, value_name = "PYTHON")]
@@ -456,7 +457,7 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
 
 /// With --dask, runs the job on Dask once, on an idle machine, and records it beside the gemmq
 /// run whose reference it is divided by: the f64 jobs of --sizes in 4 × 4 tiles, the tiny-task
-/// job in its own tiles, once (it takes Dask a minute or more; one per --small-queue-sizes,
+/// job in its own tiles, once (16,384 tasks take Dask ~30 s here; one per --small-queue-sizes,
 /// --small-groups and --repeat would measure the same Dask job again).
 fn compare_with_dask(cli: &Cli, python: &Path, spec: &Spec, run: &mut Run) {
     let Some(reference) = run.reference.as_ref().map(|r| r.best_seconds) else {

@@ -166,6 +166,11 @@ fn print_where_the_time_went(out: &mut impl Write, r: &Report) {
     }
 }
 
+/// The Dask run beside `run`, when its C was right.
+fn dask_ok(run: &Run) -> Option<&crate::dask::DaskRun> {
+    run.dask.as_ref().filter(|d| d.verified)
+}
+
 /// With --repeat: the median and best of each job's runs.
 fn print_repeats(out: &mut impl Write, r: &Report) {
     let mut labels: Vec<&str> = Vec::new();
@@ -228,8 +233,13 @@ fn print_repeats(out: &mut impl Write, r: &Report) {
             pick(&|r| r.e2e_seconds, false),
             pick(&|r| r.ratio_e2e_to_reference, false),
             pick(&|r| r.tasks_per_second, true),
-            pick(&|r| r.dask.as_ref().map(|d| d.ratio_to_reference), false),
-            pick(&|r| r.dask.as_ref().map(|d| d.tasks_per_second), true),
+            pick(&|r| dask_ok(r).map(|d| d.ratio_to_reference), false),
+            pick(
+                &|r| dask_ok(r)
+                    .filter(|_| r.small_tasks)
+                    .map(|d| d.tasks_per_second),
+                true
+            ),
         );
     }
 }

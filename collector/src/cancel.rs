@@ -4,16 +4,18 @@
 //! tasks in the shared queue for ever, and its id cannot be used for another job. Cancelling
 //! takes the job's claim as a collector does — so it is refused while a collector assembles the
 //! job, and no collector can start on it meanwhile — then deletes the job's operand stream,
-//! results stream and manifest and tells the workers. They drop the job's cached blocks, and
-//! every task of the job they still receive finds no operand stream: acked and dropped with a
-//! log line, not computed, not parked. A checkpoint of C on a collector's disk is left alone.
+//! results stream and manifest and tells the workers. They drop the job's cached blocks, and a
+//! task of the job they still receive finds no operand stream: acked and dropped with a log
+//! line, not computed, not parked. (A task that carries its blocks, `--operands inline`, or whose
+//! blocks a worker still holds, is computed, and its results, finding no results stream, are
+//! dropped.) A checkpoint of C on a collector's disk is left alone, and so is the job's
+//! announcement on the jobs queue, which the next collector skips.
 
 use anyhow::{Context, Result, bail};
 use gemmq::Topology;
 use gemmq::broker::Broker;
 use gemmq::config::CommonArgs;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use gemmq::shutdown::CancellationToken;
 use tracing::{info, warn};
 
 #[derive(clap::Args, Debug)]
@@ -34,10 +36,10 @@ pub enum Cancelled {
     NoSuchJob,
 }
 
-pub async fn run(args: CancelArgs) -> Result<Cancelled> {
+pub async fn run(args: CancelArgs, shutdown: CancellationToken) -> Result<Cancelled> {
     let (_, settings) = args.common.load()?;
     gemmq::topology::check_name("job", &args.job)?;
-    let broker = Broker::new(&settings, "gemmq-collector cancel")?;
+    let broker = Broker::new(&settings, "gemmq-collector cancel")?.with_shutdown(shutdown);
     let topo = settings.topology();
     cancel(&broker, &topo, &args.job).await
 }
@@ -49,13 +51,17 @@ pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cance
     let ch = conn.create_channel().await.context("opening a channel")?;
     if !topo.claim_job(&ch, job).await? {
         bail!(
-            "job {job} is being assembled by a running collector; stop that collector (Ctrl-C or SIGTERM) and cancel again, or let it finish"
+            "job {job} is held by a running collector (or another cancel): stop that collector (Ctrl-C or SIGTERM), and any standing by for the job, then cancel again; or let it finish"
         );
     }
     let run = match gemmq::job::peek_manifest(&ch, topo, job).await {
         Ok(manifest) => manifest.map(|m| m.run),
         // No manifest queue (the broker closed the channel): look for the rest of the job anyway.
-        Err(_) => None,
+        Err(gemmq::job::JobError::Amqp(e)) if gemmq::topology::is_queue_missing(&e) => None,
+        Err(e) => {
+            warn!(%job, error = %e, "could not read the job's manifest; the workers will not be told, and drop its blocks when they need the room");
+            None
+        }
     };
     let ch = conn.create_channel().await.context("opening a channel")?;
     let mut found = false;
@@ -92,19 +98,11 @@ pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cance
 /// closes its channel).
 async fn exists(conn: &lapin::Connection, queue: &str) -> Result<bool> {
     let ch = conn.create_channel().await.context("opening a channel")?;
-    let opts = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    match ch
-        .queue_declare(queue.into(), opts, FieldTable::default())
+    let found = gemmq::topology::queue_exists(&ch, queue)
         .await
-    {
-        Ok(_) => {
-            let _ = ch.close(200, "checked".into()).await;
-            Ok(true)
-        }
-        Err(e) if gemmq::topology::is_queue_missing(&e) => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("looking for {queue}")),
+        .with_context(|| format!("looking for {queue}"))?;
+    if found {
+        let _ = ch.close(200, "checked".into()).await;
     }
+    Ok(found)
 }

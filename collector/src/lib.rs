@@ -61,7 +61,7 @@ impl std::fmt::Display for CollectedElsewhere {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "job {} was collected by another collector, complete and verified (it removed the job's queues); its C.npy and summary.json are in that collector's --out",
+            "job {} is over and its queues are gone: another collector collected it, complete and verified (its C.npy and summary.json are in that collector's --out), or it was cancelled (gemmq-collector cancel)",
             self.job
         )
     }

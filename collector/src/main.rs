@@ -41,8 +41,9 @@ enum Command {
     /// figures (from the management API); `--once --json` prints one snapshot for scripts
     Status(gemmq_collector::status::StatusArgs),
     /// Give a job up: delete its operand stream, results stream and manifest from the broker and
-    /// tell the workers, which then drop its tasks still queued (not computed, not parked).
-    /// Refused while a collector assembles the job. Exit status 0 also when there was no such job
+    /// tell the workers, which then drop its tasks still queued (streamed ones without computing
+    /// them; none is parked). Refused while a collector holds the job. Exit status 0 also when
+    /// there was no such job
     Cancel(gemmq_collector::cancel::CancelArgs),
 }
 
@@ -55,7 +56,11 @@ async fn main() -> ExitCode {
         Some(Command::Status(args)) => {
             Some(gemmq_collector::status::run(args, shutdown.clone()).await)
         }
-        Some(Command::Cancel(args)) => Some(gemmq_collector::cancel::run(args).await.map(|_| ())),
+        Some(Command::Cancel(args)) => Some(
+            gemmq_collector::cancel::run(args, shutdown.clone())
+                .await
+                .map(|_| ()),
+        ),
         None => None,
     };
     if let Some(done) = command {

@@ -92,7 +92,7 @@ pub(crate) async fn send_results(
     ack(ctx, delivery, &tiles).await;
     if sent.iter().any(|s| matches!(s, results::Sent::Unroutable)) {
         // No results queue: the job was finished and retired, or never announced.
-        warn!(%job, %tiles, "job has no results queue (finished or deleted); dropping its task");
+        warn!(%job, %tiles, "job has no results queue (finished, cancelled or deleted); dropping its task");
         return;
     }
     ctx.stats

@@ -99,7 +99,7 @@ pub struct OperandBlocks {
     /// tasks of a finished or cancelled job ask one at a time: asked at once, their throwaway
     /// channels (each closed by the broker's 404) were seen to take the worker's tasks channel
     /// down with them, and the worker reconnected over and over.
-    gone_check: Arc<tokio::sync::Mutex<()>>,
+    gone_check: tokio::sync::Mutex<()>,
 }
 
 /// What reading blocks needs: the message limit, the cache budget and the bytes cached over all
@@ -125,7 +125,7 @@ impl OperandBlocks {
                 reads: Arc::new(Semaphore::new(READS_IN_FLIGHT)),
                 stats,
             },
-            gone_check: Arc::default(),
+            gone_check: Default::default(),
         }
     }
 
