@@ -150,7 +150,7 @@ async fn a_standby_whose_job_was_finished_by_the_active_collector_exits_0_withou
     assert_eq!(a.wait(MINUTE).await, Some(0), "{}", a.log());
     assert_eq!(b.wait(MINUTE).await, Some(0), "{}", b.log());
     assert!(
-        b.log().contains("was collected by another collector"),
+        b.log().contains("another collector collected it"),
         "{}",
         b.log()
     );
