@@ -18,6 +18,8 @@ use gemmq::config::CommonArgs;
 use gemmq::shutdown::CancellationToken;
 use tracing::{info, warn};
 
+use crate::collect::Claim;
+
 #[derive(clap::Args, Debug)]
 pub struct CancelArgs {
     #[command(flatten)]
@@ -66,7 +68,10 @@ pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cance
     let ch = conn.create_channel().await.context("opening a channel")?;
     let mut found = false;
     for queue in topo.job_queues(job) {
-        if exists(&conn, &queue).await? {
+        let exists = gemmq::topology::queue_exists_on(&conn, &queue)
+            .await
+            .with_context(|| format!("looking for {queue}"))?;
+        if exists {
             found = true;
             ch.queue_delete(queue.as_str().into(), Default::default())
                 .await
@@ -79,12 +84,7 @@ pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cance
     {
         warn!(%job, error = %e, "could not tell the workers; they drop the job's blocks when they need the room");
     }
-    let _ = ch
-        .queue_delete(
-            topo.collector_queue(job).as_str().into(),
-            Default::default(),
-        )
-        .await;
+    Claim::held(conn, topo.collector_queue(job)).release().await;
     Ok(if found {
         info!(%job, "job cancelled: its tasks still queued are dropped by the workers that take them");
         Cancelled::Removed
@@ -92,17 +92,4 @@ pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cance
         info!(%job, "no such job in this namespace: nothing to cancel");
         Cancelled::NoSuchJob
     })
-}
-
-/// Whether `queue` exists, asked on a channel of its own (a passive declare of a missing queue
-/// closes its channel).
-async fn exists(conn: &lapin::Connection, queue: &str) -> Result<bool> {
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    let found = gemmq::topology::queue_exists(&ch, queue)
-        .await
-        .with_context(|| format!("looking for {queue}"))?;
-    if found {
-        let _ = ch.close(200, "checked".into()).await;
-    }
-    Ok(found)
 }

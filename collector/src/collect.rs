@@ -412,6 +412,14 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
+    /// The claim on `queue` that `conn` declared.
+    pub(crate) fn held(conn: PooledConnection, queue: String) -> Claim {
+        Claim {
+            conn: Some(conn),
+            queue,
+        }
+    }
+
     /// Gives up the claim, so that a collector standing by need not wait for this process to
     /// end (the claim goes with the connection anyway).
     pub async fn release(&mut self) {

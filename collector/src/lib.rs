@@ -742,14 +742,13 @@ fn finished_here(s: &Settings, job: &str) -> Option<Manifest> {
 
 /// Whether the job's manifest queue is still there (a finished job's queues are deleted).
 async fn job_exists(broker: &Broker, topo: &Topology, job: &str) -> bool {
-    // A passive declare of a missing queue closes its channel: use a throwaway one.
-    let Ok(ch) = broker.channel().await else {
+    let Ok(conn) = broker.connection().await else {
         return true;
     };
-    let found = gemmq::topology::queue_exists(&ch, &topo.manifest_queue(job)).await;
-    let _ = ch.close(200, "checked".into()).await;
     // In doubt (the broker did not answer), it exists.
-    found.unwrap_or(true)
+    gemmq::topology::queue_exists_on(&conn, &topo.manifest_queue(job))
+        .await
+        .unwrap_or(true)
 }
 
 /// Whether the job's queues now hold another run than the one `announced` (the announcement of

@@ -522,6 +522,17 @@ pub async fn queue_exists(ch: &Channel, queue: &str) -> Result<bool, lapin::Erro
     }
 }
 
+/// [`queue_exists`], asked on a channel of its own on `conn`, closed afterwards (the broker closes
+/// it itself when the queue is missing).
+pub async fn queue_exists_on(conn: &lapin::Connection, queue: &str) -> Result<bool, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let found = queue_exists(&ch, queue).await?;
+    if found {
+        let _ = ch.close(200, "checked".into()).await;
+    }
+    Ok(found)
+}
+
 /// A declare that only asks: it fails (closing the channel) if the queue is not there.
 fn passive() -> QueueDeclareOptions {
     QueueDeclareOptions {
