@@ -10,8 +10,11 @@
 //! count tasks per second. Each Dask worker gets the cores over the workers as BLAS threads, as
 //! gemmq's consumers share the cores' kernel threads.
 
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -46,32 +49,61 @@ struct PrintedRun {
 }
 
 /// Runs the Dask job once for n×n f64 on `workers` worker processes with `python`, C cut into
-/// `splits` × `splits` tiles (a task each), and divides its time by `reference_seconds`.
+/// `splits` × `splits` tiles (a task each), and divides its time by `reference_seconds`. A job
+/// that has not ended within `timeout` (the bench's `--timeout`) is killed with its cluster's
+/// processes and reported as failed.
 pub fn run(
     python: &Path,
     n: u64,
     workers: usize,
     splits: u64,
     reference_seconds: f64,
+    timeout: Duration,
 ) -> Result<DaskRun> {
     let script = crate::workspace_root().join("bench/compare/dask_job.py");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let blas_threads = (cores / workers.max(1)).max(1);
-    let out = Command::new(python)
+    let mut child = Command::new(python)
         .arg(&script)
         .args(["--n", &n.to_string(), "--workers", &workers.to_string()])
         .args(["--blas-threads", &blas_threads.to_string()])
         .args(["--splits", &splits.to_string(), "--runs", "1"])
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        // A group of its own, so that a hung job is killed with the worker processes its
+        // LocalCluster started.
+        .process_group(0)
+        .spawn()
         .with_context(|| format!("--dask {}: could not run it", python.display()))?;
-    if !out.status.success() {
+    // Read while it runs: a full pipe would stop it.
+    let mut stdout = child.stdout.take().context("the Dask job's output")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for the Dask job")? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            // SAFETY: kill(2) on the process group of our own unreaped child.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+            bail!("the Dask job did not end within {timeout:?} (--timeout); it was killed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let printed = reader.join().unwrap_or_default();
+    if !status.success() {
         bail!(
-            "the Dask job failed ({}; its error is above); --dask needs a Python with dask[distributed] and numpy: python3 -m venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy",
-            out.status
+            "the Dask job failed ({status}; its error is above); --dask needs a Python with dask[distributed] and numpy: python3 -m venv target/dask && target/dask/bin/pip install 'dask[distributed]' numpy"
         );
     }
-    parse(&String::from_utf8_lossy(&out.stdout), reference_seconds)
+    parse(&printed, reference_seconds)
 }
 
 /// The Dask job's result from what it printed: JSON on its last line (Dask may log above it).
@@ -112,5 +144,35 @@ mod tests {
         let e = parse("Traceback: no module named dask\n", 1.0).unwrap_err();
         assert!(format!("{e:#}").contains("no module named dask"), "{e:#}");
         assert!(parse("{\"blas_threads\": 1, \"runs\": []}", 1.0).is_err());
+    }
+
+    #[test]
+    fn a_job_that_hangs_is_killed_at_the_timeout_with_the_processes_it_started() {
+        let dir = std::env::temp_dir().join(format!("gemmq-dask-hang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("child-alive");
+        // A "python" that starts a child of its own (as a LocalCluster does) and never ends.
+        let python = dir.join("python");
+        std::fs::write(
+            &python,
+            format!(
+                "#!/bin/sh\n(sleep 2; touch {}) &\nsleep 60\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let started = Instant::now();
+        let e = run(&python, 64, 2, 4, 1.0, Duration::from_millis(300)).unwrap_err();
+        assert!(format!("{e:#}").contains("did not end within"), "{e:#}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(2500));
+        assert!(!marker.exists(), "the hung job's own child outlived it");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -481,7 +481,14 @@ fn compare_with_dask(cli: &Cli, python: &Path, spec: &Spec, run: &mut Run) {
         return;
     }
     machine::wait_idle(cli.wait_idle, IDLE_CORES);
-    match dask::run(python, spec.n, cli.consumers, splits, reference) {
+    match dask::run(
+        python,
+        spec.n,
+        cli.consumers,
+        splits,
+        reference,
+        cli.timeout,
+    ) {
         Ok(d) => {
             eprintln!(
                 "   dask: {:.2} s = {:.2}× the reference, {:.0} tasks/s ({} tasks on {} worker processes, {} BLAS threads each{})",
