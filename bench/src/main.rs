@@ -403,6 +403,11 @@ fn run(cli: Cli, user_matmul_threads: Option<String>) -> Result<bool> {
         .build()?;
     rt.block_on(check_broker(&cli.amqp_url))?;
 
+    if cli.dask.is_some() && !cli.warm {
+        eprintln!(
+            "note: Dask's cluster is warmed by one unmeasured multiplication before it is timed, gemmq's consumers are not: add --warm to measure both warm"
+        );
+    }
     let bins = binaries(&cli)?;
     let programs = ProgramEnv::new(&cli, &extra_env)?;
     let max_message_bytes = programs.max_message_bytes;
