@@ -10,6 +10,11 @@
 //! blocks a worker still holds, is computed, and its results, finding no results stream, are
 //! dropped.) A checkpoint of C on a collector's disk is left alone, and so is the job's
 //! announcement on the jobs queue, which the next collector skips.
+//!
+//! The cancel leaves a mark ([`Topology::mark_cancelled`], kept a week): a collector started
+//! for the job afterwards, or standing by for it, says the job was cancelled and exits
+//! [`crate::EXIT_CANCELLED`], rather than wait for an announcement that will not come or report
+//! the job collected elsewhere. The job's producer, run again, removes the mark.
 
 use anyhow::{Context, Result, bail};
 use gemmq::Topology;
@@ -66,18 +71,28 @@ pub async fn cancel(broker: &Broker, topo: &Topology, job: &str) -> Result<Cance
         }
     };
     let ch = conn.create_channel().await.context("opening a channel")?;
-    let mut found = false;
+    let mut there = Vec::new();
     for queue in topo.job_queues(job) {
         let exists = gemmq::topology::queue_exists_on(&conn, &queue)
             .await
             .with_context(|| format!("looking for {queue}"))?;
         if exists {
-            found = true;
-            ch.queue_delete(queue.as_str().into(), Default::default())
-                .await
-                .with_context(|| format!("deleting {queue}"))?;
-            info!(%job, %queue, "deleted");
+            there.push(queue);
         }
+    }
+    let found = !there.is_empty();
+    if found {
+        // Marked first: a cancel interrupted halfway leaves a job marked, which only matters
+        // once its queues are gone too (a collector looks at the mark then).
+        topo.mark_cancelled(&ch, job)
+            .await
+            .context("marking the job cancelled")?;
+    }
+    for queue in there {
+        ch.queue_delete(queue.as_str().into(), Default::default())
+            .await
+            .with_context(|| format!("deleting {queue}"))?;
+        info!(%job, %queue, "deleted");
     }
     if let Some(run) = &run
         && let Err(e) = gemmq::job::announce_done(&ch, topo, job, run).await

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use crate::apply::apply;
 use crate::progress::Progress;
-use crate::{CollectedElsewhere, Settings, retries};
+use crate::{CollectedElsewhere, JobCancelled, Settings, retries};
 
 /// How collecting on one connection ended, when it ended well.
 enum Collected {
@@ -39,7 +39,8 @@ enum Stop {
     Lost(anyhow::Error),
     /// Another collector holds the job's claim.
     StandingBy,
-    /// The job's results stream is gone: the collector that finished the job removed it.
+    /// The job's results stream is gone: the collector that finished the job removed it, or a
+    /// cancel did.
     Retired,
     /// The stream is not the one the checkpoint's position was read from: read it from the
     /// start.
@@ -115,10 +116,11 @@ impl Collection<'_> {
                 }
                 Err(Stop::Retired) => {
                     self.progress.finish();
-                    return Err(CollectedElsewhere {
-                        job: self.manifest.job.clone(),
+                    let job = self.manifest.job.clone();
+                    if crate::was_cancelled(self.broker, self.topo, &job).await {
+                        return Err(JobCancelled { job }.into());
                     }
-                    .into());
+                    return Err(CollectedElsewhere { job }.into());
                 }
                 Err(Stop::Reread(why)) => {
                     warn!(job = %self.manifest.job, reason = %why, "reading the job's results again from the start of the stream (results already applied count as duplicates)");

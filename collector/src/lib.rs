@@ -61,7 +61,7 @@ impl std::fmt::Display for CollectedElsewhere {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "job {} is over and its queues are gone: another collector collected it, complete and verified (its C.npy and summary.json are in that collector's --out), or it was cancelled (gemmq-collector cancel)",
+            "job {} is over and its queues are gone: another collector collected it, complete and verified (its C.npy and summary.json are in that collector's --out)",
             self.job
         )
     }
@@ -69,10 +69,31 @@ impl std::fmt::Display for CollectedElsewhere {
 
 impl std::error::Error for CollectedElsewhere {}
 
+/// The job was cancelled (`gemmq-collector cancel`): there is no C to collect, which a script
+/// waiting for one must hear ([`EXIT_CANCELLED`]).
+#[derive(Debug)]
+pub struct JobCancelled {
+    pub job: String,
+}
+
+impl std::fmt::Display for JobCancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "job {job} was cancelled (gemmq-collector cancel): there is nothing to collect; run its producer again with --job-id {job} to start it anew",
+            job = self.job
+        )
+    }
+}
+
+impl std::error::Error for JobCancelled {}
+
 /// Exit status for a job whose tasks were parked.
 pub const EXIT_INCOMPLETE: u8 = 3;
 /// Exit status for a C that failed verification.
 pub const EXIT_UNVERIFIED: u8 = 4;
+/// Exit status for a job that was cancelled.
+pub const EXIT_CANCELLED: u8 = 5;
 
 /// Which job to collect and where to put it. Every flag also reads the environment variable
 /// shown and the `[collector]` section of the config file.
@@ -694,6 +715,8 @@ async fn wait_for_manifest(
             }
         } else if let Some(done) = finished_here(s, job) {
             return Ok(done);
+        } else if !said && was_cancelled(broker, topo, job).await {
+            return Err(JobCancelled { job: job.into() }.into());
         }
         if !said {
             info!(job, "waiting for the producer to announce the job");
@@ -738,6 +761,14 @@ fn finished_here(s: &Settings, job: &str) -> Option<Manifest> {
         run: run.to_string(),
         check: None,
     })
+}
+
+/// Whether the job carries the mark of a cancel (in doubt, not).
+pub(crate) async fn was_cancelled(broker: &Broker, topo: &Topology, job: &str) -> bool {
+    match broker.connection().await {
+        Ok(conn) => topo.is_cancelled(&conn, job).await,
+        Err(_) => false,
+    }
 }
 
 /// Whether the job's manifest queue is still there (a finished job's queues are deleted).
@@ -806,7 +837,12 @@ async fn next_job(
             Ok(m) => {
                 // A collector started with --job-id finished it and removed its queues, or the
                 // job was cancelled; or it was, and the id is running again for other inputs, announced further on.
-                info!(job = %m.job, run = %m.run, "skipping the announcement of a job that is finished or cancelled");
+                let over = if was_cancelled(broker, topo, &m.job).await {
+                    "cancelled"
+                } else {
+                    "finished"
+                };
+                info!(job = %m.job, run = %m.run, "skipping the announcement of a job that is {over}");
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
             Err(e) => {

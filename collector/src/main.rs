@@ -84,6 +84,10 @@ async fn main() -> ExitCode {
             tracing::info!("{err}");
             ExitCode::SUCCESS
         }
+        Err(err) if err.is::<gemmq_collector::JobCancelled>() => {
+            tracing::error!("{err}");
+            ExitCode::from(gemmq_collector::EXIT_CANCELLED)
+        }
         Err(err) => {
             tracing::error!("{err:#}");
             ExitCode::from(gemmq::config::exit_code(err.as_ref()))

@@ -175,6 +175,10 @@ fn purpose(ns: &str, name: &str) -> String {
             "blocks of A and B of job {} (workers read the ones they need)",
             r.trim_start_matches("job.").trim_end_matches(".operands")
         ),
+        r if r.starts_with("job.") && r.ends_with(".cancelled") => format!(
+            "mark of cancelled job {} (empty; the broker deletes it a week after)",
+            r.trim_start_matches("job.").trim_end_matches(".cancelled")
+        ),
         r if r.starts_with("notices.") => format!(
             "notices of finished jobs for worker {}",
             r.trim_start_matches("notices.")
@@ -395,6 +399,7 @@ mod tests {
             "results of job j1 (a stream, kept until the job is done)"
         );
         assert!(purpose("gemmq", "gemmq.job.j1.operands").contains("of job j1"));
+        assert!(purpose("gemmq", "gemmq.job.j1.cancelled").contains("cancelled job j1"));
         assert_eq!(
             purpose("gemmq", "gemmq.notices.host.example-42.0a1b2c3d"),
             "notices of finished jobs for worker host.example-42"

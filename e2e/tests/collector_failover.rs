@@ -158,6 +158,64 @@ async fn a_standby_whose_job_was_finished_by_the_active_collector_exits_0_withou
     finished_exactly(&mut env, job).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_of_a_cancelled_job_says_so_and_exits_5_until_its_producer_runs_it_again() {
+    let mut env = Env::new("cf-cancelled");
+    let job = "cfcancelled";
+    // Published with no worker running; a stand-in for the collector assembling it holds its
+    // claim, and a real collector stands by.
+    gemmq_producer::run(&env.producer(job, SHAPE, 16))
+        .await
+        .unwrap();
+    let topo = env.topology();
+    let broker = gemmq::broker::Broker::new(&env.broker, "gemmq-test").unwrap();
+    let holder = broker.connection().await.unwrap();
+    let claim = holder.create_channel().await.unwrap();
+    assert!(topo.claim_job(&claim, job).await.unwrap());
+    let mut standby = collector(&env, job, "standby", "collector-standby");
+    standby.wait_for("standing by", 1, MINUTE).await;
+
+    // What a cancel does while it holds the claim (gemmq-collector cancel itself is refused
+    // while the standby could take the claim first): the mark, the job's queues deleted.
+    topo.mark_cancelled(&claim, job).await.unwrap();
+    for queue in topo.job_queues(job) {
+        claim
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+    }
+    let _ = holder.close(200, "cancelled".into()).await;
+    assert_eq!(standby.wait(MINUTE).await, Some(5), "{}", standby.log());
+    assert!(standby.log().contains("was cancelled"), "{}", standby.log());
+
+    // Started after the cancel, a collector is told at once rather than left waiting for an
+    // announcement that will not come.
+    let started = Instant::now();
+    let mut late = collector(&env, job, "late", "collector-late");
+    assert_eq!(late.wait(MINUTE).await, Some(5), "{}", late.log());
+    assert!(late.log().contains("was cancelled"), "{}", late.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Its producer run again makes it a job again, collected whole (the cancelled run's tasks
+    // still queued are the same tasks: the first result of each tile counts).
+    gemmq_producer::run(&env.producer(job, SHAPE, 16))
+        .await
+        .unwrap();
+    let conn = broker.connection().await.unwrap();
+    assert!(
+        !topo.is_cancelled(&conn, job).await,
+        "announcing the job again removes the mark"
+    );
+    let _workers = worker_procs(&env, "again");
+    let mut again = collector(&env, job, job, "collector-again");
+    assert_eq!(again.wait(MINUTE).await, Some(0), "{}", again.log());
+    finished_exactly(&mut env, job).await;
+}
+
 /// The stream offset the checkpoint in `job/` has read through (its journal's last `O` line).
 fn last_offset_journaled(env: &Env, job: &str) -> u64 {
     let journal = gemmq_collector::checkpoint_dir(&env.dir.path().join(job), job).join("journal");

@@ -205,6 +205,11 @@ async fn a_cancelled_job_leaves_no_queue_of_its_own_and_its_queued_tasks_are_dro
             "{queue} is deleted"
         );
     }
+    let conn = broker.connection().await.unwrap();
+    assert!(
+        topo.is_cancelled(&conn, "gone").await,
+        "the cancel leaves its mark"
+    );
     assert_eq!(
         cancel(&broker, &topo, "gone").await.unwrap(),
         Cancelled::NoSuchJob,

@@ -39,12 +39,15 @@ pub enum Announced {
 }
 
 /// Declares the job's queues and publishes its manifest, unless the same one is already there:
-/// then `manifest` takes that one's run, so a resumed job keeps the run its workers know.
+/// then `manifest` takes that one's run, so a resumed job keeps the run its workers know. A
+/// cancelled job announced again is a job again: its cancel's mark goes.
 pub async fn announce(
     ch: &Channel,
     topo: &Topology,
     manifest: &mut Manifest,
 ) -> Result<Announced, JobError> {
+    // Announced again after a cancel: no longer cancelled.
+    topo.clear_cancelled(ch, &manifest.job).await?;
     topo.declare_job(ch, &manifest.job).await?;
     if let Some(existing) = peek_manifest(ch, topo, &manifest.job).await? {
         return if existing.plan == manifest.plan && existing.inputs == manifest.inputs {

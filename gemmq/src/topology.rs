@@ -24,6 +24,8 @@
 //!                     │                      each at its offset
 //!                     └──"done.*"──▶ {ns}.notices.<worker>.<random>: one per worker (exclusive,
 //!                                classic, bounded): collectors' word that a job is done
+//! {ns}.job.<id>.cancelled                   classic, empty: the mark `gemmq-collector cancel`
+//!                                           leaves, expired by the broker after a week
 //! ```
 //!
 //! Declarations are idempotent, so every program declares everything it touches and start order
@@ -82,6 +84,10 @@ pub const MANIFEST_READS: i64 = i32::MAX as i64;
 /// The most notices a worker's notice queue holds before the oldest is dropped: a worker that
 /// misses one drops that job's blocks when its cache needs the room.
 pub const NOTICES_MAX: i64 = 1000;
+/// How long the mark of a cancelled job outlives the cancel (unused; the broker then deletes
+/// it): long enough for a collector started late for the job to be told, short enough that
+/// the marks of cancelled ids do not pile up.
+pub const CANCELLED_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -334,6 +340,44 @@ impl Topology {
             }
             Err(e) => Err(map_err("queue", &name, e)),
         }
+    }
+
+    /// The mark a cancelled job leaves ([`Topology::mark_cancelled`]).
+    pub fn cancelled_queue(&self, job: &str) -> String {
+        format!("{}.job.{job}.cancelled", self.ns)
+    }
+
+    /// Marks `job` cancelled, so that a collector started for it afterwards can say why there is
+    /// nothing to collect instead of waiting for an announcement that will not come. The mark
+    /// is an empty queue of its own: a tombstone no job needs, so a classic queue (on the node
+    /// that took the cancel) rather than a replicated one, which the broker deletes after
+    /// [`CANCELLED_KEPT`] unused. A producer announcing the job again removes it
+    /// ([`crate::job::announce`]).
+    pub async fn mark_cancelled(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("classic"));
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(CANCELLED_KEPT.as_millis() as i64),
+        );
+        queue(ch, &self.cancelled_queue(job), args).await
+    }
+
+    /// Removes the mark of a cancelled `job`, if there is one (deleting a missing queue is no
+    /// error in RabbitMQ).
+    pub async fn clear_cancelled(&self, ch: &Channel, job: &str) -> Result<(), TopologyError> {
+        let name = self.cancelled_queue(job);
+        ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|e| map_err("queue", &name, e))
+    }
+
+    /// Whether `job` carries the mark of a cancel; in doubt (the broker did not answer), not.
+    pub async fn is_cancelled(&self, conn: &lapin::Connection, job: &str) -> bool {
+        queue_exists_on(conn, &self.cancelled_queue(job))
+            .await
+            .unwrap_or(false)
     }
 
     /// A job's own queues: its results stream, manifest queue and operand stream.

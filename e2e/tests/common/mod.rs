@@ -170,6 +170,7 @@ impl Env {
         let topo = self.topology();
         for job in jobs {
             let _ = topo.delete_job(&ch, job).await;
+            let _ = topo.clear_cancelled(&ch, job).await;
         }
         let _ = topo.delete_shared(&ch).await;
     }
