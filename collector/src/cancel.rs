@@ -11,10 +11,11 @@
 //! dropped.) A checkpoint of C on a collector's disk is left alone, and so is the job's
 //! announcement on the jobs queue, which the next collector skips.
 //!
-//! The cancel leaves a mark ([`Topology::mark_cancelled`], kept a week): a collector started
-//! for the job afterwards, or standing by for it, says the job was cancelled and exits
-//! [`crate::EXIT_CANCELLED`], rather than wait for an announcement that will not come or report
-//! the job collected elsewhere. The job's producer, run again, removes the mark.
+//! The cancel leaves a mark ([`Topology::mark_cancelled`], kept a week): a collector standing by
+//! for the job says it was cancelled and exits [`crate::EXIT_CANCELLED`] rather than report it
+//! collected elsewhere; one started for it afterwards says so and waits in case the job's
+//! producer runs it again (which removes the mark), until its `--idle-timeout`, then exits
+//! [`crate::EXIT_CANCELLED`] rather than with "not announced".
 
 use anyhow::{Context, Result, bail};
 use gemmq::Topology;

@@ -686,7 +686,7 @@ async fn wait_for_manifest(
     shutdown: &CancellationToken,
 ) -> Result<Manifest> {
     let started = Instant::now();
-    let mut said = false;
+    let (mut said, mut cancelled) = (false, false);
     let mut ch = ch.clone();
     let mut pauses = gemmq::broker::retry_pauses();
     loop {
@@ -715,14 +715,25 @@ async fn wait_for_manifest(
             }
         } else if let Some(done) = finished_here(s, job) {
             return Ok(done);
-        } else if !said && was_cancelled(broker, topo, job).await {
-            return Err(JobCancelled { job: job.into() }.into());
         }
         if !said {
-            info!(job, "waiting for the producer to announce the job");
+            // A cancelled job may be run again under its id, the collector often started
+            // first: wait for it as for any job, saying what is known.
+            cancelled = was_cancelled(broker, topo, job).await;
+            if cancelled {
+                warn!(
+                    job,
+                    "the job was cancelled (gemmq-collector cancel); waiting in case its producer runs it again (--idle-timeout gives up, exit 5)"
+                );
+            } else {
+                info!(job, "waiting for the producer to announce the job");
+            }
             said = true;
         }
         if s.idle_timeout.is_some_and(|t| started.elapsed() >= t) {
+            if cancelled {
+                return Err(JobCancelled { job: job.into() }.into());
+            }
             bail!(
                 "job {job} was not announced within the idle timeout; is the producer running with --job-id {job}?"
             );
@@ -837,12 +848,11 @@ async fn next_job(
             Ok(m) => {
                 // A collector started with --job-id finished it and removed its queues, or the
                 // job was cancelled; or it was, and the id is running again for other inputs, announced further on.
-                let over = if was_cancelled(broker, topo, &m.job).await {
-                    "cancelled"
+                if was_cancelled(broker, topo, &m.job).await {
+                    info!(job = %m.job, run = %m.run, "skipping the announcement of a cancelled job");
                 } else {
-                    "finished"
-                };
-                info!(job = %m.job, run = %m.run, "skipping the announcement of a job that is {over}");
+                    info!(job = %m.job, run = %m.run, "skipping the announcement of a job run that is over (finished, or run again since)");
+                }
                 d.acker.ack(BasicAckOptions::default()).await?;
             }
             Err(e) => {
