@@ -39,8 +39,10 @@
 //!   broker's setting, not an argument here: RabbitMQ's equivalence check counts
 //!   `x-quorum-initial-group-size` and `x-initial-cluster-size`, so adding them would make every
 //!   existing deployment's shared queues refuse redeclaration (docs/OPERATIONS.md says how to
-//!   set them). Only the workers' notice queues are classic: each lives and dies with its
-//!   worker's connection, which declares a new one on whichever node it reconnects to.
+//!   set them). Only two kinds of queue are classic, neither needed by a running job: the
+//!   workers' notice queues, each living and dying with its worker's connection, which declares
+//!   a new one on whichever node it reconnects to; and the empty marks of cancelled jobs (one
+//!   lost with its node only leaves a collector of the job unable to say it was cancelled).
 //! * Quorum dead-lettering is at-most-once unless `x-dead-letter-strategy = at-least-once`, which
 //!   the broker silently ignores unless `x-overflow = reject-publish` is set too. Both are set.
 //! * `x-delivery-limit` bounds crash loops (a task that kills its worker is redelivered with
