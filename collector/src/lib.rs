@@ -776,10 +776,10 @@ fn finished_here(s: &Settings, job: &str) -> Option<Manifest> {
 
 /// Whether the job carries the mark of a cancel (in doubt, not).
 pub(crate) async fn was_cancelled(broker: &Broker, topo: &Topology, job: &str) -> bool {
-    match broker.connection().await {
-        Ok(conn) => topo.is_cancelled(&conn, job).await,
-        Err(_) => false,
-    }
+    let Ok(conn) = broker.connection().await else {
+        return false;
+    };
+    topo.is_cancelled(&conn, job).await
 }
 
 /// Whether the job's manifest queue is still there (a finished job's queues are deleted).
