@@ -38,18 +38,54 @@ pub enum Announced {
     AlreadyThere,
 }
 
+/// Whether a job's manifest queue was on the broker before [`announce`] declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestQueue {
+    /// A new job: it has no manifest to find.
+    Absent,
+    /// The job was announced before (or is being announced): look for its manifest.
+    Present,
+}
+
+/// Asks the broker whether the job's manifest queue is there, on a channel of its own (a
+/// missing queue closes the channel that asks).
+pub async fn manifest_queue(
+    conn: &lapin::Connection,
+    topo: &Topology,
+    job: &str,
+) -> Result<ManifestQueue, JobError> {
+    Ok(
+        if crate::topology::queue_exists_on(conn, &topo.manifest_queue(job)).await? {
+            ManifestQueue::Present
+        } else {
+            ManifestQueue::Absent
+        },
+    )
+}
+
 /// Declares the job's queues and publishes its manifest, unless the same one is already there:
 /// then `manifest` takes that one's run, so a resumed job keeps the run its workers know. A
 /// cancelled job announced again is a job again: its cancel's mark goes.
+///
+/// `before` is [`manifest_queue`], asked by the caller. A job whose manifest queue was absent
+/// has no manifest to look for, and the look is worth sparing: it tries three times (~12 ms
+/// in all) in case a collector holds the manifest for the instant of its own look. (Two
+/// producers announcing one new job at the same instant can each miss the other's manifest,
+/// as they could when both looked.)
 pub async fn announce(
     ch: &Channel,
     topo: &Topology,
     manifest: &mut Manifest,
+    before: ManifestQueue,
 ) -> Result<Announced, JobError> {
     // Announced again after a cancel: no longer cancelled.
     topo.clear_cancelled(ch, &manifest.job).await?;
     topo.declare_job(ch, &manifest.job).await?;
-    if let Some(existing) = peek_manifest(ch, topo, &manifest.job).await? {
+    let existing = match before {
+        ManifestQueue::Absent => None,
+        ManifestQueue::Present => peek_manifest(ch, topo, &manifest.job).await?,
+    };
+    if let Some(existing) = existing {
         return if existing.plan == manifest.plan && existing.inputs == manifest.inputs {
             manifest.run = existing.run;
             Ok(Announced::AlreadyThere)

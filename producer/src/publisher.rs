@@ -109,7 +109,15 @@ impl<'a> Publisher<'a> {
         {
             return Ok(());
         }
-        let first = job::announce(&ch, &self.topo, &mut self.job.manifest).await?;
+        let before = {
+            let conn = self
+                .broker
+                .connection()
+                .await
+                .context("connecting to RabbitMQ")?;
+            job::manifest_queue(&conn, &self.topo, &self.job.manifest.job).await?
+        };
+        let first = job::announce(&ch, &self.topo, &mut self.job.manifest, before).await?;
         if self.announced.is_none() {
             self.announced = Some(first);
             log_announced(&self.job, self.messages(), first);
