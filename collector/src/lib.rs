@@ -788,9 +788,7 @@ async fn job_exists(broker: &Broker, topo: &Topology, job: &str) -> bool {
         return true;
     };
     // In doubt (the broker did not answer), it exists.
-    gemmq::topology::queue_exists_on(&conn, &topo.manifest_queue(job))
-        .await
-        .unwrap_or(true)
+    topo.has_manifest_queue(&conn, job).await.unwrap_or(true)
 }
 
 /// Whether the job's queues now hold another run than the one `announced` (the announcement of

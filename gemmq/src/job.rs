@@ -38,7 +38,8 @@ pub enum Announced {
     AlreadyThere,
 }
 
-/// Whether a job's manifest queue was on the broker before [`announce`] declares it.
+/// Whether a job's manifest queue was on the broker before [`announce`] declares it
+/// ([`Topology::has_manifest_queue`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ManifestQueue {
     /// A new job: it has no manifest to find.
@@ -47,27 +48,11 @@ pub enum ManifestQueue {
     Present,
 }
 
-/// Asks the broker whether the job's manifest queue is there, on a channel of its own (a
-/// missing queue closes the channel that asks).
-pub async fn manifest_queue(
-    conn: &lapin::Connection,
-    topo: &Topology,
-    job: &str,
-) -> Result<ManifestQueue, JobError> {
-    Ok(
-        if crate::topology::queue_exists_on(conn, &topo.manifest_queue(job)).await? {
-            ManifestQueue::Present
-        } else {
-            ManifestQueue::Absent
-        },
-    )
-}
-
 /// Declares the job's queues and publishes its manifest, unless the same one is already there:
 /// then `manifest` takes that one's run, so a resumed job keeps the run its workers know. A
 /// cancelled job announced again is a job again: its cancel's mark goes.
 ///
-/// `before` is [`manifest_queue`], asked by the caller. A job whose manifest queue was absent
+/// `before` is what the caller found of the manifest queue. A job whose manifest queue was absent
 /// has no manifest to look for, and the look is worth sparing: it tries three times (~12 ms
 /// in all) in case a collector holds the manifest for the instant of its own look. (Two
 /// producers announcing one new job at the same instant can each miss the other's manifest,

@@ -382,6 +382,16 @@ impl Topology {
             .unwrap_or(false)
     }
 
+    /// Whether `job`'s manifest queue is there: the job was announced and not finished or
+    /// cancelled since (those delete it).
+    pub async fn has_manifest_queue(
+        &self,
+        conn: &lapin::Connection,
+        job: &str,
+    ) -> Result<bool, lapin::Error> {
+        queue_exists_on(conn, &self.manifest_queue(job)).await
+    }
+
     /// A job's own queues: its results stream, manifest queue and operand stream.
     pub fn job_queues(&self, job: &str) -> [String; 3] {
         [

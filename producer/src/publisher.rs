@@ -109,13 +109,23 @@ impl<'a> Publisher<'a> {
         {
             return Ok(());
         }
-        let before = {
+        // A new job has no manifest to look for (job::announce). The pooled connection goes
+        // back before publishing, so the checker's channel is on the same one.
+        let found = {
             let conn = self
                 .broker
                 .connection()
                 .await
                 .context("connecting to RabbitMQ")?;
-            job::manifest_queue(&conn, &self.topo, &self.job.manifest.job).await?
+            self.topo
+                .has_manifest_queue(&conn, &self.job.manifest.job)
+                .await
+                .map_err(job::JobError::from)?
+        };
+        let before = if found {
+            job::ManifestQueue::Present
+        } else {
+            job::ManifestQueue::Absent
         };
         let first = job::announce(&ch, &self.topo, &mut self.job.manifest, before).await?;
         if self.announced.is_none() {
