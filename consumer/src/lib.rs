@@ -265,7 +265,8 @@ pub struct Stats {
     pub operand_reads: AtomicU64,
     pub operand_rereads: AtomicU64,
     /// Sweeps started: a job's operand stream read front to back, for its small blocks. One
-    /// per job, unless a sweep failed (the broker restarted) or the cache dropped what it read.
+    /// per job, unless a sweep failed (the broker restarted) or stopped with nothing its held
+    /// messages needed ahead and was started again.
     pub operand_sweeps: AtomicU64,
     /// Blocks a task found in the cache (or being read for another task) rather than read.
     pub operand_hits: AtomicU64,

@@ -150,7 +150,7 @@ impl Collector for Counters {
         )?;
         f.counter(
             "operand_sweeps",
-            "Reads of a job's whole stream front to back, for its blocks under 1 MiB",
+            "Sweeps started of a job's stream front to back, for its blocks under 1 MiB",
             get(&s.operand_sweeps),
         )?;
         f.counter(

@@ -71,6 +71,12 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
         return park(ctx, &delivery, &tasks, attempt, reason).await;
     }
 
+    // The blocks this message needs are known to the job's sweep from now until it is settled.
+    let wanted = match inline_at {
+        Some(_) => Vec::new(),
+        None => wanted_blocks(&tasks),
+    };
+    let _held = ctx.operands.hold(&wanted);
     // Fetching blocks overlaps with the computation of other tasks: do it before the permit.
     let blocks = match inline_at {
         Some(offset) => Ok(TaskBlocks::Inline(offset)),
@@ -82,7 +88,9 @@ async fn settle(ctx: &Arc<Ctx>, mut delivery: Delivery) {
                     return;
                 }
             };
-            let blocks = fetch_blocks(ctx, &tasks).await.map(TaskBlocks::Blocks);
+            let blocks = fetch_blocks(ctx, &tasks, &wanted)
+                .await
+                .map(TaskBlocks::Blocks);
             drop(fetching);
             blocks
         }
@@ -177,10 +185,10 @@ enum TaskBlocks {
 
 type BlockPair = (Arc<Block>, Arc<Block>);
 
-/// The A and B blocks each streamed task names, checked against the task's shape. The tasks of
-/// a group share their blocks: each distinct one is fetched once, all of them at once.
-async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>, Failure> {
-    let mut wanted: Vec<(BlockId, Option<u64>, u64)> = Vec::new();
+/// The distinct A and B blocks a message's streamed tasks name (a group's tasks share them),
+/// with where each is on the job's stream and its size.
+fn wanted_blocks(tasks: &[TaskHeader]) -> Vec<operands::Wanted<'_>> {
+    let mut wanted: Vec<operands::Wanted<'_>> = Vec::new();
     for task in tasks {
         let size = task.dtype.size() as u64;
         let (r, c, d) = (task.rows as u64, task.cols as u64, task.depth as u64);
@@ -188,32 +196,37 @@ async fn fetch_blocks(ctx: &Ctx, tasks: &[TaskHeader]) -> Result<Vec<BlockPair>,
             .into_iter()
             .zip([r * d * size, d * c * size])
         {
-            if !wanted.iter().any(|(w, _, _)| *w == id) {
-                wanted.push((id, at, bytes));
+            if !wanted.iter().any(|w| w.id == id) {
+                wanted.push(operands::Wanted {
+                    job: &task.job,
+                    run: &task.run,
+                    id,
+                    dtype: task.dtype,
+                    at,
+                    bytes,
+                });
             }
         }
     }
-    let first = &tasks[0];
-    let fetched = futures_util::future::try_join_all(wanted.iter().map(|&(id, at, bytes)| {
-        ctx.operands.get(
-            &ctx.conn,
-            operands::Wanted {
-                job: &first.job,
-                run: &first.run,
-                id,
-                dtype: first.dtype,
-                at,
-                bytes,
-            },
-        )
-    }))
+    wanted
+}
+
+/// The blocks each streamed task names (`wanted`: each distinct one once), all fetched at once,
+/// checked against the task's shape.
+async fn fetch_blocks(
+    ctx: &Ctx,
+    tasks: &[TaskHeader],
+    wanted: &[operands::Wanted<'_>],
+) -> Result<Vec<BlockPair>, Failure> {
+    let fetched = futures_util::future::try_join_all(
+        wanted
+            .iter()
+            .map(|w| ctx.operands.get(&ctx.conn, w.clone())),
+    )
     .await
     .map_err(Failure::from)?;
     let block = |id: BlockId| {
-        let i = wanted
-            .iter()
-            .position(|(w, _, _)| *w == id)
-            .expect("wanted");
+        let i = wanted.iter().position(|w| w.id == id).expect("wanted");
         fetched[i].clone()
     };
     tasks

@@ -5,8 +5,10 @@
 mod common;
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use common::{Env, run_job_with};
+use gemmq::shutdown::CancellationToken;
 use gemmq::tiling::GroupSize;
 use gemmq::topology;
 use gemmq_collector::Outcome;
@@ -200,4 +202,71 @@ async fn a_group_whose_attempts_run_out_is_parked_once_and_each_of_its_tiles_rep
     assert!(tiles.ends_with("(4 tiles)"), "{tiles}");
     env.stop_consumers().await;
     env.cleanup(&["grppark"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_reads_the_small_blocks_its_messages_need_and_skips_the_others() {
+    let mut env = Env::new("skip");
+    // 16 × 16 tiles of 16 with k = 4096: 32 blocks of 512 KiB, small (they come with the
+    // worker's sweep of the stream), and 4 messages of 8 × 8 tiles. On the stream, in the order
+    // the rectangles need them: A's first half (offsets 0-7), B's first half (8-15), B's second
+    // half (16-23), A's second half (24-31).
+    let shape = (256, 4096, 256);
+    let mut producer = env.producer("skip", shape, 16);
+    producer.group = GroupSize::Fixed(64);
+    let stop = env.stop.clone();
+    let c = env.collector("skip");
+    let collector = tokio::spawn(async move { gemmq_collector::run(&c, stop).await });
+    let receipt = gemmq_producer::run(&producer)
+        .await
+        .expect("the producer publishes");
+    assert_eq!(receipt.messages, 4);
+    // The first three rectangles are held here, unacked: a worker started now gets the last,
+    // which needs the second halves of A and B only.
+    let ch = env.channel().await;
+    let tasks = env.topology().tasks_queue();
+    for _ in 0..3 {
+        ch.basic_get(tasks.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .expect("a task message");
+    }
+    let (first, w1) = (CancellationToken::new(), env.consumer("w1"));
+    let w1 = {
+        let stop = first.clone();
+        tokio::spawn(async move { gemmq_consumer::run(&w1, stop).await })
+    };
+    let results = env.topology().results_queue("skip");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::result_tiles(&env, &results).await < 64 {
+        assert!(
+            Instant::now() < deadline,
+            "w1 computes its rectangle within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.cancel();
+    let stats = w1.await.expect("w1's task").expect("w1 ran cleanly");
+    let read = stats.operand_bytes.load(Ordering::Relaxed);
+    let block = 16 * 4096 * 8;
+    assert!(
+        (16 * block..17 * block).contains(&read),
+        "w1 received the 16 blocks its rectangle needs, not all 32 ({read} bytes)"
+    );
+
+    // The other three go back to the queue: a second worker needs the blocks w1 skipped.
+    ch.close(200, "released".into()).await.unwrap();
+    env.spawn_consumer(env.consumer("w2"));
+    let summary = tokio::time::timeout(Duration::from_secs(120), collector)
+        .await
+        .expect("the job finishes within 2 minutes")
+        .expect("collector task")
+        .expect("the collector runs cleanly");
+    assert_eq!(summary.status, Outcome::Complete);
+    assert_eq!(summary.tasks_done, 256);
+    assert_eq!(summary.duplicates_dropped, 0);
+    let err = common::max_error_against_local_product(&env, "skip", shape);
+    assert!(err <= TOLERANCE, "max |C - A·B| = {err:e}");
+    env.stop_consumers().await;
+    env.cleanup(&["skip"]).await;
 }

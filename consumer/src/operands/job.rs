@@ -99,6 +99,15 @@ impl JobOperands {
         Ok(m)
     }
 
+    /// Whether the block was read before (and may have been dropped from the cache since).
+    pub(super) fn seen(&self, id: &BlockId) -> bool {
+        self.state
+            .lock()
+            .expect("never poisoned")
+            .offsets
+            .contains_key(id)
+    }
+
     /// The block, if it is cached.
     pub(super) fn cached(&self, id: &BlockId) -> Option<Arc<Block>> {
         self.state.lock().expect("never poisoned").cache.get(id)

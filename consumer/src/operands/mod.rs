@@ -18,7 +18,8 @@
 //! goes forward from it until its block comes by.
 //!
 //! Blocks under 1 MiB are not worth a stream consumer each: for them a worker reads the job's
-//! stream front to back once (`sweep`).
+//! stream front to back once (`sweep`), as far as and where the task messages it holds need
+//! ([`OperandBlocks::hold`]).
 //!
 //! Here: [`OperandBlocks::get`]. Then `job` (one run of a job: its cache, where its blocks were
 //! found, the reads in flight; the registry of jobs), `cache` (least recently used out, under a
@@ -77,6 +78,7 @@ impl From<String> for FetchError {
 }
 
 /// A block a task needs, and what is known of it.
+#[derive(Clone)]
 pub struct Wanted<'a> {
     pub job: &'a str,
     pub run: &'a str,
@@ -87,6 +89,27 @@ pub struct Wanted<'a> {
     pub at: Option<u64>,
     /// Its size as the task's shape says.
     pub bytes: u64,
+}
+
+/// The small blocks a task message held by this worker names, registered with its job's sweep
+/// until the message is settled (this is dropped): the sweep reads the blocks held messages
+/// need and skips those none does.
+pub struct HeldBlocks {
+    job: Arc<JobOperands>,
+    blocks: Vec<(i64, BlockId)>,
+}
+
+impl Drop for HeldBlocks {
+    fn drop(&mut self) {
+        for (at, id) in &self.blocks {
+            self.job.sweep.unwant(*at, *id);
+        }
+    }
+}
+
+/// Whether a block is small enough to come with the job's sweep (see `sweep`).
+fn is_small(bytes: u64) -> bool {
+    bytes < gemmq::tiling::LARGE_BLOCK_BYTES
 }
 
 /// The operand blocks of all jobs this worker serves, on one connection.
@@ -129,16 +152,41 @@ impl OperandBlocks {
         }
     }
 
+    /// Registers the blocks a task message this worker has received names (all of one job
+    /// run), for as long as the returned value lives: held from the message's delivery to its
+    /// settling, so that the job's sweep knows what is needed ahead of the tasks fetching now.
+    pub fn hold(&self, wanted: &[Wanted<'_>]) -> Option<HeldBlocks> {
+        let first = wanted.first()?;
+        let job = job_entry(&self.jobs, &self.read.total, first.job, first.run);
+        let blocks: Vec<(i64, BlockId)> = wanted
+            .iter()
+            .filter(|w| is_small(w.bytes))
+            .filter_map(|w| Some((i64::try_from(w.at?).ok()?, w.id, w.bytes)))
+            .map(|(at, id, bytes)| {
+                job.sweep.want(at, id, bytes);
+                (at, id)
+            })
+            .collect();
+        Some(HeldBlocks { job, blocks })
+    }
+
     /// The block of this run of the job: from the cache, from a read another task has started,
     /// or read now from the job's stream.
     pub async fn get(&self, conn: &Connection, want: Wanted<'_>) -> Result<Arc<Block>, FetchError> {
         let j = job_entry(&self.jobs, &self.read.total, want.job, want.run);
         let deadline = tokio::time::Instant::now() + BLOCK_TIMEOUT;
         // Small blocks share their stream chunks with their neighbours: a read brings the next few.
-        let small = want.bytes < gemmq::tiling::LARGE_BLOCK_BYTES;
+        let small = is_small(want.bytes);
         if let Some(at) = want.at.and_then(|a| i64::try_from(a).ok())
             && small
         {
+            // Needed while waited for, whether or not the task's message is held.
+            j.sweep.want(at, want.id, want.bytes);
+            let _waiting = HeldBlocks {
+                job: j.clone(),
+                blocks: vec![(at, want.id)],
+            };
+            let mut rewound = false;
             // Small blocks come with the job's sweep, unless it has passed them.
             loop {
                 let mut changed = j.changed.subscribe();
@@ -150,7 +198,14 @@ impl OperandBlocks {
                     return Err(e);
                 }
                 if j.sweep.passed(at) {
-                    break;
+                    // Cached and dropped since (no room), or a place that was only a lower
+                    // bound (the block was published again further on): read it on its own.
+                    if rewound || j.seen(&want.id) {
+                        break;
+                    }
+                    // Skipped: no held message needed it then.
+                    j.sweep.rewind(at);
+                    rewound = true;
                 }
                 self.ensure_sweep(conn, &j, want.dtype).await?;
                 if tokio::time::timeout_at(deadline, changed.changed())

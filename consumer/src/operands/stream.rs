@@ -90,24 +90,31 @@ impl OperandBlocks {
             }
         };
         let ch = conn.create_channel().await.map_err(err)?;
-        // Streams insist on a prefetch. One: the broker sends the chunk that holds the block
-        // asked for (from the block on), and no more until a message is acked.
-        ch.basic_qos(1, BasicQosOptions { global: false })
-            .await
-            .map_err(err)?;
-        let mut args = FieldTable::default();
-        args.insert("x-stream-offset".into(), offset);
-        let scan = ch
-            .basic_consume(
-                self.topo.operands_queue(job).as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
+        let scan = consume(&ch, &self.topo.operands_queue(job), offset)
             .await
             .map_err(err)?;
         Ok((ch, scan))
     }
+}
+
+/// Consumes the operand stream `queue` on `ch` from `offset`.
+pub(super) async fn consume(
+    ch: &Channel,
+    queue: &str,
+    offset: AMQPValue,
+) -> Result<Consumer, lapin::Error> {
+    // Streams insist on a prefetch. One: the broker sends the chunk that holds the block asked
+    // for (from the block on), and no more until a message is acked.
+    ch.basic_qos(1, BasicQosOptions { global: false }).await?;
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), offset);
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions::default(),
+        args,
+    )
+    .await
 }
 
 /// How long, at most, the rest of a chunk takes to come in after the block asked for.
