@@ -43,7 +43,8 @@ const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub(super) struct Sweep {
     task: Mutex<SweepTask>,
-    /// The offset after the last message the sweep took in, or the place it skipped to.
+    /// The offset after the last message the sweep took in, or the place it skipped or went
+    /// back to.
     pub(super) next: AtomicI64,
     /// The small blocks the task messages held by this worker need, by their place on the
     /// stream (at the earliest): where the sweep goes next.
@@ -96,8 +97,8 @@ enum SweepTask {
 }
 
 impl Sweep {
-    /// Whether the sweep has gone past offset `at` (so what it brought there was cached, and
-    /// maybe dropped since).
+    /// Whether the sweep has gone past offset `at`: what it brought there was cached (and
+    /// maybe dropped since), or it skipped the place.
     pub(super) fn passed(&self, at: i64) -> bool {
         self.next.load(Ordering::Relaxed) > at
     }
@@ -387,7 +388,8 @@ fn take_in(
         tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
     }
     if let Some(o) = taken.offset {
-        // Never back: a skip may have moved it past what a consumer's first chunk holds.
+        // Never back here (only a rewind moves it back): a skip may have moved it past what a
+        // consumer's first chunk holds.
         j.sweep.next.fetch_max(o + 1, Ordering::Relaxed);
     }
     // Waiters look again even when nothing was cached: the sweep may have passed their block.
