@@ -99,6 +99,23 @@ pub struct HeldBlocks {
     blocks: Vec<(i64, BlockId)>,
 }
 
+impl HeldBlocks {
+    /// Registers `blocks` (place, block, size) with the job's sweep until this is dropped.
+    fn register(
+        job: Arc<JobOperands>,
+        blocks: impl IntoIterator<Item = (i64, BlockId, u64)>,
+    ) -> Self {
+        let blocks = blocks
+            .into_iter()
+            .map(|(at, id, bytes)| {
+                job.sweep.want(at, id, bytes);
+                (at, id)
+            })
+            .collect();
+        HeldBlocks { job, blocks }
+    }
+}
+
 impl Drop for HeldBlocks {
     fn drop(&mut self) {
         for (at, id) in &self.blocks {
@@ -158,16 +175,11 @@ impl OperandBlocks {
     pub fn hold(&self, wanted: &[Wanted<'_>]) -> Option<HeldBlocks> {
         let first = wanted.first()?;
         let job = job_entry(&self.jobs, &self.read.total, first.job, first.run);
-        let blocks: Vec<(i64, BlockId)> = wanted
+        let small = wanted
             .iter()
             .filter(|w| is_small(w.bytes))
-            .filter_map(|w| Some((i64::try_from(w.at?).ok()?, w.id, w.bytes)))
-            .map(|(at, id, bytes)| {
-                job.sweep.want(at, id, bytes);
-                (at, id)
-            })
-            .collect();
-        Some(HeldBlocks { job, blocks })
+            .filter_map(|w| Some((i64::try_from(w.at?).ok()?, w.id, w.bytes)));
+        Some(HeldBlocks::register(job, small))
     }
 
     /// The block of this run of the job: from the cache, from a read another task has started,
@@ -181,11 +193,7 @@ impl OperandBlocks {
             && small
         {
             // Needed while waited for, whether or not the task's message is held.
-            j.sweep.want(at, want.id, want.bytes);
-            let _waiting = HeldBlocks {
-                job: j.clone(),
-                blocks: vec![(at, want.id)],
-            };
+            let _waiting = HeldBlocks::register(j.clone(), [(at, want.id, want.bytes)]);
             let mut rewound = false;
             // Small blocks come with the job's sweep, unless it has passed them.
             loop {

@@ -153,18 +153,32 @@ pub(super) async fn read_until(
         // On a stream an ack is credit, not consumption.
         let _ = acker.ack(BasicAckOptions::default()).await;
     };
+    drain(ctx, j, ch, scan, dtype).await;
+    Ok(found)
+}
+
+/// Cancels `scan` and caches what the broker had already sent it (the rest of a chunk): those
+/// blocks are cached, not thrown away.
+pub(super) async fn drain(
+    ctx: &ReadCtx,
+    j: &JobOperands,
+    ch: &Channel,
+    scan: &mut Consumer,
+    dtype: DType,
+) {
     let drained = async {
         ch.basic_cancel(scan.tag(), BasicCancelOptions::default())
             .await
             .ok()?;
         // Everything sent before the cancel was confirmed is in; then the consumer ends.
         while let Some(Ok(d)) = scan.next().await {
-            accept(ctx, j, d, dtype, want).ok()?;
+            if let Some((_, Err(e))) = take_in(ctx, j, d, dtype).ok()?.block {
+                tracing::warn!(job = %j.job, error = %e, "a malformed block on the operand stream skipped");
+            }
         }
         Some(())
     };
     let _ = tokio::time::timeout(DRAIN_PATIENCE, drained).await;
-    Ok(found)
 }
 
 /// What one delivery from the operand stream was.

@@ -18,11 +18,10 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use gemmq::message::{BlockId, DType};
-use lapin::options::{BasicAckOptions, BasicCancelOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use lapin::{Channel, Connection, Consumer};
 
@@ -35,9 +34,6 @@ use super::{FetchError, OperandBlocks, ReadCtx, close_quietly};
 /// published back to back share chunks of several MiB: on one host, skipping gaps of 4 MiB
 /// (2 workers, 16,384 tiles of 16²) cost the broker more CPU than the 16 MiB a worker was spared.
 pub(super) const SKIP_BYTES: u64 = 8 << 20;
-
-/// How long the rest of a chunk may take to come in after the sweep cancels its consumer.
-const DRAIN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The state of a job's sweep.
 #[derive(Default)]
@@ -158,6 +154,17 @@ impl Sweep {
     fn take_rewind(&self) -> Option<i64> {
         let to = self.rewind.lock().expect("never poisoned").take()?;
         (self.next.fetch_min(to, Ordering::Relaxed) > to).then_some(to)
+    }
+
+    /// Moves the sweep to `at` (never back): the tasks that wait for blocks before it read
+    /// them on their own. Returns where the sweep is.
+    fn skip_to(&self, j: &JobOperands, at: i64) -> i64 {
+        let was = self.next.fetch_max(at, Ordering::Relaxed);
+        if at > was {
+            tracing::debug!(job = %j.job, from = was, to = at, "sweep skipped blocks no held task needs");
+            j.changed.send_modify(|n| *n += 1);
+        }
+        was.max(at)
     }
 
     /// The error the sweep stopped with, once.
@@ -290,7 +297,7 @@ async fn sweep(ctx: ReadCtx, job: Weak<JobOperands>, r: Reader, mut scan: Consum
                     continue;
                 };
                 tracing::debug!(job = %j.job, to, "sweep goes back for a block a task waits for");
-                drain(&ctx, &j, ch, &mut scan, dtype).await;
+                super::stream::drain(&ctx, &j, ch, &mut scan, dtype).await;
                 match super::stream::consume(ch, &r.queue, AMQPValue::LongLongInt(to)).await {
                     Ok(s) => scan = s,
                     Err(e) => break unavailable(e),
@@ -318,7 +325,7 @@ async fn sweep(ctx: ReadCtx, job: Weak<JobOperands>, r: Reader, mut scan: Consum
             // On a stream an ack is credit, not consumption.
             Ahead::Read => drop(acker.ack(BasicAckOptions::default()).await),
             Ahead::Skip(at) => {
-                drain(&ctx, &j, ch, &mut scan, dtype).await;
+                super::stream::drain(&ctx, &j, ch, &mut scan, dtype).await;
                 // The rest of the chunk may have brought blocks at and after `at`.
                 let at = j.sweep.first_need(at, &j).map_or(at, |(n, _)| n);
                 let from = j.sweep.skip_to(&j, at);
@@ -329,7 +336,7 @@ async fn sweep(ctx: ReadCtx, job: Weak<JobOperands>, r: Reader, mut scan: Consum
             }
             Ahead::Stop => {
                 tracing::debug!(job = %j.job, next, "sweep stopped: no held task needs a block ahead");
-                drain(&ctx, &j, ch, &mut scan, dtype).await;
+                super::stream::drain(&ctx, &j, ch, &mut scan, dtype).await;
                 *j.sweep.task.lock().expect("never poisoned") = SweepTask::Idle;
                 j.changed.send_modify(|n| *n += 1);
                 let _ = ch.close(200, "sweep stopped".into()).await;
@@ -346,34 +353,6 @@ async fn sweep(ctx: ReadCtx, job: Weak<JobOperands>, r: Reader, mut scan: Consum
 
 fn unavailable(e: lapin::Error) -> FetchError {
     FetchError::Unavailable(format!("reading the operand stream: {e}"))
-}
-
-/// Cancels the sweep's consumer and caches what the broker had already sent (the rest of a
-/// chunk), without moving the sweep.
-async fn drain(ctx: &ReadCtx, j: &JobOperands, ch: &Channel, scan: &mut Consumer, dtype: DType) {
-    let drained = async {
-        ch.basic_cancel(scan.tag(), BasicCancelOptions::default())
-            .await
-            .ok()?;
-        while let Some(Ok(d)) = scan.next().await {
-            super::stream::take_in(ctx, j, d, dtype).ok()?;
-        }
-        Some(())
-    };
-    let _ = tokio::time::timeout(DRAIN_PATIENCE, drained).await;
-}
-
-impl Sweep {
-    /// Moves the sweep to `at` (never back): the tasks that wait for blocks before it read
-    /// them on their own. Returns where the sweep is.
-    fn skip_to(&self, j: &JobOperands, at: i64) -> i64 {
-        let was = self.next.fetch_max(at, Ordering::Relaxed);
-        if at > was {
-            tracing::debug!(job = %j.job, from = was, to = at, "sweep skipped blocks no held task needs");
-            j.changed.send_modify(|n| *n += 1);
-        }
-        was.max(at)
-    }
 }
 
 /// Caches one block the sweep came by, and moves the sweep on past it.
